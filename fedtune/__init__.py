@@ -1,0 +1,3 @@
+"""fedtune: federated finetuning of LLMs with LoRA-family adapters."""
+
+__version__ = "0.1.0"

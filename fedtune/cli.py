@@ -1,0 +1,231 @@
+"""``fedtune``: one entry point, subcommands are plain functions.
+
+Every subcommand takes an optional config file (TOML or YAML) and ``key=value`` overrides, and runs on
+defaults without a file. Errors are one clear line on stderr and a non-zero exit code (2 for bad input,
+1 for a failed run), never a traceback; ``FEDTUNE_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from fedtune.config import load_config
+
+    path = args.config
+    overrides = list(args.overrides)
+    # `fedtune train key=value` without a file: the first positional is an override, not a path.
+    if path is not None and "=" in path and not Path(path).exists():
+        overrides.insert(0, path)
+        path = None
+    return load_config(path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Finetune an adapter on this site's data alone (the single-site baseline)."""
+    from rich.console import Console
+
+    from fedtune.local import run_train
+
+    cfg = _config(args)
+    run_train(cfg, Console())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate an adapter folder (or the base model alone) on the held-out split of the configured data."""
+    from peft import PeftModel
+    from rich.console import Console
+
+    from fedtune.eval import evaluate, generate_answers
+    from fedtune.models import load_base
+    from fedtune.pipeline import encode, load_dataset
+
+    cfg = _config(args)
+    console = Console()
+    data = load_dataset(cfg)
+    base, tok, _, device, _ = load_base(cfg, num_labels=len(data.label_names) or None)
+    model = PeftModel.from_pretrained(base, _adapter_folder(args.adapter)) if args.adapter else base
+    ev = encode(data.eval_records, tok, cfg, for_training=False)
+    from fedtune.models.loader import DTYPES
+
+    metrics = evaluate(model, ev, device=device, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
+                       max_batches=cfg.eval.max_batches, compute_dtype=DTYPES[cfg.quant.compute_dtype])
+    for k, v in metrics.items():
+        console.print(f"{k}: {v:.4f}")
+    prompts = [r["prompt"] for r in data.eval_records if "prompt" in r][: cfg.eval.samples]
+    if cfg.model.task == "causal_lm" and prompts:
+        for p, a in zip(prompts, generate_answers(model, tok, prompts, device=device,
+                                                  max_new_tokens=cfg.eval.max_new_tokens), strict=True):
+            console.print(f"[bold]Q:[/] {p}\n[green]A:[/] {a}")
+    return 0
+
+
+def _adapter_folder(path: str) -> str:
+    p = Path(path)
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return str(p / "adapter")
+    if not (p / "adapter_config.json").is_file():
+        raise ValueError(f"{path}: no adapter_config.json (give an adapter folder or a run folder)")
+    return str(p)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Copy a run's adapter as a PEFT folder, or merge it into the base model (``--merge``)."""
+    import shutil
+
+    from peft import PeftModel
+
+    from fedtune.adapters import merge_and_save
+
+    src = _adapter_folder(args.run)
+    dest = Path(args.dest)
+    if not args.merge:
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        print(f"adapter exported to {dest} (load with peft.PeftModel.from_pretrained(base, {str(dest)!r}))")
+        return 0
+    cfg = _config(args)
+    if cfg.quant.mode != "none":
+        raise ValueError("export --merge needs quant.mode=none: merging into 4/8-bit weights loses the update")
+    from fedtune.models import load_base
+
+    base, tok, _, _, _ = load_base(cfg)
+    model = PeftModel.from_pretrained(base, src)
+    merge_and_save(model, dest)
+    tok.save_pretrained(str(dest))
+    print(f"merged model saved to {dest} (load with AutoModelForCausalLM.from_pretrained({str(dest)!r}))")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Parameters, quantized weight memory, adapter bytes on the wire and a training-memory estimate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedtune.info import estimate
+
+    cfg = _config(args)
+    info = estimate(cfg)
+    mib = 2**20
+    t = Table(title=f"fedtune info: {cfg.model.name}, quant={cfg.quant.mode}, {cfg.adapter.method} r={cfg.adapter.r}")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    t.add_row("base parameters", f"{info.params:,}")
+    t.add_row("base weights in memory", f"{info.weight_bytes / mib:,.1f} MiB")
+    t.add_row("trainable parameters", f"{info.trainable:,} ({100 * info.trainable / max(1, info.params):.3f}%)")
+    t.add_row("adapter bytes on the wire (fp32, per update)", f"{info.trainable * 4 / mib:,.2f} MiB")
+    t.add_row("gradients", f"{info.grads_bytes / mib:,.1f} MiB")
+    t.add_row(f"optimizer state ({cfg.train.optimizer})", f"{info.optimizer_bytes / mib:,.1f} MiB")
+    t.add_row(f"activations (batch {cfg.train.batch_size} x seq {cfg.train.seq_len}"
+              f"{', checkpointed' if cfg.model.gradient_checkpointing else ''})", f"{info.activation_bytes / mib:,.1f} MiB")
+    t.add_row("[bold]estimated training memory[/]", f"[bold]{info.total_bytes / mib:,.1f} MiB[/]")
+    Console().print(t)
+    from fedtune.strategies import make_strategy
+
+    strategy = make_strategy(cfg.strategy.name, cfg.strategy)
+    if getattr(strategy, "needs_all_replies", False):
+        note = "holds every reply of a round at once (server memory grows with clients x adapter size)"
+    else:
+        note = "consumes replies one at a time (server memory stays at about one adapter)"
+    Console().print(f"strategy {cfg.strategy.name}: {note}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print every config key with its type, default and help (the config reference)."""
+    from fedtune.config import describe
+
+    for key, tp, default, help_text in describe():
+        print(f"{key:32s} {default:22s} {help_text}  [{tp}]")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "info": cmd_info,
+    "config": cmd_config,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated finetuning of LLMs with LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("config", nargs="?", help="TOML or YAML config file (optional)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=8")
+        return p
+
+    for name in ("train", "info"):
+        with_config(sub.add_parser(name, help=COMMANDS[name].__doc__, description=COMMANDS[name].__doc__))
+    p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    p.add_argument("--adapter", help="adapter folder or run folder (default: the base model alone)")
+    with_config(p)
+    p = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    p.add_argument("run", help="run folder or adapter folder")
+    p.add_argument("dest", help="destination folder")
+    p.add_argument("--merge", action="store_true", help="merge into the base model and save a full model")
+    with_config(p)
+    sub.add_parser("config", help=cmd_config.__doc__, description=cmd_config.__doc__)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    from fedtune.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"fedtune {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"fedtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
+        if os.environ.get("FEDTUNE_DEBUG"):
+            raise
+        print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
+        if os.environ.get("FEDTUNE_DEBUG"):
+            raise
+        print(f"fedtune {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

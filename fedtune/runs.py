@@ -1,0 +1,97 @@
+"""The run folder every command writes: ``config.toml``, ``metrics.jsonl``, ``adapter/`` (PEFT format).
+
+Writes are atomic (write to a temporary name, fsync, rename), so a run killed at any moment leaves either
+the previous or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import Config, save_config
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written folder ``tmp`` into place as ``final`` (old one removed after the swap)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunDir:
+    """One output folder; ``metrics.jsonl`` gets one JSON object per step or round."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / "adapter"
+
+    def write_config(self, cfg: Config) -> None:
+        tmp = self.path / "config.toml.tmp"
+        save_config(cfg, tmp)
+        os.replace(tmp, self.path / "config.toml")
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def save_adapter(self, model: Any) -> Path:
+        """Save the PEFT adapter atomically to ``adapter/``."""
+        from fedtune.adapters import save_adapter
+
+        tmp = self.path / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp)
+        replace_dir(tmp, self.adapter_path)
+        return self.adapter_path

@@ -1,0 +1,105 @@
+"""Config sections of the federation side: simulation, the coordinator's rounds, the server and a client node.
+
+They live apart from ``fedtune.config`` so that the simulator and the gRPC server can import their own
+section without the whole schema; ``fedtune.config.Config`` gathers them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def opt(default: Any, help: str) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_clients: int = opt(4, "number of virtual clients (sites) in the simulated federation")
+    clients_per_round: float = opt(1.0, "clients sampled each round: a count (>= 1) or a fraction (< 1)")
+    rounds: int = opt(3, "federated rounds")
+    partitioner: Literal["category", "dirichlet", "iid", "size_skew"] = opt(
+        "category", "how records are split across clients: whole categories, Dirichlet over categories, iid, "
+        "or iid with skewed sizes")
+    categories_per_client: int = opt(1, "whole categories per client (partitioner=category)")
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (partitioner=dirichlet); smaller is more skewed")
+    size_skew: float = opt(1.0, "power-law exponent of client sizes (partitioner=size_skew)")
+    backend: Literal["inproc", "flower"] = opt("inproc", "inproc (one process, shared base model) or flower "
+                                                "(Flower's simulation engine on Ray)")
+    mode: Literal["federated", "centralized", "local-only"] = opt(
+        "federated", "federated, or a baseline: centralized (one client with all data, same total steps) or "
+        "local-only (each client alone, evaluated on the global held-out set)")
+    eval_every: int = opt(1, "evaluate the global adapter every this many rounds (and after the last)")
+    dropout: float = opt(0.0, "probability that a sampled client drops out of a round")
+    straggler_prob: float = opt(0.0, "probability that a sampled client is slowed down")
+    straggler_slowdown: float = opt(4.0, "slow-down factor of a straggler against sim.round_deadline_s")
+    round_deadline_s: float | None = opt(None, "simulated round deadline; stragglers whose slowed time exceeds it "
+                                         "are left out (unset: no deadline)")
+    corrupt_prob: float = opt(0.0, "probability that a client's update is corrupted")
+    corrupt_kind: Literal["nan", "scale"] = opt("nan", "corruption: nan values or scaled by sim.corrupt_scale")
+    corrupt_scale: float = opt(100.0, "factor of a scaled corrupted update")
+    keep_optimizer_state: bool = opt(False, "each client keeps its own optimizer state across rounds (on CPU)")
+    ray_address: str | None = opt(None, "Ray cluster address for backend=flower (unset: a local Ray)")
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.num_clients < 1:
+            p.append(f"sim.num_clients: got {self.num_clients}, must be >= 1")
+        if self.clients_per_round <= 0:
+            p.append(f"sim.clients_per_round: got {self.clients_per_round}, must be > 0")
+        elif self.clients_per_round >= 1 and self.clients_per_round > self.num_clients:
+            p.append(f"sim.clients_per_round: got {self.clients_per_round}, more than sim.num_clients "
+                     f"({self.num_clients})")
+        if self.rounds < 1:
+            p.append(f"sim.rounds: got {self.rounds}, must be >= 1")
+        for key in ("dropout", "straggler_prob", "corrupt_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                p.append(f"sim.{key}: got {getattr(self, key)}, must be in [0, 1]")
+        if self.dirichlet_alpha <= 0:
+            p.append(f"sim.dirichlet_alpha: got {self.dirichlet_alpha}, must be > 0")
+        if self.eval_every < 1:
+            p.append(f"sim.eval_every: got {self.eval_every}, must be >= 1")
+        return p
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = opt(3, "rounds the coordinator runs")
+    min_clients: int = opt(2, "clients that must be connected before a round starts, and valid replies a "
+                           "round needs to be applied")
+    clients_per_round: float = opt(1.0, "clients sampled each round: a count (>= 1) or a fraction (< 1)")
+    round_timeout_s: float = opt(600.0, "seconds to wait for updates; later ones are left out of the round")
+    wait_timeout_s: float = opt(3600.0, "seconds to wait for federation.min_clients before giving up")
+    max_update_mb: float = opt(4096.0, "largest update a client may declare, in MiB")
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.rounds < 1:
+            p.append(f"federation.rounds: got {self.rounds}, must be >= 1")
+        if self.min_clients < 1:
+            p.append(f"federation.min_clients: got {self.min_clients}, must be >= 1")
+        if self.clients_per_round <= 0:
+            p.append(f"federation.clients_per_round: got {self.clients_per_round}, must be > 0")
+        if self.round_timeout_s <= 0:
+            p.append(f"federation.round_timeout_s: got {self.round_timeout_s}, must be > 0")
+        return p
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = opt("127.0.0.1:7070", "host:port the coordinator listens on")
+    keys_dir: str | None = opt(None, "folder made by `fedtune keys` (TLS certificate, key, node allow-list)")
+    insecure: bool = opt(False, "plaintext without TLS (refused unless the address is loopback or this is set)")
+    eval_data: bool = opt(True, "evaluate the global adapter on the server's own held-out data each round")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str = opt("127.0.0.1:7070", "host:port of the coordinator")
+    name: str = opt("site-1", "this node's name in status, logs and metrics (and its key file name)")
+    keys_dir: str | None = opt(None, "folder with ca.pem and nodes/<client.name>.key from `fedtune keys`")
+    insecure: bool = opt(False, "plaintext without TLS (refused unless the server is on loopback or this is set)")
+    max_backoff_s: float = opt(30.0, "longest wait between reconnection attempts")

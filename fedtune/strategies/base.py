@@ -1,0 +1,254 @@
+"""What every strategy shares: the ``Strategy`` protocol, ``RoundResult``, client sampling, reply checks.
+
+A strategy is used unchanged by the simulator and the gRPC server::
+
+    instructions = strategy.configure(rnd, client_ids, global_state, rng)   # who trains, with what
+    result = strategy.aggregate(rnd, global_state, replies)                 # replies: any iterable
+    if result.applied:
+        global_state = result.state
+        # result.base_update: fold B @ A into the frozen base weights (or keep as a frozen residual);
+        # it is also sent to every client next round through Instructions.base_update.
+
+Failed and invalid replies are data: they land in ``RoundResult.failures`` with their reason.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedtune.adapters import A_SUFFIX, B_SUFFIX
+from fedtune.strategies.config import StrategyConfig
+from fedtune.types import ClientReply, Instructions, LowRankUpdate, State
+
+Rng = random.Random | np.random.Generator
+
+
+@dataclass
+class RoundResult:
+    """The outcome of one aggregation.
+
+    ``state`` is the new global trainable adapter state (the old one when ``applied`` is False).
+    ``base_update`` maps layer prefixes (``adapters.module_name``) to factored updates of the frozen base
+    weight, LoRA scale folded in, in nn.Linear orientation (see ``lowrank.dense_delta``).
+    ``reset_adapter`` says the adapter was folded into ``base_update`` and ``state`` is a fresh adapter.
+    """
+
+    state: State
+    base_update: dict[str, LowRankUpdate] | None = None
+    reset_adapter: bool = False
+    applied: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
+    agg_error_layers: dict[str, float] = field(default_factory=dict)
+    clients_ok: list[str] = field(default_factory=list)
+    clients_failed: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    """Chooses clients and combines their replies; the only thing the round loops know about aggregation."""
+
+    name: str
+    cfg: StrategyConfig
+    needs_all_replies: bool
+    """True when ``aggregate`` must hold every reply at once (median, trimmed mean, Krum)."""
+
+    def configure(
+        self, round: int, client_ids: list[str], global_state: State, rng: Rng
+    ) -> dict[str, Instructions]: ...
+
+    def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply]) -> RoundResult: ...
+
+
+def lora_scale(cfg: StrategyConfig, rank: int) -> float:
+    """Scale of a rank-``rank`` adapter: alpha/rank, or alpha/sqrt(rank) with rsLoRA.
+
+    Every adapter uses its own rank (PEFT's rule, HetLoRA's convention): a client of rank r_k contributes
+    ``alpha/r_k * B_k @ A_k`` and a global adapter of rank r is applied with ``alpha/r``.
+    """
+    return cfg.lora_alpha / (math.sqrt(rank) if cfg.use_rslora else rank)
+
+
+def select_clients(client_ids: list[str], cfg: StrategyConfig, rng: Rng) -> list[str]:
+    """Sample this round's clients without replacement (``clients_per_round`` or ``fraction``), in input order."""
+    n = len(client_ids)
+    k = cfg.clients_per_round or max(1, math.ceil(cfg.fraction * n))
+    k = min(k, n)
+    if k == n:
+        return list(client_ids)
+    if isinstance(rng, np.random.Generator):
+        picked = set(rng.choice(n, size=k, replace=False).tolist())
+    else:
+        picked = set(rng.sample(range(n), k))
+    return [c for i, c in enumerate(client_ids) if i in picked]
+
+
+def client_rank(cfg: StrategyConfig, client_ids: list[str], client_id: str) -> int | None:
+    """Rank assigned to ``client_id`` by ``client_ranks`` (by its position among all clients), or None."""
+    if not cfg.client_ranks:
+        return None
+    return int(cfg.client_ranks[client_ids.index(client_id) % len(cfg.client_ranks)])
+
+
+def check_reply(reply: ClientReply, global_state: State, *, lowrank_any_rank: bool = False,
+                keys: Iterable[str] | None = None) -> str | None:
+    """Why ``reply`` cannot be aggregated against ``global_state``, or None if it can.
+
+    Checks names (every key of ``keys``, default all of ``global_state``, present; nothing unknown), shapes
+    (exact, or with ``lowrank_any_rank`` any rank r_k with A (r_k x d_in) and B (d_out x r_k)), finiteness,
+    masks (bool, same shape) and a positive ``num_examples``.
+    """
+    if not reply.ok or reply.state is None:
+        return reply.error or "no state"
+    if reply.num_examples <= 0:
+        return f"num_examples={reply.num_examples} must be > 0"
+    state = reply.state
+    required = list(global_state) if keys is None else list(keys)
+    missing = [k for k in required if k not in state]
+    if missing:
+        return f"missing {len(missing)} tensor(s): {', '.join(missing[:3])}"
+    unexpected = [k for k in state if k not in global_state]
+    if unexpected:
+        return f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:3])}"
+    for k, v in state.items():
+        g = global_state[k]
+        if tuple(v.shape) == tuple(g.shape):
+            continue
+        if lowrank_any_rank and _other_rank_ok(k, v, g, state):
+            continue
+        return f"{k}: shape {tuple(v.shape)}, expected {tuple(g.shape)}"
+    tensors = [v for v in state.values() if v.is_floating_point()]
+    if tensors:
+        # One fused max-abs per tensor: NaN propagates through max, Inf is Inf.
+        peaks = torch.stack([t.float() for t in torch._foreach_norm(tensors, ord=float("inf"))])
+        if not bool(torch.isfinite(peaks).all()):
+            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            return f"non-finite values (NaN or Inf) in {', '.join(bad[:3])}"
+    if reply.mask is not None:
+        for k, m in reply.mask.items():
+            if k not in state:
+                return f"mask for unknown tensor {k}"
+            if m.dtype != torch.bool or tuple(m.shape) != tuple(state[k].shape):
+                return f"mask {k}: must be bool of shape {tuple(state[k].shape)}"
+    return None
+
+
+def _other_rank_ok(key: str, v: torch.Tensor, g: torch.Tensor, state: State) -> bool:
+    """A factor of another rank r_k: A (r_k x d_in) with B (d_out x r_k), d_in and d_out as in the global."""
+    if v.ndim != 2 or g.ndim != 2:
+        return False
+    if key.endswith(A_SUFFIX):
+        b = state.get(key[: -len(A_SUFFIX)] + B_SUFFIX)
+        return v.shape[1] == g.shape[1] and b is not None and b.ndim == 2 and b.shape[1] == v.shape[0]
+    if key.endswith(B_SUFFIX):
+        a = state.get(key[: -len(B_SUFFIX)] + A_SUFFIX)
+        return v.shape[0] == g.shape[0] and a is not None and a.ndim == 2 and a.shape[0] == v.shape[1]
+    return False
+
+
+def valid_replies(
+    replies: Iterable[ClientReply], global_state: State, failures: dict[str, str], **check_kwargs: object
+) -> Iterator[ClientReply]:
+    """Yield the replies that pass ``check_reply``, one at a time; record the others in ``failures``."""
+    for reply in replies:
+        reason = check_reply(reply, global_state, **check_kwargs)  # type: ignore[arg-type]
+        if reason is None:
+            yield reply
+        else:
+            failures[reply.client_id] = reason
+
+
+def not_applied(global_state: State, ok: list[str], failures: dict[str, str], cfg: StrategyConfig) -> RoundResult:
+    """The result of a round with fewer than ``min_replies`` valid replies: the global state is kept."""
+    return RoundResult(
+        state=global_state,
+        applied=False,
+        metrics={"clients_ok": float(len(ok)), "clients_failed": float(len(failures)),
+                 "min_replies": float(cfg.min_replies)},
+        clients_ok=ok,
+        clients_failed=list(failures),
+        failures=dict(failures),
+    )
+
+
+def finish(result: RoundResult, ok: list[str], failures: dict[str, str]) -> RoundResult:
+    """Fill the bookkeeping fields shared by every strategy (clients, failures, mean error)."""
+    result.clients_ok = ok
+    result.clients_failed = list(failures)
+    result.failures = dict(failures)
+    result.metrics["clients_ok"] = float(len(ok))
+    result.metrics["clients_failed"] = float(len(failures))
+    if result.agg_error_layers:
+        result.metrics["agg_error"] = float(np.mean(list(result.agg_error_layers.values())))
+    return result
+
+
+class ReferenceTerms:
+    """The exact weighted average ``sum_k p_k s_k B_k A_k`` of each layer, kept as factored terms.
+
+    Needed for ``agg_error``. It holds a reference to every client's factors (no copies), so memory is
+    O(K adapters) even for streaming strategies; ``StrategyConfig.compute_error = False`` turns it off.
+    The exact error of a streamed average cannot be had in less: ``||sum_k B_k A_k||`` couples every pair.
+    """
+
+    def __init__(self) -> None:
+        self._terms: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
+        self.total = 0.0
+
+    def add(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], weight: float, cfg: StrategyConfig) -> None:
+        """Record one client's ``(B_k, A_k)`` per layer with weight ``n_k`` and its own scale ``s(r_k)``."""
+        for prefix, (b, a) in pairs.items():
+            self._terms.setdefault(prefix, []).append((weight * lora_scale(cfg, a.shape[0]), b, a))
+        self.total += weight
+
+    def layers(self) -> list[str]:
+        return list(self._terms)
+
+    def terms(self, prefix: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(p_k s_k B_k, A_k)]`` of one layer, weights normalised."""
+        return [(b.float() * (c / self.total), a.float()) for c, b, a in self._terms[prefix]]
+
+
+def factor_pairs(state: State, fallback: State | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{prefix: (B, A)}`` of ``state``; an A missing from it (ffa sends only B) is read from ``fallback``."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, b in state.items():
+        if not key.endswith(B_SUFFIX):
+            continue
+        prefix = key[: -len(B_SUFFIX)]
+        a = state.get(prefix + A_SUFFIX)
+        if a is None and fallback is not None:
+            a = fallback.get(prefix + A_SUFFIX)
+        if a is not None:
+            out[prefix] = (b, a)
+    return out
+
+
+def make_instructions(
+    round: int,
+    chosen: list[str],
+    client_state: dict[str, State],
+    cfg: StrategyConfig,
+    *,
+    train: dict[str, object] | None = None,
+    ranks: dict[str, int | None] | None = None,
+    base_updates: dict[str, dict[str, LowRankUpdate] | None] | None = None,
+) -> dict[str, Instructions]:
+    """``Instructions`` for each chosen client from per-client state, rank and pending base updates."""
+    return {
+        c: Instructions(
+            round=round,
+            client_id=c,
+            state=client_state[c],
+            train=dict(train or {}),
+            rank=(ranks or {}).get(c),
+            base_update=(base_updates or {}).get(c),
+        )
+        for c in chosen
+    }

@@ -1,0 +1,152 @@
+"""``StrategyConfig``: every knob of server-side aggregation, as it appears under ``[strategy]`` in TOML.
+
+The dataclass is frozen and plain (numbers, strings, a list); ``validate`` reports every problem at once,
+each naming the key ``strategy.<field>`` and what it accepts, so the config system can print them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fedavg",
+    "ffa",
+    "flora",
+    "svd",
+    "fedex",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedprox",
+    "median",
+    "trimmed_mean",
+    "krum",
+    "multikrum",
+)
+ROBUST_NAMES: tuple[str, ...] = ("none", "median", "trimmed_mean", "krum", "multikrum")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How the server chooses clients and combines their adapters (``[strategy]`` in the run config)."""
+
+    name: str = "fedavg"
+    """Aggregation strategy; one of ``STRATEGY_NAMES``."""
+    fraction: float = 1.0
+    """Fraction of the available clients sampled each round (used when ``clients_per_round`` is 0)."""
+    clients_per_round: int = 0
+    """Exact number of clients sampled each round; 0 means use ``fraction``."""
+    min_replies: int = 1
+    """Fewest valid replies for a round to be applied; below it the global state is kept."""
+    server_lr: float = 1.0
+    """Server learning rate (eta) of fedavgm / fedadam / fedyogi / fedadagrad."""
+    beta1: float = 0.9
+    """First-moment decay of fedadam / fedyogi / fedadagrad (Reddi et al. 2021)."""
+    beta2: float = 0.99
+    """Second-moment decay of fedadam / fedyogi."""
+    tau: float = 1e-3
+    """Adaptivity (epsilon) of the adaptive server optimizers; the second moment starts at tau**2."""
+    momentum: float = 0.9
+    """Server momentum of fedavgm."""
+    prox_mu: float = 0.01
+    """FedProx proximal weight sent to clients as ``train.prox_mu`` (fedprox only)."""
+    robust: str = "none"
+    """Robust aggregation used instead of the weighted mean by the averaging strategies."""
+    trim_fraction: float = 0.1
+    """Fraction of values cut from each end, per coordinate, by ``trimmed_mean``."""
+    krum_f: int = 1
+    """Number of clients (multi-)Krum assumes may be Byzantine."""
+    multikrum_m: int = 0
+    """Clients averaged by multi-Krum; 0 means K - krum_f."""
+    svd_rank: int = 0
+    """Rank of the global adapter kept by ``svd``; 0 means ``r``."""
+    svd_method: str = "exact"
+    """``svd``: "exact" (QR + core SVD, best rank-r) or "randomized" (subspace iteration, much faster for large K)."""
+    svd_power_iters: int = 4
+    """``svd_method = "randomized"``: power (subspace) iterations; more for flat spectra."""
+    svd_oversample: int = 16
+    """``svd_method = "randomized"``: extra columns of the sketch beyond the rank."""
+    client_ranks: list[int] | None = None
+    """Heterogeneous ranks: client i (in the order the server lists them) trains at client_ranks[i % len]."""
+    error_feedback: bool = False
+    """``svd``: carry the truncated part of the average into the next round (factored, server side)."""
+    quantized_base: bool = False
+    """The clients' base weights are quantized; ``fedex`` refuses, ``flora`` keeps a frozen residual."""
+    lora_alpha: float = 16.0
+    """LoRA alpha; a rank-r adapter is applied with scale alpha/r (alpha/sqrt(r) with ``use_rslora``)."""
+    r: int = 8
+    """LoRA rank of the global adapter."""
+    use_rslora: bool = False
+    """Rank-stabilised scale alpha/sqrt(r) instead of alpha/r."""
+    compute_error: bool = True
+    """Report the aggregation error every round; keeps every client's factors, O(K) memory (see lowrank)."""
+
+    def validate(self) -> list[str]:
+        """Every problem with this config, each naming the key ``strategy.<field>``; empty when valid."""
+        p: list[str] = []
+        if self.name not in STRATEGY_NAMES:
+            p.append(f"strategy.name: unknown {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
+        if self.robust not in ROBUST_NAMES:
+            p.append(f"strategy.robust: unknown {self.robust!r}; valid: {', '.join(ROBUST_NAMES)}")
+        if self.robust != "none" and self.name in ("ffa", "flora", "svd", "fedex"):
+            p.append(f"strategy.robust: only the averaging strategies accept it, not {self.name!r}; use 'none'")
+        if not 0.0 < self.fraction <= 1.0:
+            p.append(f"strategy.fraction: {self.fraction} must be in (0, 1]")
+        if self.clients_per_round < 0:
+            p.append(f"strategy.clients_per_round: {self.clients_per_round} must be >= 0 (0 = use fraction)")
+        if self.min_replies < 1:
+            p.append(f"strategy.min_replies: {self.min_replies} must be >= 1")
+        if self.server_lr <= 0:
+            p.append(f"strategy.server_lr: {self.server_lr} must be > 0")
+        for key in ("beta1", "beta2", "momentum"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                p.append(f"strategy.{key}: {value} must be in [0, 1)")
+        if self.tau <= 0:
+            p.append(f"strategy.tau: {self.tau} must be > 0")
+        if self.prox_mu < 0:
+            p.append(f"strategy.prox_mu: {self.prox_mu} must be >= 0")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            p.append(f"strategy.trim_fraction: {self.trim_fraction} must be in [0, 0.5)")
+        if self.krum_f < 0:
+            p.append(f"strategy.krum_f: {self.krum_f} must be >= 0")
+        if self.multikrum_m < 0:
+            p.append(f"strategy.multikrum_m: {self.multikrum_m} must be >= 0 (0 = K - krum_f)")
+        if self.svd_rank < 0:
+            p.append(f"strategy.svd_rank: {self.svd_rank} must be >= 0 (0 = r)")
+        if self.svd_method not in ("exact", "randomized"):
+            p.append(f"strategy.svd_method: unknown {self.svd_method!r}; valid: exact, randomized")
+        elif self.svd_method == "randomized" and self.error_feedback:
+            p.append("strategy.svd_method: error_feedback needs 'exact' (the randomized remainder is not low rank)")
+        if self.svd_power_iters < 0 or self.svd_oversample < 0:
+            p.append("strategy.svd_power_iters / strategy.svd_oversample: must be >= 0")
+        if self.r < 1:
+            p.append(f"strategy.r: {self.r} must be >= 1")
+        if self.lora_alpha <= 0:
+            p.append(f"strategy.lora_alpha: {self.lora_alpha} must be > 0")
+        if self.client_ranks is not None:
+            if not self.client_ranks or any(int(k) < 1 for k in self.client_ranks):
+                p.append(f"strategy.client_ranks: {self.client_ranks} must be a non-empty list of ranks >= 1")
+            elif self.name not in ("flora", "svd"):
+                p.append(f"strategy.client_ranks: heterogeneous ranks need name 'flora' or 'svd', not {self.name!r}")
+            elif self.name == "svd" and max(self.client_ranks) > self.global_rank:
+                p.append(
+                    f"strategy.client_ranks: {max(self.client_ranks)} exceeds the global rank {self.global_rank}"
+                    " (raise strategy.svd_rank)"
+                )
+            elif self.name == "flora" and max(self.client_ranks) > self.r:
+                p.append(f"strategy.client_ranks: {max(self.client_ranks)} exceeds strategy.r = {self.r}")
+        if self.error_feedback and self.name != "svd":
+            p.append(f"strategy.error_feedback: only 'svd' truncates, not {self.name!r}; set false")
+        if self.quantized_base and self.name == "fedex":
+            p.append(
+                "strategy.quantized_base: fedex folds residuals into the base weights, which a quantized base "
+                "cannot hold; use name 'flora' or 'svd', or a non-quantized base"
+            )
+        return p
+
+    @property
+    def global_rank(self) -> int:
+        """Rank of the global adapter: ``svd_rank`` for ``svd`` when set, else ``r``."""
+        return self.svd_rank if (self.name == "svd" and self.svd_rank > 0) else self.r

@@ -1,0 +1,124 @@
+"""The averaging family: fedavg (FedIT), fedprox, ffa, server optimizers and robust aggregation.
+
+All of them average every trainable tensor (A and B separately), so their aggregate is
+``(sum p_k B_k)(sum p_k A_k)``, not ``sum p_k B_k A_k``; the gap is reported as ``agg_error``. ``ffa``
+averages only B against a frozen shared A, which makes it exact.
+
+With the weighted mean (``robust = "none"``) replies are consumed one at a time and the server keeps one
+adapter of running sums; robust aggregators hold every reply (``needs_all_replies``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fedtune.adapters import B_SUFFIX
+from fedtune.strategies import lowrank, robust
+from fedtune.strategies.averaging import WeightedMean
+from fedtune.strategies.base import (
+    ReferenceTerms,
+    Rng,
+    RoundResult,
+    factor_pairs,
+    finish,
+    lora_scale,
+    make_instructions,
+    not_applied,
+    select_clients,
+    valid_replies,
+)
+from fedtune.strategies.config import StrategyConfig
+from fedtune.strategies.optimizers import OPTIMIZERS, ServerOptState, server_step
+from fedtune.types import ClientReply, Instructions, State
+
+
+class AveragingStrategy:
+    """Weighted (or robust) mean of the clients' tensors, optionally followed by a server optimizer step.
+
+    ``name`` is one of fedavg, fedprox, ffa, fedavgm, fedadam, fedyogi, fedadagrad; ``cfg.robust`` picks
+    median / trimmed_mean / krum / multikrum instead of the weighted mean. Holds the server optimizer's
+    moments between rounds (the only state).
+
+    Raises:
+        ValueError: an unknown ``name`` or ``cfg.robust``.
+    """
+
+    def __init__(self, name: str, cfg: StrategyConfig) -> None:
+        if name not in ("fedavg", "fedprox", "ffa", *OPTIMIZERS):
+            raise ValueError(f"AveragingStrategy does not implement {name!r}")
+        if cfg.robust not in ("none", "median", "trimmed_mean", "krum", "multikrum"):
+            raise ValueError(f"unknown strategy.robust {cfg.robust!r}; valid: none, median, trimmed_mean, krum, multikrum")
+        self.name = name
+        self.cfg = cfg
+        self.needs_all_replies = cfg.robust != "none"
+        self.opt = ServerOptState()
+
+    def _keys(self, global_state: State) -> list[str]:
+        if self.name == "ffa":
+            return [k for k in global_state if k.endswith(B_SUFFIX)]
+        return list(global_state)
+
+    def configure(self, round: int, client_ids: list[str], global_state: State, rng: Rng) -> dict[str, Instructions]:
+        """Sample clients; each gets the global state (ffa: only B, A is rebuilt from the shared seed)."""
+        chosen = select_clients(client_ids, self.cfg, rng)
+        keys = self._keys(global_state)
+        state = {k: global_state[k] for k in keys}
+        train = {"prox_mu": self.cfg.prox_mu} if self.name == "fedprox" else {}
+        return make_instructions(round, chosen, {c: state for c in chosen}, self.cfg, train=train)
+
+    def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply]) -> RoundResult:
+        """Average the valid replies; below ``min_replies`` the global state is returned unchanged."""
+        keys = self._keys(global_state)
+        failures: dict[str, str] = {}
+        ok: list[str] = []
+        ref = ReferenceTerms() if self.cfg.compute_error else None
+        acc = WeightedMean(global_state, keys)
+        kept: list[ClientReply] = []
+        for reply in valid_replies(replies, global_state, failures, keys=keys):
+            assert reply.state is not None
+            if self.needs_all_replies:
+                if reply.mask is not None:
+                    failures[reply.client_id] = f"robust aggregation ({self.cfg.robust}) cannot use masked replies"
+                    continue
+                kept.append(reply)
+            else:
+                acc.add(reply.state, float(reply.num_examples), reply.mask)
+            ok.append(reply.client_id)
+            if ref is not None:
+                # ffa: the clients' A is the shared frozen one; read it from the global state.
+                sent = {k: reply.state[k] for k in keys}
+                ref.add(factor_pairs(sent, global_state), float(reply.num_examples), self.cfg)
+        if len(ok) < self.cfg.min_replies:
+            return not_applied(global_state, ok, failures, self.cfg)
+        mean = self._robust(kept, keys) if self.needs_all_replies else acc.result()
+        result = RoundResult(state={**global_state, **mean})
+        if ref is not None:
+            result.agg_error_layers = self._errors(ref, result.state)
+        if self.name in OPTIMIZERS:
+            new_state, self.opt = server_step(self.name, global_state, mean, self.opt, self.cfg)
+            result.state = new_state
+            delta = sum(float((new_state[k].float() - global_state[k].float()).square().sum()) for k in keys)
+            result.metrics["server_update_norm"] = delta**0.5
+        return finish(result, ok, failures)
+
+    def _robust(self, kept: list[ClientReply], keys: list[str]) -> State:
+        states = [r.state for r in kept if r.state is not None]
+        if self.cfg.robust == "median":
+            return robust.coordinate_median(states, keys)
+        if self.cfg.robust == "trimmed_mean":
+            return robust.trimmed_mean(states, keys, self.cfg.trim_fraction)
+        weights = [float(r.num_examples) for r in kept]
+        if self.cfg.robust == "krum":
+            return robust.krum(states, weights, keys, self.cfg.krum_f, 1)
+        m = self.cfg.multikrum_m or max(len(states) - self.cfg.krum_f, 1)
+        return robust.krum(states, weights, keys, self.cfg.krum_f, min(m, len(states)))
+
+    def _errors(self, ref: ReferenceTerms, averaged: State) -> dict[str, float]:
+        """Per layer ``||s B_bar A_bar - sum_k p_k s_k B_k A_k|| / ||sum_k p_k s_k B_k A_k||`` (before any server step)."""
+        pairs = factor_pairs(averaged)
+        out: dict[str, float] = {}
+        for prefix in ref.layers():
+            b, a = pairs[prefix]
+            agg = [(b.float() * lora_scale(self.cfg, a.shape[0]), a.float())]
+            out[prefix] = lowrank.relative_error(agg, ref.terms(prefix))
+        return out

@@ -1,0 +1,267 @@
+"""Node side of the federation protocol: ``FederationClient``.
+
+Typical use by the node's loop (``fedtune.client``)::
+
+    with FederationClient("server.example:7443", "site-a", key="keys/nodes/site-a.key",
+                          ca_file="keys/ca.pem", fingerprint=fp) as fc:
+        while (instr := fc.wait_for_instructions()) is not None:
+            if instr.phase == "stop":
+                break
+            reply = run_phase(instr)                 # -> fedtune.types.ClientReply
+            fc.submit(reply, phase=instr.phase)
+
+Calls that fail because the server is unreachable are retried with exponential backoff (with jitter);
+an expired session (server restart) is renewed by registering again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedtune.transport._proto import federation_pb2 as fpb
+from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
+from fedtune.transport.codec import DEFAULT_CHUNK_SIZE, EncodingSpec, Limits
+from fedtune.transport.errors import (
+    AuthenticationError,
+    ConfigMismatch,
+    MessageRejected,
+    PermissionDeniedError,
+    TransportError,
+)
+from fedtune.transport.keys import load_node_key
+from fedtune.transport.messages import messages_to_instructions, reply_to_messages
+from fedtune.transport.security import (
+    SESSION_METADATA_KEY,
+    channel_credentials,
+    check_plaintext_allowed,
+    sign_challenge,
+)
+from fedtune.transport.server import GRPC_OPTIONS, RoundStatus
+from fedtune.types import ClientReply, Instructions
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_ERRORS: dict[grpc.StatusCode, type[TransportError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError, grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.INVALID_ARGUMENT: MessageRejected, grpc.StatusCode.FAILED_PRECONDITION: ConfigMismatch,
+}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: ``initial_s * factor**attempt`` capped at ``max_s``, +-``jitter`` fraction."""
+
+    initial_s: float = 0.5
+    factor: float = 2.0
+    max_s: float = 30.0
+    jitter: float = 0.2
+    max_attempts: int = 10
+
+    def delay(self, attempt: int) -> float:
+        d = min(self.max_s, self.initial_s * self.factor**attempt)
+        return d * (1 + random.uniform(-self.jitter, self.jitter))
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    accepted: bool
+    message: str
+    bytes_sent: int
+
+
+def _as_error(e: grpc.RpcError) -> TransportError:
+    code, details = e.code(), e.details() or str(e)  # type: ignore[attr-defined]
+    return _ERRORS.get(code, TransportError)(f"{code.name}: {details}", code)
+
+
+class FederationClient:
+    """Connects a node to a federation server, see the module docstring.
+
+    ``key`` is the node's Ed25519 private key (object or PEM file); ``ca_file`` turns on TLS (the default
+    whenever the address is not loopback: plaintext elsewhere needs ``insecure=True``).
+    """
+
+    def __init__(
+        self, address: str, node: str, *, key: Ed25519PrivateKey | str | Path | None = None,
+        ca_file: str | Path | None = None, insecure: bool = False, fingerprint: str = "",
+        encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE, limits: Limits | None = None,
+        backoff: Backoff | None = None, heartbeat: bool = True, tls_server_name: str | None = None,
+    ) -> None:
+        if ca_file is None:
+            check_plaintext_allowed(address, insecure)
+        self.address, self.node, self.fingerprint = address, node, fingerprint
+        self.key = load_node_key(key) if isinstance(key, str | Path) else key
+        self.ca_file, self.tls_server_name = ca_file, tls_server_name
+        self.encoding, self.chunk_size, self.limits = encoding, chunk_size, limits
+        self.backoff = backoff or Backoff()
+        self.heartbeat_enabled = heartbeat
+        self.heartbeat_interval_s = 10.0
+        self.bytes_down = 0
+        self._token: str | None = None
+        self._channel: grpc.Channel | None = None
+        self._stub: fpb_grpc.FederationStub | None = None
+        self._stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+
+    # -- connection ---------------------------------------------------------------------------------
+    def connect(self) -> Self:
+        """Open the channel, register, start the heartbeat thread.
+
+        Raises:
+            AuthenticationError / PermissionDeniedError / ConfigMismatch: the server refused this node.
+            TransportError: the server stayed unreachable through every retry.
+        """
+        ms = int(self.backoff.initial_s * 1000)
+        options = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", ms), ("grpc.min_reconnect_backoff_ms", ms),
+                   ("grpc.max_reconnect_backoff_ms", int(self.backoff.max_s * 1000))]
+        if self.ca_file is not None:
+            if self.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+            self._channel = grpc.secure_channel(self.address, channel_credentials(self.ca_file), options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options)
+        self._stub = fpb_grpc.FederationStub(self._channel)
+        self._retry(self.register, renew=False)
+        if self.heartbeat_enabled and self._hb_thread is None:
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.node}",
+                                               daemon=True)
+            self._hb_thread.start()
+        return self
+
+    def register(self) -> None:
+        """Signed-challenge registration; stores the session token. Raises: TransportError subclasses."""
+        assert self._stub is not None, "connect() first"
+        ch = self._stub.Challenge(fpb.ChallengeRequest(node=self.node))
+        sig, pub = b"", b""
+        if self.key is not None:
+            sig = sign_challenge(self.key, ch.nonce, self.node)
+            pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        rep = self._stub.Register(fpb.RegisterRequest(node=self.node, nonce=ch.nonce, signature=sig,
+                                                      public_key=pub, config_fingerprint=self.fingerprint))
+        self._token, self.heartbeat_interval_s = rep.session_token, rep.heartbeat_interval_s or 10.0
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=5)
+            self._hb_thread = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self) -> Self:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls --------------------------------------------------------------------------------------
+    def _md(self) -> list[tuple[str, str]]:
+        return [(SESSION_METADATA_KEY, self._token or "")]
+
+    def _retry(self, call: Callable[[], _T], renew: bool = True) -> _T:
+        attempt, renewed = 0, False
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                if renew and not renewed and code == grpc.StatusCode.UNAUTHENTICATED:
+                    renewed = True
+                    self._retry(self.register, renew=False)
+                    continue
+                if code not in RETRYABLE or attempt + 1 >= self.backoff.max_attempts:
+                    raise _as_error(e) from None
+                delay = self.backoff.delay(attempt)
+                log.warning("server %s unreachable (%s); retrying in %.1f s", self.address, code.name, delay)
+                if self._stop.wait(delay):
+                    raise TransportError("client closed while retrying", code) from None
+                attempt += 1
+
+    def poll(self, wait_s: float = 30.0) -> Instructions | None:
+        """One long poll: instructions for this node, or ``None`` when none came within ``wait_s``.
+
+        Raises:
+            MessageRejected: the server sent a malformed or oversize stream.
+            TransportError: as ``connect``.
+        """
+        def call() -> Instructions | None:
+            assert self._stub is not None, "connect() first"
+            stream = self._stub.GetInstructions(fpb.InstructionsRequest(wait_s=wait_s), metadata=self._md(),
+                                                timeout=wait_s + 600)
+            return messages_to_instructions(self._count(stream), self.limits)
+        return self._retry(call)
+
+    def _count(self, stream: Iterator[fpb.InstructionsChunk]) -> Iterator[fpb.InstructionsChunk]:
+        for msg in stream:
+            self.bytes_down += msg.ByteSize()
+            yield msg
+
+    def wait_for_instructions(self, timeout: float | None = None, poll_s: float = 30.0) -> Instructions | None:
+        """Poll until instructions arrive; ``None`` after ``timeout`` seconds (``None``: wait forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.is_set():
+            left = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
+            if left <= 0:
+                return None
+            instr = self.poll(left)
+            if instr is not None:
+                return instr
+        return None
+
+    def submit(self, reply: ClientReply, phase: str = "train") -> SubmitResult:
+        """Stream ``reply`` (header, then tensors) to the server; retried whole on a broken connection.
+
+        Raises:
+            MessageRejected / PermissionDeniedError: the server refused the update (reason in the message).
+            TransportError: as ``connect``.
+        """
+        sent = [0]
+
+        def messages() -> Iterator[fpb.UpdateChunk]:
+            sent[0] = 0
+            for msg in reply_to_messages(reply, phase, self.encoding, self.chunk_size):
+                sent[0] += msg.ByteSize()
+                yield msg
+
+        def call() -> SubmitResult:
+            assert self._stub is not None, "connect() first"
+            ack = self._stub.SubmitUpdate(messages(), metadata=self._md())
+            return SubmitResult(ack.accepted, ack.message, sent[0])
+        return self._retry(call)
+
+    def heartbeat(self) -> RoundStatus:
+        """Tell the server this node is alive; returns its round and phase. Raises: TransportError."""
+        def call() -> RoundStatus:
+            assert self._stub is not None, "connect() first"
+            rep = self._stub.Heartbeat(fpb.HeartbeatRequest(), metadata=self._md(), timeout=30)
+            return RoundStatus(rep.round, rep.phase)
+        return self._retry(call)
+
+    def status(self) -> tuple[RoundStatus, dict[str, float]]:
+        """Round, phase and the seconds since each connected node was last seen. Raises: TransportError."""
+        def call() -> tuple[RoundStatus, dict[str, float]]:
+            assert self._stub is not None, "connect() first"
+            rep = self._stub.Status(fpb.StatusRequest(), metadata=self._md(), timeout=30)
+            return (RoundStatus(rep.round, rep.phase, dict(rep.detail)),
+                    {c.node: c.seconds_since_seen for c in rep.clients})
+        return self._retry(call)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self.heartbeat()
+            except TransportError as e:
+                log.warning("heartbeat of %s failed: %s", self.node, e)

@@ -1,0 +1,270 @@
+"""Tensor encodings of the wire format: how one tensor becomes a payload of bytes and back.
+
+Every encoding is a small object with three functions: ``plan`` (payload size and parameters, cheap),
+``encode`` (the payload) and ``decode`` (payload -> tensor, validating what the payload itself can get
+wrong). ``expected_nbytes`` recomputes the payload size from the metadata alone so that the decoder can
+reject an inconsistent declaration before it allocates anything. New encodings join through
+``register_encoding``. Multi-byte values are little-endian.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedtune.transport.errors import MessageRejected
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "bool": torch.bool, "uint32": torch.uint32,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Size and parameters of one tensor's payload, known before the payload is built."""
+
+    num_bytes: int
+    block_size: int = 0
+    nnz: int = 0
+    value_dtype: str = ""
+    scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The decoded-side view of a TensorMeta: what ``decode`` and ``expected_nbytes`` read."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    numel: int
+    block_size: int = 0
+    nnz: int = 0
+    value_dtype: str = ""
+    scale: float = 0.0
+
+
+class Encoding(Protocol):
+    def plan(self, t: torch.Tensor) -> Plan: ...
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview: ...
+    def expected_nbytes(self, meta: Meta) -> int: ...
+    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor: ...
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Raises: MessageRejected for a dtype the wire format does not know."""
+    if name not in DTYPES:
+        raise MessageRejected(f"unknown dtype {name!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` (C order) without a copy when ``t`` is already contiguous."""
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _from_bytes(buf: bytearray | memoryview, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+
+
+class Dense:
+    """Values in their own dtype (``wire_dtype=None``) or cast to a float dtype on the wire."""
+
+    def __init__(self, wire_dtype: torch.dtype | None = None) -> None:
+        self.wire_dtype = wire_dtype
+
+    def _wire(self, dtype: torch.dtype) -> torch.dtype:
+        return self.wire_dtype or dtype
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        return Plan(num_bytes=t.numel() * self._wire(t.dtype).itemsize)
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        return raw_bytes(t.to(self._wire(t.dtype)))
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        if self.wire_dtype is not None and meta.dtype not in FLOAT_DTYPES:
+            raise MessageRejected(f"a {DTYPE_NAMES[meta.dtype]} tensor cannot be sent as a float encoding")
+        return meta.numel * self._wire(meta.dtype).itemsize
+
+    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+        t = _from_bytes(buf, self._wire(meta.dtype), meta.numel)
+        return t.reshape(meta.shape).to(meta.dtype)
+
+
+class Int8Blocks:
+    """Symmetric int8 with one float32 scale per block: payload = scales[n_blocks] then values[numel]."""
+
+    def __init__(self, block_size: int = 256) -> None:
+        self.block_size = block_size
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        nb = math.ceil(t.numel() / self.block_size)
+        return Plan(num_bytes=4 * nb + t.numel(), block_size=self.block_size)
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError("int8 encoding needs a float tensor")
+        x = t.detach().reshape(-1).float()
+        n, bs = x.numel(), plan.block_size
+        padded = torch.nn.functional.pad(x, (0, math.ceil(n / bs) * bs - n)).reshape(-1, bs)
+        scales = padded.abs().amax(dim=1) / 127.0
+        q = torch.round(padded / scales.clamp_min(1e-30)[:, None]).clamp(-127, 127).to(torch.int8)
+        return memoryview(bytes(raw_bytes(scales)) + bytes(raw_bytes(q.reshape(-1)[:n])))
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        if meta.dtype not in FLOAT_DTYPES:
+            raise MessageRejected("int8 encoding is for float tensors only")
+        if not 1 <= meta.block_size <= 1 << 24:
+            raise MessageRejected(f"int8 block_size {meta.block_size} out of range [1, 2^24]")
+        return 4 * math.ceil(meta.numel / meta.block_size) + meta.numel
+
+    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+        nb = math.ceil(meta.numel / meta.block_size)
+        scales = _from_bytes(buf, torch.float32, nb)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise MessageRejected("int8 block scales must be finite and >= 0")
+        q = _from_bytes(buf, torch.int8, meta.numel, offset=4 * nb)
+        x = q.float() * scales.repeat_interleave(meta.block_size)[: meta.numel]
+        return x.reshape(meta.shape).to(meta.dtype)
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _check_sparse(meta: Meta) -> None:
+    if meta.nnz > meta.numel:
+        raise MessageRejected(f"sparse tensor: nnz {meta.nnz} > numel {meta.numel}")
+    if meta.value_dtype != DTYPE_NAMES[meta.dtype]:
+        raise MessageRejected(f"sparse value dtype {meta.value_dtype!r} != dtype {DTYPE_NAMES[meta.dtype]!r}")
+
+
+class SparseCoo:
+    """Nonzero coordinates of the flattened tensor: payload = indices[nnz] (int32, or int64 past 2^31
+    elements; strictly increasing) then values[nnz] in the tensor's dtype."""
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        nnz = int(torch.count_nonzero(t))
+        itemsize = _index_dtype(t.numel()).itemsize + t.dtype.itemsize
+        return Plan(num_bytes=nnz * itemsize, nnz=nnz, value_dtype=DTYPE_NAMES[t.dtype])
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        flat = t.detach().reshape(-1)
+        idx = torch.nonzero(flat, as_tuple=True)[0]
+        return memoryview(bytes(raw_bytes(idx.to(_index_dtype(t.numel())))) + bytes(raw_bytes(flat[idx])))
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        _check_sparse(meta)
+        return meta.nnz * (_index_dtype(meta.numel).itemsize + meta.dtype.itemsize)
+
+    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+        it = _index_dtype(meta.numel)
+        idx = _from_bytes(buf, it, meta.nnz).long()
+        if meta.nnz and (int(idx[0]) < 0 or int(idx[-1]) >= meta.numel or bool((idx.diff() <= 0).any())):
+            raise MessageRejected("sparse indices must be strictly increasing and inside the tensor")
+        vals = _from_bytes(buf, meta.dtype, meta.nnz, offset=meta.nnz * it.itemsize)
+        out = torch.zeros(meta.numel, dtype=meta.dtype)
+        out[idx] = vals
+        return out.reshape(meta.shape)
+
+
+class SparseBitmap:
+    """Payload = bitmap of nonzero coordinates (ceil(numel/8) bytes, little bit order) then values[nnz]."""
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        nnz = int(torch.count_nonzero(t))
+        return Plan(num_bytes=math.ceil(t.numel() / 8) + nnz * t.dtype.itemsize, nnz=nnz,
+                    value_dtype=DTYPE_NAMES[t.dtype])
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        flat = t.detach().reshape(-1)
+        nz = flat != 0
+        bits = np.packbits(nz.numpy(), bitorder="little")
+        return memoryview(bits.tobytes() + bytes(raw_bytes(flat[nz])))
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        _check_sparse(meta)
+        return math.ceil(meta.numel / 8) + meta.nnz * meta.dtype.itemsize
+
+    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+        nbits = math.ceil(meta.numel / 8)
+        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=nbits), bitorder="little")
+        if bits[meta.numel:].any() or int(bits.sum()) != meta.nnz:
+            raise MessageRejected(f"sparse bitmap has {int(bits.sum())} set bits, header says nnz={meta.nnz}")
+        mask = torch.from_numpy(bits[: meta.numel].astype(bool))
+        out = torch.zeros(meta.numel, dtype=meta.dtype)
+        out[mask] = _from_bytes(buf, meta.dtype, meta.nnz, offset=nbits)
+        return out.reshape(meta.shape)
+
+
+class FixedU32:
+    """uint32 vectors for secure aggregation. Integer tensors travel as-is (values must lie in
+    [0, 2^32)); float tensors as round(x * scale) in two's complement, decoded as signed / scale."""
+
+    def __init__(self, scale: float = 2.0**16) -> None:
+        self.scale = scale
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        return Plan(num_bytes=4 * t.numel(), scale=self.scale if t.dtype in FLOAT_DTYPES else 0.0)
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        flat = t.detach().reshape(-1)
+        if t.dtype in FLOAT_DTYPES:
+            q = torch.round(flat.double() * plan.scale)
+            if bool((q.abs() >= 2**31).any()) or not bool(torch.isfinite(q).all()):
+                raise ValueError(f"fixed_u32: values too large for scale {plan.scale}")
+            v = q.long().numpy().astype(np.uint32)
+        else:
+            w = flat.long()
+            if w.numel() and (int(w.min()) < 0 or int(w.max()) >= 2**32):
+                raise ValueError("fixed_u32: integer values must lie in [0, 2^32)")
+            v = w.numpy().astype(np.uint32)
+        return memoryview(v.astype("<u4").tobytes())
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        if meta.dtype in FLOAT_DTYPES and not (math.isfinite(meta.scale) and meta.scale > 0):
+            raise MessageRejected(f"fixed_u32 float tensor needs a positive scale, got {meta.scale}")
+        if meta.dtype not in FLOAT_DTYPES and meta.dtype not in (torch.int64, torch.uint32):
+            raise MessageRejected("fixed_u32 decodes to a float, int64 or uint32 tensor")
+        return 4 * meta.numel
+
+    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+        v = np.frombuffer(buf, dtype="<u4", count=meta.numel)
+        if meta.dtype in FLOAT_DTYPES:
+            x = torch.from_numpy(v.view(np.int32).astype(np.float64) / meta.scale)
+        else:
+            x = torch.from_numpy(v.astype(np.int64))
+        return x.to(meta.dtype).reshape(meta.shape)
+
+
+ENCODINGS: dict[str, Encoding] = {
+    "dense": Dense(), "fp32": Dense(torch.float32), "bf16": Dense(torch.bfloat16),
+    "fp16": Dense(torch.float16), "int8": Int8Blocks(), "sparse_coo": SparseCoo(),
+    "sparse_bitmap": SparseBitmap(), "fixed_u32": FixedU32(),
+}
+FLOAT_ONLY = {"fp32", "bf16", "fp16", "int8"}
+
+
+def register_encoding(name: str, encoding: Encoding, float_only: bool = False) -> None:
+    """Add an encoding to the registry (both directions: the decoder accepts what is registered)."""
+    ENCODINGS[name] = encoding
+    if float_only:
+        FLOAT_ONLY.add(name)
+
+
+def get_encoding(name: str) -> Encoding:
+    """Raises: MessageRejected for an unknown encoding name."""
+    if name not in ENCODINGS:
+        raise MessageRejected(f"unknown encoding {name!r}; valid: {sorted(ENCODINGS)}")
+    return ENCODINGS[name]

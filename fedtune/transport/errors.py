@@ -1,0 +1,47 @@
+"""Errors raised by the transport. Each carries the gRPC status code a server answers with."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TransportError(Exception):
+    """Base class of every transport failure; ``code`` is the gRPC status the peer sees."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
+class MessageRejected(TransportError):
+    """A message from a peer is malformed, inconsistent, oversize or not finite; ``reason`` says which."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class AuthenticationError(TransportError):
+    """The peer is unknown or failed the signed challenge."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(TransportError):
+    """The peer is known but not allowed to take part (revoked, or refused by the coordinator)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class InsecureTransportError(TransportError):
+    """Plaintext was requested for a non-loopback address without the explicit insecure flag."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConfigMismatch(TransportError):
+    """The node's model / quantization / adapter fingerprint differs from the server's."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

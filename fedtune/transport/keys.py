@@ -1,0 +1,199 @@
+"""Keys and certificates of a federation, made with ``cryptography``.
+
+``create_keys(out_dir, nodes, server_hosts)`` writes::
+
+    out_dir/
+      ca.pem            CA certificate: give to every node (trust root of the server's TLS certificate)
+      ca.key            CA private key: keep offline; needed only to issue a new server certificate
+      server.pem        server TLS certificate, SANs = server_hosts (default localhost, 127.0.0.1)
+      server.key        server TLS private key (server only)
+      allowlist.txt     one line per node: "<name> ed25519:<base64 raw public key>" (server only);
+                        append " revoked" to a line to refuse that node from its next call on
+      nodes/<name>.key  Ed25519 private key of the node, PKCS#8 PEM (give to that node only)
+      nodes/<name>.pub  its public key, "ed25519:<base64>"
+
+Private keys are written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALID_DAYS = 3650
+PUB_PREFIX = "ed25519:"
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    node: str
+    public_key: bytes
+    revoked: bool = False
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def create_ca(common_name: str = "fedtune federation CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA (ECDSA P-256)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def create_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str],
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A TLS server certificate signed by the CA, valid for ``hosts`` (DNS names or IP addresses).
+
+    Raises:
+        ValueError: empty ``hosts``.
+    """
+    if not hosts:
+        raise ValueError("server_hosts must name at least one hostname or IP address")
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def public_key_line(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return PUB_PREFIX + base64.b64encode(raw).decode()
+
+
+def parse_public_key(text: str) -> bytes:
+    """Raw 32-byte key from ``ed25519:<base64>``. Raises: ValueError."""
+    if not text.startswith(PUB_PREFIX):
+        raise ValueError(f"public key must start with {PUB_PREFIX!r}")
+    raw = base64.b64decode(text[len(PUB_PREFIX):], validate=True)
+    if len(raw) != 32:
+        raise ValueError("an Ed25519 public key has 32 bytes")
+    return raw
+
+
+def create_node_key(out_dir: str | Path, node: str) -> Ed25519PrivateKey:
+    """Write ``nodes/<node>.key`` and ``nodes/<node>.pub``. Raises: ValueError for a bad node name."""
+    if not node or any(c.isspace() or c in "/\\" for c in node):
+        raise ValueError(f"node name {node!r} must be non-empty without spaces or slashes")
+    key = Ed25519PrivateKey.generate()
+    nodes = Path(out_dir) / "nodes"
+    _write(nodes / f"{node}.key", _pem_key(key), private=True)
+    _write(nodes / f"{node}.pub", (public_key_line(key) + "\n").encode())
+    return key
+
+
+def load_node_key(path: str | Path) -> Ed25519PrivateKey:
+    """Raises: TypeError when the file does not hold an Ed25519 private key."""
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TypeError(f"{path} does not hold an Ed25519 private key")
+    return key
+
+
+def read_allowlist(path: str | Path) -> dict[str, AllowEntry]:
+    """Parse ``allowlist.txt`` (``#`` comments allowed). Raises: ValueError naming the bad line."""
+    out: dict[str, AllowEntry] = {}
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split("#", 1)[0].split()
+        if not parts:
+            continue
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "revoked"):
+            raise ValueError(f"{path}:{i}: expected '<node> ed25519:<base64> [revoked]'")
+        try:
+            out[parts[0]] = AllowEntry(parts[0], parse_public_key(parts[1]), len(parts) == 3)
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: {e}") from None
+    return out
+
+
+def write_allowlist(path: str | Path, entries: list[AllowEntry]) -> None:
+    lines = ["# fedtune node allow-list: <node> ed25519:<base64 public key> [revoked]"]
+    for e in entries:
+        pub = PUB_PREFIX + base64.b64encode(e.public_key).decode()
+        lines.append(f"{e.node} {pub}" + (" revoked" if e.revoked else ""))
+    _write(Path(path), ("\n".join(lines) + "\n").encode())
+
+
+def revoke_node(allowlist: str | Path, node: str) -> None:
+    """Mark ``node`` revoked in the allow-list. Raises: KeyError when it is not listed."""
+    entries = read_allowlist(allowlist)
+    if node not in entries:
+        raise KeyError(f"node {node!r} is not in {allowlist}")
+    entries[node] = AllowEntry(node, entries[node].public_key, True)
+    write_allowlist(allowlist, list(entries.values()))
+
+
+def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] | None = None) -> Path:
+    """Create a CA, a server certificate and one Ed25519 key per node under ``out_dir`` (layout above).
+
+    Calling it again on the same folder adds nodes: the existing CA, server certificate and node keys
+    listed in ``allowlist.txt`` are kept.
+
+    Raises:
+        ValueError: a bad node name or empty ``server_hosts``.
+    """
+    out = Path(out_dir)
+    hosts = server_hosts or ["localhost", "127.0.0.1"]
+    if not (out / "ca.key").exists():
+        ca_key, ca_cert = create_ca()
+        _write(out / "ca.key", _pem_key(ca_key), private=True)
+        _write(out / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
+        srv_key, srv_cert = create_server_cert(ca_key, ca_cert, hosts)
+        _write(out / "server.key", _pem_key(srv_key), private=True)
+        _write(out / "server.pem", srv_cert.public_bytes(serialization.Encoding.PEM))
+    allow = out / "allowlist.txt"
+    entries = read_allowlist(allow) if allow.exists() else {}
+    for node in nodes:
+        if node not in entries:
+            key = create_node_key(out, node)
+            entries[node] = AllowEntry(node, parse_public_key(public_key_line(key)))
+    write_allowlist(allow, list(entries.values()))
+    return out

@@ -1,0 +1,203 @@
+"""Round-protocol messages <-> the plain dataclasses of ``fedtune.types``.
+
+Instructions travel as one ``InstructionsHeader`` followed by tensor chunks in groups ``state``, ``mask``,
+``base_A`` and ``base_B`` (base updates keyed by module name); a reply as one ``UpdateHeader`` followed by
+chunks in groups ``state`` and ``mask``. Everything here is pure conversion; the servicer and the client
+wrapper do the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedtune.transport._proto import federation_pb2 as fpb
+from fedtune.transport.codec import (
+    DEFAULT_CHUNK_SIZE,
+    DecodedTensor,
+    EncodingSpec,
+    Limits,
+    TensorDecoder,
+    encode_state,
+    encoded_size,
+)
+from fedtune.transport.errors import MessageRejected
+from fedtune.types import ClientReply, Instructions, LowRankUpdate
+
+MAX_PHASE_LEN = 64
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """What a node says about its update before the tensors follow (already validated)."""
+
+    round: int
+    phase: str
+    node: str
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    rank: int | None = None
+
+
+def _json_obj(text: str, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise MessageRejected(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise MessageRejected(f"{what} must be a JSON object")
+    return obj
+
+
+def _instruction_groups(instr: Instructions) -> list[tuple[str, Mapping[str, torch.Tensor]]]:
+    groups: list[tuple[str, Mapping[str, torch.Tensor]]] = [("state", instr.state)]
+    if instr.mask:
+        groups.append(("mask", instr.mask))
+    if instr.base_update:
+        groups.append(("base_A", {k: u.A for k, u in instr.base_update.items()}))
+        groups.append(("base_B", {k: u.B for k, u in instr.base_update.items()}))
+    return groups
+
+
+def instructions_header(instr: Instructions) -> fpb.InstructionsHeader:
+    """Raises: ValueError when ``train`` or ``extra`` is not JSON-serializable."""
+    return fpb.InstructionsHeader(
+        kind=fpb.InstructionsHeader.INSTRUCTIONS, round=instr.round, phase=instr.phase,
+        client_id=instr.client_id, train_json=json.dumps(instr.train), has_rank=instr.rank is not None,
+        rank=instr.rank or 0, extra_json=json.dumps(instr.extra),
+    )
+
+
+def instructions_to_messages(
+    instr: Instructions, encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[fpb.InstructionsChunk]:
+    """Header first, then the tensors of every group. Raises: ValueError (see ``encode_state``)."""
+    yield fpb.InstructionsChunk(header=instructions_header(instr))
+    for group, tensors in _instruction_groups(instr):
+        for chunk in encode_state(tensors, encoding, group=group, chunk_size=chunk_size):
+            yield fpb.InstructionsChunk(tensor=chunk)
+
+
+def instructions_wire_size(
+    instr: Instructions, encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> int:
+    """Exact sum of ``ByteSize()`` of the messages ``instructions_to_messages`` yields."""
+    total = fpb.InstructionsChunk(header=instructions_header(instr)).ByteSize()
+    for group, tensors in _instruction_groups(instr):
+        total += encoded_size(tensors, encoding, group=group, chunk_size=chunk_size)
+    return total
+
+
+def messages_to_instructions(
+    messages: Iterable[fpb.InstructionsChunk], limits: Limits | None = None,
+) -> Instructions | None:
+    """Decode a GetInstructions stream; ``None`` when the server had nothing yet (poll again).
+
+    Raises:
+        MessageRejected: missing header, bad JSON, unpaired base-update factors, or any codec error.
+    """
+    it = iter(messages)
+    first = next(it, None)
+    if first is None or not first.HasField("header"):
+        raise MessageRejected("instructions stream must start with a header")
+    h = first.header
+    if h.kind == fpb.InstructionsHeader.NONE:
+        return None
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    dec = TensorDecoder(limits)
+    for msg in it:
+        if not msg.HasField("tensor"):
+            raise MessageRejected("a second header in one instructions stream")
+        out = dec.feed(msg.tensor)
+        if out is not None:
+            groups.setdefault(out.group, {})[out.name] = out.tensor
+    dec.close()
+    a, b = groups.get("base_A", {}), groups.get("base_B", {})
+    if a.keys() != b.keys():
+        raise MessageRejected(f"base update factors do not pair up: {sorted(a.keys() ^ b.keys())}")
+    return Instructions(
+        round=h.round, client_id=h.client_id, state=groups.get("state", {}),
+        train=_json_obj(h.train_json, "train overrides"), rank=h.rank if h.has_rank else None,
+        mask=groups.get("mask"), base_update={k: LowRankUpdate(B=b[k], A=a[k]) for k in a} or None,
+        phase=h.phase, extra=_json_obj(h.extra_json, "extra"),
+    )
+
+
+def _reply_groups(reply: ClientReply) -> list[tuple[str, Mapping[str, torch.Tensor]]]:
+    if reply.error is not None:
+        return []
+    groups: list[tuple[str, Mapping[str, torch.Tensor]]] = [("state", reply.state or {})]
+    if reply.mask:
+        groups.append(("mask", reply.mask))
+    return groups
+
+
+def update_header(reply: ClientReply, phase: str = "train") -> fpb.UpdateHeader:
+    return fpb.UpdateHeader(
+        round=reply.round, phase=phase, node=reply.client_id, num_examples=reply.num_examples,
+        metrics={k: float(v) for k, v in reply.metrics.items()}, error=reply.error or "",
+        has_rank=reply.rank is not None, rank=reply.rank or 0,
+    )
+
+
+def reply_to_messages(
+    reply: ClientReply, phase: str = "train", encoding: EncodingSpec = "dense",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[fpb.UpdateChunk]:
+    """Header first, then the reply's tensors (none for a failed reply). Raises: ValueError."""
+    yield fpb.UpdateChunk(header=update_header(reply, phase))
+    for group, tensors in _reply_groups(reply):
+        for chunk in encode_state(tensors, encoding, group=group, chunk_size=chunk_size):
+            yield fpb.UpdateChunk(tensor=chunk)
+
+
+def reply_wire_size(
+    reply: ClientReply, phase: str = "train", encoding: EncodingSpec = "dense",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> int:
+    """Exact sum of ``ByteSize()`` of the messages ``reply_to_messages`` yields."""
+    total = fpb.UpdateChunk(header=update_header(reply, phase)).ByteSize()
+    for group, tensors in _reply_groups(reply):
+        total += encoded_size(tensors, encoding, group=group, chunk_size=chunk_size)
+    return total
+
+
+def header_from_proto(h: fpb.UpdateHeader) -> UpdateHeader:
+    """Raises: MessageRejected for a negative count, an overlong phase or a non-finite metric."""
+    if h.num_examples < 0:
+        raise MessageRejected(f"num_examples must be >= 0, got {h.num_examples}")
+    if not h.phase or len(h.phase) > MAX_PHASE_LEN:
+        raise MessageRejected(f"phase must have 1..{MAX_PHASE_LEN} characters")
+    bad = sorted(k for k, v in h.metrics.items() if not math.isfinite(v))
+    if bad:
+        raise MessageRejected(f"metrics must be finite; not finite: {bad}")
+    return UpdateHeader(
+        round=h.round, phase=h.phase, node=h.node, num_examples=h.num_examples, metrics=dict(h.metrics),
+        error=h.error or None, rank=h.rank if h.has_rank else None,
+    )
+
+
+def collect_reply(header: UpdateHeader, tensors: Iterable[DecodedTensor]) -> ClientReply:
+    """Gather a decoded update into a ``ClientReply`` (for coordinators that do not stream-aggregate).
+
+    Raises:
+        MessageRejected: a tensor in an unknown group (anything other than ``state`` / ``mask``).
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {"state": {}, "mask": {}}
+    for d in tensors:
+        if d.group not in groups:
+            raise MessageRejected(f"unexpected tensor group {d.group!r} in an update")
+        groups[d.group][d.name] = d.tensor
+    return ClientReply(
+        client_id=header.node, round=header.round,
+        state=None if header.error else groups["state"], num_examples=header.num_examples,
+        metrics=header.metrics, error=header.error, mask=groups["mask"] or None, rank=header.rank,
+    )

@@ -1,0 +1,231 @@
+"""Server side of the federation protocol: a gRPC servicer around a ``Coordinator``.
+
+The servicer does the protocol work (authentication, sessions, streaming, decoding, validation) and
+hands plain Python objects to the coordinator, whose round loop (``fedtune.server``) implements the small
+``Coordinator`` protocol below. Every failure reaches the peer as a gRPC status with a readable message;
+no input can take the server down.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from fedtune.transport._proto import federation_pb2 as fpb
+from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
+from fedtune.transport.codec import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    DecodedTensor,
+    EncodingSpec,
+    Limits,
+    TensorDecoder,
+)
+from fedtune.transport.errors import MessageRejected, PermissionDeniedError, TransportError
+from fedtune.transport.messages import UpdateHeader, header_from_proto, instructions_to_messages
+from fedtune.transport.security import (
+    SESSION_METADATA_KEY,
+    NodeAuth,
+    Session,
+    check_plaintext_allowed,
+    server_credentials,
+)
+from fedtune.types import Instructions
+
+log = logging.getLogger(__name__)
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 2 * MAX_CHUNK_SIZE),
+    ("grpc.max_send_message_length", 2 * MAX_CHUNK_SIZE),
+]
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    round: int
+    phase: str
+    detail: dict[str, str] = field(default_factory=dict)
+
+
+class Coordinator(Protocol):
+    """What the server's round loop provides to the transport. Called from gRPC worker threads."""
+
+    def register(self, node: str, fingerprint: str) -> None:
+        """Admit an authenticated node. Raises ConfigMismatch / PermissionDeniedError to refuse it."""
+
+    def next_instructions(self, node: str, timeout: float) -> Instructions | None:
+        """Block up to ``timeout`` s for this node's instructions of the current phase; ``None`` if none.
+        Must be idempotent until the node submits (a node that lost the stream polls again)."""
+
+    def submit(self, node: str, header: UpdateHeader, tensors: Iterator[DecodedTensor]) -> str:
+        """Consume one update. ``tensors`` decodes lazily and raises MessageRejected on bad input;
+        raise MessageRejected yourself for a wrong round/phase. Returns a note for the node's ack."""
+
+    def status(self) -> RoundStatus:
+        """Current round and phase."""
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guard(fn: _F) -> _F:
+    """Map transport errors to their gRPC status, anything else to INTERNAL (logged)."""
+
+    @functools.wraps(fn)
+    def unary(self: FederationServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except TransportError as e:
+            context.abort(e.code, e.reason)
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal server error in {fn.__name__}")
+
+    return unary  # type: ignore[return-value]
+
+
+class FederationServicer(fpb_grpc.FederationServicer):
+    """gRPC servicer of ``fedtune.v1.Federation``; see the module docstring."""
+
+    def __init__(
+        self, coordinator: Coordinator, auth: NodeAuth, *, limits: Limits | None = None,
+        downlink_encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
+        heartbeat_interval_s: float = 10.0, max_wait_s: float = 30.0,
+    ) -> None:
+        self.coordinator, self.auth = coordinator, auth
+        self.limits = limits or Limits()
+        self.downlink_encoding, self.chunk_size = downlink_encoding, chunk_size
+        self.heartbeat_interval_s, self.max_wait_s = heartbeat_interval_s, max_wait_s
+
+    def _session(self, context: grpc.ServicerContext) -> Session:
+        token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
+        return self.auth.session(token if isinstance(token, str) else None)
+
+    def last_seen(self) -> dict[str, float]:
+        """Unix time of the last call of every node with a live session (for dropping silent nodes)."""
+        return {s.node: s.last_seen for s in self.auth.sessions()}
+
+    @_guard
+    def Challenge(self, request: fpb.ChallengeRequest, context: grpc.ServicerContext) -> fpb.ChallengeReply:
+        return fpb.ChallengeReply(nonce=self.auth.challenge(request.node), expires_in_s=self.auth.nonce_ttl_s)
+
+    @_guard
+    def Register(self, request: fpb.RegisterRequest, context: grpc.ServicerContext) -> fpb.RegisterReply:
+        session = self.auth.register(request.node, request.nonce, request.signature, request.public_key)
+        self.coordinator.register(request.node, request.config_fingerprint)
+        return fpb.RegisterReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s)
+
+    def GetInstructions(
+        self, request: fpb.InstructionsRequest, context: grpc.ServicerContext,
+    ) -> Iterator[fpb.InstructionsChunk]:
+        try:
+            session = self._session(context)
+            wait = min(max(request.wait_s, 0.0), self.max_wait_s)
+            instr = self.coordinator.next_instructions(session.node, wait)
+            if instr is None:
+                yield fpb.InstructionsChunk(header=fpb.InstructionsHeader(kind=fpb.InstructionsHeader.NONE))
+                return
+            yield from instructions_to_messages(instr, self.downlink_encoding, self.chunk_size)
+        except TransportError as e:
+            context.abort(e.code, e.reason)
+        except Exception:
+            log.exception("GetInstructions failed")
+            context.abort(grpc.StatusCode.INTERNAL, "internal server error in GetInstructions")
+
+    @_guard
+    def SubmitUpdate(
+        self, request_iterator: Iterator[fpb.UpdateChunk], context: grpc.ServicerContext,
+    ) -> fpb.SubmitAck:
+        session = self._session(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise MessageRejected("an update stream must start with an UpdateHeader")
+        header = header_from_proto(first.header)
+        if header.node != session.node:
+            raise PermissionDeniedError(f"session of {session.node!r} cannot submit for {header.node!r}")
+        received = [first.ByteSize()]
+        decoder = TensorDecoder(self.limits)
+
+        def tensors() -> Iterator[DecodedTensor]:
+            for msg in request_iterator:
+                if not msg.HasField("tensor"):
+                    raise MessageRejected("a second header in one update stream")
+                received[0] += msg.ByteSize()
+                out = decoder.feed(msg.tensor)
+                if out is not None:
+                    yield out
+            if not context.is_active():
+                raise MessageRejected("update stream cancelled by the node")
+            decoder.close()
+
+        stream = tensors()
+        note = self.coordinator.submit(session.node, header, stream)
+        for _ in stream:  # validate whatever the coordinator did not read
+            pass
+        return fpb.SubmitAck(accepted=True, message=note or "", bytes_received=received[0])
+
+    @_guard
+    def Heartbeat(self, request: fpb.HeartbeatRequest, context: grpc.ServicerContext) -> fpb.HeartbeatReply:
+        self._session(context)
+        st = self.coordinator.status()
+        return fpb.HeartbeatReply(round=st.round, phase=st.phase)
+
+    @_guard
+    def Status(self, request: fpb.StatusRequest, context: grpc.ServicerContext) -> fpb.StatusReply:
+        self._session(context)
+        st, now = self.coordinator.status(), time.time()
+        clients = [fpb.ClientInfo(node=n, last_seen_unix=t, seconds_since_seen=now - t)
+                   for n, t in sorted(self.last_seen().items())]
+        return fpb.StatusReply(round=st.round, phase=st.phase, clients=clients, detail=st.detail)
+
+
+class FederationServer:
+    """A running gRPC server; ``port`` is the bound port (useful with ``address="127.0.0.1:0"``)."""
+
+    def __init__(self, server: grpc.Server, servicer: FederationServicer, port: int) -> None:
+        self.grpc_server, self.servicer, self.port = server, servicer, port
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.grpc_server.stop(grace).wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def start_server(
+    coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
+    key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
+    max_workers: int = 64, **servicer_kwargs: Any,
+) -> FederationServer:
+    """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
+    or with ``insecure=True``, in plaintext. ``allowlist_file=None`` admits any node name without a
+    signature (tests and simulation only). ``max_workers`` bounds concurrent calls: each connected node
+    holds one thread while it long-polls or uploads. Extra keyword arguments go to ``FederationServicer``.
+
+    Raises:
+        InsecureTransportError: plaintext on a non-loopback address without ``insecure=True``.
+        RuntimeError: the address cannot be bound.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("give both cert_file and key_file for TLS, or neither")
+    if cert_file is None:
+        check_plaintext_allowed(address, insecure)
+    servicer = FederationServicer(coordinator, NodeAuth(allowlist_file), **servicer_kwargs)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+                         maximum_concurrent_rpcs=max_workers)
+    fpb_grpc.add_FederationServicer_to_server(servicer, server)
+    if cert_file is not None and key_file is not None:
+        port = server.add_secure_port(address, server_credentials(cert_file, key_file))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {address!r}")
+    server.start()
+    return FederationServer(server, servicer, port)

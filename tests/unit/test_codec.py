@@ -1,0 +1,188 @@
+"""Tensor codec: every encoding both ways, exact wire size, and the decoder's validation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from fedtune.transport import Limits, MessageRejected, decode_state, encode_state, encoded_size
+from fedtune.transport._proto import federation_pb2 as fpb
+from fedtune.transport._proto import tensor_pb2 as tpb
+from fedtune.transport.codec import TensorDecoder
+from fedtune.transport.encodings import ENCODINGS
+from fedtune.transport.messages import (
+    instructions_to_messages,
+    instructions_wire_size,
+    messages_to_instructions,
+    reply_to_messages,
+    reply_wire_size,
+)
+from fedtune.types import ClientReply, Instructions, LowRankUpdate
+
+torch.manual_seed(0)
+STATE = {
+    "a.lora_A.weight": torch.randn(8, 300),
+    "a.lora_B.weight": torch.randn(300, 8).bfloat16(),
+    "mask": torch.rand(77) > 0.5,
+    "sparse": torch.randn(1000) * (torch.rand(1000) > 0.9),
+    "empty": torch.zeros(0, 3),
+    "scalar": torch.tensor(3.5),
+    "ints": torch.randint(0, 2**32, (50,), dtype=torch.int64),
+}
+# max abs error allowed per encoding on float tensors of magnitude ~3
+TOL = {"dense": 0, "fp32": 0, "bf16": 0.05, "fp16": 0.005, "int8": 0.05, "sparse_coo": 0, "sparse_bitmap": 0,
+       "fixed_u32": 1e-4}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_round_trip(encoding):
+    out = decode_state(encode_state(STATE, encoding, chunk_size=333))
+    assert list(out) == list(STATE)
+    for k, v in STATE.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
+        if v.dtype in (torch.bool, torch.int64):
+            assert torch.equal(out[k], v), k  # masks and integers are never made lossy
+        else:
+            assert (out[k].double() - v.double()).abs().max().item() <= TOL[encoding] * 3 if v.numel() else True
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+@pytest.mark.parametrize("chunk_size", [7, 1000, 2 << 20])
+def test_encoded_size_is_exact(encoding, chunk_size):
+    chunks = list(encode_state(STATE, encoding, chunk_size=chunk_size))
+    on_wire = sum(len(fpb.UpdateChunk(tensor=c).SerializeToString()) for c in chunks)
+    assert encoded_size(STATE, encoding, chunk_size=chunk_size) == on_wire
+    assert max(len(c.data) for c in chunks) <= chunk_size
+
+
+def test_compressed_encodings_are_smaller():
+    x = {"w": torch.randn(1 << 16) * (torch.rand(1 << 16) > 0.95)}
+    dense = encoded_size(x)
+    assert encoded_size(x, "bf16") < 0.51 * dense
+    assert encoded_size(x, "int8") < 0.27 * dense
+    assert encoded_size(x, "sparse_coo") < 0.12 * dense
+    assert encoded_size(x, "sparse_bitmap") < 0.1 * dense
+
+
+def test_per_tensor_encoding_map():
+    chunks = list(encode_state(STATE, {"a.lora_A.weight": "int8"}))
+    encs = {c.meta.name: c.meta.encoding for c in chunks if c.HasField("meta")}
+    assert encs["a.lora_A.weight"] == "int8" and encs["mask"] == "dense"
+
+
+def test_int8_hand_computed():
+    out = decode_state(encode_state({"x": torch.tensor([1.27, -0.635, 0.0, 0.01])}, "int8"))["x"]
+    assert torch.allclose(out, torch.tensor([1.27, -0.64, 0.0, 0.01]), atol=1e-6)
+
+
+def test_fixed_u32_wraps_negative_values():
+    x = torch.tensor([-1.0, 0.5, 2.0])
+    chunks = list(encode_state({"x": x}, "fixed_u32"))
+    assert chunks[0].data[:4] == (2**32 - 2**16).to_bytes(4, "little")
+    assert torch.equal(decode_state(chunks)["x"], x)
+
+
+def test_instructions_and_reply_sizes_are_exact():
+    instr = Instructions(1, "c", {"a": torch.randn(3, 5)}, train={"lr": 1e-3}, rank=2,
+                         mask={"a": torch.ones(3, 5, dtype=torch.bool)},
+                         base_update={"m": LowRankUpdate(B=torch.randn(4, 1), A=torch.randn(1, 6))})
+    msgs = list(instructions_to_messages(instr, chunk_size=16))
+    assert sum(m.ByteSize() for m in msgs) == instructions_wire_size(instr, chunk_size=16)
+    back = messages_to_instructions(msgs)
+    assert back is not None and back.rank == 2 and torch.equal(back.base_update["m"].A, instr.base_update["m"].A)
+    reply = ClientReply("c", 1, {"a": torch.randn(3, 5)}, 4, metrics={"loss": 1.0})
+    msgs = list(reply_to_messages(reply, encoding="fp16", chunk_size=16))
+    assert sum(len(m.SerializeToString()) for m in msgs) == reply_wire_size(reply, encoding="fp16", chunk_size=16)
+
+
+def _chunks(t: torch.Tensor, **kw) -> list[tpb.TensorChunk]:
+    return list(encode_state({"t": t}, chunk_size=64, **kw))
+
+
+def _rehash(chunks: list[tpb.TensorChunk]) -> list[tpb.TensorChunk]:
+    chunks[0].meta.sha256 = hashlib.sha256(b"".join(c.data for c in chunks)).digest()
+    return chunks
+
+
+def _reject(chunks, match: str, limits: Limits | None = None) -> None:
+    with pytest.raises(MessageRejected, match=match):
+        decode_state(chunks, limits)
+
+
+def test_rejects_oversize_declaration_before_allocating(monkeypatch):
+    chunks = _chunks(torch.randn(4))
+    chunks[0].meta.shape[:] = [1 << 30, 1 << 30]
+    chunks[0].meta.num_bytes = 4 << 60
+    allocated = []
+    monkeypatch.setattr("fedtune.transport.codec.bytearray", lambda n: allocated.append(n), raising=False)
+    _reject(chunks, "exceeds the limit")
+    assert allocated == []
+    monkeypatch.undo()
+    _reject(_chunks(torch.randn(100)), "exceeds the limit", Limits(max_tensor_bytes=399))
+    _reject(_chunks(torch.randn(100)) + list(encode_state({"u": torch.randn(100)})), "in total",
+            Limits(max_total_bytes=700))
+
+
+def test_rejects_inconsistent_or_corrupt_tensors():
+    c = _chunks(torch.randn(40))
+    c[0].meta.num_bytes += 4
+    _reject(c, "declares")
+    c = _chunks(torch.randn(40))
+    c[0].meta.dtype = "complex64"
+    _reject(c, "unknown dtype")
+    c = _chunks(torch.randn(40))
+    c[0].meta.encoding = "zip"
+    _reject(c, "unknown encoding")
+    c = _chunks(torch.randn(40))
+    c[0].meta.shape[:] = [-40, -1]
+    _reject(c, "invalid shape")
+    c = _chunks(torch.randn(40))
+    c[-1].data = c[-1].data[:-1] + bytes([c[-1].data[-1] ^ 1])
+    _reject(c, "SHA-256")
+    _reject(_chunks(torch.randn(40))[:-1], "truncated")
+    c = _chunks(torch.randn(40))
+    _reject(c + [tpb.TensorChunk(data=b"x")], "without a preceding")
+    c = _chunks(torch.randn(40))
+    c[-1].data += b"\x00"
+    _reject(c, "more data")
+    _reject(_chunks(torch.randn(4)) + _chunks(torch.randn(4)), "twice")
+    c = _chunks(torch.randn(40))
+    c[0].meta.sha256 = b"short"
+    _reject(c, "32 bytes")
+
+
+def test_rejects_non_finite_values():
+    _reject(_chunks(torch.tensor([1.0, float("nan")])), "NaN")
+    _reject(_chunks(torch.tensor([float("inf")]).half()), "NaN or Inf")
+    out = decode_state(_chunks(torch.tensor([float("nan")])), Limits(require_finite=False))
+    assert out["t"].isnan().all()
+
+
+def test_rejects_bad_sparse_payloads():
+    c = _chunks(torch.tensor([0.0, 1.0, 2.0, 0.0]), encoding="sparse_coo")
+    payload = bytearray(c[0].data)
+    payload[0:8] = payload[4:8] + payload[0:4]  # indices out of order
+    c[0].data = bytes(payload)
+    _reject(_rehash(c), "strictly increasing")
+    c = _chunks(torch.tensor([0.0, 1.0, 2.0, 0.0]), encoding="sparse_bitmap")
+    c[0].data = bytes([c[0].data[0] | 0x80]) + c[0].data[1:]  # padding bit set
+    _reject(_rehash(c), "set bits")
+    c = _chunks(torch.tensor([0.0, 1.0]), encoding="sparse_coo")
+    c[0].meta.nnz = 5
+    _reject(c, "nnz")
+
+
+def test_decoder_streams_tensor_by_tensor():
+    dec = TensorDecoder()
+    chunks = list(encode_state({"a": torch.ones(100), "b": torch.zeros(3)}, chunk_size=100))
+    outs = [dec.feed(c) for c in chunks]
+    assert [o.name for o in outs if o is not None] == ["a", "b"]
+    assert outs.index(next(o for o in outs if o is not None)) == 3  # "a" is ready after its 4th chunk
+    dec.close()
+
+
+def test_chunk_size_is_validated():
+    with pytest.raises(ValueError, match="chunk_size"):
+        list(encode_state(STATE, chunk_size=64 << 20))

@@ -1,0 +1,97 @@
+"""The local training loop: it learns, it is deterministic, FedProx pulls back, NF4 trains on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedtune import adapters
+from fedtune.config import load_config
+from fedtune.eval import evaluate
+from fedtune.models import load_model
+from fedtune.pipeline import encode
+from fedtune.train import lr_lambda, train_local
+
+RECORDS = [{"prompt": "What colour is the sky?", "response": "The sky is blue."},
+           {"prompt": "What do cows drink?", "response": "Cows drink water."}]
+
+
+def _setup(tiny_overrides: list[str], *extra: str):
+    cfg = load_config(None, [*tiny_overrides, *extra])
+    lm = load_model(cfg)
+    return cfg, lm, encode(RECORDS, lm.tokenizer, cfg)
+
+
+def _train(cfg, lm, examples, **kw):
+    return train_local(lm.model, examples, cfg.train, device=lm.device, compute_dtype=lm.compute_dtype,
+                       pad_id=lm.tokenizer.pad_token_id, seed=cfg.seed, **kw)
+
+
+def test_overfits_a_tiny_set(tiny_overrides: list[str]) -> None:
+    cfg, lm, ex = _setup(tiny_overrides, "train.max_steps=40", "train.lr=1e-2", "adapter.r=8",
+                         "adapter.target_modules=[all-linear]")
+    before = evaluate(lm.model, ex, device=lm.device, pad_id=lm.tokenizer.pad_token_id)["eval_loss"]
+    result = _train(cfg, lm, ex)
+    after = evaluate(lm.model, ex, device=lm.device, pad_id=lm.tokenizer.pad_token_id)["eval_loss"]
+    assert after < before / 2, (before, after)
+    assert result.metrics["tokens"] > 0 and result.metrics["tokens_per_s"] > 0
+    assert len(result.losses) == 40
+
+
+def test_same_seed_same_adapter(tiny_overrides: list[str]) -> None:
+    states = []
+    for _ in range(2):
+        cfg, lm, ex = _setup(tiny_overrides, "train.max_steps=3", "train.lr=1e-3")
+        _train(cfg, lm, ex)
+        states.append(adapters.get_state(lm.model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_proximal_term_keeps_weights_near_reference(tiny_overrides: list[str]) -> None:
+    drift = {}
+    for mu in (0.0, 50.0):
+        cfg, lm, ex = _setup(tiny_overrides, "train.max_steps=15", "train.lr=1e-2", "train.optimizer=sgd",
+                             "train.max_grad_norm=none")
+        ref = adapters.get_state(lm.model)
+        _train(cfg, lm, ex, ref_state=ref, prox_mu=mu)
+        d = adapters.delta(adapters.get_state(lm.model), ref)
+        drift[mu] = sum(float(v.norm() ** 2) for v in d.values()) ** 0.5
+    assert drift[50.0] < 0.8 * drift[0.0], drift
+
+
+def test_grad_accumulation_and_schedules(tiny_overrides: list[str]) -> None:
+    cfg, lm, ex = _setup(tiny_overrides, "train.max_steps=2", "train.grad_accum=2", "train.schedule=cosine",
+                         "train.warmup_steps=1")
+    result = _train(cfg, lm, ex)
+    assert result.metrics["steps"] == 2
+    f = lr_lambda("cosine", 2, 10)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda("linear", 0, 4)(2) == pytest.approx(0.5)
+
+
+def test_nf4_loads_and_trains_on_cpu(tiny_overrides: list[str]) -> None:
+    pytest.importorskip("bitsandbytes")
+    cfg, lm, ex = _setup(tiny_overrides, "quant.mode=nf4", "quant.compute_dtype=bf16", "train.max_steps=3",
+                         "train.lr=1e-2")
+    assert lm.quantized
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in lm.model.modules())
+    before = adapters.get_state(lm.model)
+    result = _train(cfg, lm, ex)
+    after = adapters.get_state(lm.model)
+    assert torch.isfinite(torch.tensor(result.losses)).all()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_optimizer_state_carries_over(tiny_overrides: list[str]) -> None:
+    cfg, lm, ex = _setup(tiny_overrides, "train.max_steps=2")
+    first = _train(cfg, lm, ex, keep_optimizer_state=True)
+    assert first.optimizer_state is not None and first.optimizer_state["state"]
+    second = _train(cfg, lm, ex, optimizer_state=first.optimizer_state, keep_optimizer_state=True)
+    steps = [int(s["step"]) for s in second.optimizer_state["state"].values()]
+    assert all(s == 4 for s in steps)
+    assert dataclasses.is_dataclass(cfg.train)

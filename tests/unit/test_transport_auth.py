@@ -1,0 +1,145 @@
+"""Keys, TLS and node authentication against a real server on loopback."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import grpc
+import pytest
+import torch
+from test_transport_server import DummyCoordinator
+
+from fedtune.transport import (
+    AuthenticationError,
+    Backoff,
+    ConfigMismatch,
+    FederationClient,
+    InsecureTransportError,
+    PermissionDeniedError,
+    TransportError,
+    check_plaintext_allowed,
+    create_keys,
+    is_loopback,
+    load_node_key,
+    revoke_node,
+    start_server,
+)
+from fedtune.transport._proto import federation_pb2 as fpb
+from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
+from fedtune.transport.keys import read_allowlist
+from fedtune.types import ClientReply, Instructions
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return create_keys(tmp_path_factory.mktemp("keys"), ["alice", "bob", "eve"], ["localhost", "127.0.0.1"])
+
+
+@pytest.fixture
+def tls_server(keys):
+    coord = DummyCoordinator(Instructions(1, "", {"w": torch.ones(3)}), fingerprint="fp-1")
+    allow = keys / "allowlist.txt"
+    allow.write_text("\n".join(line for line in allow.read_text().splitlines() if not line.startswith("eve"))
+                     .replace(" revoked", "") + "\n")
+    server = start_server(coord, "127.0.0.1:0", cert_file=keys / "server.pem", key_file=keys / "server.key",
+                          allowlist_file=allow, max_workers=8)
+    yield coord, server, keys
+    server.stop(0)
+
+
+def _client(keys, server, node: str, key_node: str | None = None, **kw) -> FederationClient:
+    return FederationClient(f"127.0.0.1:{server.port}", node, key=keys / "nodes" / f"{key_node or node}.key",
+                            ca_file=keys / "ca.pem", fingerprint="fp-1", heartbeat=False, **kw)
+
+
+def test_key_layout(keys):
+    names = {str(p.relative_to(keys)) for p in keys.rglob("*") if p.is_file()}
+    assert names == {"ca.pem", "ca.key", "server.pem", "server.key", "allowlist.txt", "nodes/alice.key",
+                     "nodes/alice.pub", "nodes/bob.key", "nodes/bob.pub", "nodes/eve.key", "nodes/eve.pub"}
+    for private in ("ca.key", "server.key", "nodes/alice.key"):
+        assert stat.S_IMODE(os.stat(keys / private).st_mode) == 0o600
+    assert set(read_allowlist(keys / "allowlist.txt")) == {"alice", "bob", "eve"}
+    load_node_key(keys / "nodes" / "bob.key")
+    before = (keys / "ca.pem").read_bytes()
+    create_keys(keys, ["carol"])  # adding a node keeps the CA and the other keys
+    assert (keys / "ca.pem").read_bytes() == before and (keys / "nodes" / "carol.key").exists()
+
+
+def test_tls_round_trip_with_signed_challenge(tls_server):
+    coord, server, keys = tls_server
+    with _client(keys, server, "alice") as fc:
+        instr = fc.poll(wait_s=1)
+        assert instr is not None and torch.equal(instr.state["w"], torch.ones(3))
+        assert fc.submit(ClientReply("alice", 1, {"w": torch.zeros(3)}, 2)).accepted
+    assert coord.registered == ["alice"] and coord.replies[0].client_id == "alice"
+
+
+def test_plaintext_client_cannot_talk_to_tls_server(tls_server):
+    coord, server, keys = tls_server
+    fc = FederationClient(f"127.0.0.1:{server.port}", "alice", key=keys / "nodes" / "alice.key",
+                          heartbeat=False, backoff=Backoff(initial_s=0.01, max_attempts=2))
+    with pytest.raises(TransportError, match="UNAVAILABLE"):
+        fc.connect()
+    fc.close()
+
+
+def test_unknown_node_is_unauthenticated(tls_server):
+    coord, server, keys = tls_server
+    with pytest.raises(AuthenticationError, match="not in the server's allow-list"):
+        _client(keys, server, "eve").connect()
+
+
+def test_wrong_key_is_unauthenticated(tls_server):
+    coord, server, keys = tls_server
+    with pytest.raises(AuthenticationError, match="does not match"):
+        _client(keys, server, "alice", key_node="bob").connect()
+
+
+def test_forged_signature_and_reused_nonce(tls_server):
+    coord, server, keys = tls_server
+    creds = grpc.ssl_channel_credentials((keys / "ca.pem").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{server.port}", creds) as ch:
+        stub = fpb_grpc.FederationStub(ch)
+        nonce = stub.Challenge(fpb.ChallengeRequest(node="alice")).nonce
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Register(fpb.RegisterRequest(node="alice", nonce=nonce, signature=b"\x00" * 64))
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bad challenge signature" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:  # the nonce was used up by the failed attempt
+            stub.Register(fpb.RegisterRequest(node="alice", nonce=nonce))
+        assert "reused" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Status(fpb.StatusRequest())
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_revoked_node_is_refused_and_loses_its_session(tls_server):
+    coord, server, keys = tls_server
+    fc = _client(keys, server, "bob").connect()
+    revoke_node(keys / "allowlist.txt", "bob")
+    os.utime(keys / "allowlist.txt", (1, 1))  # make sure the mtime changes within the same second
+    with pytest.raises(PermissionDeniedError, match="revoked"):
+        fc.heartbeat()
+    with pytest.raises(PermissionDeniedError, match="revoked"):
+        _client(keys, server, "bob").connect()
+    fc.close()
+
+
+def test_config_mismatch_is_failed_precondition(tls_server):
+    coord, server, keys = tls_server
+    fc = _client(keys, server, "alice")
+    fc.fingerprint = "fp-other"
+    with pytest.raises(ConfigMismatch, match="fingerprint"):
+        fc.connect()
+
+
+def test_plaintext_only_on_loopback_or_with_flag():
+    assert is_loopback("127.0.0.1:50051") and is_loopback("localhost:1") and is_loopback("[::1]:5")
+    assert not is_loopback("10.0.0.2:50051") and not is_loopback("example.org:443")
+    check_plaintext_allowed("0.0.0.0:9", insecure=True)
+    with pytest.raises(InsecureTransportError, match="insecure=True"):
+        check_plaintext_allowed("0.0.0.0:9")
+    with pytest.raises(InsecureTransportError):
+        start_server(DummyCoordinator(), "0.0.0.0:0")
+    with pytest.raises(InsecureTransportError):
+        FederationClient("example.org:443", "n")
