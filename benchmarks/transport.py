@@ -40,6 +40,7 @@ from fedtune.types import ClientReply  # noqa: E402
 
 MiB = 1 << 20
 TENSOR_MIB = 16
+CHUNK_SIZE = int(float(os.environ.get("FEDTUNE_BENCH_CHUNK_MIB", "2")) * MiB)
 
 
 class StreamingSum:
@@ -111,8 +112,11 @@ def raw_sink() -> None:
 
 class Child:
     def __init__(self, *args: str) -> None:
+        env = dict(os.environ)
+        for kv in os.environ.get("FT_CHILD_ENV", "").split():
+            env[kv.split("=")[0]] = kv.split("=")[1]
         self.proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=env)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline().split()[1])
 
@@ -140,7 +144,7 @@ def raw_copy(port: int, state: dict[str, torch.Tensor]) -> float:
 
 
 def grpc_upload(port: int, state: dict[str, torch.Tensor], node: str, tls_dir: str | None) -> float:
-    kw: dict = {"backoff": Backoff(initial_s=0.05), "heartbeat": False}
+    kw: dict = {"backoff": Backoff(initial_s=0.05), "heartbeat": False, "chunk_size": CHUNK_SIZE}
     if tls_dir:
         kw |= {"ca_file": f"{tls_dir}/ca.pem", "key": f"{tls_dir}/nodes/{node}.key"}
     with FederationClient(f"127.0.0.1:{port}", node, **kw) as fc:

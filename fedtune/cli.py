@@ -160,6 +160,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Simulate a federation on this machine: many virtual clients sharing one base model."""
+    from rich.console import Console
+
+    from fedtune.config import load_config
+    from fedtune.simulation.engine import run_simulation
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise ValueError(f"--resume {run_dir}: not a run folder (no config.toml)")
+        cfg = load_config(run_dir / "config.toml", [*([args.config] if args.config else []), *args.overrides])
+        if Path(cfg.out) != run_dir:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, out=str(run_dir))
+        run_simulation(cfg, Console(), resume=run_dir)
+    else:
+        run_simulation(_config(args), Console())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """Print every config key with its type, default and help (the config reference)."""
     from fedtune.config import describe
@@ -175,6 +197,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export,
     "info": cmd_info,
     "config": cmd_config,
+    "simulate": cmd_simulate,
 }
 
 
@@ -196,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or adapter folder")
     p.add_argument("dest", help="destination folder")
     p.add_argument("--merge", action="store_true", help="merge into the base model and save a full model")
+    with_config(p)
+    p = sub.add_parser("simulate", help=cmd_simulate.__doc__, description=cmd_simulate.__doc__)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last completed round")
     with_config(p)
     sub.add_parser("config", help=cmd_config.__doc__, description=cmd_config.__doc__)
     return parser

@@ -81,6 +81,10 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Keep only ``records`` (a resumed run drops the lines of rounds after its checkpoint)."""
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(_clean(r)) + "\n" for r in records).encode())
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []

@@ -19,7 +19,7 @@ def opt(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class SimConfig:
     num_clients: int = opt(4, "number of virtual clients (sites) in the simulated federation")
-    clients_per_round: float = opt(1.0, "clients sampled each round: a count (>= 1) or a fraction (< 1)")
+    clients_per_round: float = opt(0, "clients sampled each round: 0 for all, a fraction (< 1) or a count (>= 1)")
     rounds: int = opt(3, "federated rounds")
     partitioner: Literal["category", "dirichlet", "iid", "size_skew"] = opt(
         "category", "how records are split across clients: whole categories, Dirichlet over categories, iid, "
@@ -48,8 +48,8 @@ class SimConfig:
         p = []
         if self.num_clients < 1:
             p.append(f"sim.num_clients: got {self.num_clients}, must be >= 1")
-        if self.clients_per_round <= 0:
-            p.append(f"sim.clients_per_round: got {self.clients_per_round}, must be > 0")
+        if self.clients_per_round < 0:
+            p.append(f"sim.clients_per_round: got {self.clients_per_round}, must be >= 0 (0: all clients)")
         elif self.clients_per_round >= 1 and self.clients_per_round > self.num_clients:
             p.append(f"sim.clients_per_round: got {self.clients_per_round}, more than sim.num_clients "
                      f"({self.num_clients})")
@@ -70,7 +70,8 @@ class FederationConfig:
     rounds: int = opt(3, "rounds the coordinator runs")
     min_clients: int = opt(2, "clients that must be connected before a round starts, and valid replies a "
                            "round needs to be applied")
-    clients_per_round: float = opt(1.0, "clients sampled each round: a count (>= 1) or a fraction (< 1)")
+    clients_per_round: float = opt(0, "clients sampled each round: 0 for all connected, a fraction (< 1) or a "
+                                   "count (>= 1)")
     round_timeout_s: float = opt(600.0, "seconds to wait for updates; later ones are left out of the round")
     wait_timeout_s: float = opt(3600.0, "seconds to wait for federation.min_clients before giving up")
     max_update_mb: float = opt(4096.0, "largest update a client may declare, in MiB")
@@ -81,8 +82,8 @@ class FederationConfig:
             p.append(f"federation.rounds: got {self.rounds}, must be >= 1")
         if self.min_clients < 1:
             p.append(f"federation.min_clients: got {self.min_clients}, must be >= 1")
-        if self.clients_per_round <= 0:
-            p.append(f"federation.clients_per_round: got {self.clients_per_round}, must be > 0")
+        if self.clients_per_round < 0:
+            p.append(f"federation.clients_per_round: got {self.clients_per_round}, must be >= 0 (0: all)")
         if self.round_timeout_s <= 0:
             p.append(f"federation.round_timeout_s: got {self.round_timeout_s}, must be > 0")
         return p

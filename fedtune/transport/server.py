@@ -9,6 +9,7 @@ no input can take the server down.
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 2 * MAX_CHUNK_SIZE),
     ("grpc.max_send_message_length", 2 * MAX_CHUNK_SIZE),
+]
+SERVER_OPTIONS = GRPC_OPTIONS + [
+    ("grpc.http2.bdp_probe", int(os.environ.get("FT_BDP", "1"))),
 ]
 
 
@@ -218,7 +222,7 @@ def start_server(
     if cert_file is None:
         check_plaintext_allowed(address, insecure)
     servicer = FederationServicer(coordinator, NodeAuth(allowlist_file), **servicer_kwargs)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=max_workers)
     fpb_grpc.add_FederationServicer_to_server(servicer, server)
     if cert_file is not None and key_file is not None:

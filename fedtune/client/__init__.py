@@ -1,0 +1,1 @@
+"""The client side: one round of local work (``fit``) and the gRPC node loop."""

@@ -1,0 +1,71 @@
+"""What a simulated run shows at the end: ``plot.png`` and a summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def write_plot(history: list[dict[str, Any]], path: Path) -> None:
+    """Eval loss (or accuracy) and cumulative bytes per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in history if "round" in r and "client" not in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    key = "accuracy" if any("accuracy" in r for r in rounds) else "eval_loss"
+    pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+    if pts:
+        ax1.plot(*zip(*pts, strict=True), marker="o")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel(key)
+    ax1.set_title(f"global {key}")
+    cum, total = [], 0.0
+    for r in rounds:
+        total += (r.get("bytes_up") or 0) + (r.get("bytes_down") or 0)
+        cum.append((r["round"], total / 2**20))
+    if cum:
+        ax2.plot(*zip(*cum, strict=True), marker="o")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("MiB (up + down, cumulative)")
+    ax2.set_title("communication")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def print_summary(console: Console, cfg: Any, result: Any) -> None:
+    table = Table(title=f"fedtune simulate: {cfg.sim.mode}, strategy={cfg.strategy.name}, "
+                        f"{cfg.sim.num_clients} clients, {cfg.sim.rounds} rounds")
+    for col in ("round", "eval_loss", "accuracy", "agg_error", "ok", "failed", "MiB up", "MiB down", "s"):
+        table.add_column(col, justify="right")
+
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    up = down = full = 0.0
+    for r in result.rounds:
+        if "round" not in r or "client" in r or r.get("local_only_mean"):
+            continue
+        up += r.get("bytes_up") or 0
+        down += r.get("bytes_down") or 0
+        full += r.get("full_model_bytes") or 0
+        table.add_row(str(r["round"]), fmt(r.get("eval_loss"), ".4f"), fmt(r.get("accuracy"), ".3f"),
+                      fmt(r.get("agg_error"), ".2e"), fmt(r.get("clients_ok"), "d"), fmt(r.get("clients_failed"), "d"),
+                      fmt((r.get("bytes_up") or 0) / 2**20, ".2f"), fmt((r.get("bytes_down") or 0) / 2**20, ".2f"),
+                      fmt(r.get("seconds"), ".1f"))
+    console.print(table)
+    for key in ("eval_loss", "accuracy"):
+        if key in result.before and key in result.after:
+            console.print(f"{key}: {result.before[key]:.4f} -> {result.after[key]:.4f}")
+    if full:
+        console.print(f"communication: {(up + down) / 2**20:.1f} MiB in total; full-model FedAvg would have sent "
+                      f"{full / 2**20:.0f} MiB ({full / max(1.0, up + down):.0f}x more)")
+    for prompt, b, a in zip(result.prompts, result.samples_before, result.samples_after, strict=False):
+        console.print(f"[bold]Q:[/] {prompt}\n  [dim]before:[/] {b}\n  [green]after:[/]  {a}")
+    console.print(f"run folder: {result.run_dir} (config.toml, metrics.jsonl, adapter/, plot.png)")
