@@ -26,11 +26,13 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "platform": platform.platform(), "cpus": os.cpu_count()}
-    for mod in ("transformers", "peft", "bitsandbytes"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("transformers", "peft", "bitsandbytes"):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional library is just not reported
-            pass
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = None
     if device is not None and device.startswith("cuda") and torch.cuda.is_available():
         dev = torch.device(device)
         info["device_name"] = torch.cuda.get_device_name(dev)

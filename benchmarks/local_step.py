@@ -9,10 +9,12 @@ put the same LoRA on it (r=16, alpha=32, all-linear, no dropout), and train on t
 at 1.0 and optional non-reentrant gradient checkpointing. fedtune goes through ``load_model`` and
 ``train_local`` exactly as ``fedtune train`` does (metrics.jsonl written every step); the baseline is the
 loop written out below. Both models stay loaded and the measurements alternate: each round runs a few steps
-of one side, then of the other, in ABBA order. Warm-up steps are dropped; the table shows the median step.
+of one side, then of the other, in ABBA order. Warm-up steps are dropped; the table shows the median step
+and the median over rounds of fedtune's time over the baseline's time in the same round (robust to a load that
+drifts, as on a shared CPU).
 
-Defaults: CPU: SmolLM2-135M, batch 4, seq 128, 6 measured steps, no checkpointing. CUDA: batch 8, seq 1024,
-10 measured steps, gradient checkpointing. ``--shape llama-3.2-1b`` (or 3b) builds a random Llama with that
+Defaults: CPU: SmolLM2-135M, batch 4, seq 128, 6 measured steps alternating every step, no checkpointing.
+CUDA: batch 8, seq 1024, 10 measured steps alternating every 2, gradient checkpointing. ``--shape llama-3.2-1b`` (or 3b) builds a random Llama with that
 model's configuration into a temporary folder (no download). Prints a table and writes
 benchmarks/results/local_step.json (local_step_quick.json with --quick).
 """
@@ -32,15 +34,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks._common import machine_info, median, peak_rss_bytes, print_table, write_json  # noqa: E402
+from benchmarks._common import machine_info, median, peak_rss_bytes, print_table, write_json
 
 SHAPES: dict[str, dict[str, Any]] = {  # Llama-3.2 configurations (tie_word_embeddings as in the originals)
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64),
-    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, head_dim=128),
+    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
+    "llama-3.2-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                     "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128},
 }
 # Plain transformers + peft + bitsandbytes on one H100, tokens/s (DESIGN.md section 10).
 ANCHORS = {("llama-3.2-1b", "bf16"): 23_800, ("llama-3.2-1b", "nf4"): 10_400,
@@ -229,11 +231,14 @@ def bench_mode(mode: str, model_name: str, folder: str, vocab: int, args: argpar
     sides = [fedtune_side(mode, model_name, args, examples, workdir), baseline_side(mode, folder, args, examples)]
     for s in sides:
         s.measure(args.warmup, keep=False)
+    paired: list[float] = []  # fedtune / baseline seconds within one round: robust to drifting load
     rounds = math.ceil(args.steps / args.per_round)
     for r in range(rounds):
         order = sides if r % 2 == 0 else sides[::-1]
+        k = min(args.per_round, args.steps - len(sides[0].times))
         for s in order:
-            s.measure(min(args.per_round, args.steps - len(s.times)))
+            s.measure(k)
+        paired.append(sum(sides[0].times[-k:]) / sum(sides[1].times[-k:]))
     tokens = args.batch * args.seq
     base_median = median(sides[1].times)
     rows = []
@@ -242,12 +247,15 @@ def bench_mode(mode: str, model_name: str, folder: str, vocab: int, args: argpar
         row: dict[str, Any] = {
             "mode": mode, "impl": s.name, "steps": len(s.times), "s_per_step": med, "s_min": min(s.times),
             "s_max": max(s.times), "step_times": s.times, "tokens_per_s": tokens / med,
-            "ratio_vs_baseline": med / base_median, "losses": s.losses,
+            "ratio_of_medians": med / base_median, "losses": s.losses,
+            "ratio_vs_baseline": median(paired) if s.name == "fedtune" else 1.0, "paired_ratios": paired,
             "finite_losses": all(math.isfinite(v) for v in s.losses),
         }
         if s.device.type == "cuda":
             row["peak_gib"] = (s.static_bytes + s.peak_extra_bytes) / 2**30
-        if args.shape in SHAPES and s.name == "peft baseline" and (args.shape, mode) in ANCHORS:
+        anchor_settings = args.device.startswith("cuda") and (args.batch, args.seq, args.rank) == (8, 1024, 16) \
+            and args.gradient_checkpointing
+        if anchor_settings and s.name == "peft baseline" and (args.shape, mode) in ANCHORS:
             row["anchor_tokens_per_s_h100"] = ANCHORS[(args.shape, mode)]
         rows.append(row)
     free(sides, examples)
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, help="tokens per example (CPU 128, CUDA 1024)")
     ap.add_argument("--steps", type=int, help="measured steps per side (CPU 6, CUDA 10)")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side before measuring")
-    ap.add_argument("--per-round", type=int, default=2, help="steps of one side before switching to the other")
+    ap.add_argument("--per-round", type=int, help="steps of one side before switching to the other (CPU 1, CUDA 2)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                     help="non-reentrant gradient checkpointing (default: on for CUDA, off for CPU)")
@@ -280,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch or (8 if cuda else 4)
     args.seq = args.seq or (1024 if cuda else 128)
     args.steps = args.steps or (10 if cuda else 6)
+    args.per_round = args.per_round or (2 if cuda else 1)
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = cuda
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
     machine = machine_info(args.device)
     cuda = args.device.startswith("cuda")
-    columns = ["mode", "impl", "s/step (median)", "min-max", "tokens/s", "fedtune/baseline"]
+    columns = ["mode", "impl", "s/step (median)", "min-max", "tokens/s", "fedtune/baseline (paired median)"]
     if cuda:
         columns.append("peak GiB")
     table_rows = []

@@ -6,8 +6,10 @@
    plaintext gRPC and TLS, next to a raw TCP socket copy of the same bytes. The server runs in its own
    process and sums the update tensor by tensor as it arrives (decode, SHA-256 and finiteness checks
    included), so the figures are end to end.
-2. 32 clients upload 64 MiB each at the same time to a fresh server process that keeps a streaming sum;
-   the server's peak RSS is compared with the 2 GiB that buffering every update would need.
+2. 32 clients upload 64 MiB each (4 MiB tensors) at the same time to a fresh server process that keeps
+   a streaming sum; the server's peak RSS (VmHWM) is compared with the 2 GiB that buffering every update
+   would need. The server admits 8 uploads at a time and fixes each stream's flow-control window at
+   4 MiB, so waiting uploads stay on the clients.
 
 Prints a table and writes benchmarks/results/transport.json.
 """
@@ -18,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
@@ -33,14 +34,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedtune.transport import (  # noqa: E402
-    Backoff, DecodedTensor, FederationClient, RoundStatus, UpdateHeader, create_keys, start_server,
+from fedtune.transport import (
+    DEFAULT_CHUNK_SIZE,
+    Backoff,
+    DecodedTensor,
+    FederationClient,
+    RoundStatus,
+    UpdateHeader,
+    create_keys,
+    start_server,
 )
-from fedtune.types import ClientReply  # noqa: E402
+from fedtune.types import ClientReply
 
 MiB = 1 << 20
 TENSOR_MIB = 16
-CHUNK_SIZE = int(float(os.environ.get("FEDTUNE_BENCH_CHUNK_MIB", "2")) * MiB)
+CHUNK_SIZE = DEFAULT_CHUNK_SIZE
 
 
 class StreamingSum:
@@ -66,14 +74,21 @@ class StreamingSum:
                     self.sum[d.name] = d.tensor.clone()
                 else:
                     acc.add_(d.tensor)
+            del d  # drop the tensor before the next one streams in
         with self.lock:
             self.updates += 1
         return "summed"
 
     def status(self) -> RoundStatus:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _hwm_mb()
         return RoundStatus(0, "bench", {"peak_rss_mb": f"{peak:.1f}", "base_rss_mb": f"{self.base_rss_mb:.1f}",
                                         "updates": str(self.updates)})
+
+
+def _hwm_mb() -> float:
+    """Peak RSS of this process image (VmHWM; ru_maxrss would include the parent's RSS at fork time)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def _rss_mb() -> float:
@@ -112,11 +127,8 @@ def raw_sink() -> None:
 
 class Child:
     def __init__(self, *args: str) -> None:
-        env = dict(os.environ)
-        for kv in os.environ.get("FT_CHILD_ENV", "").split():
-            env[kv.split("=")[0]] = kv.split("=")[1]
         self.proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline().split()[1])
 
@@ -161,11 +173,12 @@ def throughput(sizes: list[int], tls_dir: str, repeats: int) -> list[dict]:
     try:
         for mib in sizes:
             state = make_update(mib)
-            best = {
-                "raw TCP": min(raw_copy(sink.port, state) for _ in range(repeats)),
-                "gRPC": min(grpc_upload(plain.port, state, "node-0", None) for _ in range(repeats)),
-                "gRPC + TLS": min(grpc_upload(tls.port, state, "node-0", tls_dir) for _ in range(repeats)),
-            }
+            runs: dict[str, list[float]] = {"raw TCP": [], "gRPC": [], "gRPC + TLS": []}
+            for _ in range(repeats):  # interleaved, best of each: other load on the machine hits all paths alike
+                runs["raw TCP"].append(raw_copy(sink.port, state))
+                runs["gRPC"].append(grpc_upload(plain.port, state, "node-0", None))
+                runs["gRPC + TLS"].append(grpc_upload(tls.port, state, "node-0", tls_dir))
+            best = {path: min(times) for path, times in runs.items()}
             for path, secs in best.items():
                 rows.append({"size_mib": mib, "path": path, "seconds": secs, "mib_per_s": mib / secs,
                              "vs_raw": best["raw TCP"] / secs})
@@ -214,6 +227,8 @@ def main() -> None:
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--raw-sink", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_SIZE / MiB, help="chunk size of uploads")
+    ap.add_argument("--only", choices=["throughput", "memory"], help="run one of the two parts")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transport.json"))
     args = ap.parse_args()
     if args.serve:
@@ -221,15 +236,20 @@ def main() -> None:
     if args.raw_sink:
         return raw_sink()
     torch.set_num_threads(1)
-    sizes, (n, each), repeats = ([64, 256], (8, 16), 1) if args.quick else ([256, 1024], (32, 64), 2)
-    with tempfile.TemporaryDirectory() as keys:
-        create_keys(keys, ["node-0"], ["localhost", "127.0.0.1"])
-        rows = throughput(sizes, keys, repeats)
-    mem = concurrent_memory(n, each)
+    global CHUNK_SIZE
+    CHUNK_SIZE = int(args.chunk_mib * MiB)
+    sizes, (n, each), repeats = ([64, 256], (8, 16), 1) if args.quick else ([256, 1024], (32, 64), 3)
+    rows, mem = [], None
+    if args.only != "memory":
+        with tempfile.TemporaryDirectory() as keys:
+            create_keys(keys, ["node-0"], ["localhost", "127.0.0.1"])
+            rows = throughput(sizes, keys, repeats)
+    if args.only != "throughput":
+        mem = concurrent_memory(n, each)
     report(rows, mem, args)
 
 
-def report(rows: list[dict], mem: dict, args: argparse.Namespace) -> None:
+def report(rows: list[dict], mem: dict | None, args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -239,14 +259,16 @@ def report(rows: list[dict], mem: dict, args: argparse.Namespace) -> None:
     for r in rows:
         table.add_row(f"{r['size_mib']} MiB", r["path"], f"{r['seconds']:.2f}", f"{r['mib_per_s']:.0f}",
                       f"{100 * r['vs_raw']:.0f}%")
-    mt = Table(title=f"{mem['clients']} clients x {mem['mib_each']} MiB at once, streaming sum on the server")
-    for col in ("seconds", "server peak RSS", "of which before uploads", "buffering all would need"):
-        mt.add_column(col, justify="right")
-    mt.add_row(f"{mem['seconds']:.1f}", f"{mem['server_peak_rss_mib']:.0f} MiB", f"{mem['server_base_rss_mib']:.0f} MiB",
-               f"{mem['buffer_all_mib']} MiB")
     console = Console()
-    console.print(table)
-    console.print(mt)
+    if rows:
+        console.print(table)
+    if mem:
+        mt = Table(title=f"{mem['clients']} clients x {mem['mib_each']} MiB at once, streaming sum on the server")
+        for col in ("seconds", "server peak RSS", "of which before uploads", "buffering all would need"):
+            mt.add_column(col, justify="right")
+        mt.add_row(f"{mem['seconds']:.1f}", f"{mem['server_peak_rss_mib']:.0f} MiB",
+                   f"{mem['server_base_rss_mib']:.0f} MiB", f"{mem['buffer_all_mib']} MiB")
+        console.print(mt)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -147,7 +147,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (types.UnionType, typing.Union):
         return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None)) + " (or unset)"
-    if get_origin(tp) is list:
+    if get_origin(tp) in (list, tuple):
         return f"a list of {_type_name(get_args(tp)[0])}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
@@ -172,6 +172,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value not in allowed:
             problems.append(f"{key}: got {value!r}, allowed values: {', '.join(map(str, allowed))}")
         return value
+    if origin is tuple:
+        items = _coerce(value, list[get_args(tp)[0]], key, problems)  # type: ignore[valid-type]
+        return tuple(items) if isinstance(items, list) else items
     if origin is list:
         (item_tp,) = get_args(tp)
         if isinstance(value, str):
@@ -239,6 +242,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
 
 
 def _parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it (numbers, booleans, lists), else the plain string."""
+    if text.lstrip("+-").lower() in ("nan", "inf"):
+        return text  # a word (sim.corrupt_kind=nan); float fields still convert it
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -339,6 +345,12 @@ def validate(cfg: Config) -> list[str]:
         pass  # num_labels comes from the data
     if cfg.eval.batch_size <= 0:
         p.append(f"eval.batch_size: got {cfg.eval.batch_size}, must be a positive integer")
+    if cfg.strategy.name == "ffa" and a.method != "lora_fa":
+        p.append(f"adapter.method: strategy.name=ffa needs adapter.method=lora_fa (A frozen and shared), "
+                 f"not {a.method!r}")
+    if cfg.strategy.name in ("fedex", "flora") and a.method not in ("lora", "rslora", "lora_fa"):
+        p.append(f"adapter.method: strategy.name={cfg.strategy.name} works on LoRA factors (lora, rslora), "
+                 f"not {a.method!r}")
     p.extend(cfg.strategy.validate())
     p.extend(cfg.sim.validate())
     p.extend(cfg.federation.validate())
@@ -355,7 +367,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return [clean(v) for v in x]
         return x
 
-    return clean(dataclasses.asdict(cfg))
+    return clean(dataclasses.asdict(cfg))  # tuples become lists, which load back as tuples
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedtune.adapters import AdapterStateError, get_state, set_state
 from fedtune.models import LoadedModel
+from fedtune.models.loader import activate_rank
 from fedtune.train import train_local
 from fedtune.types import ClientReply, Instructions
 
@@ -37,6 +38,7 @@ def fit(
     failed reply with its reason (failures are data).
     """
     start = time.perf_counter()
+    activate_rank(lm.model, cfg, ins.rank)
     try:
         set_state(lm.model, ins.state)
     except AdapterStateError as exc:

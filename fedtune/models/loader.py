@@ -115,7 +115,7 @@ def peft_config(cfg: Any, task: str, rank: int | None = None) -> Any:
                       use_rslora=a.method == "rslora", use_dora=a.method == "dora", task_type=task_type)
 
 
-def seeded_lora_init(model: nn.Module, seed: int) -> None:
+def seeded_lora_init(model: nn.Module, seed: int, only: str | None = None) -> None:
     """Draw every LoRA A from a CPU generator seeded by (seed, layer name), B = 0: same on every site and device.
 
     Matches peft's default init in distribution (kaiming-uniform with a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))).
@@ -127,6 +127,8 @@ def seeded_lora_init(model: nn.Module, seed: int) -> None:
             if not isinstance(lora_a, nn.ModuleDict):
                 continue
             for adapter_name, layer in lora_a.items():
+                if only is not None and adapter_name != only:
+                    continue
                 w = layer.weight
                 gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
                 bound = 1.0 / (w.shape[1] ** 0.5)
@@ -149,6 +151,28 @@ def attach_adapter(base: Any, cfg: Any, task: str, rank: int | None = None) -> A
             if ".lora_A." in name:
                 p.requires_grad_(False)
     return model
+
+
+def activate_rank(model: Any, cfg: Any, rank: int | None) -> str:
+    """Make the adapter of ``rank`` active (heterogeneous-rank federations), creating it on first use.
+
+    Every rank lives as its own named adapter on the same base (``default`` is ``adapter.r``), so one
+    process can play clients of different ranks without another copy of the base model.
+    """
+    name = "default" if rank is None or rank == cfg.adapter.r else f"rank{rank}"
+    if name not in model.peft_config:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.adapter.seed)
+            model.add_adapter(name, peft_config(cfg, cfg.model.task, rank))
+        if cfg.adapter.method != "vera":
+            seeded_lora_init(model, cfg.adapter.seed, only=name)
+    if model.active_adapter != name:
+        model.set_adapter(name)
+    if cfg.adapter.method == "lora_fa":
+        for pname, p in model.named_parameters():
+            if ".lora_A." in pname:
+                p.requires_grad_(False)
+    return name
 
 
 def load_model(cfg: Any, num_labels: int | None = None) -> LoadedModel:

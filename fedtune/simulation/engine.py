@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 
@@ -26,14 +27,15 @@ from fedtune.config import Config
 from fedtune.data.partition import make_partition, render_partition_table
 from fedtune.eval import evaluate, generate_answers
 from fedtune.models import LoadedModel, apply_base_update, load_model
+from fedtune.models.loader import activate_rank
 from fedtune.pipeline import encode, load_dataset
 from fedtune.runs import RunDir
 from fedtune.simulation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.simulation.faults import inject
 from fedtune.simulation.report import print_summary, write_plot
 from fedtune.strategies import StrategyConfig, make_strategy
-from fedtune.transport.codec import encoded_size
-from fedtune.types import ClientReply, failed_reply
+from fedtune.transport.messages import instructions_wire_size, reply_wire_size
+from fedtune.types import ClientReply, Instructions, failed_reply
 
 
 @dataclass
@@ -43,6 +45,35 @@ class VirtualClient:
     records: list[dict[str, Any]]
     examples: list[dict[str, Any]]
     optimizer_state: dict[str, Any] | None = None
+
+
+class ClientPool(Protocol):
+    """Runs the sampled clients' local work of one round; replies come back in the order asked."""
+
+    def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]: ...
+
+
+class InProcPool:
+    """Every virtual client trains in this process on the one shared model, one after the other."""
+
+    def __init__(self, cfg: Config, lm: LoadedModel, clients: list[VirtualClient]):
+        self.cfg, self.lm, self.clients = cfg, lm, {c.cid: c for c in clients}
+
+    def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
+        for cid, ins in items:  # lazily: the strategy consumes each reply before the next client trains
+            client = self.clients[cid]
+            reply, client.optimizer_state = fit(
+                self.lm, client.examples, self.cfg, ins, seed=client_seed(self.cfg.seed, rnd, client.index),
+                optimizer_state=client.optimizer_state, keep_optimizer_state=self.cfg.sim.keep_optimizer_state)
+            yield reply
+
+
+def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient]) -> ClientPool:
+    if cfg.sim.backend == "flower":
+        from fedtune.simulation.flower_backend import FlowerPool
+
+        return FlowerPool(cfg, clients)
+    return InProcPool(cfg, lm, clients)
 
 
 @dataclass
@@ -120,7 +151,9 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         return generate_answers(lm.model, tok, prompts, device=lm.device, max_new_tokens=cfg.eval.max_new_tokens,
                                 system_prompt=cfg.data.system_prompt) if gen else []
 
-    initial = get_state(lm.model)
+    # ffa's frozen A is part of the global state (the strategy needs it for the aggregation error) but is
+    # never sent: configure() gives clients only B.
+    initial = get_state(lm.model, trainable_only=cfg.strategy.name != "ffa")
     if mode == "local-only":
         return _local_only(cfg, console, run, lm, clients, initial, eval_ex, eval_kw, prompts, answers)
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized))
@@ -147,6 +180,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                  "seconds": 0.0})
     total_rounds = 1 if mode == "centralized" and cfg.sim.rounds < 1 else cfg.sim.rounds
     full_bytes = full_model_bytes(lm)
+    pool = make_pool(cfg, lm, clients)
     for rnd in range(start_round, total_rounds + 1):
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 7919 + rnd)
@@ -154,19 +188,21 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         instructions = strategy.configure(rnd, ids, global_state, rng)
         traffic = {"up": 0, "down": 0}
 
-        def replies(instructions=instructions, rnd=rnd, rng=rng, traffic=traffic):
-            for cid, ins in instructions.items():
-                client = clients[int(cid.split("-")[1])]
-                down = encoded_size(ins.state)
-                traffic["down"] += down
-                fault = inject(cfg.sim, rng)
-                if fault == "dropout":
+        faults = {cid: inject(cfg.sim, rng) for cid in instructions}
+        per_client: dict[str, dict[str, int]] = {}
+        for cid, ins in instructions.items():
+            per_client[cid] = {"bytes_down": instructions_wire_size(ins), "bytes_up": 0}
+            traffic["down"] += per_client[cid]["bytes_down"]
+        dispatched = [(cid, ins) for cid, ins in instructions.items() if faults[cid] != "dropout"]
+
+        def replies(instructions=instructions, rnd=rnd, faults=faults, dispatched=dispatched, traffic=traffic):
+            fitted = pool.fit_round(rnd, dispatched)
+            for cid in instructions:
+                if faults[cid] == "dropout":
                     yield failed_reply(cid, rnd, "dropped out (sim.dropout)")
                     continue
-                reply, opt_state = fit(lm, client.examples, cfg, ins, seed=client_seed(cfg.seed, rnd, client.index),
-                                       optimizer_state=client.optimizer_state,
-                                       keep_optimizer_state=cfg.sim.keep_optimizer_state)
-                client.optimizer_state = opt_state
+                reply = next(fitted)
+                fault = faults[cid]
                 slowed = reply.metrics.get("fit_seconds", 0.0) * cfg.sim.straggler_slowdown
                 deadline = cfg.sim.round_deadline_s
                 if fault == "straggler" and deadline is not None and slowed > deadline:
@@ -175,9 +211,9 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                     continue
                 if fault in ("nan", "scale") and reply.state is not None:
                     reply = _corrupt(reply, fault, cfg.sim.corrupt_scale)
-                if reply.state is not None:
-                    reply.bytes_up = encoded_size(reply.state)
-                    traffic["up"] += reply.bytes_up
+                reply.bytes_up = reply_wire_size(reply)
+                traffic["up"] += reply.bytes_up
+                per_client[cid]["bytes_up"] = reply.bytes_up
                 yield reply
 
         result = strategy.aggregate(rnd, global_state, replies())
@@ -186,6 +222,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
             if result.base_update:
                 apply_base_update(lm.model, result.base_update, lm.quantized)
                 base_updates.append(result.base_update)
+        activate_rank(lm.model, cfg, None)
         set_state(lm.model, global_state)
         record: dict[str, Any] = {"round": rnd}
         if rnd % cfg.sim.eval_every == 0 or rnd == total_rounds:
@@ -195,7 +232,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
             "bytes_up": traffic["up"], "bytes_down": traffic["down"],
             "full_model_bytes": 2 * full_bytes * len(instructions),
             "clients_ok": len(result.clients_ok), "clients_failed": len(result.clients_failed),
-            "failures": result.failures, "seconds": time.perf_counter() - t0,
+            "failures": result.failures, "clients": per_client, "seconds": time.perf_counter() - t0,
         })
         record.update({k: v for k, v in result.metrics.items() if k not in record and k not in ("clients_ok",
                                                                                               "clients_failed")})

@@ -17,6 +17,8 @@ from fedtune.strategies.lowrank import dense_delta
 __all__ = [
     "ROBUST_NAMES",
     "STRATEGY_NAMES",
+    "AveragingStrategy",
+    "ExactStrategy",
     "RoundResult",
     "Strategy",
     "StrategyConfig",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,7 +37,13 @@ class RoundResult:
     ``state`` is the new global trainable adapter state (the old one when ``applied`` is False).
     ``base_update`` maps layer prefixes (``adapters.module_name``) to factored updates of the frozen base
     weight, LoRA scale folded in, in nn.Linear orientation (see ``lowrank.dense_delta``).
-    ``reset_adapter`` says the adapter was folded into ``base_update`` and ``state`` is a fresh adapter.
+    ``reset_adapter`` says the adapter was folded into ``base_update`` and ``state`` is a fresh adapter
+    (B = 0): clients drop their local adapter and optimizer moments and start from ``state``.
+
+    How a caller applies a result: if not ``applied``, keep everything. Otherwise add every
+    ``lowrank.dense_delta(base_update[prefix], fan_in_fan_out)`` to the base weight of module ``prefix``
+    (non-quantized), or keep the factors as a frozen full-precision residual beside a quantized weight, then
+    load ``state`` into the adapter. Clients receive pending base updates through ``Instructions.base_update``.
     """
 
     state: State
@@ -125,11 +131,12 @@ def check_reply(reply: ClientReply, global_state: State, *, lowrank_any_rank: bo
         return f"{k}: shape {tuple(v.shape)}, expected {tuple(g.shape)}"
     tensors = [v for v in state.values() if v.is_floating_point()]
     if tensors:
-        # One fused max-abs per tensor: NaN propagates through max, Inf is Inf.
-        peaks = torch.stack([t.float() for t in torch._foreach_norm(tensors, ord=float("inf"))])
-        if not bool(torch.isfinite(peaks).all()):
+        # An L2 norm is NaN or Inf when any element is (or when |x| > ~1e19 overflows, garbage anyway). One
+        # fused call over every tensor is ~10x cheaper on CPU than isfinite().all() or an inf-norm per tensor.
+        norms = torch.stack(torch._foreach_norm(tensors))
+        if not bool(torch.isfinite(norms).all()):
             bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            return f"non-finite values (NaN or Inf) in {', '.join(bad[:3])}"
+            return f"non-finite values (NaN or Inf) in {', '.join(bad[:3]) or 'norms (values overflow float32)'}"
     if reply.mask is not None:
         for k, m in reply.mask.items():
             if k not in state:
@@ -236,7 +243,7 @@ def make_instructions(
     client_state: dict[str, State],
     cfg: StrategyConfig,
     *,
-    train: dict[str, object] | None = None,
+    train: Mapping[str, object] | None = None,
     ranks: dict[str, int | None] | None = None,
     base_updates: dict[str, dict[str, LowRankUpdate] | None] | None = None,
 ) -> dict[str, Instructions]:

@@ -127,7 +127,7 @@ class StrategyConfig:
             p.append(f"strategy.lora_alpha: {self.lora_alpha} must be > 0")
         if self.client_ranks is not None:
             if not self.client_ranks or any(int(k) < 1 for k in self.client_ranks):
-                p.append(f"strategy.client_ranks: {self.client_ranks} must be a non-empty list of ranks >= 1")
+                p.append(f"strategy.client_ranks: {list(self.client_ranks)} must be a non-empty list of ranks >= 1")
             elif self.name not in ("flora", "svd"):
                 p.append(f"strategy.client_ranks: heterogeneous ranks need name 'flora' or 'svd', not {self.name!r}")
             elif self.name == "svd" and max(self.client_ranks) > self.global_rank:

@@ -81,13 +81,19 @@ class ExactStrategy:
         return make_instructions(round, chosen, states, self.cfg, ranks=ranks, base_updates=pending)
 
     def _client_state(self, global_state: State, rank: int | None) -> State:
-        """The top-``rank`` components, rescaled so that ``s(rank) B A`` equals them (HetLoRA's slice)."""
+        """The first ``rank`` components of every layer (HetLoRA's slice).
+
+        ``svd`` rescales them so that ``s(rank) B A`` is exactly the top-``rank`` part of ``s(r) B_g A_g``;
+        ``flora`` hands out a fresh adapter (B = 0) whose A rows are used as they are.
+        """
         if rank is None:
             return global_state
         out = dict(global_state)
         for ka, kb in lora_pairs(global_state).values():
             a, b = global_state[ka], global_state[kb]
-            c = (lora_scale(self.cfg, a.shape[0]) / lora_scale(self.cfg, rank)) ** 0.5
+            c = 1.0
+            if self.name == "svd":
+                c = (lora_scale(self.cfg, a.shape[0]) / lora_scale(self.cfg, rank)) ** 0.5
             out[ka], out[kb] = a[:rank] * c, b[:, :rank] * c
         return out
 

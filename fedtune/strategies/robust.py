@@ -64,7 +64,7 @@ def trimmed_mean(states: Sequence[State], keys: Sequence[str], trim_fraction: fl
 def pairwise_sq_distances(states: Sequence[State], keys: Sequence[str]) -> torch.Tensor:
     """K x K squared Euclidean distances between the flattened states (float64, one key at a time)."""
     k = len(states)
-    dist = torch.zeros(k, k, dtype=torch.float64)
+    dist = torch.zeros(k, k, dtype=torch.float64, device=states[0][keys[0]].device if keys else "cpu")
     for key in keys:
         x = _stacked(states, key).reshape(k, -1).double()
         sq = (x * x).sum(dim=1)
@@ -75,6 +75,8 @@ def pairwise_sq_distances(states: Sequence[State], keys: Sequence[str]) -> torch
 
 def krum_select(states: Sequence[State], keys: Sequence[str], f: int, m: int = 1) -> list[int]:
     """Indices of the ``m`` clients with the lowest Krum score (Blanchard et al. 2017), best first.
+
+    Clients tied with the m-th lowest score are kept too (more than ``m`` may come back).
 
     A client's score is the sum of squared distances to its K - f - 2 nearest other clients (at least 1,
     so small rounds still work; the guarantee needs K > 2f + 2).
@@ -91,9 +93,13 @@ def krum_select(states: Sequence[State], keys: Sequence[str], f: int, m: int = 1
         return [0]
     dist = pairwise_sq_distances(states, keys)
     neighbours = min(max(k - f - 2, 1), k - 1)
-    others = dist + torch.diag(torch.full((k,), float("inf"), dtype=torch.float64))
+    others = dist + torch.diag(torch.full((k,), float("inf"), dtype=torch.float64, device=dist.device))
     scores = others.sort(dim=1).values[:, :neighbours].sum(dim=1)
-    return [int(i) for i in torch.argsort(scores, stable=True)[:m]]
+    order = torch.argsort(scores, stable=True)
+    # Clients tied with the m-th score are all kept, so the choice does not depend on reply order
+    # (two mutual nearest neighbours always tie); "tied" allows float64 rounding.
+    cut = float(scores[order[m - 1]])
+    return [int(i) for i in order if float(scores[i]) <= cut + 1e-9 * abs(cut)]
 
 
 def krum(states: Sequence[State], weights: Sequence[float], keys: Sequence[str], f: int, m: int = 1) -> State:

@@ -11,6 +11,7 @@ from fedtune.transport.codec import (
     TensorDecoder,
     decode_state,
     decode_stream,
+    encode_frames,
     encode_state,
     encoded_size,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "create_keys",
     "decode_state",
     "decode_stream",
+    "encode_frames",
     "encode_state",
     "encoded_size",
     "instructions_wire_size",

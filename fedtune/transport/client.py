@@ -40,14 +40,14 @@ from fedtune.transport.errors import (
     TransportError,
 )
 from fedtune.transport.keys import load_node_key
-from fedtune.transport.messages import messages_to_instructions, reply_to_messages
+from fedtune.transport.messages import frames_to_instructions, reply_to_frames
 from fedtune.transport.security import (
     SESSION_METADATA_KEY,
     channel_credentials,
     check_plaintext_allowed,
     sign_challenge,
 )
-from fedtune.transport.server import GRPC_OPTIONS, RoundStatus
+from fedtune.transport.server import GRPC_OPTIONS, SERVICE, RoundStatus, _raw
 from fedtune.types import ClientReply, Instructions
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class FederationClient:
             TransportError: the server stayed unreachable through every retry.
         """
         ms = int(self.backoff.initial_s * 1000)
-        options = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", ms), ("grpc.min_reconnect_backoff_ms", ms),
+        options: list[tuple[str, int | str]] = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", ms), ("grpc.min_reconnect_backoff_ms", ms),
                    ("grpc.max_reconnect_backoff_ms", int(self.backoff.max_s * 1000))]
         if self.ca_file is not None:
             if self.tls_server_name:
@@ -133,6 +133,12 @@ class FederationClient:
         else:
             self._channel = grpc.insecure_channel(self.address, options)
         self._stub = fpb_grpc.FederationStub(self._channel)
+        # the streaming calls exchange pre-serialized frames (see ``wire``)
+        self._get_instructions = self._channel.unary_stream(
+            f"/{SERVICE}/GetInstructions", request_serializer=fpb.InstructionsRequest.SerializeToString,
+            response_deserializer=_raw)
+        self._submit_update = self._channel.stream_unary(
+            f"/{SERVICE}/SubmitUpdate", request_serializer=_raw, response_deserializer=fpb.SubmitAck.FromString)
         self._retry(self.register, renew=False)
         if self.heartbeat_enabled and self._hb_thread is None:
             self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.node}",
@@ -199,15 +205,15 @@ class FederationClient:
         """
         def call() -> Instructions | None:
             assert self._stub is not None, "connect() first"
-            stream = self._stub.GetInstructions(fpb.InstructionsRequest(wait_s=wait_s), metadata=self._md(),
-                                                timeout=wait_s + 600)
-            return messages_to_instructions(self._count(stream), self.limits)
+            stream = self._get_instructions(fpb.InstructionsRequest(wait_s=wait_s), metadata=self._md(),
+                                            timeout=wait_s + 600)
+            return frames_to_instructions(self._count(stream), self.limits)
         return self._retry(call)
 
-    def _count(self, stream: Iterator[fpb.InstructionsChunk]) -> Iterator[fpb.InstructionsChunk]:
-        for msg in stream:
-            self.bytes_down += msg.ByteSize()
-            yield msg
+    def _count(self, stream: Iterator[bytes]) -> Iterator[bytes]:
+        for frame in stream:
+            self.bytes_down += len(frame)
+            yield frame
 
     def wait_for_instructions(self, timeout: float | None = None, poll_s: float = 30.0) -> Instructions | None:
         """Poll until instructions arrive; ``None`` after ``timeout`` seconds (``None``: wait forever)."""
@@ -230,15 +236,15 @@ class FederationClient:
         """
         sent = [0]
 
-        def messages() -> Iterator[fpb.UpdateChunk]:
+        def frames() -> Iterator[bytes]:
             sent[0] = 0
-            for msg in reply_to_messages(reply, phase, self.encoding, self.chunk_size):
-                sent[0] += msg.ByteSize()
-                yield msg
+            for frame in reply_to_frames(reply, phase, self.encoding, self.chunk_size):
+                sent[0] += len(frame)
+                yield frame
 
         def call() -> SubmitResult:
             assert self._stub is not None, "connect() first"
-            ack = self._stub.SubmitUpdate(messages(), metadata=self._md())
+            ack = self._submit_update(frames(), metadata=self._md())
             return SubmitResult(ack.accepted, ack.message, sent[0])
         return self._retry(call)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ def dtype_from_name(name: str) -> torch.dtype:
 def raw_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of ``t`` (C order) without a copy when ``t`` is already contiguous."""
     flat = t.detach().reshape(-1).contiguous().cpu()
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    arr: Any = flat.view(torch.uint8).numpy()
+    return memoryview(arr).cast("B")
 
 
 def _from_bytes(buf: bytearray | memoryview, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from google.protobuf.message import DecodeError
 
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport.codec import (
@@ -23,10 +24,11 @@ from fedtune.transport.codec import (
     EncodingSpec,
     Limits,
     TensorDecoder,
-    encode_state,
+    encode_frames,
     encoded_size,
 )
 from fedtune.transport.errors import MessageRejected
+from fedtune.transport.wire import frame_header, parse_frame
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
 MAX_PHASE_LEN = 64
@@ -76,47 +78,50 @@ def instructions_header(instr: Instructions) -> fpb.InstructionsHeader:
     )
 
 
-def instructions_to_messages(
+def instructions_to_frames(
     instr: Instructions, encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Iterator[fpb.InstructionsChunk]:
-    """Header first, then the tensors of every group. Raises: ValueError (see ``encode_state``)."""
-    yield fpb.InstructionsChunk(header=instructions_header(instr))
+) -> Iterator[bytes]:
+    """Serialized ``InstructionsChunk`` messages: header first, then the tensors of every group.
+
+    Raises:
+        ValueError: see ``encode_state``.
+    """
+    yield frame_header(instructions_header(instr).SerializeToString())
     for group, tensors in _instruction_groups(instr):
-        for chunk in encode_state(tensors, encoding, group=group, chunk_size=chunk_size):
-            yield fpb.InstructionsChunk(tensor=chunk)
+        yield from encode_frames(tensors, encoding, group=group, chunk_size=chunk_size)
 
 
 def instructions_wire_size(
     instr: Instructions, encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> int:
-    """Exact sum of ``ByteSize()`` of the messages ``instructions_to_messages`` yields."""
+    """Exact bytes of the messages ``instructions_to_frames`` yields."""
     total = fpb.InstructionsChunk(header=instructions_header(instr)).ByteSize()
     for group, tensors in _instruction_groups(instr):
-        total += encoded_size(tensors, encoding, group=group, chunk_size=chunk_size)
+        total += encoded_size(tensors, encoding, group=group, chunk_size=chunk_size, framed=True)
     return total
 
 
-def messages_to_instructions(
-    messages: Iterable[fpb.InstructionsChunk], limits: Limits | None = None,
-) -> Instructions | None:
+def frames_to_instructions(frames: Iterable[bytes], limits: Limits | None = None) -> Instructions | None:
     """Decode a GetInstructions stream; ``None`` when the server had nothing yet (poll again).
 
     Raises:
         MessageRejected: missing header, bad JSON, unpaired base-update factors, or any codec error.
     """
-    it = iter(messages)
+    it = iter(frames)
     first = next(it, None)
-    if first is None or not first.HasField("header"):
+    header_bytes = parse_frame(first)[0] if first is not None else None
+    if header_bytes is None:
         raise MessageRejected("instructions stream must start with a header")
-    h = first.header
+    h = _parse(fpb.InstructionsHeader, header_bytes)
     if h.kind == fpb.InstructionsHeader.NONE:
         return None
     groups: dict[str, dict[str, torch.Tensor]] = {}
     dec = TensorDecoder(limits)
-    for msg in it:
-        if not msg.HasField("tensor"):
+    for raw in it:
+        _, chunk = parse_frame(raw)
+        if chunk is None:
             raise MessageRejected("a second header in one instructions stream")
-        out = dec.feed(msg.tensor)
+        out = dec.feed(chunk)
         if out is not None:
             groups.setdefault(out.group, {})[out.name] = out.tensor
     dec.close()
@@ -148,30 +153,41 @@ def update_header(reply: ClientReply, phase: str = "train") -> fpb.UpdateHeader:
     )
 
 
-def reply_to_messages(
+def reply_to_frames(
     reply: ClientReply, phase: str = "train", encoding: EncodingSpec = "dense",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Iterator[fpb.UpdateChunk]:
-    """Header first, then the reply's tensors (none for a failed reply). Raises: ValueError."""
-    yield fpb.UpdateChunk(header=update_header(reply, phase))
+) -> Iterator[bytes]:
+    """Serialized ``UpdateChunk`` messages: header, then the reply's tensors (none for a failed reply).
+
+    Raises:
+        ValueError: see ``encode_state``.
+    """
+    yield frame_header(update_header(reply, phase).SerializeToString())
     for group, tensors in _reply_groups(reply):
-        for chunk in encode_state(tensors, encoding, group=group, chunk_size=chunk_size):
-            yield fpb.UpdateChunk(tensor=chunk)
+        yield from encode_frames(tensors, encoding, group=group, chunk_size=chunk_size)
 
 
 def reply_wire_size(
     reply: ClientReply, phase: str = "train", encoding: EncodingSpec = "dense",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> int:
-    """Exact sum of ``ByteSize()`` of the messages ``reply_to_messages`` yields."""
+    """Exact bytes of the messages ``reply_to_frames`` yields."""
     total = fpb.UpdateChunk(header=update_header(reply, phase)).ByteSize()
     for group, tensors in _reply_groups(reply):
-        total += encoded_size(tensors, encoding, group=group, chunk_size=chunk_size)
+        total += encoded_size(tensors, encoding, group=group, chunk_size=chunk_size, framed=True)
     return total
 
 
-def header_from_proto(h: fpb.UpdateHeader) -> UpdateHeader:
-    """Raises: MessageRejected for a negative count, an overlong phase or a non-finite metric."""
+def _parse(cls: Any, data: bytes) -> Any:
+    try:
+        return cls.FromString(data)
+    except DecodeError as e:
+        raise MessageRejected(f"malformed {cls.__name__}: {e}") from None
+
+
+def parse_update_header(data: bytes) -> UpdateHeader:
+    """Raises: MessageRejected for bad bytes, a negative count, an overlong phase or a non-finite metric."""
+    h = _parse(fpb.UpdateHeader, data)
     if h.num_examples < 0:
         raise MessageRejected(f"num_examples must be >= 0, got {h.num_examples}")
     if not h.phase or len(h.phase) > MAX_PHASE_LEN:

@@ -9,8 +9,8 @@ no input can take the server down.
 from __future__ import annotations
 
 import functools
-import os
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -31,7 +31,7 @@ from fedtune.transport.codec import (
     TensorDecoder,
 )
 from fedtune.transport.errors import MessageRejected, PermissionDeniedError, TransportError
-from fedtune.transport.messages import UpdateHeader, header_from_proto, instructions_to_messages
+from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     SESSION_METADATA_KEY,
     NodeAuth,
@@ -39,6 +39,7 @@ from fedtune.transport.security import (
     check_plaintext_allowed,
     server_credentials,
 )
+from fedtune.transport.wire import frame_header, parse_frame
 from fedtune.types import Instructions
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,7 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 2 * MAX_CHUNK_SIZE),
     ("grpc.max_send_message_length", 2 * MAX_CHUNK_SIZE),
 ]
-SERVER_OPTIONS = GRPC_OPTIONS + [
-    ("grpc.http2.bdp_probe", int(os.environ.get("FT_BDP", "1"))),
-]
+STREAM_WINDOW_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,17 @@ class FederationServicer(fpb_grpc.FederationServicer):
     def __init__(
         self, coordinator: Coordinator, auth: NodeAuth, *, limits: Limits | None = None,
         downlink_encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
-        heartbeat_interval_s: float = 10.0, max_wait_s: float = 30.0,
+        heartbeat_interval_s: float = 10.0, max_wait_s: float = 30.0, max_concurrent_uploads: int | None = 8,
+        upload_queue_timeout_s: float = 600.0,
     ) -> None:
         self.coordinator, self.auth = coordinator, auth
         self.limits = limits or Limits()
         self.downlink_encoding, self.chunk_size = downlink_encoding, chunk_size
         self.heartbeat_interval_s, self.max_wait_s = heartbeat_interval_s, max_wait_s
+        # Uploads beyond this wait before their first byte is read, so flow control keeps their data on the
+        # node: server memory stays ~ max_concurrent_uploads x (one tensor + gRPC buffers), not N x update.
+        self._uploads = threading.BoundedSemaphore(max_concurrent_uploads) if max_concurrent_uploads else None
+        self.upload_queue_timeout_s = upload_queue_timeout_s
 
     def _session(self, context: grpc.ServicerContext) -> Session:
         token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
@@ -126,17 +130,16 @@ class FederationServicer(fpb_grpc.FederationServicer):
         self.coordinator.register(request.node, request.config_fingerprint)
         return fpb.RegisterReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s)
 
-    def GetInstructions(
-        self, request: fpb.InstructionsRequest, context: grpc.ServicerContext,
-    ) -> Iterator[fpb.InstructionsChunk]:
+    def GetInstructions(self, request: fpb.InstructionsRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Yields serialized ``InstructionsChunk`` messages (see ``wire``)."""
         try:
             session = self._session(context)
             wait = min(max(request.wait_s, 0.0), self.max_wait_s)
             instr = self.coordinator.next_instructions(session.node, wait)
             if instr is None:
-                yield fpb.InstructionsChunk(header=fpb.InstructionsHeader(kind=fpb.InstructionsHeader.NONE))
+                yield frame_header(fpb.InstructionsHeader(kind=fpb.InstructionsHeader.NONE).SerializeToString())
                 return
-            yield from instructions_to_messages(instr, self.downlink_encoding, self.chunk_size)
+            yield from instructions_to_frames(instr, self.downlink_encoding, self.chunk_size)
         except TransportError as e:
             context.abort(e.code, e.reason)
         except Exception:
@@ -144,27 +147,42 @@ class FederationServicer(fpb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.INTERNAL, "internal server error in GetInstructions")
 
     @_guard
-    def SubmitUpdate(
-        self, request_iterator: Iterator[fpb.UpdateChunk], context: grpc.ServicerContext,
-    ) -> fpb.SubmitAck:
+    def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> fpb.SubmitAck:
+        """Reads serialized ``UpdateChunk`` messages (see ``wire``)."""
         session = self._session(context)
+        if self._uploads is None:
+            return self._submit(session, request_iterator, context)
+        if not self._uploads.acquire(timeout=self.upload_queue_timeout_s):
+            raise TransportError("server busy: too many concurrent uploads, retry later",
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED)
+        try:
+            return self._submit(session, request_iterator, context)
+        finally:
+            self._uploads.release()
+
+    def _submit(
+        self, session: Session, request_iterator: Iterator[bytes], context: grpc.ServicerContext,
+    ) -> fpb.SubmitAck:
         first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
+        header_bytes = parse_frame(first)[0] if first is not None else None
+        if header_bytes is None:
             raise MessageRejected("an update stream must start with an UpdateHeader")
-        header = header_from_proto(first.header)
+        header = parse_update_header(header_bytes)
         if header.node != session.node:
             raise PermissionDeniedError(f"session of {session.node!r} cannot submit for {header.node!r}")
-        received = [first.ByteSize()]
+        received = [len(first or b"")]
         decoder = TensorDecoder(self.limits)
 
         def tensors() -> Iterator[DecodedTensor]:
-            for msg in request_iterator:
-                if not msg.HasField("tensor"):
+            for raw in request_iterator:
+                _, chunk = parse_frame(raw)
+                if chunk is None:
                     raise MessageRejected("a second header in one update stream")
-                received[0] += msg.ByteSize()
-                out = decoder.feed(msg.tensor)
+                received[0] += len(raw)
+                out = decoder.feed(chunk)
                 if out is not None:
                     yield out
+                    del out  # do not pin the previous tensor while the next one streams in
             if not context.is_active():
                 raise MessageRejected("update stream cancelled by the node")
             decoder.close()
@@ -190,6 +208,30 @@ class FederationServicer(fpb_grpc.FederationServicer):
         return fpb.StatusReply(round=st.round, phase=st.phase, clients=clients, detail=st.detail)
 
 
+SERVICE = "fedtune.v1.Federation"
+
+
+def _raw(b: bytes) -> bytes:
+    return b
+
+
+def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated handlers, except that the two streaming calls exchange pre-serialized frames."""
+    def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(fn, req.FromString, lambda m: m.SerializeToString())
+
+    return {
+        "Challenge": unary(servicer.Challenge, fpb.ChallengeRequest),
+        "Register": unary(servicer.Register, fpb.RegisterRequest),
+        "Heartbeat": unary(servicer.Heartbeat, fpb.HeartbeatRequest),
+        "Status": unary(servicer.Status, fpb.StatusRequest),
+        "GetInstructions": grpc.unary_stream_rpc_method_handler(
+            servicer.GetInstructions, fpb.InstructionsRequest.FromString, _raw),
+        "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.SubmitUpdate, _raw, fpb.SubmitAck.SerializeToString),
+    }
+
+
 class FederationServer:
     """A running gRPC server; ``port`` is the bound port (useful with ``address="127.0.0.1:0"``)."""
 
@@ -206,12 +248,16 @@ class FederationServer:
 def start_server(
     coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
     key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
-    max_workers: int = 64, **servicer_kwargs: Any,
+    max_workers: int = 64, stream_window_bytes: int = STREAM_WINDOW_BYTES,
+    **servicer_kwargs: Any,
 ) -> FederationServer:
     """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
     or with ``insecure=True``, in plaintext. ``allowlist_file=None`` admits any node name without a
     signature (tests and simulation only). ``max_workers`` bounds concurrent calls: each connected node
-    holds one thread while it long-polls or uploads. Extra keyword arguments go to ``FederationServicer``.
+    holds one thread while it long-polls or uploads. ``stream_window_bytes`` fixes the HTTP/2 flow-control
+    window of each stream (gRPC's BDP probing otherwise lets every waiting upload buffer tens of MB on the
+    server; 4 MiB still fills a 100 ms / 300 Mbit/s path). Extra keyword arguments go to
+    ``FederationServicer`` (``limits``, ``max_concurrent_uploads``, ``downlink_encoding``, ...).
 
     Raises:
         InsecureTransportError: plaintext on a non-loopback address without ``insecure=True``.
@@ -222,9 +268,10 @@ def start_server(
     if cert_file is None:
         check_plaintext_allowed(address, insecure)
     servicer = FederationServicer(coordinator, NodeAuth(allowlist_file), **servicer_kwargs)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS,
+    options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          maximum_concurrent_rpcs=max_workers)
-    fpb_grpc.add_FederationServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, method_handlers(servicer)),))
     if cert_file is not None and key_file is not None:
         port = server.add_secure_port(address, server_credentials(cert_file, key_file))
     else:

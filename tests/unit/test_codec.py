@@ -10,15 +10,16 @@ import torch
 from fedtune.transport import Limits, MessageRejected, decode_state, encode_state, encoded_size
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
-from fedtune.transport.codec import TensorDecoder
+from fedtune.transport.codec import TensorDecoder, encode_frames
 from fedtune.transport.encodings import ENCODINGS
 from fedtune.transport.messages import (
-    instructions_to_messages,
+    frames_to_instructions,
+    instructions_to_frames,
     instructions_wire_size,
-    messages_to_instructions,
-    reply_to_messages,
+    reply_to_frames,
     reply_wire_size,
 )
+from fedtune.transport.wire import parse_frame
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
 torch.manual_seed(0)
@@ -52,9 +53,13 @@ def test_round_trip(encoding):
 @pytest.mark.parametrize("chunk_size", [7, 1000, 2 << 20])
 def test_encoded_size_is_exact(encoding, chunk_size):
     chunks = list(encode_state(STATE, encoding, chunk_size=chunk_size))
-    on_wire = sum(len(fpb.UpdateChunk(tensor=c).SerializeToString()) for c in chunks)
-    assert encoded_size(STATE, encoding, chunk_size=chunk_size) == on_wire
+    assert encoded_size(STATE, encoding, chunk_size=chunk_size) == sum(len(c.SerializeToString()) for c in chunks)
+    assert encoded_size(STATE, encoding, chunk_size=chunk_size) == sum(c.ByteSize() for c in chunks)
+    serialized = [fpb.UpdateChunk(tensor=c).SerializeToString() for c in chunks]
+    assert encoded_size(STATE, encoding, chunk_size=chunk_size, framed=True) == sum(len(b) for b in serialized)
     assert max(len(c.data) for c in chunks) <= chunk_size
+    # the hand-framed bytes the transport sends are exactly protobuf's serialization
+    assert list(encode_frames(STATE, encoding, chunk_size=chunk_size)) == serialized
 
 
 def test_compressed_encodings_are_smaller():
@@ -88,13 +93,31 @@ def test_instructions_and_reply_sizes_are_exact():
     instr = Instructions(1, "c", {"a": torch.randn(3, 5)}, train={"lr": 1e-3}, rank=2,
                          mask={"a": torch.ones(3, 5, dtype=torch.bool)},
                          base_update={"m": LowRankUpdate(B=torch.randn(4, 1), A=torch.randn(1, 6))})
-    msgs = list(instructions_to_messages(instr, chunk_size=16))
-    assert sum(m.ByteSize() for m in msgs) == instructions_wire_size(instr, chunk_size=16)
-    back = messages_to_instructions(msgs)
+    frames = list(instructions_to_frames(instr, chunk_size=16))
+    assert sum(len(f) for f in frames) == instructions_wire_size(instr, chunk_size=16)
+    assert sum(fpb.InstructionsChunk.FromString(f).ByteSize() for f in frames) == sum(len(f) for f in frames)
+    back = frames_to_instructions(frames)
     assert back is not None and back.rank == 2 and torch.equal(back.base_update["m"].A, instr.base_update["m"].A)
+    assert back.train == {"lr": 1e-3} and torch.equal(back.mask["a"], instr.mask["a"])
     reply = ClientReply("c", 1, {"a": torch.randn(3, 5)}, 4, metrics={"loss": 1.0})
-    msgs = list(reply_to_messages(reply, encoding="fp16", chunk_size=16))
-    assert sum(len(m.SerializeToString()) for m in msgs) == reply_wire_size(reply, encoding="fp16", chunk_size=16)
+    frames = list(reply_to_frames(reply, encoding="fp16", chunk_size=16))
+    assert sum(len(f) for f in frames) == reply_wire_size(reply, encoding="fp16", chunk_size=16)
+
+
+def test_parse_frame_reads_protobuf_and_rejects_garbage():
+    c = tpb.TensorChunk(meta=tpb.TensorMeta(name="x"), data=b"abc")
+    header, chunk = parse_frame(fpb.UpdateChunk(tensor=c).SerializeToString())
+    assert header is None and chunk.meta.name == "x" and bytes(chunk.data) == b"abc"
+    h = fpb.UpdateHeader(round=3, node="n")
+    assert parse_frame(fpb.UpdateChunk(header=h).SerializeToString())[0] == h.SerializeToString()
+    for junk in (b"", b"\xff\xff\xff", b"\x12\x80", b"\x12\x05ab", b"\x0b", bytes(range(40))):
+        with pytest.raises(MessageRejected, match="malformed|exactly one"):
+            parse_frame(junk)
+    both = fpb.UpdateChunk(tensor=c).SerializeToString() + fpb.UpdateChunk(header=h).SerializeToString()
+    with pytest.raises(MessageRejected, match="exactly one"):
+        parse_frame(both)
+    with pytest.raises(MessageRejected, match="malformed tensor metadata"):
+        parse_frame(b"\x12\x04\x0a\x02\xff\xff")
 
 
 def _chunks(t: torch.Tensor, **kw) -> list[tpb.TensorChunk]:

@@ -8,7 +8,6 @@ import stat
 import grpc
 import pytest
 import torch
-from test_transport_server import DummyCoordinator
 
 from fedtune.transport import (
     AuthenticationError,
@@ -28,6 +27,7 @@ from fedtune.transport import (
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
 from fedtune.transport.keys import read_allowlist
+from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply, Instructions
 
 
@@ -38,7 +38,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture
 def tls_server(keys):
-    coord = DummyCoordinator(Instructions(1, "", {"w": torch.ones(3)}), fingerprint="fp-1")
+    coord = StaticCoordinator(Instructions(1, "", {"w": torch.ones(3)}), fingerprint="fp-1")
     allow = keys / "allowlist.txt"
     allow.write_text("\n".join(line for line in allow.read_text().splitlines() if not line.startswith("eve"))
                      .replace(" revoked", "") + "\n")
@@ -76,7 +76,7 @@ def test_tls_round_trip_with_signed_challenge(tls_server):
 
 
 def test_plaintext_client_cannot_talk_to_tls_server(tls_server):
-    coord, server, keys = tls_server
+    _coord, server, keys = tls_server
     fc = FederationClient(f"127.0.0.1:{server.port}", "alice", key=keys / "nodes" / "alice.key",
                           heartbeat=False, backoff=Backoff(initial_s=0.01, max_attempts=2))
     with pytest.raises(TransportError, match="UNAVAILABLE"):
@@ -85,19 +85,19 @@ def test_plaintext_client_cannot_talk_to_tls_server(tls_server):
 
 
 def test_unknown_node_is_unauthenticated(tls_server):
-    coord, server, keys = tls_server
+    _coord, server, keys = tls_server
     with pytest.raises(AuthenticationError, match="not in the server's allow-list"):
         _client(keys, server, "eve").connect()
 
 
 def test_wrong_key_is_unauthenticated(tls_server):
-    coord, server, keys = tls_server
+    _coord, server, keys = tls_server
     with pytest.raises(AuthenticationError, match="does not match"):
         _client(keys, server, "alice", key_node="bob").connect()
 
 
 def test_forged_signature_and_reused_nonce(tls_server):
-    coord, server, keys = tls_server
+    _coord, server, keys = tls_server
     creds = grpc.ssl_channel_credentials((keys / "ca.pem").read_bytes())
     with grpc.secure_channel(f"127.0.0.1:{server.port}", creds) as ch:
         stub = fpb_grpc.FederationStub(ch)
@@ -114,7 +114,7 @@ def test_forged_signature_and_reused_nonce(tls_server):
 
 
 def test_revoked_node_is_refused_and_loses_its_session(tls_server):
-    coord, server, keys = tls_server
+    _coord, server, keys = tls_server
     fc = _client(keys, server, "bob").connect()
     revoke_node(keys / "allowlist.txt", "bob")
     os.utime(keys / "allowlist.txt", (1, 1))  # make sure the mtime changes within the same second
@@ -126,7 +126,7 @@ def test_revoked_node_is_refused_and_loses_its_session(tls_server):
 
 
 def test_config_mismatch_is_failed_precondition(tls_server):
-    coord, server, keys = tls_server
+    _coord, server, keys = tls_server
     fc = _client(keys, server, "alice")
     fc.fingerprint = "fp-other"
     with pytest.raises(ConfigMismatch, match="fingerprint"):
@@ -140,6 +140,6 @@ def test_plaintext_only_on_loopback_or_with_flag():
     with pytest.raises(InsecureTransportError, match="insecure=True"):
         check_plaintext_allowed("0.0.0.0:9")
     with pytest.raises(InsecureTransportError):
-        start_server(DummyCoordinator(), "0.0.0.0:0")
+        start_server(StaticCoordinator(), "0.0.0.0:0")
     with pytest.raises(InsecureTransportError):
         FederationClient("example.org:443", "n")

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
-from test_transport_server import DummyCoordinator
 
 from fedtune.transport import Backoff, FederationClient, TransportError, start_server
+from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply, Instructions
 
 FAST = Backoff(initial_s=0.05, max_s=0.2, max_attempts=40)
@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 def test_connect_waits_for_a_late_server():
     port = _free_port()
-    coord = DummyCoordinator(Instructions(1, "", {"w": torch.ones(2)}))
+    coord = StaticCoordinator(Instructions(1, "", {"w": torch.ones(2)}))
     started: list = []
     timer = threading.Timer(0.5, lambda: started.append(start_server(coord, f"127.0.0.1:{port}")))
     timer.start()
@@ -48,7 +48,7 @@ def test_gives_up_after_max_attempts():
 
 def test_session_is_renewed_after_server_restart():
     port = _free_port()
-    coord = DummyCoordinator(Instructions(1, "", {"w": torch.ones(2)}))
+    coord = StaticCoordinator(Instructions(1, "", {"w": torch.ones(2)}))
     server = start_server(coord, f"127.0.0.1:{port}")
     fc = FederationClient(f"127.0.0.1:{port}", "n1", backoff=FAST, heartbeat=False).connect()
     server.stop(0)
@@ -62,7 +62,7 @@ def test_session_is_renewed_after_server_restart():
 
 
 def test_heartbeat_thread_keeps_node_seen():
-    coord = DummyCoordinator()
+    coord = StaticCoordinator()
     server = start_server(coord, "127.0.0.1:0", heartbeat_interval_s=0.1)
     try:
         with FederationClient(f"127.0.0.1:{server.port}", "n1", backoff=FAST) as fc:

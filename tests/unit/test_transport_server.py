@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -15,56 +13,15 @@ import torch
 
 from fedtune.transport import (
     FederationClient,
-    MessageRejected,
-    RoundStatus,
-    collect_reply,
     reply_wire_size,
     start_server,
 )
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
 from fedtune.transport._proto import tensor_pb2 as tpb
-from fedtune.transport.codec import DecodedTensor, Limits, encode_state
-from fedtune.transport.errors import ConfigMismatch
-from fedtune.transport.messages import UpdateHeader
+from fedtune.transport.codec import Limits, encode_state
+from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
-
-
-class DummyCoordinator:
-    """Hands out one set of instructions; keeps every accepted reply; checks round and shapes."""
-
-    def __init__(self, instr: Instructions | None = None, fingerprint: str = "", shapes: dict | None = None):
-        self.instr, self.fingerprint, self.shapes = instr, fingerprint, shapes or {}
-        self.replies: list[ClientReply] = []
-        self.registered: list[str] = []
-        self.round = 1
-
-    def register(self, node: str, fingerprint: str) -> None:
-        if self.fingerprint and fingerprint != self.fingerprint:
-            raise ConfigMismatch(f"config fingerprint {fingerprint!r} != server's {self.fingerprint!r}")
-        self.registered.append(node)
-
-    def next_instructions(self, node: str, timeout: float) -> Instructions | None:
-        if self.instr is None:
-            time.sleep(min(timeout, 0.05))
-            return None
-        return dataclasses.replace(self.instr, client_id=node)
-
-    def submit(self, node: str, header: UpdateHeader, tensors: Iterator[DecodedTensor]) -> str:
-        if header.round != self.round:
-            raise MessageRejected(f"update for round {header.round}, server is in round {self.round}")
-
-        def checked() -> Iterator[DecodedTensor]:
-            for d in tensors:
-                want = self.shapes.get(d.name)
-                if want is not None and tuple(d.tensor.shape) != want:
-                    raise MessageRejected(f"tensor {d.name!r} has shape {tuple(d.tensor.shape)}, expected {want}")
-                yield d
-        self.replies.append(collect_reply(header, checked()))
-        return "thanks"
-
-    def status(self) -> RoundStatus:
-        return RoundStatus(self.round, "train", {"clients": str(len(self.registered))})
 
 
 @pytest.fixture
@@ -74,7 +31,7 @@ def served():
                          mask={"l.lora_A.weight": torch.rand(4, 16) > 0.5},
                          base_update={"l": LowRankUpdate(B=torch.randn(16, 2), A=torch.randn(2, 16))},
                          phase="train", extra={"seed": 7})
-    coord = DummyCoordinator(instr, shapes={k: tuple(v.shape) for k, v in state.items()})
+    coord = StaticCoordinator(instr, shapes={k: tuple(v.shape) for k, v in state.items()})
     server = start_server(coord, "127.0.0.1:0", limits=Limits(max_tensor_bytes=64 << 20), max_workers=16)
     yield coord, server
     server.stop(0)
@@ -124,7 +81,7 @@ def test_nothing_to_do_returns_none(served):
 
 
 def test_status_lists_connected_clients(served):
-    coord, server = served
+    _coord, server = served
     with FederationClient(f"127.0.0.1:{server.port}", "n1", heartbeat=False) as fc:
         st, seen = fc.status()
     assert st.round == 1 and st.phase == "train" and st.detail == {"clients": "1"}
@@ -191,7 +148,7 @@ def test_hostile_updates_are_rejected_and_server_survives(served, case):
 
 
 def test_protocol_violations(served):
-    coord, server = served
+    _coord, server = served
     ch, stub, md = _stub(server)
     good = _update({"l.lora_A.weight": torch.randn(4, 16)})
     assert "start with an UpdateHeader" in _submit(stub, md, good[1:]).details()
@@ -226,7 +183,7 @@ def test_client_cancelling_mid_stream_is_not_an_update(served):
 
 
 def test_garbage_bytes_on_the_port(served):
-    coord, server = served
+    _coord, server = served
     for junk in (b"\x00" * 64, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 8):
         with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
             s.sendall(junk)
@@ -253,3 +210,24 @@ def test_bigger_update_streams_through(served):
     with FederationClient(f"127.0.0.1:{server.port}", "n1", heartbeat=False) as fc:
         fc.submit(ClientReply("n1", 1, {"big": big}, num_examples=1))
     assert torch.equal(coord.replies[0].state["big"], big)
+
+
+def test_uploads_beyond_the_limit_wait_then_get_resource_exhausted():
+    coord = StaticCoordinator()
+    server = start_server(coord, "127.0.0.1:0", max_concurrent_uploads=1, upload_queue_timeout_s=0.3)
+    try:
+        ch, stub, md = _stub(server)
+        gate = threading.Event()
+
+        def held():
+            yield from _update({"w": torch.randn(4)})[:1]
+            gate.wait(5)
+        first = stub.SubmitUpdate.future(held(), metadata=md)
+        time.sleep(0.1)
+        err = _submit(stub, md, _update({"w": torch.randn(4)}))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in err.details()
+        gate.set()
+        assert first.result(timeout=5).accepted
+        ch.close()
+    finally:
+        server.stop(0)

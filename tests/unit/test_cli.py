@@ -1,0 +1,134 @@
+"""The ``fedtune`` console entry point, run as a user runs it: a subprocess of ``.venv/bin/fedtune``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FEDTUNE = Path(sys.executable).parent / "fedtune"
+SUBCOMMANDS = ("train", "eval", "export", "info", "config")
+DATA_FIELDS = ["data.prompt_field=question", "data.response_field=answer", "data.category_field=topic"]
+
+pytestmark = pytest.mark.skipif(not FEDTUNE.is_file(), reason=f"console script {FEDTUNE} not installed")
+
+
+def fedtune(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("FEDTUNE_DEBUG", None)
+    return subprocess.run([str(FEDTUNE), *args], check=False, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One ``fedtune train`` on tiny-llama with a JSONL of our own; returns the run folder and the overrides."""
+    tmp = tmp_path_factory.mktemp("cli")
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.", "topic": "math" if i % 2 else "sums"}
+            for i in range(40)]
+    data = tmp / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    overrides = ["model.name=tiny-llama", "quant.mode=none", "quant.compute_dtype=fp32", "train.max_steps=2",
+                 "train.batch_size=2", "train.seq_len=48", "data.max_records=60", "eval.samples=1",
+                 "eval.max_new_tokens=4", "adapter.r=4", "adapter.target_modules=[q_proj,v_proj]",
+                 f"data.path={data}", *DATA_FIELDS]
+    run = tmp / "run1"
+    proc = fedtune("train", *overrides, f"out={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return run, overrides
+
+
+def test_help_lists_every_subcommand() -> None:
+    proc = fedtune("--help")
+    assert proc.returncode == 0, proc.stderr
+    for name in SUBCOMMANDS:
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help(name: str) -> None:
+    proc = fedtune(name, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: fedtune " + name)
+
+
+def test_broken_config_lists_every_problem(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    proc = fedtune("train", "model.name=tiny-llama", "train.colour=red", "train.lr=fast", "adapter.r=0",
+                   f"data.path={missing}", f"out={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    problems = [line for line in proc.stderr.splitlines() if line.strip().startswith("- ")]
+    assert len(problems) == 4, proc.stderr
+    for key in ("train.colour", "train.lr", "adapter.r", "data.path"):
+        assert sum(key in line for line in problems) == 1, (key, proc.stderr)
+    assert not (tmp_path / "run").exists(), "a bad config must fail before anything is written"
+
+
+def test_train_writes_a_run_folder(trained_run: tuple[Path, list[str]]) -> None:
+    import tomllib
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.models import resolve
+
+    run, _ = trained_run
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert cfg["model"]["name"] == "tiny-llama" and cfg["data"]["prompt_field"] == "question"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) >= 2 and all(isinstance(r["eval_loss"], float) for r in evals)
+    assert records[-1]["step"] == 2
+    base = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama").path)
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+
+
+def test_export_merge_gives_a_full_model(trained_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run, overrides = trained_run
+    dest = tmp_path / "merged"
+    # --merge before the positionals: argparse cannot take overrides after an optional flag (see below)
+    proc = fedtune("export", "--merge", str(run), str(dest), *overrides)
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(str(dest))
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.xfail(strict=True, reason="cli.main uses parse_args: positionals after --merge are 'unrecognized'")
+def test_export_merge_flag_after_positionals(trained_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    run, overrides = trained_run
+    proc = fedtune("export", str(run), str(tmp_path / "merged"), "--merge", *overrides)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_export_adapter_copy(trained_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    run, _ = trained_run
+    dest = tmp_path / "exported"
+    proc = fedtune("export", str(run), str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert (dest / "adapter_config.json").is_file() and (dest / "adapter_model.safetensors").is_file()
+
+
+def test_info_prints_trainable_parameters(tiny_overrides: list[str]) -> None:
+    proc = fedtune("info", *tiny_overrides)
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable parameters" in proc.stdout
+
+
+def test_eval_of_an_adapter_prints_eval_loss(trained_run: tuple[Path, list[str]]) -> None:
+    run, overrides = trained_run
+    proc = fedtune("eval", "--adapter", str(run), *overrides)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:"))
+    assert float(line.split(":")[1]) > 0
