@@ -76,10 +76,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base, tok, _, device, _ = load_base(cfg, num_labels=len(data.label_names) or None)
     model = PeftModel.from_pretrained(base, _adapter_folder(args.adapter)) if args.adapter else base
     ev = encode(data.eval_records, tok, cfg, for_training=False)
-    from fedtune.models.loader import DTYPES
+    from fedtune.models.loader import effective_compute_dtype
 
     metrics = evaluate(model, ev, device=device, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
-                       max_batches=cfg.eval.max_batches, compute_dtype=DTYPES[cfg.quant.compute_dtype])
+                       max_batches=cfg.eval.max_batches, compute_dtype=effective_compute_dtype(cfg, device))
     for k, v in metrics.items():
         console.print(f"{k}: {v:.4f}")
     prompts = [r["prompt"] for r in data.eval_records if "prompt" in r][: cfg.eval.samples]
@@ -229,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow flags (`export RUN DEST --merge model.name=x`): argparse leaves them unknown.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     from fedtune.config import ConfigError
 

@@ -74,10 +74,9 @@ def parse_record(
         raise ValueError(f"{where} is not a JSON object (got {type(obj).__name__})")  # noqa: TRY004
     category: str | None = None
     if category_field is not None:
-        if category_field not in obj:
-            raise ValueError(f"data.category_field {category_field!r} missing in {where}")
-        category = as_text(obj[category_field])
-        if category is None:
+        # A category is optional metadata (non-IID splits): a record without one simply has none.
+        category = as_text(obj[category_field]) if category_field in obj else None
+        if category is None and category_field in obj and obj[category_field] is not None:
             raise ValueError(f"data.category_field {category_field!r} in {where} is not a string or number")
     if messages_field in obj and obj[messages_field] is not None:
         return {"messages": _parse_messages(obj[messages_field], where, messages_field), "category": category}

@@ -60,6 +60,12 @@ def quantization_config(mode: str, double_quant: bool, compute_dtype: torch.dtyp
     raise ValueError(f"quant.mode: {mode!r} is not one of nf4, fp4, int8, none")
 
 
+def effective_compute_dtype(cfg: Any, device: torch.device) -> torch.dtype:
+    """``quant.compute_dtype``, except fp16 on a CPU, which becomes bf16 (CPU kernels lack fp16 matmuls)."""
+    dtype = DTYPES[cfg.quant.compute_dtype]
+    return torch.bfloat16 if dtype == torch.float16 and device.type == "cpu" else dtype
+
+
 def load_base(cfg: Any, num_labels: int | None = None) -> tuple[Any, Any, ModelSource, torch.device, bool]:
     """Load tokenizer and base model per ``cfg.model`` and ``cfg.quant`` (frozen, not yet adapted)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -67,10 +73,8 @@ def load_base(cfg: Any, num_labels: int | None = None) -> tuple[Any, Any, ModelS
     mcfg, qcfg = cfg.model, cfg.quant
     device = pick_device(mcfg.device)
     source = resolve(mcfg.name, mcfg.gguf_file)
-    compute_dtype = DTYPES[qcfg.compute_dtype]
+    compute_dtype = effective_compute_dtype(cfg, device)
     quant = quantization_config(qcfg.mode, qcfg.double_quant, compute_dtype)
-    if quant is not None and device.type == "cpu" and compute_dtype == torch.float16:
-        compute_dtype = torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=mcfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -92,12 +96,31 @@ def load_base(cfg: Any, num_labels: int | None = None) -> tuple[Any, Any, ModelS
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     if quant is None:
         model.to(device)
+    else:
+        _keep_4bit_trainable_on_cpu(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, tokenizer, source, device, quant is not None
+
+
+def _keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight to a CPU-only packed format
+    on the first forward pass without gradients (an evaluation); no gradient flows through the layer after
+    that, so every LoRA B on top of it stays at zero. Evaluation before training is part of every round,
+    so the conversion is turned off (CUDA is not affected).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_config(cfg: Any, task: str, rank: int | None = None) -> Any:
@@ -185,4 +208,4 @@ def load_model(cfg: Any, num_labels: int | None = None) -> LoadedModel:
     base, tokenizer, source, device, quantized = load_base(cfg, num_labels)
     model = attach_adapter(base, cfg, cfg.model.task)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, quantized=quantized,
-                       compute_dtype=DTYPES[cfg.quant.compute_dtype], task=cfg.model.task, source=source)
+                       compute_dtype=effective_compute_dtype(cfg, device), task=cfg.model.task, source=source)

@@ -105,7 +105,6 @@ def test_export_merge_gives_a_full_model(trained_run: tuple[Path, list[str]], tm
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main uses parse_args: positionals after --merge are 'unrecognized'")
 def test_export_merge_flag_after_positionals(trained_run: tuple[Path, list[str]], tmp_path: Path) -> None:
     run, overrides = trained_run
     proc = fedtune("export", str(run), str(tmp_path / "merged"), "--merge", *overrides)
@@ -132,3 +131,18 @@ def test_eval_of_an_adapter_prints_eval_loss(trained_run: tuple[Path, list[str]]
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:"))
     assert float(line.split(":")[1]) > 0
+
+
+def test_nf4_adapter_trains_after_an_evaluation(tmp_path: Path) -> None:
+    """fedtune train evaluates and samples before training; the NF4 adapter must still learn (every B moves)."""
+    from safetensors.torch import load_file
+
+    rows = [{"prompt": f"What is {i} times two?", "response": f"{i} times two is {2 * i}."} for i in range(20)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = subprocess.run([str(FEDTUNE), "train", "data.path=mine.jsonl", "model.name=tiny-llama", "quant.mode=nf4",
+                           "train.max_steps=2", "train.batch_size=2", "train.seq_len=48", "eval.max_new_tokens=2",
+                           "out=run1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    state = load_file(str(tmp_path / "run1" / "adapter" / "adapter_model.safetensors"))
+    frozen = [k for k, v in state.items() if "lora_B" in k and not v.any()]
+    assert not frozen, f"every LoRA B must train after an evaluation; still zero: {frozen}"

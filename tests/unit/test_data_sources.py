@@ -63,10 +63,13 @@ def test_bad_lines_name_the_line_and_field(tmp_path: Path, rows: list[object], m
         load_jsonl(write_jsonl(tmp_path / "d.jsonl", rows))
 
 
-def test_missing_category_field_is_named(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}])
-    with pytest.raises(ValueError, match="data.category_field 'topic' missing in line 1"):
-        load_jsonl(path, category_field="topic")
+def test_missing_category_is_none_but_a_bad_one_is_named(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d",
+                                                                              "topic": "x"}])
+    assert [r["category"] for r in load_jsonl(path, category_field="topic")] == [None, "x"]
+    bad = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "response": "b", "topic": ["list"]}])
+    with pytest.raises(ValueError, match="data.category_field 'topic' in line 1"):
+        load_jsonl(bad, category_field="topic")
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:

@@ -1,0 +1,192 @@
+"""The federation subcommands: ``fedtune server``, ``client``, ``status`` and ``keys``.
+
+``fedtune.cli`` registers them with ``register(subparsers, COMMANDS)``; each command is a plain function
+``(args) -> exit code``. Exit codes: 0 done, 1 the federation failed (too few clients, server gone for
+good), 2 bad input, 3 this node was refused by the server (unknown key, revoked, config mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+EXIT_FAILED = 1
+EXIT_REFUSED = 3
+
+
+def _config(args: argparse.Namespace, extra: list[str]) -> Any:
+    from fedtune.cli import _config as load
+
+    ns = argparse.Namespace(config=args.config, overrides=[*args.overrides, *extra])
+    return load(ns)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Coordinate a federation over gRPC: wait for clients, run the rounds, write the run folder."""
+    from rich.console import Console
+
+    from fedtune.server import FederationError, run_server
+    from fedtune.transport import InsecureTransportError
+
+    cfg = _config(args, ["server.insecure=true"] if args.insecure else [])
+    if args.address:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, address=args.address))
+    try:
+        run_server(cfg, Console())
+    except (FederationError, InsecureTransportError) as e:
+        print(f"fedtune server: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    """Join a federation as one site: train on local data when asked, send only adapter updates."""
+    from rich.console import Console
+
+    from fedtune.client.node import NodeRefused, run_client
+    from fedtune.transport import InsecureTransportError
+
+    cfg = _config(args, ["client.insecure=true"] if args.insecure else [])
+    try:
+        run_client(cfg, Console())
+    except NodeRefused as e:
+        print(f"fedtune client: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except InsecureTransportError as e:
+        print(f"fedtune client: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show a running server's round, phase and connected clients with when each was last seen."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedtune.server.coordinator import OBSERVER
+    from fedtune.transport import Backoff, FederationClient, TransportError
+
+    kw: dict[str, Any] = {"insecure": args.insecure}
+    if args.keys_dir:
+        keys = Path(args.keys_dir)
+        kw["key"] = keys / "nodes" / f"{args.name}.key"
+        if not Path(kw["key"]).is_file():
+            raise FileNotFoundError(f"--keys-dir {keys}: no nodes/{args.name}.key (choose the key with --name)")
+        if not args.insecure:
+            kw["ca_file"] = keys / "ca.pem"
+    try:
+        with FederationClient(args.address, args.name, fingerprint=OBSERVER, heartbeat=False,
+                              backoff=Backoff(initial_s=0.2, max_attempts=2), **kw) as fc:
+            st, seen = fc.status()
+    except TransportError as e:
+        print(f"fedtune status: {args.address}: {e.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    console = Console()
+    d = st.detail
+    console.print(f"server {args.address}: round {st.round}/{d.get('rounds', '?')}, phase {st.phase}"
+                  + (f", deadline in {d['deadline_in_s']} s" if d.get("deadline_in_s") else "")
+                  + (f", waiting for {d['waiting_for']}" if d.get("waiting_for") else ""), highlight=False)
+    participants = set(filter(None, d.get("clients", "").split(",")))
+    table = Table(title="nodes with a session")
+    for col in ("node", "role", "last seen"):
+        table.add_column(col)
+    for node, ago in sorted(seen.items()):
+        if node == args.name and node not in participants:
+            continue  # this very status call
+        role = "client" if node in participants else "silent" if ago > 10 else "observer"
+        table.add_row(node, role, f"{ago:.1f} s ago ({time.strftime('%H:%M:%S', time.localtime(time.time() - ago))})")
+    console.print(table)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create the federation's CA, server certificate and node keys, or revoke a node (``--revoke``)."""
+    from pathlib import Path
+
+    from fedtune.transport import create_keys, revoke_node
+
+    out = Path(args.out_dir)
+    if args.revoke:
+        revoke_node(out / "allowlist.txt", args.revoke)
+        print(f"{args.revoke} revoked in {out / 'allowlist.txt'}: refused from its next call on")
+        return 0
+    nodes = [n.strip() for n in (args.nodes or "").split(",") if n.strip()]
+    if args.operator:
+        nodes.append(args.operator)
+    if not nodes and (out / "ca.key").exists():
+        raise ValueError("--nodes: name the nodes to add (comma-separated)")
+    hosts = [h.strip() for arg in args.server_host or [] for h in arg.split(",") if h.strip()] or None
+    create_keys(out, nodes, hosts)
+    print(f"keys in {out}:\n"
+          f"  server only : server.pem, server.key, allowlist.txt (ca.key: keep offline)\n"
+          f"  every node  : ca.pem\n"
+          + "".join(f"  node {n:<8}: nodes/{n}.key (give to that site only)\n" for n in nodes)
+          + (f"  `fedtune status` uses nodes/{args.operator}.key (--name {args.operator})" if args.operator else ""))
+    return 0
+
+
+def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    """Add ``server``, ``client``, ``status`` and ``keys`` to ``fedtune``'s subparsers and ``commands``."""
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("config", nargs="?", help="TOML or YAML config file (optional)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=5 client.name=site-a")
+        return p
+
+    p = subparsers.add_parser("server", help=cmd_server.__doc__, description=cmd_server.__doc__ + (
+        " Listens on server.address with TLS and the node allow-list of server.keys_dir; resumes from the last "
+        "completed round when out= holds a checkpoint of the same run."))
+    p.add_argument("--address", help="host:port to listen on (overrides server.address)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (server.insecure=true)")
+    with_config(p)
+    p = subparsers.add_parser("client", help=cmd_client.__doc__, description=cmd_client.__doc__ + (
+        " Connects to client.server as client.name with keys from client.keys_dir (ca.pem, nodes/<name>.key)."))
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (client.insecure=true)")
+    with_config(p)
+    p = subparsers.add_parser("status", help=cmd_status.__doc__, description=cmd_status.__doc__)
+    p.add_argument("address", help="host:port of the server")
+    p.add_argument("--keys-dir", help="keys folder with ca.pem and nodes/<name>.key (omit for plaintext loopback)")
+    p.add_argument("--name", default="operator", help="key to authenticate with (default: operator)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback")
+    p = subparsers.add_parser("keys", help=cmd_keys.__doc__, description=cmd_keys.__doc__ + (
+        " Run again with more --nodes to add sites; the CA and existing keys are kept."))
+    p.add_argument("out_dir", help="keys folder (created)")
+    p.add_argument("--nodes", help="comma-separated node names, e.g. site-a,site-b,site-c")
+    p.add_argument("--server-host", action="append",
+                   help="hostname or IP the server certificate is valid for (repeat; default localhost, 127.0.0.1)")
+    p.add_argument("--operator", default="operator",
+                   help="also make a key for `fedtune status` under this name ('' for none; default operator)")
+    p.add_argument("--revoke", metavar="NAME", help="revoke this node in OUT_DIR/allowlist.txt")
+    commands.update(server=cmd_server, client=cmd_client, status=cmd_status, keys=cmd_keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedtune.cli_federation COMMAND ...``: these four commands with ``fedtune``'s error handling."""
+    from fedtune import cli
+
+    parser = argparse.ArgumentParser(prog="fedtune", description="fedtune federation commands")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {}
+    register(sub, commands)
+    saved = dict(cli.COMMANDS)
+    cli.COMMANDS.update(commands)
+    try:
+        real_build = cli.build_parser
+        cli.build_parser = lambda: parser  # type: ignore[assignment]
+        try:
+            return cli.main(argv)
+        finally:
+            cli.build_parser = real_build  # type: ignore[assignment]
+    finally:
+        cli.COMMANDS.clear()
+        cli.COMMANDS.update(saved)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

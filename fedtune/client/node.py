@@ -1,0 +1,142 @@
+"""``fedtune client``: a site's node loop, written out top to bottom.
+
+setup (model and data loaded once) -> connect (signed challenge over TLS) -> loop: wait for instructions,
+fold pending base updates into the frozen base, ``fit``, stream the update back -> exit 0 when the server
+says the federation is done. When the server goes away the node reconnects with backoff (capped at
+``client.max_backoff_s``) and carries on when it returns; a refusal (unknown key, revoked, config mismatch)
+ends the node with a clear message instead.
+
+Only adapter tensors and scalar metrics (loss, steps, seconds) leave the site: the data never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from fedtune.client.fit import client_seed, fit
+from fedtune.config import Config, fingerprint
+from fedtune.models import apply_base_update, load_model
+from fedtune.pipeline import encode, load_dataset
+from fedtune.transport import (
+    AuthenticationError,
+    Backoff,
+    ConfigMismatch,
+    FederationClient,
+    MessageRejected,
+    PermissionDeniedError,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NodeRefused(RuntimeError):
+    """The server refused this node (not allow-listed, revoked, or a config mismatch); retrying is pointless."""
+
+
+@dataclass
+class NodeResult:
+    rounds: list[int]
+    reconnects: int
+
+
+def connection_args(cfg: Config) -> dict[str, object]:
+    """``FederationClient`` security arguments from ``client.keys_dir`` / ``client.insecure``.
+
+    Raises:
+        FileNotFoundError: ``client.keys_dir`` lacks ``ca.pem`` or ``nodes/<client.name>.key``.
+    """
+    c = cfg.client
+    if c.keys_dir is None:
+        return {"insecure": c.insecure}
+    keys = Path(c.keys_dir)
+    key = keys / "nodes" / f"{c.name}.key"
+    missing = [str(p) for p in (keys / "ca.pem", key) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"client.keys_dir={keys}: missing {', '.join(missing)} (the federation's operator "
+                                f"makes them with `fedtune keys DIR --nodes {c.name}`)")
+    args: dict[str, object] = {"key": key, "insecure": c.insecure}
+    if not c.insecure:
+        args["ca_file"] = keys / "ca.pem"
+    return args
+
+
+def run_client(cfg: Config, console: Console) -> NodeResult:
+    """Take part in the federation at ``client.server`` until it is done; see the module docstring.
+
+    Raises:
+        NodeRefused: the server refused this node.
+        InsecureTransportError: plaintext to a non-loopback server without ``client.insecure``.
+    """
+    c = cfg.client
+    data = load_dataset(cfg)
+    lm = load_model(cfg, num_labels=len(data.label_names) or None)
+    examples = encode(data.train_records, lm.tokenizer, cfg)
+    console.print(f"node {c.name}: {len(examples)} training examples, model {cfg.model.name}; "
+                  f"joining {c.server}", highlight=False)
+    backoff = Backoff(initial_s=0.5, max_s=c.max_backoff_s, max_attempts=4)
+    security = connection_args(cfg)
+
+    def connect() -> FederationClient:
+        new = FederationClient(c.server, c.name, fingerprint=fingerprint(cfg), backoff=backoff,
+                               **security)  # type: ignore[arg-type]
+        try:
+            return new.connect()
+        except BaseException:
+            new.close()
+            raise
+
+    fc: FederationClient | None = None
+    based: set[int] = set()  # rounds whose base update is already folded in (a re-sent round must not add it twice)
+    done: list[int] = []
+    attempt = reconnects = 0
+    try:
+        while True:
+            try:
+                if fc is None:
+                    fc = connect()
+                    attempt = 0
+                    console.print(f"node {c.name}: registered with {c.server}", highlight=False)
+                ins = fc.wait_for_instructions(poll_s=20.0)
+                if ins is None:
+                    continue
+                if ins.phase == "stop":
+                    console.print(f"node {c.name}: the federation is done after round {ins.round}", highlight=False)
+                    return NodeResult(done, reconnects)
+                if ins.base_update and ins.round not in based:
+                    apply_base_update(lm.model, ins.base_update, lm.quantized)
+                    based.add(ins.round)
+                seed = int(ins.extra.get("seed", client_seed(cfg.seed, ins.round, zlib.crc32(c.name.encode()))))
+                reply, _ = fit(lm, examples, cfg, ins, seed=seed)
+                try:
+                    ack = fc.submit(reply, phase=ins.phase)
+                    note = ack.message
+                except MessageRejected as e:  # e.g. past the deadline: the server left it out
+                    note = f"refused: {e.reason}"
+                done.append(ins.round)
+                loss = reply.metrics.get("train_loss")
+                console.print(f"node {c.name}: round {ins.round} "
+                              f"{'failed: ' + reply.error if reply.error else f'train_loss={loss:.4f}' if loss else ''} "
+                              f"-> {note}", highlight=False)
+            except (AuthenticationError, PermissionDeniedError, ConfigMismatch) as e:
+                raise NodeRefused(f"the server refused node {c.name!r}: {e.reason}") from None
+            except TransportError as e:
+                reconnects += 1
+                delay = min(c.max_backoff_s, 0.5 * 2**attempt) * (1 + random.uniform(-0.2, 0.2))
+                attempt += 1
+                console.print(f"node {c.name}: server unreachable ({e.reason.splitlines()[0][:120]}); "
+                              f"reconnecting in {delay:.1f} s", highlight=False)
+                if fc is not None:
+                    fc.close()
+                    fc = None
+                time.sleep(delay)
+    finally:
+        if fc is not None:
+            fc.close()

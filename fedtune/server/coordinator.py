@@ -1,0 +1,323 @@
+"""The coordinator's shared state between the round loop and the gRPC worker threads.
+
+``RoundCoordinator`` implements ``fedtune.transport.Coordinator``: the transport calls ``register``,
+``next_instructions``, ``submit`` and ``status`` from its worker threads; the round loop (``loop.py``) calls
+``open_round`` and consumes ``replies(deadline)``, which it hands straight to ``strategy.aggregate``.
+
+Replies travel from the upload threads to the aggregating thread through a small bounded buffer: a
+streaming strategy (fedavg family) holds one reply being averaged plus at most ``buffer`` waiting ones, and
+uploads beyond that wait (flow control keeps their bytes on the nodes). Strategies that need every reply
+at once get an unbounded buffer. Every round ends by its deadline: sampled nodes that did not answer by
+then, or that went silent (no heartbeat for ``silence_s``), are recorded as failures with their reason.
+
+One lock guards everything here; no call blocks while holding it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fedtune.transport import (
+    ConfigMismatch,
+    DecodedTensor,
+    MessageRejected,
+    RoundStatus,
+    UpdateHeader,
+    collect_reply,
+    reply_wire_size,
+)
+from fedtune.types import ClientReply, Instructions, failed_reply
+
+log = logging.getLogger(__name__)
+
+OBSERVER = "observer"
+"""Fingerprint a read-only peer (``fedtune status``) registers with: it never receives instructions."""
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that puts ``client-2`` before ``client-10`` (the simulator numbers its clients that way)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def fingerprint_diff(server_fp: str, node_fp: str) -> list[str]:
+    """Human-readable ``key: server has X, node has Y`` lines between two config fingerprints."""
+    try:
+        a, b = json.loads(server_fp), json.loads(node_fp)
+    except ValueError:
+        return ["the node sent an unreadable config fingerprint (another fedtune version?)"]
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix.rstrip("."): d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    fa, fb = flat(a), flat(b)
+    keys = sorted(set(fa) | set(fb))
+    return [f"{'model.name' if k == 'model' else k}: server has {fa.get(k)!r}, node has {fb.get(k)!r}"
+            for k in keys if fa.get(k) != fb.get(k)]
+
+
+class RoundCoordinator:
+    """Thread-safe round state; see the module docstring."""
+
+    def __init__(self, fingerprint: str, total_rounds: int, *, silence_s: float = 15.0, buffer: int = 2) -> None:
+        self.fingerprint, self.total_rounds = fingerprint, total_rounds
+        self.silence_s, self.buffer = silence_s, buffer
+        self.last_seen: Callable[[], dict[str, float]] = dict
+        """Unix time of each node's last call; the round loop points this at the servicer's."""
+        self._cond = threading.Condition()
+        self._clients: dict[str, float] = {}  # participant -> registration time
+        self._observers: set[str] = set()
+        self.round, self.phase = 0, "waiting"
+        self._open = False
+        self._deadline = 0.0
+        self._instr: dict[str, Instructions] = {}  # sampled nodes of the open round
+        self._receiving: set[str] = set()
+        self._answered: set[str] = set()  # received, rejected or failed in this round
+        self._buf: deque[ClientReply] = deque()
+        self._done = False
+        self._stopped: set[str] = set()
+        self.rejected = 0  # updates refused in the current round (validation, wrong round, late)
+        self.refused_registrations: list[str] = []
+
+    # -- transport side (gRPC worker threads) -------------------------------------------------------
+    def register(self, node: str, fingerprint: str) -> None:
+        """Admit ``node`` when its model/quant/adapter fingerprint equals the server's.
+
+        Raises:
+            ConfigMismatch: the fingerprints differ; the message names every differing key.
+        """
+        if fingerprint == OBSERVER:
+            with self._cond:
+                self._observers.add(node)
+            return
+        if fingerprint != self.fingerprint:
+            diff = fingerprint_diff(self.fingerprint, fingerprint)
+            msg = (f"node {node!r} refused: its config differs from the server's in "
+                   f"{'; '.join(diff)} (model, quant and adapter sections must agree)")
+            with self._cond:
+                self.refused_registrations.append(msg)
+            log.warning(msg)
+            raise ConfigMismatch(msg)
+        with self._cond:
+            first = node not in self._clients
+            self._clients[node] = time.time()
+            self._observers.discard(node)
+            self._cond.notify_all()
+        log.info("node %s %s", node, "registered" if first else "registered again")
+
+    def next_instructions(self, node: str, timeout: float) -> Instructions | None:
+        """This node's instructions of the open round (the same ones until it submits), a ``stop`` when the
+        federation is over, or ``None`` after ``timeout`` s with nothing to do."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._done:
+                    self._stopped.add(node)
+                    self._cond.notify_all()
+                    return Instructions(round=self.round, client_id=node, state={}, phase="stop")
+                if node in self._clients and self._open and node in self._instr and node not in self._answered:
+                    return self._instr[node]
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def submit(self, node: str, header: UpdateHeader, tensors: Iterator[DecodedTensor]) -> str:
+        """Decode, check and queue one update for the aggregating thread.
+
+        Raises:
+            MessageRejected: wrong round or phase, not asked, already answered, a tensor that does not match
+                what the node was sent, any decoding error, or the round closed before the update got in.
+        """
+        with self._cond:
+            rnd = self.round
+            ins = self._instr.get(node) if self._open else None
+            reason = None
+            if node in self._observers:
+                reason = f"{node!r} registered as an observer and cannot submit updates"
+            elif ins is None or header.round != rnd:
+                reason = (f"update for round {header.round}, but the server "
+                          + (f"is in round {rnd} and did not ask {node!r}" if self._open and header.round == rnd
+                             else f"is {'in round ' + str(rnd) if self._open else 'not collecting updates'}"))
+            elif node in self._answered or node in self._receiving:
+                reason = f"{node!r} already answered round {rnd}"
+            elif header.phase != ins.phase:
+                reason = f"update for phase {header.phase!r}, round {rnd} is in phase {ins.phase!r}"
+            if reason is not None:
+                self.rejected += 1
+                raise MessageRejected(reason)
+            self._receiving.add(node)
+        assert ins is not None
+        try:
+            reply = collect_reply(header, self._checked(ins, tensors))
+        except MessageRejected as e:
+            with self._cond:
+                self._receiving.discard(node)
+                if "cancelled" in e.reason:  # the node went away mid-upload; it may send again
+                    raise
+                self.rejected += 1
+                self._fail_locked(node, rnd, f"rejected update: {e.reason}")
+            raise
+        except BaseException:
+            with self._cond:
+                self._receiving.discard(node)
+            raise
+        if reply.error is not None:
+            reply.error = f"client error: {reply.error}"
+        reply.bytes_up = reply_wire_size(reply, header.phase)
+        with self._cond:
+            while self._open and self.round == rnd and len(self._buf) >= self.buffer:
+                self._cond.wait(0.5)
+            self._receiving.discard(node)
+            if not (self._open and self.round == rnd) or node in self._answered:
+                self.rejected += 1
+                raise MessageRejected(f"round {rnd} closed before this update was taken in "
+                                      "(past the deadline: it is left out)")
+            self._answered.add(node)
+            self._buf.append(reply)
+            self._cond.notify_all()
+        return f"update for round {rnd} received"
+
+    @staticmethod
+    def _checked(ins: Instructions, tensors: Iterator[DecodedTensor]) -> Iterator[DecodedTensor]:
+        """Refuse tensors the node was not sent, or (at the configured rank) of another shape."""
+        for d in tensors:
+            if d.group not in ("state", "mask"):
+                raise MessageRejected(f"unexpected tensor group {d.group!r} in an update")
+            want = ins.state.get(d.name)
+            if want is None and d.group == "state" and ins.rank is None:
+                raise MessageRejected(f"tensor {d.name!r} was not sent to this node")
+            if want is not None and ins.rank is None and tuple(d.tensor.shape) != tuple(want.shape):
+                raise MessageRejected(f"tensor {d.name!r} has shape {tuple(d.tensor.shape)}, "
+                                      f"expected {tuple(want.shape)}")
+            yield d
+
+    def status(self) -> RoundStatus:
+        with self._cond:
+            live = self._live_locked()
+            detail = {"rounds": str(self.total_rounds), "clients": ",".join(live),
+                      "waiting_for": ",".join(n for n in self._instr if n not in self._answered) if self._open
+                      else "", "rejected": str(self.rejected)}
+            if self._open:
+                detail["deadline_in_s"] = f"{max(0.0, self._deadline - time.monotonic()):.0f}"
+            return RoundStatus(self.round, self.phase, detail)
+
+    # -- round loop side ------------------------------------------------------------------------------
+    def _live_locked(self) -> list[str]:
+        seen, now = self.last_seen(), time.time()
+        live = [n for n, t in self._clients.items() if now - max(seen.get(n, 0.0), t) < self.silence_s]
+        return sorted(live, key=natural_key)
+
+    def live_clients(self) -> list[str]:
+        """Registered nodes heard from within ``silence_s``, in natural name order."""
+        with self._cond:
+            return self._live_locked()
+
+    def known_clients(self) -> list[str]:
+        """Every node that registered since the server started, in natural name order."""
+        with self._cond:
+            return sorted(self._clients, key=natural_key)
+
+    def set_phase(self, phase: str, round: int | None = None) -> None:
+        with self._cond:
+            self.phase = phase
+            if round is not None:
+                self.round = round
+
+    def wait_for_clients(self, n: int, timeout: float) -> bool:
+        """Block until ``n`` nodes are live; False after ``timeout`` s."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while len(self._live_locked()) < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+            return True
+
+    def open_round(self, rnd: int, instructions: dict[str, Instructions], deadline_s: float, buffer: int) -> None:
+        """Publish ``instructions`` (client id -> instructions) and start taking updates for ``rnd``."""
+        with self._cond:
+            self.round, self.phase = rnd, "train"
+            self._instr = dict(instructions)
+            self._answered, self._receiving = set(), set()
+            self._buf.clear()
+            self.rejected = 0
+            self.buffer = buffer
+            self._deadline = time.monotonic() + deadline_s
+            self._open = True
+            self._cond.notify_all()
+
+    def _fail_locked(self, node: str, rnd: int, reason: str) -> None:
+        if node in self._answered:
+            return
+        self._answered.add(node)
+        self._buf.append(failed_reply(node, rnd, reason))
+        self._cond.notify_all()
+
+    def replies(self) -> Iterator[ClientReply]:
+        """The open round's replies as they arrive (failures included), until every sampled node answered,
+        failed or went silent, or the deadline passed; then the round is closed."""
+        deadline_s = None
+        while True:
+            with self._cond:
+                if deadline_s is None:
+                    deadline_s = self._deadline
+                if not self._buf:
+                    self._mark_silent_locked()
+                pending = [n for n in self._instr if n not in self._answered]
+                if not self._buf and (not pending or time.monotonic() >= self._deadline):
+                    rnd = self.round
+                    for n in pending:
+                        self._answered.add(n)
+                        self._buf.append(failed_reply(n, rnd, "straggler: no update before the round deadline"))
+                    self._open = False
+                    self.phase = "aggregating"
+                    left = list(self._buf)
+                    self._buf.clear()
+                    self._cond.notify_all()
+                    break
+                if not self._buf:
+                    self._cond.wait(min(0.5, max(0.0, self._deadline - time.monotonic())))
+                    continue
+                reply = self._buf.popleft()
+                self._cond.notify_all()
+            yield reply
+        yield from left
+
+    def _mark_silent_locked(self) -> None:
+        seen, now = self.last_seen(), time.time()
+        for n in self._instr:
+            if n in self._answered or n in self._receiving:
+                continue
+            t = max(seen.get(n, 0.0), self._clients.get(n, 0.0))
+            if now - t > self.silence_s:
+                self._fail_locked(n, self.round, f"lost: no call from the node for {now - t:.0f} s")
+
+    def finish(self) -> None:
+        """The federation is over: every poll from now on answers ``stop``."""
+        with self._cond:
+            self._done, self._open, self.phase = True, False, "done"
+            self._cond.notify_all()
+
+    def wait_stopped(self, timeout: float) -> list[str]:
+        """Wait until every live node has been told to stop; returns those that were not."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                missing = [n for n in self._live_locked() if n not in self._stopped]
+                left = end - time.monotonic()
+                if not missing or left <= 0:
+                    return missing
+                self._cond.wait(min(left, 0.5))

@@ -1,0 +1,111 @@
+"""``sim.backend = "flower"``: the same client code and strategies, run by Flower's simulation engine on Ray.
+
+One long-lived Flower simulation (``flwr.simulation.run_simulation``) runs in a background thread for the
+whole federation. Its ServerApp is a relay (``fedtune.flower.server_app``): the engine's round loop hands it
+each round's instructions, it sends them as Messages (adapter tensors in ArrayRecords) to the simulated nodes,
+and ``fit_round`` yields the replies in the order asked. Each Ray actor runs ``fedtune.flower.client_app``:
+one base model per actor, data partitions rebuilt from the config, so ``sim.ray_address`` scales it out.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from fedtune.config import Config
+from fedtune.flower.records import config_overrides
+from fedtune.flower.server_app import STOP, Job, relay_app
+from fedtune.types import ClientReply, Instructions
+
+
+def backend_config(cfg: Config, num_cpus: float | None = None) -> dict[str, Any]:
+    """Flower's Ray backend settings: one actor per ``num_cpus`` CPUs (env FEDTUNE_RAY_CPUS, default 2).
+
+    With CUDA present (and ``model.device`` not cpu) each actor takes a whole GPU.
+    """
+    cpus = num_cpus or float(os.environ.get("FEDTUNE_RAY_CPUS", min(2, os.cpu_count() or 1)))
+    gpus = 1.0 if torch.cuda.is_available() and cfg.model.device != "cpu" else 0.0
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if cfg.sim.ray_address:
+        init_args["address"] = cfg.sim.ray_address
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}, "init_args": init_args}
+
+
+class FlowerPool:
+    """Runs each round's clients on Flower's simulation engine; see the module docstring.
+
+    Raises:
+        ValueError: a setting this backend cannot honour (named in the message).
+    """
+
+    def __init__(self, cfg: Config, clients: list[Any], num_cpus: float | None = None):
+        problems = []
+        if cfg.sim.keep_optimizer_state:
+            problems.append("sim.keep_optimizer_state: not supported with sim.backend=flower (a client may land "
+                            "on any Ray actor); set it to false or use sim.backend=inproc")
+        if cfg.strategy.name in ("flora", "fedex"):
+            problems.append(f"strategy.name={cfg.strategy.name} changes the frozen base weights, which the "
+                            "Flower actors do not track yet; use sim.backend=inproc or another strategy")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.index = {c.cid: c.index for c in clients}
+        self.cfg_items = config_overrides(cfg)
+        self.backend = backend_config(cfg, num_cpus)
+        self.threads = int(self.backend["client_resources"]["num_cpus"])
+        self._sim = _Simulation(len(clients), self.backend)
+        # Closed when the engine drops the pool (end of run_simulation) or at exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, self._sim.close)
+
+    def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
+        """Send every item at once; yield reply i as soon as it (and all before it) came back."""
+        job = Job(rnd, [(cid, ins, self.index[cid]) for cid, ins in items], self.cfg_items, self.threads)
+        self._sim.jobs.put(job)
+        for i in range(len(items)):
+            with job.cond:
+                while i not in job.replies:
+                    self._sim.check()
+                    job.cond.wait(timeout=1.0)
+                reply = job.replies.pop(i)
+            yield reply
+
+    def close(self) -> None:
+        """End the simulation (the relay's main returns; Flower stops its actors and Ray)."""
+        self._finalizer()
+
+
+class _Simulation:
+    """The background thread running ``flwr.simulation.run_simulation`` with the relay ServerApp."""
+
+    def __init__(self, num_nodes: int, backend: dict[str, Any]):
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(num_nodes, backend), daemon=True,
+                                       name="flower-simulation")
+        self.thread.start()
+
+    def _run(self, num_nodes: int, backend: dict[str, Any]) -> None:
+        from flwr.simulation import run_simulation
+
+        from fedtune.flower.client_app import app
+
+        try:
+            run_simulation(server_app=relay_app(self.jobs, num_nodes), client_app=app, num_supernodes=num_nodes,
+                           backend_config=backend)
+        except BaseException as exc:  # noqa: BLE001 - reported to the waiting fit_round
+            self.error = exc
+
+    def check(self) -> None:
+        if not self.thread.is_alive():
+            raise RuntimeError(f"the Flower simulation stopped: {self.error!r}") from self.error
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.jobs.put(STOP)
+            self.thread.join(timeout=120)

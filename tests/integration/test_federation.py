@@ -1,0 +1,207 @@
+"""Real federations on loopback: one `fedtune server` process and `fedtune client` processes (tiny Llama, fp32).
+
+Determinism is checked against the in-process simulator, honestly: the simulator runs unchanged on the
+whole data set and splits it with its own partitioner; each gRPC client gets a JSONL file holding exactly
+the records that partitioner gave the virtual client of the same index (checked record by record), and
+the client is named like that virtual client (``client-0`` ...). The server loads the simulator's config,
+so it evaluates on the same held-out records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fedtune.config import load_config
+from fedtune.pipeline import load_dataset
+from fedtune.simulation.engine import partition_clients, run_simulation
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[2]
+SCENARIO = ROOT / "simulations" / "tiny.toml"
+QUIET = Console(file=open(os.devnull, "w"), width=200)  # noqa: SIM115
+BASE = ["train.max_steps=2", "eval.samples=0", "sim.num_clients=3", "sim.rounds=3", "sim.partitioner=iid",
+        "data.max_records=90", "federation.rounds=3", "federation.min_clients=3", "federation.round_timeout_s=120",
+        "federation.wait_timeout_s=120", "client.max_backoff_s=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fedtune(*args: str, log: Path) -> subprocess.Popen:
+    """``fedtune COMMAND ...`` as a child process (``python -m fedtune.cli_federation``), output to ``log``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedtune.cli_federation", *args], cwd=ROOT, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float = 1e-6) -> None:
+    x, y = adapter(a), adapter(b)
+    assert x.keys() == y.keys()
+    worst = max(float((x[k] - y[k]).abs().max()) for k in x)
+    assert worst <= atol, f"adapters differ by {worst:.3g}"
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def wait_for(pred, timeout: float, what: str, procs: list[subprocess.Popen] = ()) -> None:  # type: ignore[assignment]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finish(procs: dict[str, subprocess.Popen], logs: Path, timeout: float = 150) -> dict[str, int]:
+    """Wait for every process; on a timeout kill them all and show their logs."""
+    end = time.monotonic() + timeout
+    codes = {}
+    try:
+        for name, p in procs.items():
+            codes[name] = p.wait(timeout=max(1.0, end - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if len(codes) < len(procs) or any(codes.values()):
+        dump = "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(logs.glob("*.log")))
+        raise AssertionError(f"exit codes {codes} (missing: still running, killed)\n{dump}")
+    return codes
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> tuple[Path, Path]:
+    """The reference: the in-process simulation, and per-client JSONL files of its partition."""
+    tmp = tmp_path_factory.mktemp("sim")
+    cfg = load_config(SCENARIO, [*BASE, f"out={tmp / 'sim'}"])
+    run_simulation(cfg, QUIET)
+    train = load_dataset(cfg).train_records
+    for i, part in enumerate(partition_clients(cfg, train)):
+        (tmp / f"client-{i}.jsonl").write_text("".join(json.dumps(train[j]) + "\n" for j in part))
+        # the client reads back exactly the simulator's records, in the same order
+        client_cfg = load_config(SCENARIO, [*BASE, f"data.path={tmp / f'client-{i}.jsonl'}", "data.eval_fraction=0",
+                                            "data.max_records=none"])
+        assert load_dataset(client_cfg).train_records == [train[j] for j in part]
+    return tmp / "sim", tmp
+
+
+def start_federation(tmp: Path, data: Path, port: int, *, server_extra=(), client_extra=None,
+                     names=("client-0", "client-1", "client-2")) -> dict[str, subprocess.Popen]:
+    addr = f"127.0.0.1:{port}"
+    procs = {"server": fedtune("server", str(SCENARIO), *BASE, f"out={tmp / 'run'}", f"server.address={addr}",
+                               *server_extra, log=tmp / "server.log")}
+    for name in names:
+        extra = (client_extra or {}).get(name, ())
+        procs[name] = fedtune("client", str(SCENARIO), *BASE, f"client.name={name}", f"client.server={addr}",
+                              f"data.path={data / (name + '.jsonl')}", "data.eval_fraction=0",
+                              "data.max_records=none", f"out={tmp / name}", *extra, log=tmp / f"{name}.log")
+    return procs
+
+
+def test_three_clients_match_the_simulation(simulated, tmp_path: Path) -> None:
+    sim_run, data = simulated
+    procs = start_federation(tmp_path, data, free_port())
+    finish(procs, tmp_path)
+    run = tmp_path / "run"
+    assert_same_adapter(run, sim_run)
+    got, want = metrics(run), metrics(sim_run)
+    assert [r["round"] for r in got] == [0, 1, 2, 3]
+    for g, w in zip(got, want, strict=True):
+        assert g["eval_loss"] == pytest.approx(w["eval_loss"], abs=1e-5)
+        assert (g["clients_ok"], g["clients_failed"], g["bytes_up"]) == \
+               (w["clients_ok"], w["clients_failed"], w["bytes_up"])
+        # the server also sends each client its training seed ({"seed": N} in the header)
+        assert 0 <= g["bytes_down"] - w["bytes_down"] <= 32 * g["clients_ok"]
+    assert all((run / f).exists() for f in ("config.toml", "plot.png", "adapter/adapter_config.json"))
+    assert "the federation is done" in (tmp_path / "client-1.log").read_text()
+
+
+def test_server_killed_and_restarted_resumes_to_the_same_adapter(simulated, tmp_path: Path) -> None:
+    sim_run, data = simulated
+    port = free_port()
+    procs = start_federation(tmp_path, data, port)
+    run = tmp_path / "run"
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2, 120, "round 1")
+    except AssertionError:
+        finish(procs, tmp_path, timeout=1)
+        raise
+    procs["server"].send_signal(signal.SIGKILL)
+    procs["server"].wait()
+    killed_after = len(metrics(run)) - 1
+    time.sleep(1.0)
+    procs["server"] = fedtune("server", str(SCENARIO), *BASE, f"out={run}", f"server.address=127.0.0.1:{port}",
+                              log=tmp_path / "server-restarted.log")
+    finish(procs, tmp_path)
+    log = (tmp_path / "server-restarted.log").read_text()
+    assert "resuming" in log, log
+    assert killed_after < 3, "the server finished before it was killed: nothing was tested"
+    assert [r["round"] for r in metrics(run)] == [0, 1, 2, 3]
+    assert_same_adapter(run, sim_run)
+    assert any("reconnecting" in (tmp_path / f"client-{i}.log").read_text() for i in range(3))
+
+
+def server_status(port: int) -> tuple[int, dict[str, str]]:
+    from fedtune.server.coordinator import OBSERVER
+    from fedtune.transport import FederationClient
+
+    with FederationClient(f"127.0.0.1:{port}", "test-observer", fingerprint=OBSERVER, heartbeat=False) as fc:
+        st, _ = fc.status()
+    return st.round, st.detail
+
+
+def test_client_killed_mid_round_the_rest_finish(simulated, tmp_path: Path) -> None:
+    _, data = simulated
+    port = free_port()
+    # client-2 trains far longer than the others, so it is surely mid-round when it is killed
+    procs = start_federation(tmp_path, data, port, server_extra=["federation.min_clients=2"],
+                             client_extra={"client-2": ["train.max_steps=400"]})
+    seen: dict[str, str] = {}
+
+    def client2_is_awaited() -> bool:
+        try:
+            _, detail = server_status(port)
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+        seen.update(detail)
+        return detail.get("waiting_for") == "client-2"
+
+    try:
+        wait_for(client2_is_awaited, 120, "a round in which only client-2 is still training")
+    except AssertionError:
+        finish(procs, tmp_path, timeout=1)
+        raise
+    procs.pop("client-2").kill()
+    finish(procs, tmp_path)
+    rows = [r for r in metrics(tmp_path / "run") if r["round"] >= 1]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    hit = [r for r in rows if "client-2" in r["failures"]]
+    assert len(hit) == 1, rows
+    assert hit[0]["clients_ok"] == 2 and hit[0]["clients_failed"] == 1 and hit[0]["applied"]
+    assert "lost" in hit[0]["failures"]["client-2"]
+    assert all(r["clients_ok"] == 2 and r["applied"] for r in rows)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
