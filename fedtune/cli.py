@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
+    except Exception as exc:
         if os.environ.get("FEDTUNE_DEBUG"):
             raise
         print(f"fedtune {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

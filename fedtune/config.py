@@ -9,6 +9,7 @@ README reference are generated from it (``describe()``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import tomllib
 import types
@@ -278,7 +279,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text) or {}
         else:
             data = tomllib.loads(text)
-    except Exception as exc:  # noqa: BLE001 - any parser error becomes one clear line
+    except Exception as exc:
         raise ConfigError([f"{p}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'TOML'}: {exc}"]) from exc
     if not isinstance(data, dict):
         raise ConfigError([f"{p}: the top level must be a table of sections"])
@@ -341,8 +342,6 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"quant.double_quant: only applies to quant.mode nf4 or fp4, not {q.mode!r}")
     if a.method == "vera" and a.target_modules == ["all-linear"]:
         p.append("adapter.target_modules: vera needs modules of one shape family; name them (e.g. [\"q_proj\", \"v_proj\"])")
-    if cfg.model.task == "seq_cls" and cfg.model.name == "smollm2-135m" and cfg.model.num_labels is None:
-        pass  # num_labels comes from the data
     if cfg.eval.batch_size <= 0:
         p.append(f"eval.batch_size: got {cfg.eval.batch_size}, must be a positive integer")
     if cfg.strategy.name == "ffa" and a.method != "lora_fa":
@@ -393,7 +392,7 @@ def _attribute_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
-    for stmt, nxt in zip(body, body[1:], strict=False):
+    for stmt, nxt in itertools.pairwise(body):
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr) \
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())

@@ -58,8 +58,8 @@ def run_train(cfg: Config, console: Console) -> TrainSummary:
     tok = lm.tokenizer
     train_ex = encode(data.train_records, tok, cfg)
     eval_ex = encode(data.eval_records, tok, cfg, for_training=False)
-    eval_kw = dict(device=lm.device, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
-                   max_batches=cfg.eval.max_batches, compute_dtype=lm.compute_dtype)
+    eval_kw = {"device": lm.device, "pad_id": tok.pad_token_id, "batch_size": cfg.eval.batch_size,
+               "max_batches": cfg.eval.max_batches, "compute_dtype": lm.compute_dtype}
     prompts = [r["prompt"] for r in data.eval_records if "prompt" in r][: cfg.eval.samples]
     gen = cfg.model.task == "causal_lm" and cfg.eval.samples > 0
     before = evaluate(lm.model, eval_ex, **eval_kw)

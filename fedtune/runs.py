@@ -75,11 +75,13 @@ class RunDir:
         save_config(cfg, tmp)
         os.replace(tmp, self.path / "config.toml")
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], durable: bool = False) -> None:
+        """Append one JSON line; ``durable`` fsyncs it (round records), per-step lines are only flushed."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
 
     def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
         """Keep only ``records`` (a resumed run drops the lines of rounds after its checkpoint)."""

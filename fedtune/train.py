@@ -140,20 +140,24 @@ def train_local(
                 if k in by_key]
     use_autocast = tcfg.bf16 and compute_dtype != torch.float32
     data = batches(examples, tcfg.batch_size, pad_id, seed)
+    pin = device.type == "cuda"
     model.train()
     losses: list[float] = []
     tokens = 0
     start = time.perf_counter()
+    upcoming = next(data)
     for step in range(steps):
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for _ in range(tcfg.grad_accum):
-            batch = {k: v.to(device) for k, v in next(data).items()}
+            cpu_batch = upcoming
+            tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU: no device sync
+            batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in cpu_batch.items()}
             with autocast_for(device, compute_dtype, use_autocast):
                 out = model(**batch)
             loss = out.loss.float() / tcfg.grad_accum
             loss.backward()
-            step_loss += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
+            step_loss += loss.detach()
+            upcoming = next(data)  # collate the next batch while the device works
         if refs:
             prox = sum(((p.float() - r) ** 2).sum() for p, r in refs) * (mu / 2)
             prox.backward()  # type: ignore[union-attr]
@@ -162,11 +166,12 @@ def train_local(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
+        value = float(step_loss)  # the one device sync of a step
+        losses.append(value)
         if on_step is not None and (step + 1) % tcfg.log_every == 0:
-            on_step({"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+            on_step({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]})
         if progress is not None:
-            progress(step + 1, steps, step_loss)
+            progress(step + 1, steps, value)
     seconds = time.perf_counter() - start
     model.eval()
     metrics = {

@@ -83,5 +83,4 @@ def train(msg: Message, context: Context) -> Message:
     site, lm = site_for(items)
     reply, _ = fit(lm, client_examples(site, lm, index), site.cfg, ins,
                    seed=client_seed(site.cfg.seed, ins.round, index))
-    reply.metrics["actor_model_loads"] = float(LOADS["models"])
     return Message(reply_to_content(reply), reply_to=msg)

