@@ -41,7 +41,9 @@ class SimConfig:
     corrupt_prob: float = opt(0.0, "probability that a client's update is corrupted")
     corrupt_kind: Literal["nan", "scale"] = opt("nan", "corruption: nan values or scaled by sim.corrupt_scale")
     corrupt_scale: float = opt(100.0, "factor of a scaled corrupted update")
-    keep_optimizer_state: bool = opt(False, "each client keeps its own optimizer state across rounds (on CPU)")
+    keep_optimizer_state: bool = opt(False, "each client keeps its own optimizer state across rounds")
+    optimizer_state_on: Literal["cpu", "disk"] = opt(
+        "cpu", "where kept optimizer states live: cpu memory, or disk (run folder, for many clients)")
     ray_address: str | None = opt(None, "Ray cluster address for backend=flower (unset: a local Ray)")
 
     def validate(self) -> list[str]:

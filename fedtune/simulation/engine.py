@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from rich.console import Console
 
 from fedtune.adapters import get_state, set_state
@@ -44,7 +45,6 @@ class VirtualClient:
     index: int
     records: list[dict[str, Any]]
     examples: list[dict[str, Any]]
-    optimizer_state: dict[str, Any] | None = None
 
 
 class ClientPool(Protocol):
@@ -53,27 +53,61 @@ class ClientPool(Protocol):
     def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]: ...
 
 
+class OptimizerStore:
+    """Per-client optimizer states kept across rounds: in CPU memory, or spilled to the run folder.
+
+    On disk each state is written per round (``optimizer/<client>.r<round>.pt``), so a resumed run reads
+    the state as of its checkpoint even if the killed run had gone further.
+    """
+
+    def __init__(self, where: str, folder: Path, upto_round: int | None = None):
+        self.where, self.folder, self.memory = where, folder / "optimizer", {}
+        self.upto = upto_round
+
+    def get(self, cid: str) -> dict[str, Any] | None:
+        if self.where == "cpu":
+            return self.memory.get(cid)
+        files = sorted(self.folder.glob(f"{cid}.r*.pt"), key=lambda p: int(p.stem.rsplit(".r", 1)[1]))
+        files = [f for f in files if self.upto is None or int(f.stem.rsplit(".r", 1)[1]) <= self.upto]
+        return torch.load(files[-1], weights_only=False) if files else None
+
+    def put(self, cid: str, rnd: int, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        if self.where == "cpu":
+            self.memory[cid] = state
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.folder / f"{cid}.r{rnd}.pt")
+        for old in self.folder.glob(f"{cid}.r*.pt"):
+            if int(old.stem.rsplit(".r", 1)[1]) < rnd:
+                old.unlink()
+        self.upto = None
+
+
 class InProcPool:
     """Every virtual client trains in this process on the one shared model, one after the other."""
 
-    def __init__(self, cfg: Config, lm: LoadedModel, clients: list[VirtualClient]):
-        self.cfg, self.lm, self.clients = cfg, lm, {c.cid: c for c in clients}
+    def __init__(self, cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore):
+        self.cfg, self.lm, self.clients, self.store = cfg, lm, {c.cid: c for c in clients}, store
 
     def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
+        keep = self.cfg.sim.keep_optimizer_state
         for cid, ins in items:  # lazily: the strategy consumes each reply before the next client trains
             client = self.clients[cid]
-            reply, client.optimizer_state = fit(
+            reply, opt_state = fit(
                 self.lm, client.examples, self.cfg, ins, seed=client_seed(self.cfg.seed, rnd, client.index),
-                optimizer_state=client.optimizer_state, keep_optimizer_state=self.cfg.sim.keep_optimizer_state)
+                optimizer_state=self.store.get(cid) if keep else None, keep_optimizer_state=keep)
+            self.store.put(cid, rnd, opt_state)
             yield reply
 
 
-def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient]) -> ClientPool:
+def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore) -> ClientPool:
     if cfg.sim.backend == "flower":
         from fedtune.simulation.flower_backend import FlowerPool
 
         return FlowerPool(cfg, clients)
-    return InProcPool(cfg, lm, clients)
+    return InProcPool(cfg, lm, clients, store)
 
 
 @dataclass
@@ -96,6 +130,14 @@ def strategy_config(cfg: Config, quantized: bool) -> StrategyConfig:
         quantized_base=quantized,
         clients_per_round=int(per_round) if per_round >= 1 else 0,
         fraction=per_round if 0 < per_round < 1 else 1.0 if per_round == 0 else s.fraction)
+
+
+def clients_per_round(cfg: Config) -> int:
+    """How many clients a federated round of ``cfg`` samples (what the centralized baseline must match)."""
+    n, k = cfg.sim.num_clients, cfg.sim.clients_per_round
+    if k == 0:
+        return n
+    return max(1, round(k * n)) if k < 1 else int(k)
 
 
 def partition_clients(cfg: Config, records: list[dict[str, Any]]) -> list[list[int]]:
@@ -157,6 +199,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     if mode == "local-only":
         return _local_only(cfg, console, run, lm, clients, initial, eval_ex, eval_kw, prompts, answers)
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized))
+    store = OptimizerStore(cfg.sim.optimizer_state_on, run.path)
     global_state = initial
     before = evaluate(lm.model, eval_ex, **eval_kw)
     samples_before = answers()
@@ -168,8 +211,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                                                                          ckpt.before, ckpt.samples_before)
         for upd in base_updates:
             apply_base_update(lm.model, upd, lm.quantized)
-        for c in clients:
-            c.optimizer_state = ckpt.optimizer_states.get(c.cid)
+        store.memory.update(ckpt.optimizer_states)
+        store.upto = ckpt.round
         rounds = run.read_metrics()
         rounds = [r for r in rounds if r.get("round", 0) <= ckpt.round]
         run.rewrite_metrics(rounds)
@@ -180,12 +223,16 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                  "seconds": 0.0})
     total_rounds = 1 if mode == "centralized" and cfg.sim.rounds < 1 else cfg.sim.rounds
     full_bytes = full_model_bytes(lm)
-    pool = make_pool(cfg, lm, clients)
+    pool = make_pool(cfg, lm, clients, store)
+    centralized_steps = cfg.train.max_steps * clients_per_round(cfg)
     for rnd in range(start_round, total_rounds + 1):
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 7919 + rnd)
         ids = [c.cid for c in clients]
         instructions = strategy.configure(rnd, ids, global_state, rng)
+        if mode == "centralized":  # one client with all the data takes every federated client's steps
+            instructions = {cid: dataclasses.replace(ins, train={**ins.train, "max_steps": centralized_steps})
+                            for cid, ins in instructions.items()}
         traffic = {"up": 0, "down": 0}
 
         faults = {cid: inject(cfg.sim, rng) for cid in instructions}
@@ -248,8 +295,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         save_checkpoint(run.path, Checkpoint(round=rnd, state=global_state, strategy=strategy,
                                              base_updates=base_updates, before=before,
                                              samples_before=samples_before,
-                                             optimizer_states={c.cid: c.optimizer_state for c in clients
-                                                               if c.optimizer_state is not None}))
+                                             optimizer_states=store.memory))
     set_state(lm.model, global_state)
     after = {k: v for k, v in rounds[-1].items() if k in ("eval_loss", "perplexity", "accuracy")} if rounds else before
     samples_after = answers()

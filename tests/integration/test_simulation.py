@@ -131,3 +131,25 @@ def test_resume_after_kill_gives_the_same_adapter(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     rounds = [json.loads(x)["round"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3]
+
+
+def test_optimizer_state_on_disk_matches_memory(tmp_path: Path) -> None:
+    opts = ("sim.keep_optimizer_state=true", "train.max_steps=2")
+    _run(tmp_path / "cpu", *opts)
+    _, run = _run(tmp_path / "disk", *opts, "sim.optimizer_state_on=disk")
+    assert sorted(p.name for p in (run / "optimizer").iterdir()) == [f"client-{i}.r2.pt" for i in range(3)]
+    a, b = _adapter(tmp_path / "cpu" / "run"), _adapter(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = _adapter(_run(tmp_path / "fresh", "train.max_steps=2")[1])
+    assert any(not torch.equal(a[k], fresh[k]) for k in a), "kept optimizer state must change round 2"
+
+
+def test_baselines_centralized_and_local_only(tmp_path: Path) -> None:
+    central, run = _run(tmp_path / "c", "sim.mode=centralized")
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in steps] == [0, 1, 2]
+    assert steps[-1]["clients_ok"] == 1
+    local, run = _run(tmp_path / "l", "sim.mode=local-only")
+    per_client = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"client"' in x]
+    assert len(per_client) == 3 and all(r["steps"] == 2 for r in per_client)
+    assert "eval_loss" in local.after

@@ -1,0 +1,86 @@
+"""RoundCoordinator without a network: registration, round bookkeeping, deadlines, refusals."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from fedtune.server.coordinator import OBSERVER, RoundCoordinator, fingerprint_diff, natural_key
+from fedtune.transport import ConfigMismatch, DecodedTensor, MessageRejected, UpdateHeader
+from fedtune.types import Instructions
+
+FP = json.dumps({"model": "tiny-llama", "adapter": {"r": 4, "alpha": 8.0}}, sort_keys=True)
+STATE = {"l.lora_A.weight": torch.zeros(4, 8), "l.lora_B.weight": torch.zeros(8, 4)}
+
+
+def _coord(nodes=("a", "b")) -> RoundCoordinator:
+    c = RoundCoordinator(FP, 3, silence_s=60)
+    for n in nodes:
+        c.register(n, FP)
+    return c
+
+
+def _tensors(state):
+    return iter([DecodedTensor("state", k, v) for k, v in state.items()])
+
+
+def _header(node, rnd=1):
+    return UpdateHeader(round=rnd, phase="train", node=node, num_examples=4)
+
+
+def test_natural_order_and_fingerprint_diff() -> None:
+    assert sorted(["client-10", "client-2", "client-1"], key=natural_key) == ["client-1", "client-2", "client-10"]
+    other = json.dumps({"model": "tiny-llama", "adapter": {"r": 8, "alpha": 8.0}})
+    assert fingerprint_diff(FP, other) == ["adapter.r: server has 4, node has 8"]
+
+
+def test_registration_refuses_another_config_and_keeps_observers_apart() -> None:
+    c = _coord()
+    with pytest.raises(ConfigMismatch, match="adapter.r: server has 4, node has 8"):
+        c.register("x", json.dumps({"model": "tiny-llama", "adapter": {"r": 8, "alpha": 8.0}}))
+    c.register("watch", OBSERVER)
+    assert c.live_clients() == ["a", "b"]
+
+
+def test_round_collects_replies_refuses_bad_ones_and_times_out_stragglers() -> None:
+    c = _coord(("a", "b", "m"))
+    ins = {n: Instructions(round=1, client_id=n, state=STATE) for n in ("a", "b", "m")}
+    c.open_round(1, ins, deadline_s=1.0, buffer=2)
+    assert c.next_instructions("a", 0.1) is ins["a"]
+    c.submit("a", _header("a"), _tensors({k: v + 1 for k, v in STATE.items()}))
+    with pytest.raises(MessageRejected, match="already answered"):
+        c.submit("a", _header("a"), _tensors(STATE))
+    with pytest.raises(MessageRejected, match="round 7"):
+        c.submit("b", _header("b", 7), _tensors(STATE))
+    with pytest.raises(MessageRejected, match="shape"):
+        c.submit("m", _header("m"), _tensors({"l.lora_A.weight": torch.zeros(5, 8)}))
+    t0 = time.monotonic()
+    replies = {r.client_id: r for r in c.replies()}  # b never answers: left out at the deadline
+    assert 0.8 < time.monotonic() - t0 < 3
+    assert replies["a"].ok and replies["a"].bytes_up > 0
+    assert "shape" in replies["m"].error and "deadline" in replies["b"].error
+    assert c.rejected == 3
+    with pytest.raises(MessageRejected, match="not collecting"):
+        c.submit("b", _header("b"), _tensors(STATE))
+
+
+def test_buffer_is_bounded_and_stop_reaches_every_node() -> None:
+    c = _coord(("a", "b", "c"))
+    c.open_round(1, {n: Instructions(round=1, client_id=n, state=STATE) for n in "abc"}, deadline_s=10, buffer=1)
+    c.submit("a", _header("a"), _tensors(STATE))
+    blocked = threading.Thread(target=c.submit, args=("b", _header("b"), _tensors(STATE)))
+    blocked.start()
+    time.sleep(0.3)
+    assert blocked.is_alive()  # waits for the aggregator to take "a"
+    it = c.replies()
+    assert next(it).client_id == "a"
+    blocked.join(2)
+    assert not blocked.is_alive()
+    c.submit("c", _header("c"), _tensors(STATE))
+    assert sorted(r.client_id for r in it) == ["b", "c"]
+    c.finish()
+    assert c.next_instructions("a", 1).phase == "stop"
