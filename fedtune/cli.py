@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last completed round")
     with_config(p)
     sub.add_parser("config", help=cmd_config.__doc__, description=cmd_config.__doc__)
+    from fedtune.cli_federation import register as register_federation
+
+    register_federation(sub, COMMANDS)
     return parser
 
 

@@ -139,13 +139,13 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.rounds=5 client.name=site-a")
         return p
 
-    p = subparsers.add_parser("server", help=cmd_server.__doc__, description=cmd_server.__doc__ + (
+    p = subparsers.add_parser("server", help=cmd_server.__doc__, description=(cmd_server.__doc__ or "") + (
         " Listens on server.address with TLS and the node allow-list of server.keys_dir; resumes from the last "
         "completed round when out= holds a checkpoint of the same run."))
     p.add_argument("--address", help="host:port to listen on (overrides server.address)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (server.insecure=true)")
     with_config(p)
-    p = subparsers.add_parser("client", help=cmd_client.__doc__, description=cmd_client.__doc__ + (
+    p = subparsers.add_parser("client", help=cmd_client.__doc__, description=(cmd_client.__doc__ or "") + (
         " Connects to client.server as client.name with keys from client.keys_dir (ca.pem, nodes/<name>.key)."))
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (client.insecure=true)")
     with_config(p)
@@ -154,7 +154,7 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p.add_argument("--keys-dir", help="keys folder with ca.pem and nodes/<name>.key (omit for plaintext loopback)")
     p.add_argument("--name", default="operator", help="key to authenticate with (default: operator)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback")
-    p = subparsers.add_parser("keys", help=cmd_keys.__doc__, description=cmd_keys.__doc__ + (
+    p = subparsers.add_parser("keys", help=cmd_keys.__doc__, description=(cmd_keys.__doc__ or "") + (
         " Run again with more --nodes to add sites; the CA and existing keys are kept."))
     p.add_argument("out_dir", help="keys folder (created)")
     p.add_argument("--nodes", help="comma-separated node names, e.g. site-a,site-b,site-c")

@@ -70,8 +70,8 @@ class SimConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     rounds: int = opt(3, "rounds the coordinator runs")
-    min_clients: int = opt(2, "clients that must be connected before a round starts, and valid replies a "
-                           "round needs to be applied")
+    min_clients: int = opt(2, "clients that must be connected before a round starts (the valid replies a round "
+                           "needs to be applied are strategy.min_replies)")
     clients_per_round: float = opt(0, "clients sampled each round: 0 for all connected, a fraction (< 1) or a "
                                    "count (>= 1)")
     round_timeout_s: float = opt(600.0, "seconds to wait for updates; later ones are left out of the round")

@@ -46,7 +46,7 @@ def fedtune(*args: str, log: Path) -> subprocess.Popen:
     """``fedtune COMMAND ...`` as a child process (``python -m fedtune.cli_federation``), output to ``log``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedtune.cli_federation", *args], cwd=ROOT, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -167,19 +167,21 @@ def test_server_killed_and_restarted_resumes_to_the_same_adapter(simulated, tmp_
 
 def server_status(port: int) -> tuple[int, dict[str, str]]:
     from fedtune.server.coordinator import OBSERVER
-    from fedtune.transport import FederationClient
+    from fedtune.transport import Backoff, FederationClient
 
-    with FederationClient(f"127.0.0.1:{port}", "test-observer", fingerprint=OBSERVER, heartbeat=False) as fc:
+    with FederationClient(f"127.0.0.1:{port}", "test-observer", fingerprint=OBSERVER, heartbeat=False,
+                          backoff=Backoff(max_attempts=1)) as fc:
         st, _ = fc.status()
     return st.round, st.detail
 
 
+@pytest.mark.slow
 def test_client_killed_mid_round_the_rest_finish(simulated, tmp_path: Path) -> None:
     _, data = simulated
     port = free_port()
     # client-2 trains far longer than the others, so it is surely mid-round when it is killed
     procs = start_federation(tmp_path, data, port, server_extra=["federation.min_clients=2"],
-                             client_extra={"client-2": ["train.max_steps=150"]})
+                             client_extra={"client-2": ["train.max_steps=400"]})
     seen: dict[str, str] = {}
 
     def client2_is_awaited() -> bool:

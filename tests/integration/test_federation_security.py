@@ -22,7 +22,6 @@ from fedtune.config import fingerprint, load_config
 from fedtune.transport import Backoff, FederationClient, create_keys
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
-from fedtune.transport._proto import tensor_pb2 as tpb
 from fedtune.transport.codec import encode_state
 from fedtune.transport.security import channel_credentials
 from tests.integration.test_federation import BASE, SCENARIO, fedtune, finish, free_port, metrics
@@ -64,7 +63,7 @@ HOSTILE = [
 def _hostile_update(ins, node: str, corrupt_state, corrupt_chunks) -> list[fpb.UpdateChunk]:
     state = corrupt_state({k: v.clone() for k, v in ins.state.items()})
     # one tensor is enough to be refused; a single-tensor stream keeps the truncation inside a tensor
-    name = sorted(state)[0]
+    name = min(state)
     chunks = list(encode_state({name: state[name]}, chunk_size=256))
     if corrupt_chunks:
         chunks = corrupt_chunks(chunks)

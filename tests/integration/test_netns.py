@@ -29,10 +29,10 @@ def _netns_available() -> str | None:
     if shutil.which("ip") is None:
         return "the `ip` tool (iproute2) is not installed"
     probe = f"ft-probe-{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    r = subprocess.run(["ip", "netns", "add", probe], check=False, capture_output=True, text=True)
     if r.returncode != 0:
         return f"`ip netns add` fails here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], check=False, capture_output=True)
     return None
 
 
@@ -69,7 +69,7 @@ def test_server_and_clients_in_separate_namespaces_over_tls(tmp_path: Path) -> N
 
         def run_in(ns: str, log: str, *args: str) -> subprocess.Popen:
             return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "fedtune.cli_federation", *args],
-                                    cwd=ROOT, env=env, stdout=open(tmp_path / log, "w"),  # noqa: SIM115
+                                    cwd=ROOT, env=env, stdout=open(tmp_path / log, "w"),
                                     stderr=subprocess.STDOUT)
 
         procs["server"] = run_in(srv, "server.log", "server", *common, f"out={tmp_path / 'run'}",
@@ -84,9 +84,9 @@ def test_server_and_clients_in_separate_namespaces_over_tls(tmp_path: Path) -> N
             if p.poll() is None:
                 p.kill()
         for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
     assert "(TLS, allow-list" in (tmp_path / "server.log").read_text()
     rows = [r for r in metrics(tmp_path / "run") if r["round"] >= 1]
     assert [(r["clients_ok"], r["clients_failed"]) for r in rows] == [(2, 0), (2, 0)]
-    leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    leftover = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
     assert tag not in leftover
