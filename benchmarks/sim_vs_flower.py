@@ -47,7 +47,8 @@ def run_child(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--out", str(out)]
         if spec.get("script"):
             cmd[1] = spec["script"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)), "FEDTUNE_RAY_CPUS": str(spec.get("cpus", 2))}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         peak = {"bytes": 0}
         stop = threading.Event()
 
@@ -109,6 +110,9 @@ def child_anchor(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_main(spec: dict[str, Any], out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(int(spec.get("threads", 1)))
     fn = {"inproc": child_fedtune, "fedtune-flower": child_fedtune, "flowertune": child_anchor}[spec["kind"]]
     out.write_text(json.dumps(fn(spec)))
 
@@ -116,19 +120,24 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
 # ---------------------------------------------------------------- the benchmark
 
 
-def spec_for(kind: str, n: int, rounds: int, cpus: float) -> dict[str, Any]:
+def spec_for(kind: str, n: int, rounds: int, cpus: float, threads: int) -> dict[str, Any]:
     overrides = [*FEDERATION, f"sim.num_clients={n}", f"sim.rounds={rounds}"]
     if kind == "fedtune-flower":
         overrides.append("sim.backend=flower")
-    return {"kind": kind, "overrides": overrides, "num_clients": n, "rounds": rounds, "cpus": cpus}
+    return {"kind": kind, "overrides": overrides, "num_clients": n, "rounds": rounds, "cpus": cpus,
+            "threads": threads}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="N = 2 only")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--flower-cpus", type=float, default=1.0,
-                    help="CPUs per Flower actor (1: one actor per core, Flower's most parallel setting here)")
+    ap.add_argument("--flower-cpus", type=float, default=2.0,
+                    help="CPUs per Flower actor (2 on this 2-core machine: one actor, the same compute as fedtune's "
+                         "one process; 1: one actor per core)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch/OpenMP threads per process (1: on a shared, oversubscribed CPU two OpenMP threads "
+                         "per process made a step 3-17x slower)")
     ap.add_argument("--with-fedtune-flower", action="store_true", help="also run fedtune's sim.backend=flower")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -142,7 +151,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for n in sizes:
         for kind in kinds:
-            res = run_child(spec_for(kind, n, args.rounds, args.flower_cpus))
+            res = run_child(spec_for(kind, n, args.rounds, args.flower_cpus, args.threads))
             res.update(kind=kind, num_clients=n, loadavg_after=os.getloadavg())
             res["mean_round_s"] = sum(res["round_s"]) / len(res["round_s"])
             res["steady_round_s"] = res["round_s"][-1]
@@ -170,7 +179,7 @@ def main() -> None:
     targets = {"num_clients": last["num_clients"], "faster_2x": last["speedup_mean"] >= 2.0,
                "half_memory": last["memory_ratio"] <= 0.5}
     path = write_json("sim_vs_flower.json" if not args.quick else "sim_vs_flower_quick.json", {
-        "federation": FEDERATION, "rounds": args.rounds, "flower_cpus_per_actor": args.flower_cpus,
+        "federation": FEDERATION, "rounds": args.rounds, "flower_cpus_per_actor": args.flower_cpus, "threads": args.threads,
         "runs": runs, "compare": compare, "targets": targets, "loadavg_before": load_before, "loadavg": load,
         "machine": machine_info(), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"targets at N={last['num_clients']}: {targets}; wrote {path}")

@@ -58,7 +58,8 @@ class FlowerPool:
         self.index = {c.cid: c.index for c in clients}
         self.cfg_items = config_overrides(cfg)
         self.backend = backend_config(cfg, num_cpus)
-        self.threads = int(self.backend["client_resources"]["num_cpus"])
+        # Actors compute with this process's thread count (capped by their CPUs): same math as inproc.
+        self.threads = max(1, min(torch.get_num_threads(), int(self.backend["client_resources"]["num_cpus"])))
         self._sim = _Simulation(len(clients), self.backend)
         # Closed when the engine drops the pool (end of run_simulation) or at exit, whichever comes first.
         self._finalizer = weakref.finalize(self, self._sim.close)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.test_federation import BASE, ROOT, SCENARIO, finish, metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _netns_available() -> str | None:
