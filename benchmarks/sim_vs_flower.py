@@ -90,8 +90,12 @@ def child_fedtune(spec: dict[str, Any]) -> dict[str, Any]:
         result = run_simulation(cfg, Console(file=open(os.devnull, "w")))  # noqa: SIM115
         total = time.perf_counter() - t0
     rounds = [r for r in result.rounds if r.get("round", 0) >= 1]
-    return {"round_s": [r["seconds"] for r in rounds], "run_s": total,
-            "clients_ok": [r["clients_ok"] for r in rounds]}
+    from _common import peak_rss_bytes
+
+    return {"round_s": [r["seconds"] for r in rounds], "run_s": total, "vmhwm_bytes": peak_rss_bytes(),
+            "clients_ok": [r["clients_ok"] for r in rounds], "before": result.before, "after": result.after,
+            "rounds": [{k: r.get(k) for k in ("round", "eval_loss", "accuracy", "seconds")} for r in result.rounds
+                       if "round" in r]}
 
 
 def child_anchor(spec: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +117,8 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 1)))
-    fn = {"inproc": child_fedtune, "fedtune-flower": child_fedtune, "flowertune": child_anchor}[spec["kind"]]
+    fn = {"inproc": child_fedtune, "fedtune-flower": child_fedtune, "flowertune": child_anchor}.get(
+        spec["kind"], child_fedtune)
     out.write_text(json.dumps(fn(spec)))
 
 

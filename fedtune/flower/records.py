@@ -66,7 +66,7 @@ def instructions_to_content(ins: Instructions, index: int, cfg_items: list[str],
 
 
 def content_to_instructions(content: RecordDict) -> tuple[Instructions, int, list[str], int]:
-    meta = content.config_records["meta"]
+    meta: dict[str, Any] = dict(content.config_records["meta"])
     rank = int(meta["rank"])
     ins = Instructions(round=int(meta["round"]), client_id=str(meta["client_id"]),
                        state=record_to_state(content.array_records["state"], list(meta["dtypes"])),
@@ -87,11 +87,11 @@ def reply_to_content(reply: ClientReply) -> RecordDict:
 
 
 def content_to_reply(content: RecordDict) -> ClientReply:
-    meta = content.config_records["meta"]
+    meta: dict[str, Any] = dict(content.config_records["meta"])
     state = None
     if "state" in content.array_records:
         state = record_to_state(content.array_records["state"], list(meta["dtypes"]))
     rank = int(meta["rank"])
     return ClientReply(client_id=str(meta["client_id"]), round=int(meta["round"]), state=state,
-                       num_examples=int(meta["num_examples"]), metrics=dict(content.metric_records["metrics"]),
+                       num_examples=int(meta["num_examples"]), metrics={k: float(v) for k, v in content.metric_records["metrics"].items()},  # type: ignore[arg-type]
                        error=str(meta["error"]) or None, rank=None if rank < 0 else rank)

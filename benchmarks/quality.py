@@ -1,0 +1,111 @@
+"""Does federation pay off? Held-out loss of centralized, federated and local-only training on ChatterBot.
+
+SmolLM2-135M, 8 clients holding disjoint ChatterBot categories (partitioner=category, 1 slot each: the
+pathological non-IID split), LoRA r=8 on q,v, batch 4 at seq 64. Every arm takes the same total number of
+local steps: federated R rounds x 8 clients x S steps; centralized (sim.mode=centralized: one client with all
+the data) R rounds x 8*S steps; local-only (sim.mode=local-only) each client R*S steps on its own data,
+scored as the mean over clients. The score is the global held-out eval loss (eval.max_batches batches);
+improvement = loss before - loss after. Before the arms, a few steps in NF4 and in bf16 (quant.mode=none) are
+timed and the faster one is used (both are reported).
+
+    .venv/bin/python benchmarks/quality.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import machine_info, print_table, write_json
+from sim_vs_flower import run_child
+
+QUANT = {"nf4": ["quant.mode=nf4", "quant.compute_dtype=bf16"], "bf16": ["quant.mode=none", "quant.compute_dtype=bf16"]}
+
+
+def base(rounds: int, steps: int, clients: int, eval_batches: int) -> list[str]:
+    return ["model.name=smollm2-135m", "adapter.r=8", "adapter.alpha=16", "adapter.target_modules=[q_proj,v_proj]",
+            f"train.max_steps={steps}", "train.batch_size=4", "train.seq_len=64", "train.lr=1e-3",
+            f"sim.num_clients={clients}", f"sim.rounds={rounds}", "sim.partitioner=category",
+            "sim.categories_per_client=1", "eval.samples=0", "eval.batch_size=8", f"eval.max_batches={eval_batches}"]
+
+
+def arms(rounds: int, steps: int, clients: int) -> dict[str, list[str]]:
+    return {
+        "centralized": ["sim.mode=centralized", f"train.max_steps={steps * clients}"],
+        "fedavg": ["strategy.name=fedavg"],
+        "svd": ["strategy.name=svd"],
+        "ffa": ["strategy.name=ffa", "adapter.method=lora_fa"],
+        "local-only": ["sim.mode=local-only"],
+    }
+
+
+def time_quant(steps: int = 3) -> dict[str, float]:
+    """Seconds per local step of one client in each quantization (1 round of ``steps`` steps, 1 client)."""
+    out = {}
+    for name, q in QUANT.items():
+        spec = {"kind": "inproc", "threads": 1,
+                "overrides": [*base(1, steps, 1, 1), *q, "sim.partitioner=iid"]}
+        res = run_child(spec)
+        out[name] = res["round_s"][0] / steps
+        print(f"{name}: {out[name]:.2f} s per step (incl. 1 eval batch)", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 round of 1 step, fedavg and centralized only")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="local steps per client per round")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 scored")
+    ap.add_argument("--quant", choices=["auto", *QUANT], default="auto")
+    args = ap.parse_args()
+    rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    step_s = time_quant() if args.quant == "auto" else {}
+    quant = min(step_s, key=step_s.get) if step_s else args.quant
+    todo = arms(rounds, steps, args.clients)
+    if args.quick:
+        todo = {k: todo[k] for k in ("centralized", "fedavg")}
+    results: dict[str, dict[str, Any]] = {}
+    for name, extra in todo.items():
+        spec = {"kind": "inproc", "threads": 1,
+                "overrides": [*base(rounds, steps, args.clients, args.eval_batches), *QUANT[quant], *extra]}
+        res = run_child(spec)
+        before, after = res["before"]["eval_loss"], res["after"]["eval_loss"]
+        results[name] = {"before": before, "after": after, "improvement": before - after, "wall_s": res["wall_s"],
+                         "rounds": res["rounds"], "overrides": spec["overrides"]}
+        print(f"{name}: {before:.4f} -> {after:.4f} ({res['wall_s']:.0f} s)", flush=True)
+    central = results["centralized"]["improvement"]
+    fed = {k: v for k, v in results.items() if k in ("fedavg", "svd", "ffa")}
+    best = max(fed, key=lambda k: fed[k]["improvement"])
+    rows = [[name, f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['improvement']:.4f}",
+             f"{100 * r['improvement'] / central:.0f}%" if central > 0 else "-", f"{r['wall_s']:.0f}"]
+            for name, r in results.items()]
+    load = os.getloadavg()
+    print_table(f"quality: SmolLM2-135M {quant}, {args.clients} clients by category, {rounds} rounds x {steps} steps "
+                f"(same total steps per arm; load avg {load[0]:.1f})",
+                ["arm", "loss before", "loss after", "improvement", "of centralized", "wall s"], rows)
+    targets = {"best_federated": best,
+               "recovers_90pct": central > 0 and fed[best]["improvement"] >= 0.9 * central,
+               "beats_local_only": "local-only" in results
+               and fed[best]["after"] < results["local-only"]["after"]}
+    path = write_json("quality_quick.json" if args.quick else "quality.json", {
+        "rounds": rounds, "steps": steps, "clients": args.clients, "eval_batches": args.eval_batches,
+        "quant": quant, "seconds_per_step": step_s, "results": results, "targets": targets,
+        "total_s": time.perf_counter() - t0, "loadavg_before": load_before, "loadavg": load,
+        "machine": machine_info(), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+    print(f"targets: {targets}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
