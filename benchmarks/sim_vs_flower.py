@@ -11,6 +11,8 @@ records them; the Flower side is timed by the ServerApp's evaluate_fn (called be
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import machine_info, print_table, tree_rss_bytes, write_json  # noqa: E402
+from _common import machine_info, print_table, tree_rss_bytes, write_json
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,10 +56,8 @@ def run_child(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
 
         def sample() -> None:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(Exception):  # a process vanishing mid-sample
                     peak["bytes"] = max(peak["bytes"], tree_rss_bytes(proc.pid))
-                except Exception:  # noqa: BLE001 - a process vanishing mid-sample
-                    pass
                 stop.wait(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -99,9 +99,8 @@ def child_fedtune(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_anchor(spec: dict[str, Any]) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
     from _flowertune_app import client, server
+    from flwr.simulation import run_simulation
 
     marks: list[float] = []
     t0 = time.perf_counter()
@@ -110,7 +109,7 @@ def child_anchor(spec: dict[str, Any]) -> dict[str, Any]:
                    backend_config={"client_resources": {"num_cpus": spec["cpus"], "num_gpus": 0.0},
                                    "init_args": {"logging_level": "ERROR"}})
     total = time.perf_counter() - t0
-    return {"round_s": [b - a for a, b in zip(marks, marks[1:])], "run_s": total}
+    return {"round_s": [b - a for a, b in itertools.pairwise(marks)], "run_s": total}
 
 
 def child_main(spec: dict[str, Any], out: Path) -> None:

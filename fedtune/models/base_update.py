@@ -10,10 +10,12 @@ quantized bases instead).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from fedtune.types import LowRankUpdate
+from fedtune.types import LowRankUpdate, State
 
 
 class FrozenResidual(nn.Module):
@@ -76,3 +78,22 @@ def apply_base_update(model: nn.Module, updates: dict[str, LowRankUpdate], quant
                     dense = dense.T
                 weight.add_(dense.to(weight.dtype))
     return residual_bytes
+
+
+def apply_round_result(lm: Any, cfg: Any, global_state: State, result: Any, applied_log: list[Any]) -> State:
+    """Take a strategy's ``RoundResult`` into the coordinator's model and return the new global state.
+
+    An applied round replaces the state and folds its base updates into the model (logged in
+    ``applied_log`` so a resumed run can replay them); the global adapter is then loaded, at the global rank.
+    """
+    from fedtune.adapters import set_state
+    from fedtune.models.loader import activate_rank
+
+    if result.applied:
+        global_state = result.state
+        if result.base_update:
+            apply_base_update(lm.model, result.base_update, lm.quantized)
+            applied_log.append(result.base_update)
+    activate_rank(lm.model, cfg, None)
+    set_state(lm.model, global_state)
+    return global_state

@@ -31,7 +31,7 @@ from fedtune.client.fit import client_seed
 from fedtune.config import Config, fingerprint, to_dict
 from fedtune.eval import evaluate
 from fedtune.models import apply_base_update, load_model
-from fedtune.models.loader import activate_rank
+from fedtune.models.base_update import apply_round_result
 from fedtune.pipeline import encode, load_dataset
 from fedtune.runs import RunDir
 from fedtune.server.coordinator import RoundCoordinator
@@ -212,13 +212,7 @@ def run_server(cfg: Config, console: Console) -> ServerResult:
             result = strategy.aggregate(rnd, global_state, _replies(coord, per_client, list(instructions),
                                                                      strategy.needs_all_replies))
             coord.set_phase("evaluating")
-            if result.applied:
-                global_state = result.state
-                if result.base_update:
-                    apply_base_update(lm.model, result.base_update, lm.quantized)
-                    base_updates.append(result.base_update)
-            activate_rank(lm.model, cfg, None)
-            set_state(lm.model, global_state)
+            global_state = apply_round_result(lm, cfg, global_state, result, base_updates)
             record: dict[str, Any] = {"round": rnd, **evaluate_global()}
             record.update({
                 "agg_error": result.metrics.get("agg_error"), "applied": result.applied,

@@ -28,7 +28,7 @@ from fedtune.config import Config
 from fedtune.data.partition import make_partition, render_partition_table
 from fedtune.eval import evaluate, generate_answers
 from fedtune.models import LoadedModel, apply_base_update, load_model
-from fedtune.models.loader import activate_rank
+from fedtune.models.base_update import apply_round_result
 from fedtune.pipeline import encode, load_dataset
 from fedtune.runs import RunDir
 from fedtune.simulation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -265,13 +265,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                 yield reply
 
         result = strategy.aggregate(rnd, global_state, replies())
-        if result.applied:
-            global_state = result.state
-            if result.base_update:
-                apply_base_update(lm.model, result.base_update, lm.quantized)
-                base_updates.append(result.base_update)
-        activate_rank(lm.model, cfg, None)
-        set_state(lm.model, global_state)
+        global_state = apply_round_result(lm, cfg, global_state, result, base_updates)
         record: dict[str, Any] = {"round": rnd}
         if rnd % cfg.sim.eval_every == 0 or rnd == total_rounds:
             record.update(evaluate(lm.model, eval_ex, **eval_kw))
