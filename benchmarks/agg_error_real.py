@@ -61,7 +61,9 @@ def main() -> None:
             global_state = trainable if frozen_a else full
             ins = Instructions(round=1, client_id=f"client-{i}", state=global_state)
             examples = encode([data.train_records[j] for j in part], lm.tokenizer, cfg)
-            reply, _ = fit(lm, examples, cfg, ins, seed=client_seed(cfg.seed, 1, i))
+            site_cfg = cfg if frozen_a else dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter,
+                                                                                                method="lora"))
+            reply, _ = fit(lm, examples, site_cfg, ins, seed=client_seed(cfg.seed, 1, i))
             assert reply.state is not None
             if frozen_a:
                 reply.state = {**{k: v for k, v in full.items() if ".lora_A." in k}, **reply.state}
