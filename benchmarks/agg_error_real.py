@@ -92,7 +92,7 @@ def main() -> None:
     print_table(f"agg_error on real client adapters: {model}, {args.clients} clients on different ChatterBot "
                 f"categories, {args.steps} steps each from the same global state",
                 ["clients", "strategy", "agg_error (mean over layers)", "worst layer", "applied"], rows)
-    path = write_json("agg_error_real", {"machine": machine_info(), "model": model, "clients": args.clients,
+    path = write_json("agg_error_real.json", {"machine": machine_info(), "model": model, "clients": args.clients,
                                          "steps": args.steps, "results": results,
                                          "seconds": time.perf_counter() - started})
     print(f"wrote {path}")
