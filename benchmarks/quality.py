@@ -14,6 +14,7 @@ timed and the faster one is used (both are reported).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 scored")
     ap.add_argument("--quant", choices=["auto", *QUANT], default="auto")
+    ap.add_argument("--arms", default="", help="comma-separated subset to (re)run; the other arms' results are "
+                    "taken from the JSON of an earlier run with the same sizes")
     args = ap.parse_args()
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     load_before = os.getloadavg()
@@ -77,6 +80,14 @@ def main() -> None:
     if args.quick:
         todo = {k: todo[k] for k in ("centralized", "fedavg")}
     results: dict[str, dict[str, Any]] = {}
+    name_json = "quality_quick.json" if args.quick else "quality.json"
+    if args.arms:
+        earlier = ROOT / "benchmarks" / "results" / name_json
+        if earlier.is_file():
+            old = json.loads(earlier.read_text())
+            if (old["rounds"], old["steps"], old["clients"], old["quant"]) == (rounds, steps, args.clients, quant):
+                results = {k: v for k, v in old["results"].items() if k not in args.arms.split(",")}
+        todo = {k: v for k, v in todo.items() if k in args.arms.split(",")}
     for name, extra in todo.items():
         spec = {"kind": "inproc", "threads": 1,
                 "overrides": [*base(rounds, steps, args.clients, args.eval_batches), *QUANT[quant], *extra]}
@@ -85,6 +96,12 @@ def main() -> None:
         results[name] = {"before": before, "after": after, "improvement": before - after, "wall_s": res["wall_s"],
                          "rounds": res["rounds"], "overrides": spec["overrides"]}
         print(f"{name}: {before:.4f} -> {after:.4f} ({res['wall_s']:.0f} s)", flush=True)
+        write_json(name_json, {"rounds": rounds, "steps": steps, "clients": args.clients, "quant": quant,
+                               "results": results, "partial": True})
+    results = {k: results[k] for k in arms(rounds, steps, args.clients) if k in results}
+    if "centralized" not in results or not any(k in results for k in ("fedavg", "svd", "ffa")):
+        print(f"partial results (run the remaining arms with --arms): { {k: v['after'] for k, v in results.items()} }")
+        return
     central = results["centralized"]["improvement"]
     fed = {k: v for k, v in results.items() if k in ("fedavg", "svd", "ffa")}
     best = max(fed, key=lambda k: fed[k]["improvement"])
@@ -99,7 +116,7 @@ def main() -> None:
                "recovers_90pct": central > 0 and fed[best]["improvement"] >= 0.9 * central,
                "beats_local_only": "local-only" in results
                and fed[best]["after"] < results["local-only"]["after"]}
-    path = write_json("quality_quick.json" if args.quick else "quality.json", {
+    path = write_json(name_json, {
         "rounds": rounds, "steps": steps, "clients": args.clients, "eval_batches": args.eval_batches,
         "quant": quant, "seconds_per_step": step_s, "results": results, "targets": targets,
         "total_s": time.perf_counter() - t0, "loadavg_before": load_before, "loadavg": load,

@@ -94,7 +94,7 @@ def child_fedtune(spec: dict[str, Any]) -> dict[str, Any]:
 
     return {"round_s": [r["seconds"] for r in rounds if "seconds" in r], "run_s": total,
             "vmhwm_bytes": peak_rss_bytes(),
-            "clients_ok": [r["clients_ok"] for r in rounds], "before": result.before, "after": result.after,
+            "clients_ok": [r.get("clients_ok") for r in rounds], "before": result.before, "after": result.after,
             "rounds": [{k: r.get(k) for k in ("round", "eval_loss", "accuracy", "seconds")} for r in result.rounds
                        if "round" in r]}
 

@@ -357,11 +357,14 @@ def validate(cfg: Config) -> list[str]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data (``None`` values dropped, as TOML has no null)."""
+    """The resolved config as plain data; ``None`` becomes the string ``"none"`` (TOML has no null), which
+    loads back as ``None`` for every field that may be unset."""
 
     def clean(x: Any) -> Any:
+        if x is None:
+            return "none"
         if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if v is not None}
+            return {k: clean(v) for k, v in x.items()}
         if isinstance(x, list | tuple):
             return [clean(v) for v in x]
         return x

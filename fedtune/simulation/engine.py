@@ -52,6 +52,8 @@ class ClientPool(Protocol):
 
     def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]: ...
 
+    def close(self) -> None: ...
+
 
 class OptimizerStore:
     """Per-client optimizer states kept across rounds: in CPU memory, or spilled to the run folder.
@@ -100,6 +102,9 @@ class InProcPool:
                 optimizer_state=self.store.get(cid) if keep else None, keep_optimizer_state=keep)
             self.store.put(cid, rnd, opt_state)
             yield reply
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
 
 
 def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore) -> ClientPool:
@@ -290,6 +295,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                                              base_updates=base_updates, before=before,
                                              samples_before=samples_before,
                                              optimizer_states=store.memory))
+    pool.close()
     set_state(lm.model, global_state)
     after = {k: v for k, v in rounds[-1].items() if k in ("eval_loss", "perplexity", "accuracy")} if rounds else before
     samples_after = answers()

@@ -61,7 +61,8 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(None, ["train.lr=3e-4", "strategy.name=svd", "sim.num_clients=5"])
+    cfg = load_config(None, ["train.lr=3e-4", "strategy.name=svd", "sim.num_clients=5", "train.max_grad_norm=none"])
+    assert cfg.train.max_grad_norm is None
     save_config(cfg, tmp_path / "config.toml")
     assert load_config(tmp_path / "config.toml") == cfg
 
