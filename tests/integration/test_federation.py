@@ -140,6 +140,7 @@ def test_three_clients_match_the_simulation(simulated, tmp_path: Path) -> None:
     assert "the federation is done" in (tmp_path / "client-1.log").read_text()
 
 
+@pytest.mark.slow
 def test_server_killed_and_restarted_resumes_to_the_same_adapter(simulated, tmp_path: Path) -> None:
     sim_run, data = simulated
     port = free_port()

@@ -68,6 +68,7 @@ def test_dropouts_and_corrupt_updates_are_recorded_and_excluded(tmp_path: Path) 
     assert all(torch.isfinite(v).all() for v in final.values())
 
 
+@pytest.mark.slow
 def test_scaled_update_is_contained_by_median(tmp_path: Path) -> None:
     attack = ("train.lr=1e-2", "sim.corrupt_prob=0.34", "sim.corrupt_kind=scale", "sim.corrupt_scale=100")
     _run(tmp_path / "clean", "strategy.name=median", "train.lr=1e-2")
@@ -107,6 +108,7 @@ def test_byte_counts_equal_the_encoded_messages(tmp_path: Path, monkeypatch: pyt
     assert sum(c["bytes_up"] for c in last["clients"].values()) == last["bytes_up"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_adapter(tmp_path: Path) -> None:
     args = [f"out={tmp_path / 'killed'}", "sim.rounds=3", "train.max_steps=2", "eval.samples=0",
             "strategy.name=fedadam"]
