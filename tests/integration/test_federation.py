@@ -204,7 +204,10 @@ def test_client_killed_mid_round_the_rest_finish(simulated, tmp_path: Path) -> N
     assert [r["round"] for r in rows] == [1, 2, 3]
     hit = [r for r in rows if "client-2" in r["failures"]]
     assert len(hit) == 1, rows
-    assert hit[0]["clients_ok"] == 2 and hit[0]["clients_failed"] == 1 and hit[0]["applied"]
+    # round 1 may start before the third node connects (min_clients=2), so the killed round has 1 or 2
+    # survivors; it is applied with them, and every later round runs with the two that remain
+    assert hit[0]["clients_failed"] == 1 and hit[0]["clients_ok"] >= 1 and hit[0]["applied"], rows
     assert "lost" in hit[0]["failures"]["client-2"]
-    assert all(r["clients_ok"] == 2 and r["applied"] for r in rows)
+    after = [r for r in rows if r["round"] > hit[0]["round"]]
+    assert all(r["clients_ok"] == 2 and r["applied"] for r in after), rows
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
