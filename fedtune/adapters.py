@@ -42,11 +42,6 @@ def lora_pairs(state: State | dict[str, object]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def module_name(layer_prefix: str) -> str:
-    """The name of the adapted base module in ``model.named_modules()`` of the PeftModel for a LoRA prefix."""
-    return layer_prefix
-
-
 def _adapter_name(model: PeftModel) -> str:
     return getattr(model, "active_adapter", "default") or "default"
 

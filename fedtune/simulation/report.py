@@ -39,26 +39,39 @@ def write_plot(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# (header, metrics.jsonl key, format, divisor): the per-round columns every summary table draws from
+COLUMNS = {
+    "round": ("round", "round", "d", 1), "eval_loss": ("eval_loss", "eval_loss", ".4f", 1),
+    "accuracy": ("accuracy", "accuracy", ".3f", 1), "agg_error": ("agg_error", "agg_error", ".2e", 1),
+    "ok": ("ok", "clients_ok", "d", 1), "failed": ("failed", "clients_failed", "d", 1),
+    "rejected": ("rejected", "rejected", "d", 1), "up": ("MiB up", "bytes_up", ".2f", 2**20),
+    "down": ("MiB down", "bytes_down", ".2f", 2**20), "s": ("s", "seconds", ".1f", 1),
+}
+
+
+def round_table(title: str, rounds: list[dict[str, Any]], columns: list[str]) -> Table:
+    """One row per round record, the chosen ``COLUMNS``; missing values show as ``-``."""
+    table = Table(title=title)
+    for name in columns:
+        table.add_column(COLUMNS[name][0], justify="right")
+    for r in rounds:
+        cells = []
+        for name in columns:
+            _, key, spec, div = COLUMNS[name]
+            v = r.get(key)
+            cells.append("-" if v is None else format(v / div if div != 1 else v, spec))
+        table.add_row(*cells)
+    return table
+
+
 def print_summary(console: Console, cfg: Any, result: Any) -> None:
-    table = Table(title=f"fedtune simulate: {cfg.sim.mode}, strategy={cfg.strategy.name}, "
-                        f"{cfg.sim.num_clients} clients, {cfg.sim.rounds} rounds")
-    for col in ("round", "eval_loss", "accuracy", "agg_error", "ok", "failed", "MiB up", "MiB down", "s"):
-        table.add_column(col, justify="right")
-
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    up = down = full = 0.0
-    for r in result.rounds:
-        if "round" not in r or "client" in r or r.get("local_only_mean"):
-            continue
-        up += r.get("bytes_up") or 0
-        down += r.get("bytes_down") or 0
-        full += r.get("full_model_bytes") or 0
-        table.add_row(str(r["round"]), fmt(r.get("eval_loss"), ".4f"), fmt(r.get("accuracy"), ".3f"),
-                      fmt(r.get("agg_error"), ".2e"), fmt(r.get("clients_ok"), "d"), fmt(r.get("clients_failed"), "d"),
-                      fmt((r.get("bytes_up") or 0) / 2**20, ".2f"), fmt((r.get("bytes_down") or 0) / 2**20, ".2f"),
-                      fmt(r.get("seconds"), ".1f"))
+    rounds = [r for r in result.rounds if "round" in r and "client" not in r and not r.get("local_only_mean")]
+    table = round_table(f"fedtune simulate: {cfg.sim.mode}, strategy={cfg.strategy.name}, "
+                        f"{cfg.sim.num_clients} clients, {cfg.sim.rounds} rounds", rounds,
+                        ["round", "eval_loss", "accuracy", "agg_error", "ok", "failed", "up", "down", "s"])
+    up = sum(r.get("bytes_up") or 0 for r in rounds)
+    down = sum(r.get("bytes_down") or 0 for r in rounds)
+    full = sum(r.get("full_model_bytes") or 0 for r in rounds)
     console.print(table)
     for key in ("eval_loss", "accuracy"):
         if key in result.before and key in result.after:

@@ -35,7 +35,7 @@ class RoundResult:
     """The outcome of one aggregation.
 
     ``state`` is the new global trainable adapter state (the old one when ``applied`` is False).
-    ``base_update`` maps layer prefixes (``adapters.module_name``) to factored updates of the frozen base
+    ``base_update`` maps LoRA layer prefixes (as ``adapters.lora_pairs`` groups them) to factored updates of the frozen base
     weight, LoRA scale folded in, in nn.Linear orientation (see ``lowrank.dense_delta``).
     ``reset_adapter`` says the adapter was folded into ``base_update`` and ``state`` is a fresh adapter
     (B = 0): clients drop their local adapter and optimizer moments and start from ``state``.
