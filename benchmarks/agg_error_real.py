@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, print_table, write_json  # noqa: E402
+from benchmarks._common import machine_info, print_table, write_json
 
 
 def main() -> None:

@@ -213,9 +213,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
-    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return _build(tp, value, key + ".", problems)
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _build(tp, value, key + ".", problems)
     problems.append(f"{key}: got {value!r}, expected {_type_name(tp)}")
     return None
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from fedtune.data.tokenize import collate, prompt_text
+from fedtune.loss import answer_loss
 
 
 @torch.no_grad()
@@ -37,23 +39,16 @@ def evaluate(
             break
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         labels = batch["labels"]
-        if ctx is not None:
-            with ctx:
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        else:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        logits = logits.float()
-        if labels.dim() == 1:  # sequence classification
-            total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            total_tokens += labels.numel()
-            correct += int((logits.argmax(-1) == labels).sum())
-            seen += labels.numel()
-            continue
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        total_loss += float(torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100,
-                                                              reduction="sum"))
-        total_tokens += int((shift_labels != -100).sum())
+        with ctx if ctx is not None else nullcontext():
+            if labels.dim() == 2:  # causal LM: only the answer positions are projected and scored
+                total_loss += float(answer_loss(model, batch, reduction="sum"))
+                total_tokens += int((labels[:, 1:] != -100).sum())
+                continue
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        total_tokens += labels.numel()
+        correct += int((logits.argmax(-1) == labels).sum())
+        seen += labels.numel()
     if was_training:
         model.train()
     if total_tokens == 0:

@@ -18,6 +18,7 @@ import torch
 
 from fedtune.adapters import param_by_key
 from fedtune.data.tokenize import collate
+from fedtune.loss import answer_loss
 from fedtune.types import State
 
 Example = dict[str, Any]
@@ -153,8 +154,7 @@ def train_local(
             tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU: no device sync
             batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in cpu_batch.items()}
             with autocast_for(device, compute_dtype, use_autocast):
-                out = model(**batch)
-            loss = out.loss.float() / tcfg.grad_accum
+                loss = answer_loss(model, batch).float() / tcfg.grad_accum
             loss.backward()
             step_loss += loss.detach()
             upcoming = next(data)  # collate the next batch while the device works

@@ -33,7 +33,7 @@ from fedtune.pipeline import encode, load_dataset
 from fedtune.runs import RunDir
 from fedtune.simulation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.simulation.faults import inject
-from fedtune.simulation.report import print_summary, write_plot
+from fedtune.simulation.report import RunProgress, print_summary, write_plot
 from fedtune.strategies import StrategyConfig, make_strategy
 from fedtune.transport.messages import instructions_wire_size, reply_wire_size
 from fedtune.types import ClientReply, Instructions, failed_reply
@@ -230,71 +230,76 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     full_bytes = full_model_bytes(lm)
     pool = make_pool(cfg, lm, clients, store)
     centralized_steps = cfg.train.max_steps * clients_per_round(cfg)
-    for rnd in range(start_round, total_rounds + 1):
-        t0 = time.perf_counter()
-        rng = random.Random(cfg.seed * 7919 + rnd)
-        ids = [c.cid for c in clients]
-        instructions = strategy.configure(rnd, ids, global_state, rng)
-        if mode == "centralized":  # one client with all the data takes every federated client's steps
-            instructions = {cid: dataclasses.replace(ins, train={**ins.train, "max_steps": centralized_steps})
-                            for cid, ins in instructions.items()}
-        traffic = {"up": 0, "down": 0}
+    with RunProgress(console, total_rounds, start_round - 1) as bars:
+        for rnd in range(start_round, total_rounds + 1):
+            t0 = time.perf_counter()
+            rng = random.Random(cfg.seed * 7919 + rnd)
+            ids = [c.cid for c in clients]
+            instructions = strategy.configure(rnd, ids, global_state, rng)
+            if mode == "centralized":  # one client with all the data takes every federated client's steps
+                instructions = {cid: dataclasses.replace(ins, train={**ins.train, "max_steps": centralized_steps})
+                                for cid, ins in instructions.items()}
+            traffic = {"up": 0, "down": 0}
 
-        faults = {cid: inject(cfg.sim, rng) for cid in instructions}
-        per_client: dict[str, dict[str, int]] = {}
-        for cid, ins in instructions.items():
-            per_client[cid] = {"bytes_down": instructions_wire_size(ins), "bytes_up": 0}
-            traffic["down"] += per_client[cid]["bytes_down"]
-        dispatched = [(cid, ins) for cid, ins in instructions.items() if faults[cid] != "dropout"]
+            faults = {cid: inject(cfg.sim, rng) for cid in instructions}
+            per_client: dict[str, dict[str, int]] = {}
+            for cid, ins in instructions.items():
+                per_client[cid] = {"bytes_down": instructions_wire_size(ins), "bytes_up": 0}
+                traffic["down"] += per_client[cid]["bytes_down"]
+            dispatched = [(cid, ins) for cid, ins in instructions.items() if faults[cid] != "dropout"]
+            bars.start_round(rnd, len(instructions))
 
-        def replies(instructions=instructions, rnd=rnd, faults=faults, dispatched=dispatched, traffic=traffic,
-                    per_client=per_client):
-            fitted = pool.fit_round(rnd, dispatched)
-            for cid in instructions:
-                if faults[cid] == "dropout":
-                    yield failed_reply(cid, rnd, "dropped out (sim.dropout)")
-                    continue
-                reply = next(fitted)
-                fault = faults[cid]
-                slowed = reply.metrics.get("fit_seconds", 0.0) * cfg.sim.straggler_slowdown
-                deadline = cfg.sim.round_deadline_s
-                if fault == "straggler" and deadline is not None and slowed > deadline:
-                    yield failed_reply(cid, rnd, f"straggler: {slowed:.1f} s ({cfg.sim.straggler_slowdown}x slower) "
-                                       f"is past the round deadline of {deadline} s")
-                    continue
-                if fault in ("nan", "scale") and reply.state is not None:
-                    reply = _corrupt(reply, fault, cfg.sim.corrupt_scale)
-                reply.bytes_up = reply_wire_size(reply)
-                traffic["up"] += reply.bytes_up
-                per_client[cid]["bytes_up"] = reply.bytes_up
-                yield reply
+            def replies(instructions=instructions, rnd=rnd, faults=faults, dispatched=dispatched, traffic=traffic,
+                        per_client=per_client):
+                fitted = pool.fit_round(rnd, dispatched)
+                for cid in instructions:
+                    if faults[cid] == "dropout":
+                        bars.client_done(cid, "dropout")
+                        yield failed_reply(cid, rnd, "dropped out (sim.dropout)")
+                        continue
+                    reply = next(fitted)
+                    bars.client_done(cid, reply.error)
+                    fault = faults[cid]
+                    slowed = reply.metrics.get("fit_seconds", 0.0) * cfg.sim.straggler_slowdown
+                    deadline = cfg.sim.round_deadline_s
+                    if fault == "straggler" and deadline is not None and slowed > deadline:
+                        yield failed_reply(cid, rnd, f"straggler: {slowed:.1f} s ({cfg.sim.straggler_slowdown}x slower) "
+                                           f"is past the round deadline of {deadline} s")
+                        continue
+                    if fault in ("nan", "scale") and reply.state is not None:
+                        reply = _corrupt(reply, fault, cfg.sim.corrupt_scale)
+                    reply.bytes_up = reply_wire_size(reply)
+                    traffic["up"] += reply.bytes_up
+                    per_client[cid]["bytes_up"] = reply.bytes_up
+                    yield reply
 
-        result = strategy.aggregate(rnd, global_state, replies())
-        global_state = apply_round_result(lm, cfg, global_state, result, base_updates)
-        record: dict[str, Any] = {"round": rnd}
-        if rnd % cfg.sim.eval_every == 0 or rnd == total_rounds:
-            record.update(evaluate(lm.model, eval_ex, **eval_kw))
-        record.update({
-            "agg_error": result.metrics.get("agg_error"), "applied": result.applied,
-            "bytes_up": traffic["up"], "bytes_down": traffic["down"],
-            "full_model_bytes": 2 * full_bytes * len(instructions),
-            "clients_ok": len(result.clients_ok), "clients_failed": len(result.clients_failed),
-            "failures": result.failures, "clients": per_client, "seconds": time.perf_counter() - t0,
-        })
-        record.update({k: v for k, v in result.metrics.items() if k not in record and k not in ("clients_ok",
-                                                                                              "clients_failed")})
-        run.log(record, durable=True)
-        rounds.append(record)
-        loss, err = record.get("eval_loss"), record["agg_error"]
-        console.print(f"round {rnd}/{total_rounds}: eval_loss={'-' if loss is None else f'{loss:.4f}'} "
-                      f"ok={record['clients_ok']} failed={record['clients_failed']} "
-                      f"agg_error={'-' if err is None else f'{err:.2e}'} "
-                      f"up={traffic['up'] / 2**20:.2f} MiB down={traffic['down'] / 2**20:.2f} MiB "
-                      f"{record['seconds']:.1f} s")
-        save_checkpoint(run.path, Checkpoint(round=rnd, state=global_state, strategy=strategy,
-                                             base_updates=base_updates, before=before,
-                                             samples_before=samples_before,
-                                             optimizer_states=store.memory))
+            result = strategy.aggregate(rnd, global_state, replies())
+            global_state = apply_round_result(lm, cfg, global_state, result, base_updates)
+            record: dict[str, Any] = {"round": rnd}
+            if rnd % cfg.sim.eval_every == 0 or rnd == total_rounds:
+                record.update(evaluate(lm.model, eval_ex, **eval_kw))
+            record.update({
+                "agg_error": result.metrics.get("agg_error"), "applied": result.applied,
+                "bytes_up": traffic["up"], "bytes_down": traffic["down"],
+                "full_model_bytes": 2 * full_bytes * len(instructions),
+                "clients_ok": len(result.clients_ok), "clients_failed": len(result.clients_failed),
+                "failures": result.failures, "clients": per_client, "seconds": time.perf_counter() - t0,
+            })
+            record.update({k: v for k, v in result.metrics.items() if k not in record and k not in ("clients_ok",
+                                                                                                  "clients_failed")})
+            run.log(record, durable=True)
+            rounds.append(record)
+            loss, err = record.get("eval_loss"), record["agg_error"]
+            console.print(f"round {rnd}/{total_rounds}: eval_loss={'-' if loss is None else f'{loss:.4f}'} "
+                          f"ok={record['clients_ok']} failed={record['clients_failed']} "
+                          f"agg_error={'-' if err is None else f'{err:.2e}'} "
+                          f"up={traffic['up'] / 2**20:.2f} MiB down={traffic['down'] / 2**20:.2f} MiB "
+                          f"{record['seconds']:.1f} s")
+            save_checkpoint(run.path, Checkpoint(round=rnd, state=global_state, strategy=strategy,
+                                                 base_updates=base_updates, before=before,
+                                                 samples_before=samples_before,
+                                                 optimizer_states=store.memory))
+            bars.end_round(loss)
     pool.close()
     set_state(lm.model, global_state)
     after = {k: v for k, v in rounds[-1].items() if k in ("eval_loss", "perplexity", "accuracy")} if rounds else before

@@ -3,10 +3,52 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+
+class RunProgress:
+    """Two live bars on a terminal: rounds done, and clients answered in the current round.
+
+    Disabled (prints nothing) when the console is not a terminal; the per-round lines are printed either way.
+    """
+
+    def __init__(self, console: Console, total_rounds: int, done_rounds: int) -> None:
+        self.progress = Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
+                                 disable=not console.is_terminal)
+        self.rounds: TaskID = self.progress.add_task("rounds", total=total_rounds, completed=done_rounds, note="")
+        self.clients: TaskID = self.progress.add_task("clients", total=0, note="")
+        self._round, self._ok, self._failed = 0, 0, 0
+
+    def __enter__(self) -> Self:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def start_round(self, rnd: int, num_clients: int) -> None:
+        self._round, self._ok, self._failed = rnd, 0, 0
+        self.progress.update(self.clients, total=num_clients, completed=0, note=f"round {rnd}")
+
+    def client_done(self, cid: str, error: str | None) -> None:
+        """Count one client of the round as answered (``error`` None) or failed."""
+        self._ok += error is None
+        self._failed += error is not None
+        self.progress.update(self.clients, advance=1,
+                             note=f"round {self._round}: {self._ok} replied, {self._failed} failed (last: {cid})")
+
+    def end_round(self, eval_loss: float | None) -> None:
+        note = "" if eval_loss is None else f"eval_loss {eval_loss:.4f}"
+        self.progress.update(self.rounds, advance=1, note=note)
+
+    def render(self) -> str:
+        """The bars as text (for tests and logs)."""
+        return "\n".join(f"{t.description} {t.completed:g}/{t.total:g} {t.fields['note']}" for t in self.progress.tasks)
 
 
 def write_plot(history: list[dict[str, Any]], path: Path) -> None:

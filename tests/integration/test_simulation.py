@@ -147,7 +147,7 @@ def test_optimizer_state_on_disk_matches_memory(tmp_path: Path) -> None:
 
 
 def test_baselines_centralized_and_local_only(tmp_path: Path) -> None:
-    central, run = _run(tmp_path / "c", "sim.mode=centralized")
+    _, run = _run(tmp_path / "c", "sim.mode=centralized")
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in steps] == [0, 1, 2]
     assert steps[-1]["clients_ok"] == 1
@@ -155,3 +155,19 @@ def test_baselines_centralized_and_local_only(tmp_path: Path) -> None:
     per_client = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"client"' in x]
     assert len(per_client) == 3 and all(r["steps"] == 2 for r in per_client)
     assert "eval_loss" in local.after
+
+
+def test_terminal_shows_progress_over_rounds_and_clients(tmp_path: Path) -> None:
+    import io
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160)
+    cfg = load_config(SCENARIO, [f"out={tmp_path / 'run'}", "train.max_steps=1", "eval.samples=0",
+                                 "sim.dropout=0.4"])
+    result = run_simulation(cfg, console)
+    text = out.getvalue()
+    rounds = [r for r in result.rounds if r.get("round", 0) >= 1]
+    assert "rounds" in text and f"2/{len(rounds)}" in text
+    assert "clients" in text and "3/3" in text  # every sampled client answered (or failed) in each round
+    last = rounds[-1]  # the bars' final state is the last round's
+    assert f"round 2: {3 - last['clients_failed']} replied, {last['clients_failed']} failed" in text
