@@ -26,7 +26,8 @@ class SimConfig:
         "or iid with skewed sizes")
     categories_per_client: int = opt(1, "whole categories per client (partitioner=category)")
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (partitioner=dirichlet); smaller is more skewed")
-    size_skew: float = opt(1.0, "power-law exponent of client sizes (partitioner=size_skew)")
+    size_skew: float = opt(1.0, "log-normal sigma of client sizes (partitioner=size_skew): 0 gives equal sizes, "
+                           "1 a largest client typically several times the smallest")
     backend: Literal["inproc", "flower"] = opt("inproc", "inproc (one process, shared base model) or flower "
                                                 "(Flower's simulation engine on Ray)")
     mode: Literal["federated", "centralized", "local-only"] = opt(
