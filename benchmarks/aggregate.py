@@ -1,17 +1,35 @@
 """Aggregation benchmark: time, peak memory and bandwidth of the server's aggregation on SmolLM2-135M adapters.
 
-    .venv/bin/python benchmarks/aggregate.py [--quick]
+    .venv/bin/python benchmarks/aggregate.py [--quick] [--threads N] [--repeat N]
 
 LoRA rank 16 (fp32, random) on every projection of SmolLM2-135M's 30 blocks (q/o 576->576, k/v 576->192,
-gate/up 576->1536, down 1536->576): 4.9 M parameters, 19.6 MB per client. For K = 8, 64, 256 clients it runs
-streaming fedavg, svd (exact and randomized), flora and median, next to a plain memory copy of the same bytes
-(``copy_`` into one buffer, and ``clone``). Each run is a fresh process (same machine, back to back).
+gate/up 576->1536, down 1536->576): 4.9 M parameters in 420 tensors, 19.5 MB per client. For K = 8, 64, 256
+clients it runs streaming fedavg, svd (exact and randomized), flora and median, next to a plain memory copy
+of the same bytes. Each cell is a fresh process (same machine, back to back, same torch thread count).
 
-Replies are produced lazily, one at a time, from a pool of 4 pre-generated adapters, so neither generation
-time nor K live copies of the replies are counted: peak memory is what aggregation itself allocates (peak RSS
-over the call, reset through /proc/self/clear_refs). Strategies that need every reply (median) would hold
-K x 19.6 MB of replies on top in a real server. ``compute_error`` is off in the timed runs; the cost of the
-aggregation error is measured separately on fedavg.
+How the copy anchor is measured, and why it is a fair one:
+
+- Same bytes, same source: ``copy (copy_)`` copies each of the K replies' 19.5 MB, read from the same pool
+  as the strategies read them, into one destination. The destination is allocated and touched before the
+  clock starts, so the anchor is pure bandwidth (no page faults); the strategies allocate their
+  accumulators inside the timed call, which only makes the comparison stricter for them.
+  ``copy (clone)`` allocates a fresh copy per reply (page faults included), for reference.
+- Not cache-resident, in either direction: replies come from a pool of adapters at least twice the size of
+  the last-level cache (4 at the least), taken round-robin and continuing across repeats, so every reply
+  is read from DRAM by the copy and by the strategies alike, never from a cache warmed by the run before.
+- Same timing rule for every row: the call is repeated (``--repeat``, fresh strategy object each time,
+  stopping once 10 s have been spent) and the fastest run is kept; peak memory is the first run's.
+- Threads: torch's default (``--threads`` to set it). ``copy_`` of one 19.5 MB buffer uses every thread;
+  the strategies' per-tensor kernels (<= 100 KB each) mostly run on one. On a shared machine, threads beyond
+  the idle cores wreck the multi-threaded rows instead (a 2-core VM at load 2: ``copy_`` 2.5 GB/s on two
+  threads, 17 GB/s on one; a 576 x 576 eigh 20 ms on one, up to 1.2 s on two), which flatters the
+  strategies against the anchor; use ``--threads 1`` there.
+
+Replies are produced lazily, one at a time, so neither generation time nor K live copies of the replies are
+counted: peak memory is what aggregation itself allocates (peak RSS growth over the call, reset through
+/proc/self/clear_refs, after ``malloc_trim`` so that reusing freed heap counts as growth). Strategies that
+need every reply (median) would hold K x 19.5 MB of replies on top in a real server. ``compute_error`` is
+off in the timed runs; the cost of the aggregation error is measured separately on fedavg. Validation of every reply (names, shapes, finiteness) is part of every strategy row.
 
 Prints a table and writes benchmarks/results/aggregate.json (aggregate_quick.json with --quick).
 """
@@ -19,21 +37,24 @@ Prints a table and writes benchmarks/results/aggregate.json (aggregate_quick.jso
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
 import gc
 import json
+import math
 import os
-import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without pip install
 
+from benchmarks._common import RESULTS, machine_info, peak_rss_bytes, print_table, reset_peak_rss
 from fedtune.strategies import StrategyConfig, make_strategy
 from fedtune.types import ClientReply, State
 
@@ -47,7 +68,8 @@ MODULES = {  # name: (d_out, d_in)
     "mlp.down_proj": (576, 1536),
 }
 RANK = 16
-POOL = 4
+MIN_POOL = 4
+REPEAT_BUDGET_S = 10.0
 
 
 def shapes(layers: int) -> dict[str, tuple[int, int]]:
@@ -57,7 +79,7 @@ def shapes(layers: int) -> dict[str, tuple[int, int]]:
 def make_adapter(
     layout: dict[str, tuple[int, int]], gen: torch.Generator, device: str = "cpu"
 ) -> tuple[torch.Tensor, State]:
-    """One flat fp32 buffer and the adapter state viewing it (so a copy of the same bytes is one clone)."""
+    """One flat fp32 buffer and the adapter state viewing it (so a copy of the same bytes is one copy)."""
     sizes = [(RANK, d_in) for d_out, d_in in layout.values()] + [(d_out, RANK) for d_out, d_in in layout.values()]
     flat = (torch.randn(sum(a * b for a, b in sizes), generator=gen) * 0.02).to(device)
     state: State = {}
@@ -69,19 +91,63 @@ def make_adapter(
     return flat, state
 
 
-def lazy_replies(pool: list[State], k: int) -> Iterator[ClientReply]:
-    for i in range(k):
-        yield ClientReply(f"c{i}", 1, pool[i % len(pool)], num_examples=1 + i % 7)
+def llc_bytes() -> int:
+    """Total last-level (L3) cache of this machine, summed over its instances; 64 MiB when sysfs says nothing."""
+    seen: dict[str, int] = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            if (index / "level").read_text().strip() != "3":
+                continue
+            size = (index / "size").read_text().strip()
+            seen[(index / "shared_cpu_list").read_text().strip()] = int(size.rstrip("K")) * 1024
+        except (OSError, ValueError):
+            continue
+    return sum(seen.values()) or 64 * 2**20
 
 
-def _rss_kib(field: str) -> int:
+class Pool:
+    """Adapters to take replies from, round-robin, at least twice the last-level cache in total.
+
+    The position carries over from one use to the next, so a reply is read again only after a whole pool
+    (>= 2 x LLC) of other bytes has gone through the cache: every read is a DRAM read.
+    """
+
+    def __init__(self, layout: dict[str, tuple[int, int]], gen: torch.Generator, device: str) -> None:
+        first = make_adapter(layout, gen, device)
+        size = max(MIN_POOL, math.ceil(2 * llc_bytes() / (first[0].numel() * 4))) if device == "cpu" else MIN_POOL
+        adapters = [first] + [make_adapter(layout, gen, device) for _ in range(size - 1)]
+        self.flats = [f for f, _ in adapters]
+        self.states = [s for _, s in adapters]
+        self.nbytes = self.flats[0].numel() * 4
+        self._next = 0
+
+    def take(self, k: int) -> list[int]:
+        """The pool indices of the next ``k`` replies."""
+        out = [(self._next + i) % len(self.flats) for i in range(k)]
+        self._next = (self._next + k) % len(self.flats)
+        return out
+
+    def replies(self, k: int) -> Iterator[ClientReply]:
+        for i, j in enumerate(self.take(k)):
+            yield ClientReply(f"c{i}", 1, self.states[j], num_examples=1 + i % 7)
+
+
+def _release_free_heap() -> None:
+    """Hand memory freed earlier back to the OS (glibc keeps freed blocks), so RSS growth counts reuse too."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
     return 0
 
 
-def measure(fn, device: str = "cpu") -> tuple[float, float]:
+def measure(fn: Callable[[], object], device: str = "cpu") -> tuple[float, float]:
     """(seconds, peak memory growth in MB) of ``fn()``: RSS on CPU (peak reset first), allocator on CUDA."""
     if device != "cpu":
         torch.cuda.synchronize()
@@ -94,37 +160,35 @@ def measure(fn, device: str = "cpu") -> tuple[float, float]:
         del out
         return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
     gc.collect()
-    before = _rss_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    _release_free_heap()
+    before = _rss_bytes()
+    reset_peak_rss()
     start = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
-    peak = max(_rss_kib("VmHWM") - before, 0) / 1024
+    peak = max(peak_rss_bytes() - before, 0) / 2**20
     del out
     gc.collect()
     return seconds, peak
 
 
-def clone_all(flats: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
-    """Clone K adapters' bytes one at a time (each copy dropped, as a streaming server would)."""
-    out = flats[0]
-    for i in range(k):
-        out = flats[i % len(flats)].clone()
+def copy_all(pool: Pool, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Copy the next K replies' bytes into ``out``, allocated and touched beforehand: memory bandwidth only."""
+    for j in pool.take(k):
+        out.copy_(pool.flats[j])
     return out
 
 
-def copy_all(flats: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
-    """Copy K adapters' bytes into one preallocated buffer: memory bandwidth without allocation."""
-    out = torch.empty_like(flats[0])
-    for i in range(k):
-        out.copy_(flats[i % len(flats)])
+def clone_all(pool: Pool, k: int) -> torch.Tensor:
+    """Clone the next K replies' bytes one at a time (each copy dropped, as a streaming server would)."""
+    out = pool.flats[0]
+    for j in pool.take(k):
+        out = pool.flats[j].clone()
     return out
 
 
-RUNS = {  # label: (strategy name, config overrides); compute_error off unless stated
+# label: (strategy name, config overrides); compute_error is off unless stated
+RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedavg (streaming)": ("fedavg", {}),
     "fedavg + agg_error": ("fedavg", {"compute_error": True}),
     "svd exact": ("svd", {}),
@@ -133,31 +197,41 @@ RUNS = {  # label: (strategy name, config overrides); compute_error off unless s
     "median": ("median", {}),
 }
 COPIES = ("copy (copy_)", "copy (clone)")
-SKIP = {("svd exact", 256), ("fedavg + agg_error", 256)}  # minutes each on a small CPU; see the report
+SKIP = {("fedavg + agg_error", 256)}  # Gram matrices of 16 + 4096 stacked columns per layer: minutes on a small CPU
 
 
-def run_cell(label: str, k: int, layers: int, device: str) -> dict[str, object]:
-    """Time and peak memory of one run, in this (fresh) process; warm-up on a tiny layout only."""
+def run_cell(label: str, k: int, layers: int, device: str, repeat: int) -> dict[str, Any]:
+    """Best-of-``repeat`` time and first-run peak memory of one run, in this (fresh) process."""
     gen = torch.Generator().manual_seed(0)
     layout = shapes(layers)
-    flats, pool = zip(*(make_adapter(layout, gen, device) for _ in range(POOL)), strict=True)
+    pool = Pool(layout, gen, device)
     _, global_state = make_adapter(layout, gen, device)
     global_state = {key: v.clone() for key, v in global_state.items()}
-    nbytes = flats[0].numel() * 4
-    if label in COPIES:
-        fn = copy_all if label == COPIES[0] else clone_all
-        fn(flats, 2)
-        seconds, peak = measure(lambda: fn(flats, k), device)
+    if label == COPIES[0]:
+        out = torch.empty_like(pool.flats[0])
+        out.copy_(pool.flats[-1])  # touch the destination; the pool's last adapter is read last anyway
+
+        def fn() -> object:
+            return copy_all(pool, k, out)
+    elif label == COPIES[1]:
+        def fn() -> object:
+            return clone_all(pool, k)
     else:
         name, overrides = RUNS[label]
-        cfg = StrategyConfig(**{"r": RANK, "lora_alpha": 32.0, "compute_error": False, **overrides})
-        tiny = {"warm.q_proj": (32, 24)}
-        _, warm = make_adapter(tiny, gen, device)
-        make_strategy(name, cfg).aggregate(0, warm, lazy_replies([warm], 3))
-        strategy = make_strategy(name, cfg)
-        seconds, peak = measure(lambda: strategy.aggregate(1, global_state, lazy_replies(list(pool), k)), device)
-    return {"run": label, "K": k, "seconds": seconds, "gb_per_s": k * nbytes / seconds / 1e9, "peak_mb": peak,
-            "bytes_per_client": nbytes}
+        cfg = dataclasses.replace(StrategyConfig(r=RANK, lora_alpha=32.0, compute_error=False), **overrides)
+        _, warm = make_adapter({"warm.q_proj": (32, 24)}, gen, device)  # warm-up on a tiny layout only
+        make_strategy(name, cfg).aggregate(0, warm, iter([ClientReply(f"w{i}", 0, warm, 1) for i in range(3)]))
+
+        def fn() -> object:
+            return make_strategy(name, cfg).aggregate(1, global_state, pool.replies(k))
+    times: list[float] = []
+    peak = 0.0
+    while len(times) < max(repeat, 1) and (not times or sum(times) < REPEAT_BUDGET_S):
+        seconds, mb = measure(fn, device)
+        peak = peak if times else mb
+        times.append(seconds)
+    return {"run": label, "K": k, "seconds": min(times), "runs": len(times), "gb_per_s": k * pool.nbytes / min(times) / 1e9,
+            "peak_mb": peak, "bytes_per_client": pool.nbytes, "pool": len(pool.flats)}
 
 
 def main() -> None:
@@ -166,13 +240,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the server aggregates: cpu (default) or cuda")
     parser.add_argument("--json", type=Path, default=None, help="where to write the results (default: results/)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these labels (the copies always run)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every cell (0: torch's default)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per cell, fastest kept (fewer past 10 s)")
     parser.add_argument("--cell", nargs=3, metavar=("LABEL", "K", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
-        print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), int(args.cell[2]), args.device)))
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        row = run_cell(args.cell[0], int(args.cell[1]), int(args.cell[2]), args.device, args.repeat)
+        print(json.dumps({**row, "threads": torch.get_num_threads()}))
         return
     layers, ks = (2, (8, 64)) if args.quick else (30, (8, 64, 256))
-    rows: list[dict[str, object]] = []
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
     for k in ks:
         copy_gbs = 0.0
         for label in (*COPIES, *RUNS):
@@ -181,9 +261,9 @@ def main() -> None:
             if args.only is not None and label not in (*COPIES, *args.only):
                 continue
             # A fresh process per run: peak RSS is then what this run allocates, not memory freed earlier.
-            cmd = [sys.executable, __file__, "--cell", label, str(k), str(layers), "--device", args.device]
-            out = subprocess.run(cmd,
-                                 capture_output=True, text=True, check=True)
+            cmd = [sys.executable, __file__, "--cell", label, str(k), str(layers), "--device", args.device,
+                   "--threads", str(args.threads), "--repeat", str(args.repeat)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             copy_gbs = copy_gbs or float(row["gb_per_s"])
             row["pct_copy"] = 100 * float(row["gb_per_s"]) / copy_gbs
@@ -193,28 +273,26 @@ def main() -> None:
     default = "aggregate_quick.json" if args.quick else "aggregate.json"
     if args.device != "cpu":
         default = default.replace(".json", f"_{args.device}.json")
-    report(rows, layers, int(rows[0]["bytes_per_client"]), args.json or ROOT / "benchmarks" / "results" / default,
-           args.device)
+    meta = {**machine_info(args.device), "device": args.device, "layers": layers, "rank": RANK,
+            "bytes_per_client": rows[0]["bytes_per_client"], "pool": rows[0]["pool"], "llc_bytes": llc_bytes(),
+            "threads": rows[0]["threads"], "repeat": args.repeat, "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(),
+            "timing": f"fastest of up to {args.repeat} runs (fewer once {REPEAT_BUDGET_S:.0f} s are spent), "
+            "fresh strategy each run",
+            "peak_memory": "cpu: peak RSS growth during the first run (VmHWM after clear_refs), fresh process per "
+            "cell; cuda: torch.cuda.max_memory_allocated growth"}
+    report(rows, meta, args.json or RESULTS / default)
 
 
-def report(rows: list[dict[str, object]], layers: int, nbytes: int, out: Path, device: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"aggregation on {device}, {layers} blocks x 7 LoRA r={RANK}, {nbytes / 1e6:.1f} MB per client")
-    for col in ("run", "K", "seconds", "GB/s", "% of copy", "peak MB"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["run"]), str(r["K"]), f"{r['seconds']:.3f}", f"{r['gb_per_s']:.2f}",
-                      f"{r['pct_copy']:.0f}", f"{r['peak_mb']:.1f}")
-    Console().print(table)
+def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    title = (f"aggregation on {meta['device']} ({meta['cpus']} CPUs, {meta['threads']} torch threads, load "
+             f"{meta['load_avg_before'][0]:.1f}), {meta['layers']} blocks x 7 LoRA r={RANK}, "
+             f"{int(meta['bytes_per_client']) / 1e6:.1f} MB per client, pool of {meta['pool']}")
+    print_table(title, ("run", "K", "seconds", "runs", "GB/s", "% of copy", "peak MB"), [
+        (r["run"], r["K"], f"{r['seconds']:.3f}", r["runs"], f"{r['gb_per_s']:.2f}", f"{r['pct_copy']:.0f}",
+         f"{r['peak_mb']:.1f}") for r in rows])
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"layers": layers, "rank": RANK, "bytes_per_client": nbytes, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": device,
-            "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "machine": platform.processor() or platform.machine(),
-            "peak_memory": "cpu: peak RSS growth during the call (VmHWM after clear_refs), fresh process per run; "
-            "cuda: torch.cuda.max_memory_allocated growth; replies from a shared pool of 4"}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     print(f"wrote {out}")
 
 

@@ -15,12 +15,21 @@ from fedtune.types import State
 
 
 class WeightedMean:
-    """Running weighted mean of a fixed set of tensors (fp32 accumulators, one per key)."""
+    """Running weighted mean of a fixed set of tensors, summed in fp32.
+
+    The sums live in one flat fp32 buffer (each key a view of it): one allocation, zeroed once. A reply
+    without a mask is added by one fused ``_foreach_add_`` over all its tensors (fp32 tensors are read in
+    place, other dtypes are widened inside the add, no copy).
+    """
 
     def __init__(self, global_state: State, keys: Sequence[str]) -> None:
         self.keys = list(keys)
         self._global = global_state
-        self._sums = [torch.zeros_like(global_state[k], dtype=torch.float32) for k in self.keys]
+        shapes = [global_state[k].shape for k in self.keys]
+        self._flat = torch.zeros(sum(s.numel() for s in shapes), dtype=torch.float32,
+                                 device=global_state[self.keys[0]].device if self.keys else None)
+        self._sums = [part.view(s) for part, s in zip(self._flat.split([s.numel() for s in shapes]), shapes,
+                                                      strict=True)]
         self._total = 0.0
         self._weights: dict[str, torch.Tensor] = {}  # per-coordinate weights of masked keys
         self.count = 0
@@ -33,11 +42,17 @@ class WeightedMean:
         """
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
+        if not mask and not self._weights:
+            if self.keys:
+                torch._foreach_add_(self._sums, [state[k] for k in self.keys], alpha=weight)
+            self._total += weight
+            self.count += 1
+            return
         masked = {k for k in self.keys if mask is not None and k in mask}
         plain = [i for i, k in enumerate(self.keys) if k not in masked]
         if plain:
             sums = [self._sums[i] for i in plain]
-            xs = [state[self.keys[i]].float() for i in plain]
+            xs = [state[self.keys[i]] for i in plain]
             torch._foreach_add_(sums, xs, alpha=weight)
         for i, k in enumerate(self.keys):
             if k not in masked:
@@ -67,15 +82,14 @@ class WeightedMean:
         """
         if self.count == 0:
             raise ValueError("no state was added to the mean")
+        means = list(torch._foreach_div(self._sums, self._total)) if self.keys else []  # fused; own storage
         out: State = {}
-        for k, s in zip(self.keys, self._sums, strict=True):
+        for i, k in enumerate(self.keys):
             g = self._global[k]
             w = self._weights.get(k)
-            if w is None:
-                out[k] = (s / self._total).to(g.dtype)
-            else:
-                mean = s / w.clamp_min(1e-30)
-                out[k] = torch.where(w > 0, mean, g.float()).to(g.dtype)
+            if w is not None:
+                means[i] = torch.where(w > 0, self._sums[i] / w.clamp_min(1e-30), g.float())
+            out[k] = means[i].to(g.dtype)
         return out
 
 

@@ -108,41 +108,83 @@ def check_reply(reply: ClientReply, global_state: State, *, lowrank_any_rank: bo
 
     Checks names (every key of ``keys``, default all of ``global_state``, present; nothing unknown), shapes
     (exact, or with ``lowrank_any_rank`` any rank r_k with A (r_k x d_in) and B (d_out x r_k)), finiteness,
-    masks (bool, same shape) and a positive ``num_examples``.
+    masks (bool, same shape) and a positive ``num_examples``. Checking many replies against one global state,
+    ``ReplyCheck`` does the per-round work once.
     """
-    if not reply.ok or reply.state is None:
-        return reply.error or "no state"
-    if reply.num_examples <= 0:
-        return f"num_examples={reply.num_examples} must be > 0"
-    state = reply.state
-    required = list(global_state) if keys is None else list(keys)
-    missing = [k for k in required if k not in state]
-    if missing:
-        return f"missing {len(missing)} tensor(s): {', '.join(missing[:3])}"
-    unexpected = [k for k in state if k not in global_state]
-    if unexpected:
-        return f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:3])}"
-    for k, v in state.items():
-        g = global_state[k]
-        if tuple(v.shape) == tuple(g.shape):
-            continue
-        if lowrank_any_rank and _other_rank_ok(k, v, g, state):
-            continue
-        return f"{k}: shape {tuple(v.shape)}, expected {tuple(g.shape)}"
-    tensors = [v for v in state.values() if v.is_floating_point()]
-    if tensors:
-        # An L2 norm is NaN or Inf when any element is (or when |x| > ~1e19 overflows, garbage anyway). One
-        # fused call over every tensor is ~10x cheaper on CPU than isfinite().all() or an inf-norm per tensor.
-        norms = torch.stack(torch._foreach_norm(tensors))
-        if not bool(torch.isfinite(norms).all()):
-            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            return f"non-finite values (NaN or Inf) in {', '.join(bad[:3]) or 'norms (values overflow float32)'}"
-    if reply.mask is not None:
-        for k, m in reply.mask.items():
-            if k not in state:
-                return f"mask for unknown tensor {k}"
-            if m.dtype != torch.bool or tuple(m.shape) != tuple(state[k].shape):
-                return f"mask {k}: must be bool of shape {tuple(state[k].shape)}"
+    return ReplyCheck(global_state, lowrank_any_rank=lowrank_any_rank, keys=keys)(reply)
+
+
+class ReplyCheck:
+    """``check_reply`` against one global state, with what every reply is compared to computed once.
+
+    A reply whose names and shapes equal the expected ones, in the same order (what every client of a round
+    sends), has its layout checked by two list comparisons (~50 us for 420 tensors) before the one fused
+    finiteness test; any other reply takes the general path, which finds and names what differs.
+    """
+
+    def __init__(self, global_state: State, *, lowrank_any_rank: bool = False,
+                 keys: Iterable[str] | None = None) -> None:
+        self.global_state = global_state
+        self.lowrank_any_rank = lowrank_any_rank
+        self.required = list(global_state) if keys is None else list(keys)
+        self._shapes = [global_state[k].shape for k in self.required]
+
+    def __call__(self, reply: ClientReply) -> str | None:
+        if not reply.ok or reply.state is None:
+            return reply.error or "no state"
+        if reply.num_examples <= 0:
+            return f"num_examples={reply.num_examples} must be > 0"
+        state = reply.state
+        values = list(state.values())
+        same_layout = list(state) == self.required and [v.shape for v in values] == self._shapes
+        reason = None if same_layout else self._names_and_shapes(state)
+        if reason is None:
+            reason = _non_finite(state, values)
+        if reason is None and reply.mask is not None:
+            reason = _mask_problem(reply.mask, state)
+        return reason
+
+    def _names_and_shapes(self, state: State) -> str | None:
+        """The first problem with the names or shapes of ``state``, or None."""
+        global_state = self.global_state
+        missing = [k for k in self.required if k not in state]
+        if missing:
+            return f"missing {len(missing)} tensor(s): {', '.join(missing[:3])}"
+        unexpected = [k for k in state if k not in global_state]
+        if unexpected:
+            return f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:3])}"
+        for k, v in state.items():
+            g = global_state[k]
+            if tuple(v.shape) == tuple(g.shape):
+                continue
+            if self.lowrank_any_rank and _other_rank_ok(k, v, g, state):
+                continue
+            return f"{k}: shape {tuple(v.shape)}, expected {tuple(g.shape)}"
+        return None
+
+
+def _non_finite(state: State, values: list[torch.Tensor]) -> str | None:
+    """Name the tensors holding NaN or Inf, or None when every floating-point tensor is finite."""
+    tensors = [v for v in values if v.is_floating_point()]
+    if not tensors:
+        return None
+    # An L2 norm is NaN or Inf when any element is (or when |x| > ~1e19 overflows, garbage anyway). One
+    # fused call over every tensor is ~10x cheaper on CPU than isfinite().all() or an inf-norm per tensor;
+    # the offending tensors are looked for only once that check has failed.
+    norms = torch.stack(torch._foreach_norm(tensors))
+    if bool(torch.isfinite(norms).all()):
+        return None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return f"non-finite values (NaN or Inf) in {', '.join(bad[:3]) or 'norms (values overflow float32)'}"
+
+
+def _mask_problem(mask: State, state: State) -> str | None:
+    """What is wrong with ``mask`` (unknown name, not bool, not the tensor's shape), or None."""
+    for k, m in mask.items():
+        if k not in state:
+            return f"mask for unknown tensor {k}"
+        if m.dtype != torch.bool or tuple(m.shape) != tuple(state[k].shape):
+            return f"mask {k}: must be bool of shape {tuple(state[k].shape)}"
     return None
 
 
@@ -160,11 +202,13 @@ def _other_rank_ok(key: str, v: torch.Tensor, g: torch.Tensor, state: State) -> 
 
 
 def valid_replies(
-    replies: Iterable[ClientReply], global_state: State, failures: dict[str, str], **check_kwargs: object
+    replies: Iterable[ClientReply], global_state: State, failures: dict[str, str], *,
+    lowrank_any_rank: bool = False, keys: Iterable[str] | None = None,
 ) -> Iterator[ClientReply]:
     """Yield the replies that pass ``check_reply``, one at a time; record the others in ``failures``."""
+    check = ReplyCheck(global_state, lowrank_any_rank=lowrank_any_rank, keys=keys)
     for reply in replies:
-        reason = check_reply(reply, global_state, **check_kwargs)  # type: ignore[arg-type]
+        reason = check(reply)
         if reason is None:
             yield reply
         else:

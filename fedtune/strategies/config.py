@@ -62,7 +62,8 @@ class StrategyConfig:
     svd_rank: int = 0
     """Rank of the global adapter kept by ``svd``; 0 means ``r``."""
     svd_method: str = "exact"
-    """``svd``: "exact" (QR + core SVD, best rank-r) or "randomized" (subspace iteration, much faster for large K)."""
+    """``svd``: "exact" (best rank-r: QR + core SVD, or the dense layer's Gram eigendecomposition once the stacked
+    factors outgrow the layer) or "randomized" (subspace iteration on the factors; approximate, faster for large K)."""
     svd_power_iters: int = 4
     """``svd_method = "randomized"``: power (subspace) iterations; more for flat spectra."""
     svd_oversample: int = 16

@@ -1,8 +1,11 @@
 """Pure linear algebra on factored updates ``dW = B @ A``: stacking, Frobenius norms, truncated SVD.
 
-Nothing here forms a d_out x d_in matrix: norms go through k x k Gram matrices and the SVD through the QR
-factors of the stacked factors, so the cost is O((d_out + d_in) k^2 + k^3) with k the stacked rank.
-All functions are pure (no I/O, no state); tensors come back on the device of the inputs.
+Norms go through k x k Gram matrices and the SVD through the QR factors of the stacked factors, so the cost
+is O((d_out + d_in) k^2 + k^3) with k the stacked rank, and no d_out x d_in matrix is formed while the
+factored form is the smaller one. Once it is not (d_out d_in <= (d_out + d_in) k: e.g. 64 clients x rank 16
+on a 576 x 576 layer), ``truncated_svd`` works on the dense layer instead (``dense_svd``), which then takes no
+more memory than the factors already held and is several times faster. All functions are pure (no I/O, no
+state); tensors come back on the device of the inputs.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class TruncatedSVD:
     ``s`` holds every singular value (descending) so the truncation error is ``||s[rank:]|| / ||s||``;
     with ``complete`` False (randomized) it holds only the leading estimates and that error is unknown.
     ``rest`` is the discarded part in factored form (for error feedback), or None when nothing was cut.
+    ``residual`` is that error measured on the dense residual instead, when ``dense_svd`` has it (its
+    trailing ``s`` come from eigenvalues of a Gram matrix, accurate only to ~sqrt(eps) ``s[0]``).
     """
 
     left: torch.Tensor  # d_out x q
@@ -71,26 +76,33 @@ class TruncatedSVD:
     right: torch.Tensor  # q x d_in
     rest: Pair | None
     complete: bool = True
+    residual: float | None = None
 
     @property
     def truncation_error(self) -> float:
-        """``||M - M_r||_F / ||M||_F`` from the singular values.
+        """``||M - M_r||_F / ||M||_F`` (from the singular values, or the measured ``residual``).
 
         Raises:
             ValueError: the decomposition is randomized (use ``relative_error`` on the factors).
         """
         if not self.complete:
             raise ValueError("a randomized SVD does not know the discarded singular values")
+        if self.residual is not None:
+            return self.residual
         total = float(self.s.double().square().sum())
         kept = float(self.s[: self.left.shape[1]].double().square().sum())
         return (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
 
 
 def truncated_svd(b: torch.Tensor, a: torch.Tensor, rank: int, *, keep_rest: bool = False) -> TruncatedSVD:
-    """SVD of ``b @ a`` truncated to ``rank``, from QR of the factors and the SVD of the small core.
+    """SVD of ``b @ a`` truncated to ``rank``: the best rank-``rank`` approximation (Eckart-Young).
 
-    ``b = Q_b R_b``, ``a^T = Q_a R_a`` so ``b @ a = Q_b (R_b R_a^T) Q_a^T``; the core is at most k x k.
-    Cost O((d_out + d_in) k^2 + k^3) for k = b.shape[1]; never forms d_out x d_in.
+    While the stacked factors are smaller than the layer (``(d_out + d_in) k < d_out d_in``, k = b.shape[1]):
+    QR of the factors and the SVD of the small core (``b = Q_b R_b``, ``a^T = Q_a R_a`` so
+    ``b @ a = Q_b (R_b R_a^T) Q_a^T``), O((d_out + d_in) k^2 + k^3), never forming d_out x d_in. Otherwise
+    the core is nearly as large as the layer and ``dense_svd`` of ``b @ a`` is exact too, no larger than
+    the factors, and faster (one CPU thread, 64 clients x rank 16 on a 1536 x 576 layer: ~50 ms against
+    ~210 ms; the two cost about the same near the boundary).
 
     Raises:
         ValueError: ``rank`` < 1 or factors that do not chain.
@@ -99,6 +111,8 @@ def truncated_svd(b: torch.Tensor, a: torch.Tensor, rank: int, *, keep_rest: boo
         raise ValueError(f"rank must be >= 1, got {rank}")
     if b.shape[1] != a.shape[0]:
         raise ValueError(f"factors do not chain: B {tuple(b.shape)} @ A {tuple(a.shape)}")
+    if b.shape[0] * a.shape[1] <= b.numel() + a.numel():
+        return dense_svd(b @ a, rank, keep_rest=keep_rest)
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
@@ -109,6 +123,46 @@ def truncated_svd(b: torch.Tensor, a: torch.Tensor, rank: int, *, keep_rest: boo
     if keep_rest and s.shape[0] > q:
         rest = ((q_b @ u[:, q:]) * s[q:], vh[q:] @ q_a.T)
     return TruncatedSVD(left=left, s=s, right=right, rest=rest)
+
+
+def dense_svd(m: torch.Tensor, rank: int, *, keep_rest: bool = False) -> TruncatedSVD:
+    """SVD of a dense ``m`` truncated to ``rank``, from the eigendecomposition of its smaller Gram matrix.
+
+    With ``m`` tall (transposed when wide), ``m^T m = V diag(s^2) V^T``; the top singular vectors are
+    ``V[:, :rank]`` and ``m V / s``. One product and one symmetric eigendecomposition of a min(d_out, d_in)
+    square: about 3x cheaper than ``torch.linalg.svd`` on a 1536 x 576 matrix. Squaring costs accuracy only
+    in the small singular values; the leading ones, and the discarded norm ``||m||^2 - sum s[:rank]^2``, are
+    as accurate as the data (the best rank-16 approximation of an fp32 1536 x 576 matrix to ~3e-6 relative,
+    against ~1e-5 for fp32 QR + SVD). The kept singular values are the norms of ``m V``, so a component
+    whose eigenvalue is round-off still yields the exact projection ``m V V^T``; the truncation error is
+    measured on the residual ``m - m V V^T`` (one more small product), not from the trailing eigenvalues.
+
+    Raises:
+        ValueError: ``rank`` < 1 or ``m`` not a matrix.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if m.ndim != 2:
+        raise ValueError(f"expected a matrix, got shape {tuple(m.shape)}")
+    wide = m.shape[0] < m.shape[1]
+    x = m.T if wide else m  # tall: x = U diag(s) V^T with V square
+    evals, evecs = torch.linalg.eigh(x.T @ x)
+    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
+    q = min(rank, evals.shape[0])
+    xv = x @ evecs[:, :q]  # U[:, :q] diag(s[:q])
+    top = xv.norm(dim=0)
+    s = torch.cat([top, evals[q:].clamp_min(0).sqrt()])
+    u = torch.where(top > 0, xv / top.clamp_min(torch.finfo(top.dtype).tiny), 0.0)
+    v = evecs[:, :q]
+    norm = float(torch.linalg.vector_norm(x))
+    residual = float(torch.linalg.vector_norm(x - xv @ v.T)) / norm if norm > 0 else 0.0
+    rest = None
+    if keep_rest and evals.shape[0] > q:
+        v_rest = evecs[:, q:]
+        rest = (v_rest, (x @ v_rest).T) if wide else (x @ v_rest, v_rest.T)
+    if wide:  # m = x^T = V diag(s) U^T
+        return TruncatedSVD(left=v, s=s, right=u.T, rest=rest, residual=residual)
+    return TruncatedSVD(left=u, s=s, right=v.T, rest=rest, residual=residual)
 
 
 def randomized_svd(

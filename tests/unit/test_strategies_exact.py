@@ -176,10 +176,11 @@ def test_svd_heterogeneous_clients_get_their_top_components(gen) -> None:
             assert rel(got, (u[:, :r] * s[:r]) @ vh[:r]) < 1e-4
 
 
-def test_svd_error_feedback_keeps_what_truncation_cut(gen) -> None:
+@pytest.mark.parametrize("clients", [3, 8])  # stacked rank 6: QR of the factors; 16: the dense path
+def test_svd_error_feedback_keeps_what_truncation_cut(gen, clients: int) -> None:
     cfg = StrategyConfig(r=2, lora_alpha=2.0, error_feedback=True)
     strategy = make_strategy("svd", cfg)
-    states, weights = [lora_state(2, gen) for _ in range(3)], [1, 1, 1]
+    states, weights = [lora_state(2, gen) for _ in range(clients)], [1] * clients
     res = strategy.aggregate(1, lora_state(2, gen), replies(states, weights))
     for prefix in LAYERS:
         kept = dense(res.state, prefix, cfg) + dense_delta(LowRankUpdate(*strategy.residual[prefix])).double()
@@ -191,6 +192,31 @@ def test_svd_error_feedback_keeps_what_truncation_cut(gen) -> None:
     for prefix in LAYERS:
         kept = dense(res2.state, prefix, cfg) + dense_delta(LowRankUpdate(*strategy.residual[prefix])).double()
         assert rel(kept, exact_average(states2, [1, 1], prefix, cfg) + first[prefix]) < 1e-5
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "k"), [(30, 20, 6), (30, 20, 16), (20, 30, 6), (20, 30, 16), (9, 40, 40)])
+def test_truncated_svd_is_exact_on_both_paths(gen, d_out: int, d_in: int, k: int) -> None:
+    """QR + core SVD while the factors are smaller than the layer, the dense Gram path after: same answer."""
+    b, a = torch.randn(d_out, k, generator=gen), torch.randn(k, d_in, generator=gen)
+    dense = (b @ a).double()
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    got = lowrank.truncated_svd(b, a, 4, keep_rest=True)
+    assert rel((got.left * got.s[:4]) @ got.right, (u[:, :4] * s[:4]) @ vh[:4]) < 1e-5
+    assert torch.allclose(got.left.T @ got.left, torch.eye(4), atol=1e-5)
+    assert torch.allclose(got.right @ got.right.T, torch.eye(4), atol=1e-5)
+    assert got.truncation_error == pytest.approx(float((s[4:].square().sum() / s.square().sum()).sqrt()), rel=1e-5)
+    assert got.rest is not None
+    assert rel((got.left * got.s[:4]) @ got.right + got.rest[0] @ got.rest[1], dense) < 1e-5
+
+
+def test_dense_svd_of_a_rank_deficient_matrix_stays_finite(gen) -> None:
+    low = torch.randn(12, 2, generator=gen) @ torch.randn(2, 7, generator=gen)  # rank 2, asked for 5
+    got = lowrank.dense_svd(low, 5)
+    assert torch.isfinite(got.left).all() and torch.isfinite(got.right).all()
+    assert rel((got.left * got.s[:5]) @ got.right, low) < 1e-5
+    assert got.truncation_error < 1e-5
+    zero = lowrank.dense_svd(torch.zeros(6, 4), 3)
+    assert torch.equal((zero.left * zero.s[:3]) @ zero.right, torch.zeros(6, 4)) and zero.truncation_error == 0.0
 
 
 def test_lowrank_norms_match_dense(gen) -> None:

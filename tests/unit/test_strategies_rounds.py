@@ -51,6 +51,20 @@ def test_failed_and_invalid_replies_are_recorded_and_min_replies_blocks_the_roun
     assert ok.applied and torch.allclose(ok.state[KEY_A], torch.tensor([[1.0, 2.0]]))
 
 
+def test_replies_in_another_key_order_or_dtype_are_averaged_like_the_others() -> None:
+    """The per-round fast check expects the global key order (others take the general path); bf16 is widened."""
+    g = vec_state([0.0, 0.0])
+    swapped = {KEY_B: torch.tensor([[3.0], [5.0]]), KEY_A: torch.tensor([[3.0, 5.0]])}
+    half = {k: v.bfloat16() for k, v in vec_state([2.0, 4.0]).items()}
+    res = make_strategy("fedavg", StrategyConfig(r=1)).aggregate(1, g, [reply("a", swapped), reply("b", half, 3)])
+    assert res.clients_ok == ["a", "b"]
+    assert res.state[KEY_A].dtype == torch.float32
+    assert res.state[KEY_A].tolist() == [[2.25, 4.25]] and res.state[KEY_B].tolist() == [[2.25], [4.25]]
+    bad = {KEY_B: torch.zeros(2, 1), KEY_A: torch.tensor([[1.0, float("inf")]])}
+    res = make_strategy("fedavg", StrategyConfig(r=1)).aggregate(1, g, [reply("bad", bad), reply("a", swapped)])
+    assert res.failures == {"bad": f"non-finite values (NaN or Inf) in {KEY_A}"}
+
+
 def test_fedavg_consumes_replies_one_at_a_time() -> None:
     """Streaming: a reply can be freed once the next is requested (server memory O(one adapter))."""
     g = vec_state([0.0] * 4)
