@@ -3,6 +3,10 @@
 An actor process loads the base model once per config fingerprint (model, quantization, adapter, labels)
 and rebuilds any virtual client's data partition from the config the message carries, so thousands of
 virtual clients share a handful of models and a Ray cluster needs nothing but the config.
+
+A virtual client lands on any actor, so what the engine's one model accumulates must reach each actor's
+copy: the base-weight updates of ``flora`` / ``fedex`` are folded in by ``sync_base`` before training, and a
+client's optimizer state travels in the message and back (``sim.keep_optimizer_state``).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client.fit import client_seed, fit
 from fedtune.config import Config, to_dict
-from fedtune.flower.records import config_from_overrides, content_to_instructions, reply_to_content
-from fedtune.models import LoadedModel, load_model
+from fedtune.flower.records import Task, config_from_overrides, content_to_task, reply_to_content
+from fedtune.models import LoadedModel, apply_base_update, load_model
 from fedtune.pipeline import Dataset, encode, load_dataset
+from fedtune.types import failed_reply
 
 
 @dataclass
@@ -33,7 +38,19 @@ class _Site:
     examples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-_MODELS: dict[str, LoadedModel] = {}  # model key -> the one base model (+ adapter) of this actor
+@dataclass
+class _Model:
+    """A cached base model (+ adapter) and the base updates folded into it: the first ``applied`` of ``run``.
+
+    ``applied`` is -1 while updates are being folded in: a failure halfway leaves weights no count describes.
+    """
+
+    lm: LoadedModel
+    run: str = ""
+    applied: int = 0
+
+
+_MODELS: dict[str, _Model] = {}  # model key -> the one base model (+ adapter) of this actor
 _SITES: dict[str, _Site] = {}  # config hash -> data
 LOADS = {"models": 0, "sites": 0}  # what this process loaded (tests and benchmarks read it)
 
@@ -43,7 +60,12 @@ def model_key(cfg: Config, num_labels: int | None) -> str:
                        "labels": num_labels}, sort_keys=True)
 
 
-def site_for(items: list[str]) -> tuple[_Site, LoadedModel]:
+def _load(cfg: Config, num_labels: int | None) -> LoadedModel:
+    LOADS["models"] += 1
+    return load_model(cfg, num_labels=num_labels)
+
+
+def site_for(items: list[str]) -> tuple[_Site, _Model]:
     """The cached data and model of the config given as overrides (loaded on first use in this process)."""
     from fedtune.simulation.engine import partition_clients
 
@@ -56,12 +78,33 @@ def site_for(items: list[str]) -> tuple[_Site, LoadedModel]:
         parts = everyone if cfg.sim.mode == "centralized" else partition_clients(cfg, data.train_records)
         site = _SITES[key] = _Site(cfg, data, parts)
         LOADS["sites"] += 1
-    mkey = model_key(site.cfg, len(site.data.label_names) or None)
-    lm = _MODELS.get(mkey)
-    if lm is None:
-        lm = _MODELS[mkey] = load_model(site.cfg, num_labels=len(site.data.label_names) or None)
-        LOADS["models"] += 1
-    return site, lm
+    labels = len(site.data.label_names) or None
+    mkey = model_key(site.cfg, labels)
+    if mkey not in _MODELS:
+        _MODELS[mkey] = _Model(_load(site.cfg, labels))
+    return site, _MODELS[mkey]
+
+
+def sync_base(site: _Site, cached: _Model, task: Task) -> bool:
+    """Fold into ``cached`` the task's base updates it lacks; False if it lacks older ones than the task carries.
+
+    Updates are applied one by one in log order, as the engine applies them to its own model, so every copy
+    has the same weights bit for bit. A model holding another run's updates (a resumed or new federation in
+    the same actor) is reloaded first.
+    """
+    upto = task.base_from + len(task.base_updates)
+    if cached.run != task.run or not 0 <= cached.applied <= upto:
+        if cached.applied != 0:
+            cached.lm = _load(site.cfg, len(site.data.label_names) or None)
+        cached.run, cached.applied = task.run, 0
+    if cached.applied < task.base_from:
+        return False
+    todo = task.base_updates[cached.applied - task.base_from:]
+    cached.applied = -1
+    for update in todo:
+        apply_base_update(cached.lm.model, update, cached.lm.quantized)
+    cached.applied = upto
+    return True
 
 
 def client_examples(site: _Site, lm: LoadedModel, index: int) -> list[dict[str, Any]]:
@@ -77,10 +120,17 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run ``fit`` for the virtual client named in the message; a failure comes back as a failed reply."""
-    ins, index, items, threads = content_to_instructions(msg.content)
-    if threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    site, lm = site_for(items)
-    reply, _ = fit(lm, client_examples(site, lm, index), site.cfg, ins,
-                   seed=client_seed(site.cfg.seed, ins.round, index))
-    return Message(reply_to_content(reply), reply_to=msg)
+    task = content_to_task(msg.content)
+    ins = task.ins
+    if task.threads > 0 and torch.get_num_threads() != task.threads:
+        torch.set_num_threads(task.threads)
+    site, cached = site_for(task.cfg_items)
+    if not sync_base(site, cached, task):
+        reason = (f"this actor's model has {cached.applied} base updates, the message starts at {task.base_from}; "
+                  "resend with the whole log")
+        return Message(reply_to_content(failed_reply(ins.client_id, ins.round, reason), lacks_base=True), reply_to=msg)
+    keep = site.cfg.sim.keep_optimizer_state
+    reply, optimizer_state = fit(cached.lm, client_examples(site, cached.lm, task.index), site.cfg, ins,
+                                 seed=client_seed(site.cfg.seed, ins.round, task.index),
+                                 optimizer_state=task.optimizer_state if keep else None, keep_optimizer_state=keep)
+    return Message(reply_to_content(reply, optimizer_state), reply_to=msg)

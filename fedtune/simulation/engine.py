@@ -107,11 +107,13 @@ class InProcPool:
         """Nothing to release: the model belongs to the caller."""
 
 
-def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore) -> ClientPool:
+def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore,
+              base_updates: list[dict[str, Any]]) -> ClientPool:
+    """The pool of ``cfg.sim.backend``; ``base_updates`` is the log ``apply_round_result`` appends to."""
     if cfg.sim.backend == "flower":
         from fedtune.simulation.flower_backend import FlowerPool
 
-        return FlowerPool(cfg, clients)
+        return FlowerPool(cfg, clients, store=store, base_updates=base_updates)
     return InProcPool(cfg, lm, clients, store)
 
 
@@ -228,7 +230,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                  "seconds": 0.0})
     total_rounds = 1 if mode == "centralized" and cfg.sim.rounds < 1 else cfg.sim.rounds
     full_bytes = full_model_bytes(lm)
-    pool = make_pool(cfg, lm, clients, store)
+    pool = make_pool(cfg, lm, clients, store, base_updates)
     centralized_steps = cfg.train.max_steps * clients_per_round(cfg)
     with RunProgress(console, total_rounds, start_round - 1) as bars:
         for rnd in range(start_round, total_rounds + 1):

@@ -5,6 +5,21 @@ whole federation. Its ServerApp is a relay (``fedtune.flower.server_app``): the 
 each round's instructions, it sends them as Messages (adapter tensors in ArrayRecords) to the simulated nodes,
 and ``fit_round`` yields the replies in the order asked. Each Ray actor runs ``fedtune.flower.client_app``:
 one base model per actor, data partitions rebuilt from the config, so ``sim.ray_address`` scales it out.
+
+What inproc clients share through the engine's one model has to travel to the actors' copies:
+
+- Base-weight updates (``flora``, ``fedex``). The engine logs every applied ``RoundResult.base_update``
+  (``base_updates``, checkpointed for resume); each message carries this run's nonce and the log from
+  ``base_from``, the log length at the previous round's dispatch, which every actor that worked last round
+  holds. An actor folds in what it lacks, in log order (bitwise the engine's weights); one that lacks older
+  updates (idle last round, or fresh) answers so, and the relay resends that task with the whole log. A
+  message costs O(updates since last round), a resend O(rounds x update). The strategies'
+  ``Instructions.base_update`` is not used: it tracks what each *client* has been sent, which is right for a
+  gRPC node with its own model, but here a virtual client lands on any actor, so what matters is what each
+  *actor's model* holds. A new nonce per pool makes a cached model of another or a resumed run reload.
+- Optimizer state (``sim.keep_optimizer_state``). Read from the engine's ``OptimizerStore`` for every
+  sampled client, sent as ``torch.save`` bytes, returned after training and put back in the store, so
+  checkpoints and resume work as in inproc. A round holds the sampled clients' states in memory at once.
 """
 
 from __future__ import annotations
@@ -12,16 +27,20 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import uuid
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedtune.config import Config
 from fedtune.flower.records import config_overrides
 from fedtune.flower.server_app import STOP, Job, relay_app
-from fedtune.types import ClientReply, Instructions
+from fedtune.types import ClientReply, Instructions, LowRankUpdate
+
+if TYPE_CHECKING:
+    from fedtune.simulation.engine import OptimizerStore
 
 
 def backend_config(cfg: Config, num_cpus: float | None = None) -> dict[str, Any]:
@@ -40,23 +59,24 @@ def backend_config(cfg: Config, num_cpus: float | None = None) -> dict[str, Any]
 class FlowerPool:
     """Runs each round's clients on Flower's simulation engine; see the module docstring.
 
+    ``base_updates`` is the engine's log of applied base updates (the list it appends to); ``store`` holds
+    the clients' optimizer states.
+
     Raises:
-        ValueError: a setting this backend cannot honour (named in the message).
+        ValueError: ``sim.keep_optimizer_state`` without a ``store``.
     """
 
-    def __init__(self, cfg: Config, clients: list[Any], num_cpus: float | None = None):
-        problems = []
-        if cfg.sim.keep_optimizer_state:
-            problems.append("sim.keep_optimizer_state: not supported with sim.backend=flower (a client may land "
-                            "on any Ray actor); set it to false or use sim.backend=inproc")
-        if cfg.strategy.name in ("flora", "fedex"):
-            problems.append(f"strategy.name={cfg.strategy.name} changes the frozen base weights, which the "
-                            "Flower actors do not track yet; use sim.backend=inproc or another strategy")
-        if problems:
-            raise ValueError("; ".join(problems))
+    def __init__(self, cfg: Config, clients: list[Any], num_cpus: float | None = None, *,
+                 store: OptimizerStore | None = None, base_updates: list[dict[str, LowRankUpdate]] | None = None):
+        if cfg.sim.keep_optimizer_state and store is None:
+            raise ValueError("sim.keep_optimizer_state=true: FlowerPool needs the engine's OptimizerStore (store=)")
         self.cfg = cfg
         self.index = {c.cid: c.index for c in clients}
         self.cfg_items = config_overrides(cfg)
+        self.store = store
+        self.base_updates = base_updates if base_updates is not None else []
+        self.run = uuid.uuid4().hex
+        self._synced = 0  # base updates every actor that worked last round holds
         self.backend = backend_config(cfg, num_cpus)
         # Actors compute with this process's thread count (capped by their CPUs): same math as inproc.
         self.threads = max(1, min(torch.get_num_threads(), int(self.backend["client_resources"]["num_cpus"])))
@@ -66,14 +86,21 @@ class FlowerPool:
 
     def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
         """Send every item at once; yield reply i as soon as it (and all before it) came back."""
-        job = Job(rnd, [(cid, ins, self.index[cid]) for cid, ins in items], self.cfg_items, self.threads)
+        store = self.store if self.cfg.sim.keep_optimizer_state else None
+        work = [(cid, ins, self.index[cid], store.get(cid) if store is not None else None)
+                for cid, ins in items]
+        job = Job(rnd, work, self.cfg_items, self.threads, run=self.run, base=list(self.base_updates),
+                  base_from=min(self._synced, len(self.base_updates)))
+        self._synced = len(self.base_updates)
         self._sim.jobs.put(job)
-        for i in range(len(items)):
+        for i, (cid, _) in enumerate(items):
             with job.cond:
                 while i not in job.replies:
                     self._sim.check()
                     job.cond.wait(timeout=1.0)
-                reply = job.replies.pop(i)
+                reply, optimizer_state = job.replies.pop(i), job.optimizer_states.pop(i)
+            if store is not None:
+                store.put(cid, rnd, optimizer_state)
             yield reply
 
     def close(self) -> None:
