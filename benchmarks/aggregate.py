@@ -19,6 +19,9 @@ How the copy anchor is measured, and why it is a fair one:
   is read from DRAM by the copy and by the strategies alike, never from a cache warmed by the run before.
 - Same timing rule for every row: the call is repeated (``--repeat``, fresh strategy object each time,
   stopping once 10 s have been spent) and the fastest run is kept; peak memory is the first run's.
+- Same moment: each timed run follows a ``copy_`` of the same K replies in the same process, and
+  ``% of copy`` is against the fastest of those (``copy GB/s``), so load from other processes on a shared
+  machine hits the anchor and the run alike.
 - Threads: torch's default (``--threads`` to set it). ``copy_`` of one 19.5 MB buffer uses every thread;
   the strategies' per-tensor kernels (<= 100 KB each) mostly run on one. On a shared machine, threads beyond
   the idle cores wreck the multi-threaded rows instead (a 2-core VM at load 2: ``copy_`` 2.5 GB/s on two
@@ -201,18 +204,23 @@ SKIP = {("fedavg + agg_error", 256)}  # Gram matrices of 16 + 4096 stacked colum
 
 
 def run_cell(label: str, k: int, layers: int, device: str, repeat: int) -> dict[str, Any]:
-    """Best-of-``repeat`` time and first-run peak memory of one run, in this (fresh) process."""
+    """Best-of-``repeat`` time and first-run peak memory of one run, in this (fresh) process.
+
+    Every timed run is preceded by a ``copy_`` of K replies (the paired anchor): on a shared machine the
+    anchor and the run then see the same load, and ``% of copy`` compares runs made seconds apart.
+    """
     gen = torch.Generator().manual_seed(0)
     layout = shapes(layers)
     pool = Pool(layout, gen, device)
     _, global_state = make_adapter(layout, gen, device)
     global_state = {key: v.clone() for key, v in global_state.items()}
-    if label == COPIES[0]:
-        out = torch.empty_like(pool.flats[0])
-        out.copy_(pool.flats[-1])  # touch the destination; the pool's last adapter is read last anyway
+    out = torch.empty_like(pool.flats[0])
+    out.copy_(pool.flats[-1])  # touch the destination; the pool's last adapter is read last anyway
 
-        def fn() -> object:
-            return copy_all(pool, k, out)
+    def anchor() -> object:
+        return copy_all(pool, k, out)
+    if label == COPIES[0]:
+        fn = anchor
     elif label == COPIES[1]:
         def fn() -> object:
             return clone_all(pool, k)
@@ -225,13 +233,18 @@ def run_cell(label: str, k: int, layers: int, device: str, repeat: int) -> dict[
         def fn() -> object:
             return make_strategy(name, cfg).aggregate(1, global_state, pool.replies(k))
     times: list[float] = []
+    copies: list[float] = []
     peak = 0.0
     while len(times) < max(repeat, 1) and (not times or sum(times) < REPEAT_BUDGET_S):
+        copies.append(measure(anchor, device)[0])
         seconds, mb = measure(fn, device)
         peak = peak if times else mb
         times.append(seconds)
-    return {"run": label, "K": k, "seconds": min(times), "runs": len(times), "gb_per_s": k * pool.nbytes / min(times) / 1e9,
-            "peak_mb": peak, "bytes_per_client": pool.nbytes, "pool": len(pool.flats)}
+    gbs = k * pool.nbytes / min(times) / 1e9
+    copy_gbs = k * pool.nbytes / min(copies) / 1e9
+    return {"run": label, "K": k, "seconds": min(times), "runs": len(times), "gb_per_s": gbs,
+            "copy_gb_per_s": copy_gbs, "pct_copy": 100 * gbs / copy_gbs, "peak_mb": peak,
+            "bytes_per_client": pool.nbytes, "pool": len(pool.flats)}
 
 
 def main() -> None:
@@ -254,7 +267,6 @@ def main() -> None:
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     for k in ks:
-        copy_gbs = 0.0
         for label in (*COPIES, *RUNS):
             if (label, k) in SKIP and not args.quick and args.device == "cpu":
                 continue
@@ -265,11 +277,9 @@ def main() -> None:
                    "--threads", str(args.threads), "--repeat", str(args.repeat)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            copy_gbs = copy_gbs or float(row["gb_per_s"])
-            row["pct_copy"] = 100 * float(row["gb_per_s"]) / copy_gbs
             rows.append(row)
             print(f"{label:>20}  K={k:<4} {row['seconds']:8.3f} s  {row['gb_per_s']:7.2f} GB/s  "
-                  f"peak {row['peak_mb']:8.1f} MB", flush=True)
+                  f"{row['pct_copy']:5.1f}% of copy  peak {row['peak_mb']:8.1f} MB", flush=True)
     default = "aggregate_quick.json" if args.quick else "aggregate.json"
     if args.device != "cpu":
         default = default.replace(".json", f"_{args.device}.json")
@@ -288,9 +298,9 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     title = (f"aggregation on {meta['device']} ({meta['cpus']} CPUs, {meta['threads']} torch threads, load "
              f"{meta['load_avg_before'][0]:.1f}), {meta['layers']} blocks x 7 LoRA r={RANK}, "
              f"{int(meta['bytes_per_client']) / 1e6:.1f} MB per client, pool of {meta['pool']}")
-    print_table(title, ("run", "K", "seconds", "runs", "GB/s", "% of copy", "peak MB"), [
-        (r["run"], r["K"], f"{r['seconds']:.3f}", r["runs"], f"{r['gb_per_s']:.2f}", f"{r['pct_copy']:.0f}",
-         f"{r['peak_mb']:.1f}") for r in rows])
+    print_table(title, ("run", "K", "seconds", "runs", "GB/s", "copy GB/s", "% of copy", "peak MB"), [
+        (r["run"], r["K"], f"{r['seconds']:.3f}", r["runs"], f"{r['gb_per_s']:.2f}", f"{r['copy_gb_per_s']:.2f}",
+         f"{r['pct_copy']:.1f}", f"{r['peak_mb']:.1f}") for r in rows])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     print(f"wrote {out}")
