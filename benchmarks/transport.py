@@ -60,7 +60,7 @@ class StreamingSum:
         self.updates = 0
         self.base_rss_mb = _rss_mb()
 
-    def register(self, node: str, fingerprint: str) -> None:
+    def register(self, node: str, fingerprint: str, base_updates: int = 0) -> None:
         pass
 
     def next_instructions(self, node: str, timeout: float) -> None:

@@ -78,6 +78,10 @@ class FederationConfig:
     round_timeout_s: float = opt(600.0, "seconds to wait for updates; later ones are left out of the round")
     wait_timeout_s: float = opt(3600.0, "seconds to wait for federation.min_clients before giving up")
     max_update_mb: float = opt(4096.0, "largest update a client may declare, in MiB")
+    heartbeat_s: float = opt(2.0, "seconds between a node's heartbeats (the server's value is sent to every node "
+                             "when it registers)")
+    silence_s: float = opt(10.0, "a node not heard from for this many seconds is no longer live: it is left out of "
+                           "the open round and of sampling (must exceed federation.heartbeat_s)")
 
     def validate(self) -> list[str]:
         p = []
@@ -89,6 +93,12 @@ class FederationConfig:
             p.append(f"federation.clients_per_round: got {self.clients_per_round}, must be >= 0 (0: all)")
         if self.round_timeout_s <= 0:
             p.append(f"federation.round_timeout_s: got {self.round_timeout_s}, must be > 0")
+        for key in ("heartbeat_s", "silence_s"):
+            if getattr(self, key) <= 0:
+                p.append(f"federation.{key}: got {getattr(self, key)}, must be > 0")
+        if 0 < self.silence_s <= self.heartbeat_s:
+            p.append(f"federation.silence_s: got {self.silence_s}, must exceed federation.heartbeat_s "
+                     f"({self.heartbeat_s}), or every node looks silent between two heartbeats")
         return p
 
 

@@ -2,7 +2,9 @@
 
 setup (model and data loaded once) -> connect (signed challenge over TLS) -> loop: wait for instructions,
 fold pending base updates into the frozen base, ``fit``, stream the update back -> exit 0 when the server
-says the federation is done. When the server goes away the node reconnects with backoff (capped at
+says the federation is done. Every registration reports how many base updates (flora, fedex) the model
+holds, so a restarted node (none) is sent all of them; instructions say which base they build on
+(``base_from`` -> ``base_to``), and a node whose base differs registers again to have them rebuilt. When the server goes away the node reconnects with backoff (capped at
 ``client.max_backoff_s``) and carries on when it returns; a refusal (unknown key, revoked, config mismatch)
 ends the node with a clear message instead.
 
@@ -33,6 +35,7 @@ from fedtune.transport import (
     PermissionDeniedError,
     TransportError,
 )
+from fedtune.types import ClientReply
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,11 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
     backoff = Backoff(initial_s=0.5, max_s=c.max_backoff_s, max_attempts=4)
     security = connection_args(cfg)
 
+    held = 0  # base updates folded into this process's model; a fresh process holds none
+
     def connect() -> FederationClient:
         new = FederationClient(c.server, c.name, fingerprint=fingerprint(cfg), backoff=backoff,
+                               heartbeat_s=cfg.federation.heartbeat_s, base_updates=held,
                                **security)  # type: ignore[arg-type]
         try:
             return new.connect()
@@ -94,7 +100,7 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
             raise
 
     fc: FederationClient | None = None
-    based: set[int] = set()  # rounds whose base update is already folded in (a re-sent round must not add it twice)
+    resynced = -1  # last round whose instructions assumed another base (asked for once per round)
     done: list[int] = []
     attempt = reconnects = 0
     try:
@@ -110,11 +116,22 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                 if ins.phase == "stop":
                     console.print(f"node {c.name}: the federation is done after round {ins.round}", highlight=False)
                     return NodeResult(done, reconnects)
-                if ins.base_update and ins.round not in based:
-                    apply_base_update(lm.model, ins.base_update, lm.quantized)
-                    based.add(ins.round)
-                seed = int(ins.extra.get("seed", client_seed(cfg.seed, ins.round, zlib.crc32(c.name.encode()))))
-                reply, _ = fit(lm, examples, cfg, ins, seed=seed)
+                base_from, base_to = ins.extra.get("base_from", held), ins.extra.get("base_to", held)
+                if held in (base_from, base_to):
+                    if held == base_from and ins.base_update:  # held == base_to: folded in already (sent again)
+                        apply_base_update(lm.model, ins.base_update, lm.quantized)
+                    held = fc.base_updates = base_to
+                    seed = int(ins.extra.get("seed", client_seed(cfg.seed, ins.round, zlib.crc32(c.name.encode()))))
+                    reply, _ = fit(lm, examples, cfg, ins, seed=seed)
+                elif resynced != ins.round:  # e.g. the node missed a round's instructions
+                    console.print(f"node {c.name}: holds {held} base update(s), round {ins.round} builds on "
+                                  f"{base_from}; asking the server for the missing ones", highlight=False)
+                    resynced = ins.round
+                    fc.report_base(held)
+                    continue
+                else:
+                    reply = ClientReply(c.name, ins.round, None, 0, error=f"base model out of sync: holds {held} "
+                                        f"base update(s), the server's instructions build on {base_from}")
                 try:
                     ack = fc.submit(reply, phase=ins.phase)
                     note = ack.message

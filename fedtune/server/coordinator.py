@@ -10,6 +10,12 @@ uploads beyond that wait (flow control keeps their bytes on the nodes). Strategi
 at once get an unbounded buffer. Every round ends by its deadline: sampled nodes that did not answer by
 then, or that went silent (no heartbeat for ``silence_s``), are recorded as failures with their reason.
 
+A node that registers again may be a restarted process with a fresh base model: every registration reports
+how many base-weight updates (flora, fedex) the node's model holds. The round loop takes these reports in
+before it configures a round (``take_registrations``); when the open round's instructions for that node
+assumed another count, ``replies`` (on the round loop's thread) has them rebuilt by ``rebase`` and the node
+gets only the rebuilt ones.
+
 One lock guards everything here; no call blocks while holding it.
 """
 
@@ -75,6 +81,9 @@ class RoundCoordinator:
         self.silence_s, self.buffer = silence_s, buffer
         self.last_seen: Callable[[], dict[str, float]] = dict
         """Unix time of each node's last call; the round loop points this at the servicer's."""
+        self.rebase: Callable[[str, int, Instructions], Instructions] | None = None
+        """(node, base updates it holds, its open-round instructions) -> instructions for that base."""
+        self._held: dict[str, int] = {}  # node -> base updates held, as reported at its last registration
         self._cond = threading.Condition()
         self._clients: dict[str, float] = {}  # participant -> registration time
         self._observers: set[str] = set()
@@ -91,8 +100,9 @@ class RoundCoordinator:
         self.refused_registrations: list[str] = []
 
     # -- transport side (gRPC worker threads) -------------------------------------------------------
-    def register(self, node: str, fingerprint: str) -> None:
-        """Admit ``node`` when its model/quant/adapter fingerprint equals the server's.
+    def register(self, node: str, fingerprint: str, base_updates: int = 0) -> None:
+        """Admit ``node`` when its model/quant/adapter fingerprint equals the server's; ``base_updates`` is how
+        many base-weight updates its model holds (0 for a fresh process).
 
         Raises:
             ConfigMismatch: the fingerprints differ; the message names every differing key.
@@ -112,9 +122,11 @@ class RoundCoordinator:
         with self._cond:
             first = node not in self._clients
             self._clients[node] = time.time()
+            self._held[node] = base_updates
             self._observers.discard(node)
             self._cond.notify_all()
-        log.info("node %s %s", node, "registered" if first else "registered again")
+        log.info("node %s %s holding %d base update(s)", node, "registered" if first else "registered again",
+                 base_updates)
 
     def next_instructions(self, node: str, timeout: float) -> Instructions | None:
         """This node's instructions of the open round (the same ones until it submits), a ``stop`` when the
@@ -126,7 +138,8 @@ class RoundCoordinator:
                     self._stopped.add(node)
                     self._cond.notify_all()
                     return Instructions(round=self.round, client_id=node, state={}, phase="stop")
-                if node in self._clients and self._open and node in self._instr and node not in self._answered:
+                if (node in self._clients and self._open and node in self._instr and node not in self._answered
+                        and not self._stale_locked(node)):
                     return self._instr[node]
                 left = end - time.monotonic()
                 if left <= 0:
@@ -213,7 +226,38 @@ class RoundCoordinator:
                 detail["deadline_in_s"] = f"{max(0.0, self._deadline - time.monotonic()):.0f}"
             return RoundStatus(self.round, self.phase, detail)
 
+    def _stale_locked(self, node: str) -> bool:
+        """The node's process re-registered holding another base than its open-round instructions assume."""
+        held = self._held.get(node)
+        return held is not None and self._instr[node].extra.get("base_from", held) != held
+
     # -- round loop side ------------------------------------------------------------------------------
+    def take_registrations(self) -> dict[str, int]:
+        """Base updates held by each node that registered since the last call (call before configuring)."""
+        with self._cond:
+            held, self._held = self._held, {}
+            return held
+
+    def _rebase_stale(self) -> bool:
+        """Rebuild the open round's instructions of re-registered nodes; True when any were rebuilt."""
+        rebase = self.rebase
+        with self._cond:
+            todo = []
+            for node in [n for n in self._held if n in self._instr and n not in self._answered]:
+                if self._stale_locked(node) and rebase is not None:
+                    todo.append((node, self._held[node], self._instr[node]))
+                else:  # these instructions bring the node's base up to date: nothing to rewind later
+                    del self._held[node]
+        for node, held, ins in todo:
+            assert rebase is not None
+            new = rebase(node, held, ins)  # outside the lock: strategy code
+            with self._cond:
+                if self._instr.get(node) is ins and self._held.get(node) == held:
+                    self._instr[node] = new
+                    del self._held[node]
+                    log.info("node %s restarted holding %d base update(s): its instructions were rebuilt", node, held)
+                self._cond.notify_all()
+        return bool(todo)
     def _live_locked(self) -> list[str]:
         seen, now = self.last_seen(), time.time()
         live = [n for n, t in self._clients.items() if now - max(seen.get(n, 0.0), t) < self.silence_s]
@@ -271,6 +315,8 @@ class RoundCoordinator:
         failed or went silent, or the deadline passed; then the round is closed."""
         deadline_s = None
         while True:
+            if self._rebase_stale():
+                continue
             with self._cond:
                 if deadline_s is None:
                     deadline_s = self._deadline

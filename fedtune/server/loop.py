@@ -40,15 +40,14 @@ from fedtune.simulation.checkpoint import CHECKPOINT, Checkpoint, load_checkpoin
 from fedtune.simulation.engine import strategy_config
 from fedtune.simulation.report import write_plot
 from fedtune.strategies import StrategyConfig, make_strategy
-from fedtune.transport import Limits, instructions_wire_size, start_server
-from fedtune.types import ClientReply
+from fedtune.transport import FederationServer, Limits, instructions_wire_size, start_server
+from fedtune.types import ClientReply, Instructions
 
-HEARTBEAT_S = 2.0
-SILENCE_S = 10.0
 STOP_GRACE_S = 10.0
 # Keys whose change does not alter what a resumed run computes (addresses, timeouts, more rounds).
 RESUMABLE_CHANGES = ("server.", "client.", "federation.rounds", "federation.wait_timeout_s",
-                     "federation.round_timeout_s", "federation.max_update_mb", "out", "eval.", "sim.")
+                     "federation.round_timeout_s", "federation.max_update_mb", "federation.heartbeat_s",
+                     "federation.silence_s", "out", "eval.", "sim.")
 
 
 class FederationError(RuntimeError):
@@ -133,6 +132,52 @@ def _tls(cfg: Config) -> dict[str, Any]:
     return args
 
 
+def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordinator, FederationServer]:
+    """The round coordinator and the gRPC server around it, with the federation's liveness settings: nodes
+    heartbeat every ``federation.heartbeat_s`` (sent to them at registration) and a node silent for
+    ``federation.silence_s`` is no longer live. ``security``: ``start_server`` arguments (see ``_tls``)."""
+    fed = cfg.federation
+    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s)
+    limit = int(fed.max_update_mb * 2**20)
+    server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
+                          heartbeat_interval_s=fed.heartbeat_s, max_workers=256, **security)
+    coord.last_seen = server.servicer.last_seen
+    return coord, server
+
+
+class BaseSync:
+    """Which base-weight updates (flora, fedex) each node's process holds, kept true across node restarts.
+
+    The strategy's ``base_log`` sends every sampled node the updates it has not been sent yet. A node reports
+    at each registration how many it holds (a restarted process: none); ``rewind`` takes those reports in
+    before a round is configured, and ``rebase`` rebuilds the open round's instructions of a node whose
+    process restarted after they were made. Instructions carry ``base_from`` / ``base_to`` (the updates the
+    node must hold before and after them) so a node can tell a stale bundle from a fresh one.
+    """
+
+    def __init__(self, strategy: Any) -> None:
+        self.log = getattr(strategy, "base_log", None)
+
+    def rewind(self, held: dict[str, int]) -> None:
+        """Take in what each node reported at its registration (``RoundCoordinator.take_registrations``)."""
+        if self.log is None:
+            return
+        for node, n in held.items():
+            self.log.rewind(node, n)
+
+    def extra(self, ids: list[str]) -> dict[str, dict[str, int]]:
+        """Per node, the ``base_from`` / ``base_to`` of the instructions about to be configured."""
+        if self.log is None:
+            return {cid: {} for cid in ids}
+        return {cid: {"base_from": self.log.held_by(cid), "base_to": len(self.log.log)} for cid in ids}
+
+    def rebase(self, node: str, held: int, ins: Instructions) -> Instructions:
+        assert self.log is not None, "only instructions with a base range need a rebase"
+        self.log.rewind(node, held)
+        return dataclasses.replace(ins, base_update=self.log.pending(node),
+                                   extra={**ins.extra, "base_from": held, "base_to": len(self.log.log)})
+
+
 def run_server(cfg: Config, console: Console) -> ServerResult:
     """Coordinate ``cfg.federation.rounds`` rounds over gRPC; see the module docstring.
 
@@ -177,11 +222,9 @@ def run_server(cfg: Config, console: Console) -> ServerResult:
         run.log(first)
         rounds.append(first)
 
-    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=SILENCE_S)
-    limit = int(fed.max_update_mb * 2**20)
-    server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
-                          heartbeat_interval_s=HEARTBEAT_S, max_workers=256, **security)
-    coord.last_seen = server.servicer.last_seen
+    coord, server = open_transport(cfg, security)
+    base_sync = BaseSync(strategy)
+    coord.rebase = base_sync.rebase
     allowlist = security.get("allowlist_file")
     mode = "TLS" if "cert_file" in security else "plaintext"
     console.print(f"fedtune server listening on {cfg.server.address.rsplit(':', 1)[0]}:{server.port} ({mode}, "
@@ -200,10 +243,12 @@ def run_server(cfg: Config, console: Console) -> ServerResult:
             ids = coord.live_clients()
             order = coord.known_clients()
             rng = random.Random(cfg.seed * 7919 + rnd)
+            base_sync.rewind(coord.take_registrations())
+            base = base_sync.extra(ids)
             instructions = strategy.configure(rnd, ids, global_state, rng)
             instructions = {cid: dataclasses.replace(ins, extra={
-                **ins.extra, "seed": client_seed(cfg.seed, rnd, order.index(cid) if cid in order else len(order))})
-                for cid, ins in instructions.items()}
+                **ins.extra, "seed": client_seed(cfg.seed, rnd, order.index(cid) if cid in order else len(order)),
+                **base[cid]}) for cid, ins in instructions.items()}
             per_client = {cid: {"bytes_down": instructions_wire_size(ins), "bytes_up": 0}
                           for cid, ins in instructions.items()}
             coord.open_round(rnd, instructions, fed.round_timeout_s,

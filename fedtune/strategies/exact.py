@@ -49,6 +49,14 @@ class BaseUpdateLog:
         self._sent[client_id] = len(self.log)
         return lowrank.merge_updates(self.log[start:]) if start < len(self.log) else None
 
+    def held_by(self, client_id: str) -> int:
+        """How many updates ``client_id`` has been sent."""
+        return self._sent.get(client_id, 0)
+
+    def rewind(self, client_id: str, held: int) -> None:
+        """``client_id`` holds only the first ``held`` updates (a restarted client process holds none)."""
+        self._sent[client_id] = max(0, min(held, len(self.log)))
+
 
 class ExactStrategy:
     """``flora``, ``svd`` or ``fedex``; see the module docstring and each ``_aggregate_*`` method.

@@ -90,7 +90,9 @@ class FederationClient:
     """Connects a node to a federation server, see the module docstring.
 
     ``key`` is the node's Ed25519 private key (object or PEM file); ``ca_file`` turns on TLS (the default
-    whenever the address is not loopback: plaintext elsewhere needs ``insecure=True``).
+    whenever the address is not loopback: plaintext elsewhere needs ``insecure=True``). Heartbeats go out
+    every ``heartbeat_s`` until the server sends its own interval at registration. ``base_updates`` is what
+    every registration reports: how many base-weight updates the node's model holds (keep it current).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class FederationClient:
         ca_file: str | Path | None = None, insecure: bool = False, fingerprint: str = "",
         encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE, limits: Limits | None = None,
         backoff: Backoff | None = None, heartbeat: bool = True, tls_server_name: str | None = None,
+        heartbeat_s: float = 10.0, base_updates: int = 0,
     ) -> None:
         if ca_file is None:
             check_plaintext_allowed(address, insecure)
@@ -107,7 +110,8 @@ class FederationClient:
         self.encoding, self.chunk_size, self.limits = encoding, chunk_size, limits
         self.backoff = backoff or Backoff()
         self.heartbeat_enabled = heartbeat
-        self.heartbeat_interval_s = 10.0
+        self.heartbeat_interval_s = heartbeat_s
+        self.base_updates = base_updates
         self.bytes_down = 0
         self._token: str | None = None
         self._channel: grpc.Channel | None = None
@@ -155,8 +159,16 @@ class FederationClient:
             sig = sign_challenge(self.key, ch.nonce, self.node)
             pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         rep = self._stub.Register(fpb.RegisterRequest(node=self.node, nonce=ch.nonce, signature=sig,
-                                                      public_key=pub, config_fingerprint=self.fingerprint))
-        self._token, self.heartbeat_interval_s = rep.session_token, rep.heartbeat_interval_s or 10.0
+                                                      public_key=pub, config_fingerprint=self.fingerprint,
+                                                      base_updates=self.base_updates))
+        self._token = rep.session_token
+        self.heartbeat_interval_s = rep.heartbeat_interval_s or self.heartbeat_interval_s
+
+    def report_base(self, held: int) -> None:
+        """Register again, reporting that the node's model holds ``held`` base updates: the server rebuilds
+        this node's pending instructions from there. Raises: as ``connect``."""
+        self.base_updates = held
+        self._retry(self.register, renew=False)
 
     def close(self) -> None:
         self._stop.set()

@@ -60,8 +60,9 @@ class RoundStatus:
 class Coordinator(Protocol):
     """What the server's round loop provides to the transport. Called from gRPC worker threads."""
 
-    def register(self, node: str, fingerprint: str) -> None:
-        """Admit an authenticated node. Raises ConfigMismatch / PermissionDeniedError to refuse it."""
+    def register(self, node: str, fingerprint: str, base_updates: int = 0) -> None:
+        """Admit an authenticated node whose model holds ``base_updates`` base-weight updates (0: a fresh
+        process). Raises ConfigMismatch / PermissionDeniedError to refuse it."""
 
     def next_instructions(self, node: str, timeout: float) -> Instructions | None:
         """Block up to ``timeout`` s for this node's instructions of the current phase; ``None`` if none.
@@ -127,7 +128,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
     @_guard
     def Register(self, request: fpb.RegisterRequest, context: grpc.ServicerContext) -> fpb.RegisterReply:
         session = self.auth.register(request.node, request.nonce, request.signature, request.public_key)
-        self.coordinator.register(request.node, request.config_fingerprint)
+        self.coordinator.register(request.node, request.config_fingerprint, request.base_updates)
         return fpb.RegisterReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s)
 
     def GetInstructions(self, request: fpb.InstructionsRequest, context: grpc.ServicerContext) -> Iterator[bytes]:

@@ -32,7 +32,7 @@ class StaticCoordinator:
         self.registered: list[str] = []
         self._lock = threading.Lock()
 
-    def register(self, node: str, fingerprint: str) -> None:
+    def register(self, node: str, fingerprint: str, base_updates: int = 0) -> None:
         """Raises: ConfigMismatch when a fingerprint is configured and differs."""
         if self.fingerprint and fingerprint != self.fingerprint:
             raise ConfigMismatch(f"config fingerprint {fingerprint!r} != server's {self.fingerprint!r}: "

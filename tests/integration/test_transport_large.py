@@ -20,7 +20,7 @@ class DigestCoordinator:
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
 
-    def register(self, node: str, fingerprint: str) -> None:
+    def register(self, node: str, fingerprint: str, base_updates: int = 0) -> None:
         pass
 
     def next_instructions(self, node: str, timeout: float) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fedtune.server.coordinator import OBSERVER, RoundCoordinator, fingerprint_diff, natural_key
+from fedtune.server.loop import BaseSync
+from fedtune.strategies.exact import BaseUpdateLog
 from fedtune.transport import ConfigMismatch, DecodedTensor, MessageRejected, UpdateHeader
-from fedtune.types import Instructions
+from fedtune.types import Instructions, LowRankUpdate
 
 FP = json.dumps({"model": "tiny-llama", "adapter": {"r": 4, "alpha": 8.0}}, sort_keys=True)
 STATE = {"l.lora_A.weight": torch.zeros(4, 8), "l.lora_B.weight": torch.zeros(8, 4)}
@@ -85,3 +88,37 @@ def test_buffer_is_bounded_and_stop_reaches_every_node() -> None:
     assert [r.client_id for r in it] == ["c"]
     c.finish()
     assert c.next_instructions("a", 1).phase == "stop"
+
+
+def _log_of_two_rounds() -> BaseUpdateLog:
+    log = BaseUpdateLog()
+    log.log = [{"l": LowRankUpdate(B=torch.full((8, 1), float(i)), A=torch.ones(1, 8))} for i in (1, 2)]
+    return log
+
+
+def test_a_restarted_node_gets_its_open_round_rebuilt_for_a_fresh_base() -> None:
+    log = _log_of_two_rounds()
+    sync = BaseSync(SimpleNamespace(base_log=log))
+    c = _coord(("a", "b", "idle"))
+    c.rebase = sync.rebase
+    c.take_registrations()
+    log.rewind("a", 1)
+    log.rewind("b", 1)
+    extra = sync.extra(["a", "b"])  # both hold round 1's update; this round sends round 2's
+    ins = {n: Instructions(round=3, client_id=n, state=STATE, base_update=log.pending(n), extra=extra[n])
+           for n in ("a", "b")}
+    c.open_round(3, ins, deadline_s=1.0, buffer=2)
+    c.register("a", FP, base_updates=0)  # a restarted process: a fresh base model
+    c.register("b", FP, base_updates=1)  # b registered again (e.g. a new session), its base is intact
+    c.register("idle", FP, base_updates=0)  # not in this round: taken in before the next one
+    assert c.next_instructions("a", 0.2) is None  # stale until the round loop rebuilds them
+    assert c.next_instructions("b", 0.1) is ins["b"]
+    collector = threading.Thread(target=lambda: list(c.replies()))
+    collector.start()
+    got = c.next_instructions("a", 2.0)
+    collector.join()
+    assert got is not None and (got.extra["base_from"], got.extra["base_to"]) == (0, 2)
+    delta = got.base_update["l"].B @ got.base_update["l"].A
+    assert torch.equal(delta, torch.full((8, 8), 3.0))  # rounds 1 and 2 together
+    assert log.held_by("a") == log.held_by("b") == 2
+    assert c.take_registrations() == {"idle": 0}

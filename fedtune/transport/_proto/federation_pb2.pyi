@@ -23,18 +23,20 @@ class ChallengeReply(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node", "nonce", "signature", "public_key", "config_fingerprint")
+    __slots__ = ("node", "nonce", "signature", "public_key", "config_fingerprint", "base_updates")
     NODE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BASE_UPDATES_FIELD_NUMBER: _ClassVar[int]
     node: str
     nonce: bytes
     signature: bytes
     public_key: bytes
     config_fingerprint: str
-    def __init__(self, node: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., config_fingerprint: _Optional[str] = ...) -> None: ...
+    base_updates: int
+    def __init__(self, node: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., config_fingerprint: _Optional[str] = ..., base_updates: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("session_token", "heartbeat_interval_s")
