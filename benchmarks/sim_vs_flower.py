@@ -136,6 +136,7 @@ def spec_for(kind: str, n: int, rounds: int, cpus: float, threads: int) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="N = 2 only")
+    ap.add_argument("--sizes", default="2,4,8", help="comma-separated numbers of clients")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--flower-cpus", type=float, default=2.0,
                     help="CPUs per Flower actor (2 on this 2-core machine: one actor, the same compute as fedtune's "
@@ -150,7 +151,7 @@ def main() -> None:
     if args.child:
         child_main(json.loads(args.child), Path(args.out))
         return
-    sizes = [2] if args.quick else [2, 4, 8]
+    sizes = [2] if args.quick else [int(n) for n in args.sizes.split(",")]
     kinds = ["inproc", "flowertune"] + (["fedtune-flower"] if args.with_fedtune_flower else [])
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
