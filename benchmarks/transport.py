@@ -1,11 +1,16 @@
 """Transport benchmark: upload throughput over loopback, and server memory under 32 concurrent uploads.
 
-    .venv/bin/python benchmarks/transport.py [--quick]
+    .venv/bin/python benchmarks/transport.py [--quick] [--sizes 1024 --repeats 5 --only throughput]
 
 1. Upload of a 256 MiB and a 1 GiB update (fp32, 16 MiB tensors) through ``FederationClient.submit``:
-   plaintext gRPC and TLS, next to a raw TCP socket copy of the same bytes. The server runs in its own
-   process and sums the update tensor by tensor as it arrives (decode, SHA-256 and finiteness checks
-   included), so the figures are end to end.
+   plaintext gRPC and TLS, next to a raw TCP socket copy of the same bytes in the same chunks (the anchor:
+   no framing, no hash; the receiver writes each tensor into a fresh buffer, as the server does) and, for
+   scale, the same copy with a SHA-256 of every tensor on both sides (the least work an integrity-checked
+   transfer does). The server runs in its own process and sums the update tensor by tensor as it arrives
+   (decode, SHA-256 and finiteness checks included), so the figures are end to end. Paths are interleaved
+   and the best of ``--repeats`` counts: other load on the machine hits them alike. Client and server share
+   the machine's cores, so the CPU seconds per GiB on each side (the fewest of the repeats) are shown too:
+   unlike the wall time they hardly depend on what else runs.
 2. 32 clients upload 64 MiB each (4 MiB tensors) at the same time to a fresh server process that keeps
    a streaming sum; the server's peak RSS (VmHWM) is compared with the 2 GiB that buffering every update
    would need. The server admits 8 uploads at a time and fixes each stream's flow-control window at
@@ -17,10 +22,12 @@ Prints a table and writes benchmarks/results/transport.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,7 +35,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +53,7 @@ from fedtune.transport import (
     create_keys,
     start_server,
 )
+from fedtune.transport.server import STREAM_WINDOW_BYTES
 from fedtune.types import ClientReply
 
 MiB = 1 << 20
@@ -96,12 +106,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
 
 
-def serve(tls_dir: str | None) -> None:
+def serve(tls_dir: str | None, window_bytes: int) -> None:
     """Child process: serve until stdin closes."""
-    kw = {}
+    torch.set_num_threads(1)  # client and server share the machine: idle OpenMP workers spin on the other's core
+    kw: dict = {"stream_window_bytes": window_bytes}
     if tls_dir:
-        kw = {"cert_file": f"{tls_dir}/server.pem", "key_file": f"{tls_dir}/server.key",
-              "allowlist_file": f"{tls_dir}/allowlist.txt"}
+        kw |= {"cert_file": f"{tls_dir}/server.pem", "key_file": f"{tls_dir}/server.key",
+               "allowlist_file": f"{tls_dir}/allowlist.txt"}
     server = start_server(StreamingSum(), "127.0.0.1:0", max_workers=48, **kw)
     print(f"PORT {server.port}", flush=True)
     sys.stdin.read()
@@ -109,19 +120,23 @@ def serve(tls_dir: str | None) -> None:
 
 
 def raw_sink() -> None:
-    """Child process: receive length-prefixed payloads into a buffer, answer one byte each."""
+    """Child process: per connection, receive (tensor count, tensor bytes, chunk bytes, hash?) and then the
+    tensors, each into a new buffer, ``chunk`` bytes per ``recv_into``; hash each one if asked; answer a byte."""
     lsock = socket.create_server(("127.0.0.1", 0))
     print(f"PORT {lsock.getsockname()[1]}", flush=True)
     while True:
         conn, _ = lsock.accept()
         with conn:
-            n = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "little")
-            if n == 0:
+            count, size, chunk, hashed = struct.unpack("<4q", conn.recv(32, socket.MSG_WAITALL))
+            if count == 0:
                 return
-            buf, got = bytearray(n), 0
-            view = memoryview(buf)
-            while got < n:
-                got += conn.recv_into(view[got:], min(n - got, 4 * MiB))
+            for _ in range(count):
+                buf: Any = np.empty(size, np.uint8)
+                view, got = memoryview(buf), 0
+                while got < size:
+                    got += conn.recv_into(view[got:], min(size - got, chunk))
+                if hashed:
+                    hashlib.sha256(view).digest()
             conn.sendall(b"k")
 
 
@@ -138,19 +153,30 @@ class Child:
         self.proc.wait(timeout=60)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def make_update(total_mib: int, tensor_mib: int = TENSOR_MIB) -> dict[str, torch.Tensor]:
     n = tensor_mib * MiB // 4
     return {f"layers.{i}.lora_A.weight": torch.randn(n) for i in range(total_mib // tensor_mib)}
 
 
-def raw_copy(port: int, state: dict[str, torch.Tensor]) -> float:
-    payload = [memoryview(t.numpy()).cast("B") for t in state.values()]
-    total = sum(len(p) for p in payload)
+def raw_copy(port: int, state: dict[str, torch.Tensor], hashed: bool = False) -> float:
+    """The tensors' bytes over one TCP connection in ``CHUNK_SIZE`` sends, SHA-256 per tensor if ``hashed``."""
+    arrays: list[Any] = [t.numpy() for t in state.values()]
+    payload = [memoryview(a).cast("B") for a in arrays]
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(total.to_bytes(8, "little"))
+        s.sendall(struct.pack("<4q", len(payload), len(payload[0]), CHUNK_SIZE, hashed))
         for p in payload:
-            s.sendall(p)
+            if hashed:
+                hashlib.sha256(p).digest()
+            for start in range(0, len(p), CHUNK_SIZE):
+                s.sendall(p[start:start + CHUNK_SIZE])
         assert s.recv(1) == b"k"
     return time.perf_counter() - t0
 
@@ -167,32 +193,43 @@ def grpc_upload(port: int, state: dict[str, torch.Tensor], node: str, tls_dir: s
     return dt
 
 
-def throughput(sizes: list[int], tls_dir: str, repeats: int) -> list[dict]:
+def throughput(sizes: list[int], tls_dir: str, repeats: int, window: str) -> list[dict]:
     rows = []
-    sink, plain, tls = Child("--raw-sink"), Child("--serve"), Child("--serve", "--tls-dir", tls_dir)
+    sink = Child("--raw-sink")
+    plain = Child("--serve", "--window-mib", window)
+    tls = Child("--serve", "--window-mib", window, "--tls-dir", tls_dir)
+    paths = {"raw TCP": (sink, lambda st: raw_copy(sink.port, st)),
+             "raw TCP + SHA-256": (sink, lambda st: raw_copy(sink.port, st, hashed=True)),
+             "gRPC": (plain, lambda st: grpc_upload(plain.port, st, "node-0", None)),
+             "gRPC + TLS": (tls, lambda st: grpc_upload(tls.port, st, "node-0", tls_dir))}
     try:
         for mib in sizes:
             state = make_update(mib)
-            runs: dict[str, list[float]] = {"raw TCP": [], "gRPC": [], "gRPC + TLS": []}
+            runs: dict[str, list[tuple[float, float, float]]] = {path: [] for path in paths}
             for _ in range(repeats):  # interleaved, best of each: other load on the machine hits all paths alike
-                runs["raw TCP"].append(raw_copy(sink.port, state))
-                runs["gRPC"].append(grpc_upload(plain.port, state, "node-0", None))
-                runs["gRPC + TLS"].append(grpc_upload(tls.port, state, "node-0", tls_dir))
-            best = {path: min(times) for path, times in runs.items()}
+                for path, (receiver, upload) in paths.items():
+                    mine, theirs = time.process_time(), _cpu_seconds(receiver.proc.pid)
+                    secs = upload(state)
+                    runs[path].append((secs, time.process_time() - mine, _cpu_seconds(receiver.proc.pid) - theirs))
+            best = {path: min(r[0] for r in times) for path, times in runs.items()}
             for path, secs in best.items():
+                gib = mib / 1024
                 rows.append({"size_mib": mib, "path": path, "seconds": secs, "mib_per_s": mib / secs,
-                             "vs_raw": best["raw TCP"] / secs})
+                             "vs_raw": best["raw TCP"] / secs, "vs_raw_sha256": best["raw TCP + SHA-256"] / secs,
+                             "sender_cpu_s_per_gib": min(r[1] for r in runs[path]) / gib,
+                             "receiver_cpu_s_per_gib": min(r[2] for r in runs[path]) / gib,
+                             "all_seconds": [r[0] for r in runs[path]]})
             del state
     finally:
         with socket.create_connection(("127.0.0.1", sink.port)) as s:
-            s.sendall((0).to_bytes(8, "little"))
+            s.sendall(bytes(32))
         for c in (sink, plain, tls):
             c.close()
     return rows
 
 
-def concurrent_memory(n_clients: int, mib_each: int) -> dict:
-    server = Child("--serve")
+def concurrent_memory(n_clients: int, mib_each: int, window: str) -> dict:
+    server = Child("--serve", "--window-mib", window)
     state = make_update(mib_each, tensor_mib=4)  # shared read-only by every client thread
     errors: list[BaseException] = []
 
@@ -223,29 +260,35 @@ def concurrent_memory(n_clients: int, mib_each: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="64 and 256 MiB uploads, 8 clients x 16 MiB")
+    ap.add_argument("--quick", action="store_true", help="64 and 256 MiB uploads once each, 8 clients x 16 MiB")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--raw-sink", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", help=argparse.SUPPRESS)
     ap.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_SIZE / MiB, help="chunk size of uploads")
+    ap.add_argument("--window-mib", default=str(STREAM_WINDOW_BYTES / MiB),
+                    help="the server's HTTP/2 flow-control window per stream")
+    ap.add_argument("--sizes", help="upload sizes in MiB, comma-separated (default 256,1024; --quick 64,256)")
+    ap.add_argument("--repeats", type=int, help="uploads per path and size, best counts (default 3; --quick 1)")
     ap.add_argument("--only", choices=["throughput", "memory"], help="run one of the two parts")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transport.json"))
     args = ap.parse_args()
     if args.serve:
-        return serve(args.tls_dir)
+        return serve(args.tls_dir, int(float(args.window_mib) * MiB))
     if args.raw_sink:
         return raw_sink()
     torch.set_num_threads(1)
     global CHUNK_SIZE
     CHUNK_SIZE = int(args.chunk_mib * MiB)
     sizes, (n, each), repeats = ([64, 256], (8, 16), 1) if args.quick else ([256, 1024], (32, 64), 3)
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else sizes
+    repeats = args.repeats or repeats
     rows, mem = [], None
     if args.only != "memory":
         with tempfile.TemporaryDirectory() as keys:
             create_keys(keys, ["node-0"], ["localhost", "127.0.0.1"])
-            rows = throughput(sizes, keys, repeats)
+            rows = throughput(sizes, keys, repeats, args.window_mib)
     if args.only != "throughput":
-        mem = concurrent_memory(n, each)
+        mem = concurrent_memory(n, each, args.window_mib)
     report(rows, mem, args)
 
 
@@ -253,13 +296,16 @@ def report(rows: list[dict], mem: dict | None, args: argparse.Namespace) -> None
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Upload over loopback (client submit -> server ack, streaming sum on the server)")
-    for col in ("size", "path", "seconds", "MiB/s", "vs raw TCP"):
+    table = Table(title=f"Upload over loopback (client submit -> server ack, streaming sum on the server), "
+                        f"{args.chunk_mib:g} MiB chunks, {float(args.window_mib):g} MiB stream window")
+    for col in ("size", "path", "seconds", "MiB/s", "vs raw TCP", "vs raw TCP + SHA-256", "CPU s/GiB sender",
+                "CPU s/GiB receiver"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(f"{r['size_mib']} MiB", r["path"], f"{r['seconds']:.2f}", f"{r['mib_per_s']:.0f}",
-                      f"{100 * r['vs_raw']:.0f}%")
-    console = Console()
+                      f"{100 * r['vs_raw']:.0f}%", f"{100 * r['vs_raw_sha256']:.0f}%",
+                      f"{r['sender_cpu_s_per_gib']:.2f}", f"{r['receiver_cpu_s_per_gib']:.2f}")
+    console = Console(width=max(Console().width, 120))
     if rows:
         console.print(table)
     if mem:
@@ -271,7 +317,9 @@ def report(rows: list[dict], mem: dict | None, args: argparse.Namespace) -> None
         console.print(mt)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    out.write_text(json.dumps({"quick": args.quick, "chunk_mib": args.chunk_mib, "window_mib": float(args.window_mib),
+                               "load_average": os.getloadavg(),
+                               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                                "throughput": rows, "concurrent": mem}, indent=2))
     console.print(f"wrote {out}")
 

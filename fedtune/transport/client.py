@@ -48,6 +48,7 @@ from fedtune.transport.security import (
     sign_challenge,
 )
 from fedtune.transport.server import GRPC_OPTIONS, SERVICE, RoundStatus, _raw
+from fedtune.transport.wire import prefetch
 from fedtune.types import ClientReply, Instructions
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class FederationClient:
             assert self._stub is not None, "connect() first"
             stream = self._get_instructions(fpb.InstructionsRequest(wait_s=wait_s), metadata=self._md(),
                                             timeout=wait_s + 600)
-            return frames_to_instructions(self._count(stream), self.limits)
+            return frames_to_instructions(prefetch(self._count(stream)), self.limits)
         return self._retry(call)
 
     def _count(self, stream: Iterator[bytes]) -> Iterator[bytes]:
@@ -250,7 +251,7 @@ class FederationClient:
 
         def frames() -> Iterator[bytes]:
             sent[0] = 0
-            for frame in reply_to_frames(reply, phase, self.encoding, self.chunk_size):
+            for frame in prefetch(reply_to_frames(reply, phase, self.encoding, self.chunk_size)):
                 sent[0] += len(frame)
                 yield frame
 

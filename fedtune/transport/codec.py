@@ -15,8 +15,9 @@ import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from fedtune.transport._proto import tensor_pb2 as pb
@@ -172,7 +173,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 class _Pending:
-    def __init__(self, meta: pb.TensorMeta, decoded: Meta, buf: bytearray) -> None:
+    def __init__(self, meta: pb.TensorMeta, decoded: Meta, buf: memoryview) -> None:
         self.meta, self.decoded, self.buf = meta, decoded, buf
         self.filled = 0
         self.hash = hashlib.sha256()
@@ -249,7 +250,8 @@ class TensorDecoder:
             raise MessageRejected(f"tensor {m.name!r}: sha256 must be 32 bytes")
         self._seen.add((m.group, m.name))
         self.payload_bytes += m.num_bytes
-        return _Pending(m, decoded, bytearray(m.num_bytes))
+        buf: Any = np.empty(m.num_bytes, np.uint8)  # bytearray(n) would zero-fill what is overwritten anyway
+        return _Pending(m, decoded, memoryview(buf))
 
     def _finish(self) -> DecodedTensor:
         cur, self._cur = self._cur, None

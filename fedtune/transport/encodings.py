@@ -18,6 +18,9 @@ import torch
 
 from fedtune.transport.errors import MessageRejected
 
+Payload = bytearray | memoryview
+"""A received payload: writable, so tensors can be made on it without a copy."""
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
     "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
@@ -55,7 +58,7 @@ class Encoding(Protocol):
     def plan(self, t: torch.Tensor) -> Plan: ...
     def encode(self, t: torch.Tensor, plan: Plan) -> memoryview: ...
     def expected_nbytes(self, meta: Meta) -> int: ...
-    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor: ...
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor: ...
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -72,7 +75,7 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(arr).cast("B")
 
 
-def _from_bytes(buf: bytearray | memoryview, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
+def _from_bytes(buf: Payload, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
     if count == 0:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
@@ -98,7 +101,7 @@ class Dense:
             raise MessageRejected(f"a {DTYPE_NAMES[meta.dtype]} tensor cannot be sent as a float encoding")
         return meta.numel * self._wire(meta.dtype).itemsize
 
-    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
         t = _from_bytes(buf, self._wire(meta.dtype), meta.numel)
         return t.reshape(meta.shape).to(meta.dtype)
 
@@ -130,7 +133,7 @@ class Int8Blocks:
             raise MessageRejected(f"int8 block_size {meta.block_size} out of range [1, 2^24]")
         return 4 * math.ceil(meta.numel / meta.block_size) + meta.numel
 
-    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
         nb = math.ceil(meta.numel / meta.block_size)
         scales = _from_bytes(buf, torch.float32, nb)
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
@@ -169,7 +172,7 @@ class SparseCoo:
         _check_sparse(meta)
         return meta.nnz * (_index_dtype(meta.numel).itemsize + meta.dtype.itemsize)
 
-    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
         it = _index_dtype(meta.numel)
         idx = _from_bytes(buf, it, meta.nnz).long()
         if meta.nnz and (int(idx[0]) < 0 or int(idx[-1]) >= meta.numel or bool((idx.diff() <= 0).any())):
@@ -198,7 +201,7 @@ class SparseBitmap:
         _check_sparse(meta)
         return math.ceil(meta.numel / 8) + meta.nnz * meta.dtype.itemsize
 
-    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
         nbits = math.ceil(meta.numel / 8)
         bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=nbits), bitorder="little")
         if bits[meta.numel:].any() or int(bits.sum()) != meta.nnz:
@@ -240,7 +243,7 @@ class FixedU32:
             raise MessageRejected("fixed_u32 decodes to a float, int64 or uint32 tensor")
         return 4 * meta.numel
 
-    def decode(self, buf: bytearray, meta: Meta) -> torch.Tensor:
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
         v = np.frombuffer(buf, dtype="<u4", count=meta.numel)
         if meta.dtype in FLOAT_DTYPES:
             x = torch.from_numpy(v.view(np.int32).astype(np.float64) / meta.scale)

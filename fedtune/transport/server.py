@@ -39,13 +39,16 @@ from fedtune.transport.security import (
     check_plaintext_allowed,
     server_credentials,
 )
-from fedtune.transport.wire import frame_header, parse_frame
+from fedtune.transport.wire import frame_header, parse_frame, prefetch
 from fedtune.types import Instructions
 
 log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 2 * MAX_CHUNK_SIZE),
     ("grpc.max_send_message_length", 2 * MAX_CHUNK_SIZE),
+    # HTTP/2 DATA frames up to 16 MiB instead of 16 KiB: a chunk arrives in a few slices rather than ~128,
+    # which gRPC Python turns into as many bytes objects before it joins them into the message
+    ("grpc.http2.max_frame_size", (1 << 24) - 1),
 ]
 STREAM_WINDOW_BYTES = 4 << 20
 
@@ -140,7 +143,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
             if instr is None:
                 yield frame_header(fpb.InstructionsHeader(kind=fpb.InstructionsHeader.NONE).SerializeToString())
                 return
-            yield from instructions_to_frames(instr, self.downlink_encoding, self.chunk_size)
+            yield from prefetch(instructions_to_frames(instr, self.downlink_encoding, self.chunk_size))
         except TransportError as e:
             context.abort(e.code, e.reason)
         except Exception:
@@ -173,9 +176,10 @@ class FederationServicer(fpb_grpc.FederationServicer):
             raise PermissionDeniedError(f"session of {session.node!r} cannot submit for {header.node!r}")
         received = [len(first or b"")]
         decoder = TensorDecoder(self.limits)
+        frames = prefetch(request_iterator)  # gRPC reads the next chunks while one is decoded
 
         def tensors() -> Iterator[DecodedTensor]:
-            for raw in request_iterator:
+            for raw in frames:
                 _, chunk = parse_frame(raw)
                 if chunk is None:
                     raise MessageRejected("a second header in one update stream")
@@ -189,9 +193,12 @@ class FederationServicer(fpb_grpc.FederationServicer):
             decoder.close()
 
         stream = tensors()
-        note = self.coordinator.submit(session.node, header, stream)
-        for _ in stream:  # validate whatever the coordinator did not read
-            pass
+        try:
+            note = self.coordinator.submit(session.node, header, stream)
+            for _ in stream:  # validate whatever the coordinator did not read
+                pass
+        finally:
+            frames.close()
         return fpb.SubmitAck(accepted=True, message=note or "", bytes_received=received[0])
 
     @_guard

@@ -7,11 +7,15 @@ speed. Here the frames are written and read directly in protobuf wire format: ``
 exactly the bytes ``UpdateChunk(tensor=TensorChunk(meta=..., data=...)).SerializeToString()`` would (a
 test checks this), and ``parse_frame`` reads any valid encoding of those messages, handing out the payload
 as a zero-copy ``memoryview``. Small parts (headers, ``TensorMeta``) still go through protobuf.
+``prefetch`` runs one end's per-frame work on its own thread, in step with gRPC's.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import queue
+import threading
+from collections.abc import Generator, Iterable
+from typing import Any, NamedTuple
 
 from google.protobuf.message import DecodeError
 
@@ -99,6 +103,69 @@ def _fields(buf: memoryview) -> list[tuple[int, memoryview]]:
         if pos > len(buf):
             raise MessageRejected("malformed protobuf: truncated field")
     return out
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+_END = object()
+PREFETCH_FRAMES = 4
+"""Frames a stream's far end may run ahead (each up to a chunk, ``codec.DEFAULT_CHUNK_SIZE``)."""
+PREFETCH_AFTER_BYTES = 4 << 20
+"""Streams shorter than this gain nothing from a thread (an adapter update is often a few hundred KB)."""
+
+
+def prefetch(
+    frames: Iterable[bytes], depth: int = PREFETCH_FRAMES, after_bytes: int = PREFETCH_AFTER_BYTES,
+) -> Generator[bytes, None, None]:
+    """``frames``; once ``after_bytes`` went through, produced by a thread up to ``depth`` frames ahead of the
+    consumer. An error is re-raised where it occurred in the sequence.
+
+    Both ends of a stream use it. gRPC's Python server asks for the next message only when the previous one
+    was taken, and its client consumes the request iterator on the thread that sends: without a thread
+    between them a stream stalls while the receiver copies, hashes and decodes a chunk, and while the sender
+    hashes and frames the next one. hashlib, torch and gRPC's I/O release the GIL, so the stages overlap.
+    """
+    it = iter(frames)
+    seen = 0
+    for frame in it:
+        yield frame
+        seen += len(frame)
+        if seen >= after_bytes:
+            break
+    else:
+        return
+    q: queue.Queue[Any] = queue.Queue(depth)
+    closed = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not closed.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def pump() -> None:
+        end: Any = _END
+        try:
+            for frame in it:
+                if not put(frame):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, in order
+            end = _Failed(e)
+        put(end)
+
+    threading.Thread(target=pump, name="frame-prefetch", daemon=True).start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        closed.set()
 
 
 def parse_frame(raw: bytes) -> tuple[bytes, None] | tuple[None, WireChunk]:

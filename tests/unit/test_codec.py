@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 import torch
 
-from fedtune.transport import Limits, MessageRejected, decode_state, encode_state, encoded_size
+from fedtune.transport import Limits, MessageRejected, decode_state, encode_state, encoded_size, wire
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
 from fedtune.transport.codec import TensorDecoder, encode_frames
@@ -19,7 +20,7 @@ from fedtune.transport.messages import (
     reply_to_frames,
     reply_wire_size,
 )
-from fedtune.transport.wire import parse_frame
+from fedtune.transport.wire import parse_frame, prefetch
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
 torch.manual_seed(0)
@@ -209,3 +210,31 @@ def test_decoder_streams_tensor_by_tensor():
 def test_chunk_size_is_validated():
     with pytest.raises(ValueError, match="chunk_size"):
         list(encode_state(STATE, chunk_size=64 << 20))
+
+
+def test_prefetch_keeps_order_reraises_in_place_and_stops_when_closed(monkeypatch):
+    def frames():
+        yield b"a"
+        yield b"b"
+        raise MessageRejected("broken at the third frame")
+
+    got: list[bytes] = []
+    with pytest.raises(MessageRejected, match="third frame"):
+        got.extend(prefetch(frames(), depth=1, after_bytes=1))  # b"a" directly, then a thread
+    assert got == [b"a", b"b"]
+    made = []
+
+    def endless():
+        while True:
+            made.append(1)
+            yield b"x"
+
+    stream = prefetch(endless(), depth=2, after_bytes=0)
+    assert next(stream) == b"x"
+    stream.close()  # the consumer gave up: the producer stops after at most depth + 2 frames
+    time.sleep(0.3)
+    produced = len(made)
+    time.sleep(0.3)
+    assert len(made) == produced <= 4
+    monkeypatch.setattr(wire.threading, "Thread", None)  # a short stream starts no thread
+    assert list(prefetch(iter([b"xy"] * 3), after_bytes=7)) == [b"xy"] * 3
