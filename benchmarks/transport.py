@@ -5,9 +5,9 @@
 1. Upload of a 256 MiB and a 1 GiB update (fp32, 16 MiB tensors) through ``FederationClient.submit``:
    plaintext gRPC and TLS, next to a raw TCP socket copy of the same bytes in the same chunks (the anchor:
    no framing, no hash; the receiver writes each tensor into a fresh buffer, as the server does) and, for
-   scale, the same copy with a SHA-256 of every tensor on both sides (the least work an integrity-checked
-   transfer does). The server runs in its own process and sums the update tensor by tensor as it arrives
-   (decode, SHA-256 and finiteness checks included), so the figures are end to end. Paths are interleaved
+   scale, the same copy with the transport's digest (xxh3-128) of every tensor on both sides (the least work
+   an integrity-checked transfer does). The server runs in its own process and sums the update tensor by
+   tensor as it arrives (decode, digest and finiteness checks included), so the figures are end to end. Paths are interleaved
    and the best of ``--repeats`` counts: other load on the machine hits them alike. Client and server share
    the machine's cores, so the CPU seconds per GiB on each side (the fewest of the repeats) are shown too:
    unlike the wall time they hardly depend on what else runs.
@@ -22,7 +22,6 @@ Prints a table and writes benchmarks/results/transport.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -53,6 +52,7 @@ from fedtune.transport import (
     create_keys,
     start_server,
 )
+from fedtune.transport.codec import DIGEST_ALG, DIGESTS
 from fedtune.transport.server import STREAM_WINDOW_BYTES
 from fedtune.types import ClientReply
 
@@ -136,7 +136,7 @@ def raw_sink() -> None:
                 while got < size:
                     got += conn.recv_into(view[got:], min(size - got, chunk))
                 if hashed:
-                    hashlib.sha256(view).digest()
+                    _digest(view)
             conn.sendall(b"k")
 
 
@@ -160,13 +160,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _digest(data: Any) -> bytes:
+    return DIGESTS[DIGEST_ALG][1](data).digest()
+
+
 def make_update(total_mib: int, tensor_mib: int = TENSOR_MIB) -> dict[str, torch.Tensor]:
     n = tensor_mib * MiB // 4
     return {f"layers.{i}.lora_A.weight": torch.randn(n) for i in range(total_mib // tensor_mib)}
 
 
 def raw_copy(port: int, state: dict[str, torch.Tensor], hashed: bool = False) -> float:
-    """The tensors' bytes over one TCP connection in ``CHUNK_SIZE`` sends, SHA-256 per tensor if ``hashed``."""
+    """The tensors' bytes over one TCP connection in ``CHUNK_SIZE`` sends, the transport's digest (xxh3-128) per tensor if ``hashed``."""
     arrays: list[Any] = [t.numpy() for t in state.values()]
     payload = [memoryview(a).cast("B") for a in arrays]
     t0 = time.perf_counter()
@@ -174,7 +178,7 @@ def raw_copy(port: int, state: dict[str, torch.Tensor], hashed: bool = False) ->
         s.sendall(struct.pack("<4q", len(payload), len(payload[0]), CHUNK_SIZE, hashed))
         for p in payload:
             if hashed:
-                hashlib.sha256(p).digest()
+                _digest(p)
             for start in range(0, len(p), CHUNK_SIZE):
                 s.sendall(p[start:start + CHUNK_SIZE])
         assert s.recv(1) == b"k"
@@ -199,7 +203,7 @@ def throughput(sizes: list[int], tls_dir: str, repeats: int, window: str) -> lis
     plain = Child("--serve", "--window-mib", window)
     tls = Child("--serve", "--window-mib", window, "--tls-dir", tls_dir)
     paths = {"raw TCP": (sink, lambda st: raw_copy(sink.port, st)),
-             "raw TCP + SHA-256": (sink, lambda st: raw_copy(sink.port, st, hashed=True)),
+             "raw TCP + digest": (sink, lambda st: raw_copy(sink.port, st, hashed=True)),
              "gRPC": (plain, lambda st: grpc_upload(plain.port, st, "node-0", None)),
              "gRPC + TLS": (tls, lambda st: grpc_upload(tls.port, st, "node-0", tls_dir))}
     try:
@@ -215,7 +219,7 @@ def throughput(sizes: list[int], tls_dir: str, repeats: int, window: str) -> lis
             for path, secs in best.items():
                 gib = mib / 1024
                 rows.append({"size_mib": mib, "path": path, "seconds": secs, "mib_per_s": mib / secs,
-                             "vs_raw": best["raw TCP"] / secs, "vs_raw_sha256": best["raw TCP + SHA-256"] / secs,
+                             "vs_raw": best["raw TCP"] / secs, "vs_raw_digest": best["raw TCP + digest"] / secs,
                              "sender_cpu_s_per_gib": min(r[1] for r in runs[path]) / gib,
                              "receiver_cpu_s_per_gib": min(r[2] for r in runs[path]) / gib,
                              "all_seconds": [r[0] for r in runs[path]]})
@@ -298,12 +302,12 @@ def report(rows: list[dict], mem: dict | None, args: argparse.Namespace) -> None
 
     table = Table(title=f"Upload over loopback (client submit -> server ack, streaming sum on the server), "
                         f"{args.chunk_mib:g} MiB chunks, {float(args.window_mib):g} MiB stream window")
-    for col in ("size", "path", "seconds", "MiB/s", "vs raw TCP", "vs raw TCP + SHA-256", "CPU s/GiB sender",
+    for col in ("size", "path", "seconds", "MiB/s", "vs raw TCP", "vs raw TCP + digest", "CPU s/GiB sender",
                 "CPU s/GiB receiver"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(f"{r['size_mib']} MiB", r["path"], f"{r['seconds']:.2f}", f"{r['mib_per_s']:.0f}",
-                      f"{100 * r['vs_raw']:.0f}%", f"{100 * r['vs_raw_sha256']:.0f}%",
+                      f"{100 * r['vs_raw']:.0f}%", f"{100 * r['vs_raw_digest']:.0f}%",
                       f"{r['sender_cpu_s_per_gib']:.2f}", f"{r['receiver_cpu_s_per_gib']:.2f}")
     console = Console(width=max(Console().width, 120))
     if rows:

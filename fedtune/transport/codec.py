@@ -3,7 +3,7 @@
 ``encode_state`` turns a ``dict[str, Tensor]`` into a stream of ``TensorChunk`` messages (a few MB each,
 so gRPC's message limits never bind however large the state); ``TensorDecoder`` consumes such a stream
 chunk by chunk and validates as it goes: declared sizes are checked against dtype, shape and encoding and
-against ``Limits`` *before* any buffer is allocated, every payload is checked against its SHA-256, and
+against ``Limits`` *before* any buffer is allocated, every payload is checked against its digest (xxh3-128, or SHA-256 from older senders), and
 float results must be finite. ``encoded_size`` gives the exact bytes the chunks occupy on the wire without
 building them, for communication accounting in simulation. ``encode_frames`` is the serialized form the
 transport actually sends (see ``wire``).
@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import xxhash
 
 from fedtune.transport._proto import tensor_pb2 as pb
 from fedtune.transport.encodings import (
@@ -34,6 +35,11 @@ from fedtune.transport.errors import MessageRejected
 from fedtune.transport.wire import WireChunk, frame_tensor
 
 MiB = 1 << 20
+# Per-tensor digests against corruption in transit (authenticity is TLS's and the node signature's job):
+# xxh3-128 runs at about 9 GB/s here, SHA-256 at 0.9-1.7 GB/s, which alone held a 1 GiB upload to a
+# quarter of raw TCP. Receivers accept both.
+DIGESTS: dict[str, tuple[int, Any]] = {"xxh3_128": (16, xxhash.xxh3_128), "sha256": (32, hashlib.sha256)}
+DIGEST_ALG = "xxh3_128"
 DEFAULT_CHUNK_SIZE = 2 * MiB
 MAX_CHUNK_SIZE = 8 * MiB
 EncodingSpec = str | Mapping[str, str]
@@ -78,7 +84,7 @@ def _meta(name: str, group: str, t: torch.Tensor, enc: str, plan: Plan, digest: 
         raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be sent; valid: {sorted(DTYPE_NAMES.values(), key=str)}")
     return pb.TensorMeta(
         name=name, group=group, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), encoding=enc,
-        num_bytes=plan.num_bytes, sha256=digest, block_size=plan.block_size, nnz=plan.nnz,
+        num_bytes=plan.num_bytes, digest=digest, digest_alg=DIGEST_ALG, block_size=plan.block_size, nnz=plan.nnz,
         value_dtype=plan.value_dtype, scale=plan.scale,
     )
 
@@ -94,7 +100,7 @@ def _pieces(
         plan = codec.plan(t)
         payload = codec.encode(t, plan)
         assert len(payload) == plan.num_bytes, (enc, len(payload), plan.num_bytes)
-        yield _meta(name, group, t, enc, plan, hashlib.sha256(payload).digest()), payload[:chunk_size]
+        yield _meta(name, group, t, enc, plan, DIGESTS[DIGEST_ALG][1](payload).digest()), payload[:chunk_size]
         for start in range(chunk_size, len(payload), chunk_size):
             yield None, payload[start:start + chunk_size]
 
@@ -153,7 +159,7 @@ def encoded_size(
     for name, t in state.items():
         enc = _choose(name, t, encoding)
         plan = get_encoding(enc).plan(t)
-        meta_len = _meta(name, group, t, enc, plan, bytes(32)).ByteSize()
+        meta_len = _meta(name, group, t, enc, plan, bytes(DIGESTS[DIGEST_ALG][0])).ByteSize()
         n = plan.num_bytes
         first = min(n, chunk_size)
         full, rest = divmod(n - first, chunk_size)
@@ -176,7 +182,7 @@ class _Pending:
     def __init__(self, meta: pb.TensorMeta, decoded: Meta, buf: memoryview) -> None:
         self.meta, self.decoded, self.buf = meta, decoded, buf
         self.filled = 0
-        self.hash = hashlib.sha256()
+        self.hash = DIGESTS[meta.digest_alg][1]()
 
 
 class TensorDecoder:
@@ -246,8 +252,11 @@ class TensorDecoder:
         if expected != m.num_bytes:
             raise MessageRejected(f"tensor {m.name!r}: declares {m.num_bytes} bytes but {m.encoding} of "
                                   f"{m.dtype}{list(m.shape)} takes {expected}")
-        if len(m.sha256) != 32:
-            raise MessageRejected(f"tensor {m.name!r}: sha256 must be 32 bytes")
+        if m.digest_alg not in DIGESTS:
+            raise MessageRejected(f"tensor {m.name!r}: unknown digest_alg {m.digest_alg!r}; valid: {sorted(DIGESTS)}")
+        if len(m.digest) != DIGESTS[m.digest_alg][0]:
+            raise MessageRejected(f"tensor {m.name!r}: a {m.digest_alg} digest has {DIGESTS[m.digest_alg][0]} bytes, "
+                                  f"got {len(m.digest)}")
         self._seen.add((m.group, m.name))
         self.payload_bytes += m.num_bytes
         buf: Any = np.empty(m.num_bytes, np.uint8)  # bytearray(n) would zero-fill what is overwritten anyway
@@ -257,8 +266,8 @@ class TensorDecoder:
         cur, self._cur = self._cur, None
         assert cur is not None
         m = cur.meta
-        if cur.hash.digest() != m.sha256:
-            raise MessageRejected(f"tensor {m.name!r}: SHA-256 mismatch (corrupted or tampered payload)")
+        if cur.hash.digest() != m.digest:
+            raise MessageRejected(f"tensor {m.name!r}: {m.digest_alg} digest mismatch (corrupted or tampered payload)")
         try:
             t = get_encoding(m.encoding).decode(cur.buf, cur.decoded)
         except MessageRejected as e:

@@ -125,7 +125,7 @@ def prefetch(
     Both ends of a stream use it. gRPC's Python server asks for the next message only when the previous one
     was taken, and its client consumes the request iterator on the thread that sends: without a thread
     between them a stream stalls while the receiver copies, hashes and decodes a chunk, and while the sender
-    hashes and frames the next one. hashlib, torch and gRPC's I/O release the GIL, so the stages overlap.
+    hashes and frames the next one. The hashes, torch and gRPC's I/O release the GIL, so the stages overlap.
     """
     it = iter(frames)
     seen = 0

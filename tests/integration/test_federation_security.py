@@ -45,14 +45,15 @@ def _huge(chunks):
 def _nan(chunks):
     payload = bytearray(b"".join(c.data for c in chunks))
     payload[0:4] = b"\x00\x00\xc0\x7f"
-    chunks[0].meta.sha256 = hashlib.sha256(payload).digest()
+    chunks[0].meta.digest = hashlib.sha256(payload).digest()
+    chunks[0].meta.digest_alg = "sha256"
     chunks[0].data = bytes(payload)
     return chunks[:1]
 
 
 # case -> (how the state is corrupted, words the refusal must contain)
 HOSTILE = [
-    ("wrong hash", lambda s: s, _flip_byte, "SHA-256"),
+    ("wrong hash", lambda s: s, _flip_byte, "digest mismatch"),
     ("truncated", lambda s: s, lambda c: c[:-1], "truncated"),
     ("oversize declaration", lambda s: s, _huge, "exceeds the limit"),
     ("wrong shape", lambda s: {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in s.items()}, None, "shape"),

@@ -126,7 +126,8 @@ def _chunks(t: torch.Tensor, **kw) -> list[tpb.TensorChunk]:
 
 
 def _rehash(chunks: list[tpb.TensorChunk]) -> list[tpb.TensorChunk]:
-    chunks[0].meta.sha256 = hashlib.sha256(b"".join(c.data for c in chunks)).digest()
+    chunks[0].meta.digest = hashlib.sha256(b"".join(c.data for c in chunks)).digest()
+    chunks[0].meta.digest_alg = "sha256"
     return chunks
 
 
@@ -164,7 +165,7 @@ def test_rejects_inconsistent_or_corrupt_tensors():
     _reject(c, "invalid shape")
     c = _chunks(torch.randn(40))
     c[-1].data = c[-1].data[:-1] + bytes([c[-1].data[-1] ^ 1])
-    _reject(c, "SHA-256")
+    _reject(c, "xxh3_128 digest mismatch")
     _reject(_chunks(torch.randn(40))[:-1], "truncated")
     c = _chunks(torch.randn(40))
     _reject(c + [tpb.TensorChunk(data=b"x")], "without a preceding")
@@ -173,8 +174,20 @@ def test_rejects_inconsistent_or_corrupt_tensors():
     _reject(c, "more data")
     _reject(_chunks(torch.randn(4)) + _chunks(torch.randn(4)), "twice")
     c = _chunks(torch.randn(40))
-    c[0].meta.sha256 = b"short"
-    _reject(c, "32 bytes")
+    c[0].meta.digest = b"short"
+    _reject(c, "xxh3_128 digest has 16 bytes, got 5")
+    c = _chunks(torch.randn(40))
+    c[0].meta.digest_alg = "md5"
+    _reject(c, "unknown digest_alg 'md5'")
+
+
+def test_digests_catch_a_flipped_bit_with_either_algorithm():
+    t = torch.randn(40)
+    sha = _rehash(_chunks(t))  # an older sender's SHA-256 digest is still accepted
+    assert torch.equal(decode_state(sha)["t"], t)
+    sha[-1].data = sha[-1].data[:-1] + bytes([sha[-1].data[-1] ^ 1])
+    _reject(sha, "sha256 digest mismatch")
+    assert _chunks(t)[0].meta.digest_alg == "xxh3_128" and len(_chunks(t)[0].meta.digest) == 16
 
 
 def test_rejects_non_finite_values():

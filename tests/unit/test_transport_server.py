@@ -118,13 +118,14 @@ def _huge(chunks):
 def _nan_with_valid_hash(chunks):
     payload = bytearray(b"".join(c.data for c in chunks))
     payload[0:4] = b"\x00\x00\xc0\x7f"
-    chunks[0].meta.sha256 = hashlib.sha256(payload).digest()
+    chunks[0].meta.digest = hashlib.sha256(payload).digest()
+    chunks[0].meta.digest_alg = "sha256"
     chunks[0].data = bytes(payload[:256])
     return chunks
 
 
 HOSTILE = {
-    "wrong hash": (lambda c: _flip_byte(c), grpc.StatusCode.INVALID_ARGUMENT, "SHA-256"),
+    "wrong hash": (lambda c: _flip_byte(c), grpc.StatusCode.INVALID_ARGUMENT, "digest mismatch"),
     "truncated": (lambda c: c[:-1], grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
     "oversize declaration": (_huge, grpc.StatusCode.INVALID_ARGUMENT, "exceeds the limit"),
     "shape vs bytes": (lambda c: (c[0].meta.shape.append(2), c)[1], grpc.StatusCode.INVALID_ARGUMENT, "takes"),

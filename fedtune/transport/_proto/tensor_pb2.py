@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64tune/v1/tensor.proto\x12\nfedtune.v1\"\xc1\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x11\n\tnum_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x0b\n\x03nnz\x18\t \x01(\x04\x12\x13\n\x0bvalue_dtype\x18\n \x01(\t\x12\r\n\x05scale\x18\x0b \x01(\x01\"A\n\x0bTensorChunk\x12$\n\x04meta\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64tune/v1/tensor.proto\x12\nfedtune.v1\"\xd5\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x11\n\tnum_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x07 \x01(\x0c\x12\x12\n\ndigest_alg\x18\x0c \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x0b\n\x03nnz\x18\t \x01(\x04\x12\x13\n\x0bvalue_dtype\x18\n \x01(\t\x12\r\n\x05scale\x18\x0b \x01(\x01\"A\n\x0bTensorChunk\x12$\n\x04meta\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune.v1.tensor_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORMETA']._serialized_start=40
-  _globals['_TENSORMETA']._serialized_end=233
-  _globals['_TENSORCHUNK']._serialized_start=235
-  _globals['_TENSORCHUNK']._serialized_end=300
+  _globals['_TENSORMETA']._serialized_end=253
+  _globals['_TENSORCHUNK']._serialized_start=255
+  _globals['_TENSORCHUNK']._serialized_end=320
 # @@protoc_insertion_point(module_scope)

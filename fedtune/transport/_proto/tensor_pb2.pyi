@@ -7,14 +7,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorMeta(_message.Message):
-    __slots__ = ("name", "group", "dtype", "shape", "encoding", "num_bytes", "sha256", "block_size", "nnz", "value_dtype", "scale")
+    __slots__ = ("name", "group", "dtype", "shape", "encoding", "num_bytes", "digest", "digest_alg", "block_size", "nnz", "value_dtype", "scale")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ALG_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NNZ_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -25,12 +26,13 @@ class TensorMeta(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     encoding: str
     num_bytes: int
-    sha256: bytes
+    digest: bytes
+    digest_alg: str
     block_size: int
     nnz: int
     value_dtype: str
     scale: float
-    def __init__(self, name: _Optional[str] = ..., group: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[str] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., block_size: _Optional[int] = ..., nnz: _Optional[int] = ..., value_dtype: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., group: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[str] = ..., num_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ..., digest_alg: _Optional[str] = ..., block_size: _Optional[int] = ..., nnz: _Optional[int] = ..., value_dtype: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("meta", "data")
