@@ -1,7 +1,7 @@
 """Does federation pay off? Held-out loss of centralized, federated and local-only training on ChatterBot.
 
 SmolLM2-135M, 8 clients holding disjoint ChatterBot categories (partitioner=category, 1 slot each: the
-pathological non-IID split), LoRA r=8 on q,v, batch 4 at seq 64, local lr 2e-3 (--lr) for every arm. Every
+pathological non-IID split), LoRA r=8 on q,v, batch 4 at seq 64, local lr 5e-3 (--lr) for every arm. Every
 arm takes the same total number of local steps: federated R rounds x 8 clients x S steps (fedavg, svd, ffa,
 and fedavgm: fedavg with server momentum); centralized (sim.mode=centralized: one client with all the data)
 R rounds x 8*S steps; local-only (sim.mode=local-only) each client R*S steps on its own data, scored as the
@@ -36,7 +36,7 @@ FEDERATED = ("fedavg", "svd", "ffa", "fedavgm")
 QUANT = {"nf4": ["quant.mode=nf4", "quant.compute_dtype=bf16"], "bf16": ["quant.mode=none", "quant.compute_dtype=bf16"]}
 
 
-def base(rounds: int, steps: int, clients: int, eval_batches: int, lr: float = 2e-3) -> list[str]:
+def base(rounds: int, steps: int, clients: int, eval_batches: int, lr: float = 5e-3) -> list[str]:
     return ["model.name=smollm2-135m", "adapter.r=8", "adapter.alpha=16", "adapter.target_modules=[q_proj,v_proj]",
             f"train.max_steps={steps}", "train.batch_size=4", "train.seq_len=64", f"train.lr={lr}",
             f"sim.num_clients={clients}", f"sim.rounds={rounds}", "sim.partitioner=category",
@@ -45,7 +45,8 @@ def base(rounds: int, steps: int, clients: int, eval_batches: int, lr: float = 2
 
 def arms(rounds: int, steps: int, clients: int) -> dict[str, list[str]]:
     return {
-        "centralized": ["sim.mode=centralized", f"train.max_steps={steps * clients}"],
+        # the engine gives the centralized client every sampled client's steps (train.max_steps x 8)
+        "centralized": ["sim.mode=centralized"],
         "fedavg": ["strategy.name=fedavg"],
         "svd": ["strategy.name=svd"],
         "ffa": ["strategy.name=ffa", "adapter.method=lora_fa"],
@@ -69,11 +70,11 @@ def time_quant(steps: int = 3) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 1 step, fedavg and centralized only")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=3, help="local steps per client per round")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4, help="local steps per client per round")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 scored")
-    ap.add_argument("--lr", type=float, default=2e-3, help="local learning rate (every arm)")
+    ap.add_argument("--lr", type=float, default=5e-3, help="local learning rate (every arm)")
     ap.add_argument("--quant", choices=["auto", *QUANT], default="auto")
     ap.add_argument("--arms", default="", help="comma-separated subset to (re)run; the other arms' results are "
                     "taken from the JSON of an earlier run with the same sizes (--arms none: only merge and report)")
