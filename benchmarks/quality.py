@@ -43,16 +43,15 @@ def base(rounds: int, steps: int, clients: int, eval_batches: int, lr: float = 5
             "sim.categories_per_client=1", "eval.samples=0", "eval.batch_size=8", f"eval.max_batches={eval_batches}"]
 
 
-def arms(rounds: int, steps: int, clients: int) -> dict[str, list[str]]:
-    return {
-        # the engine gives the centralized client every sampled client's steps (train.max_steps x 8)
-        "centralized": ["sim.mode=centralized"],
-        "fedavg": ["strategy.name=fedavg"],
-        "svd": ["strategy.name=svd"],
-        "ffa": ["strategy.name=ffa", "adapter.method=lora_fa"],
-        "fedavgm": ["strategy.name=fedavgm"],
-        "local-only": ["sim.mode=local-only"],
-    }
+ARMS: dict[str, list[str]] = {
+    # the engine gives the centralized client every sampled client's steps (train.max_steps x 8)
+    "centralized": ["sim.mode=centralized"],
+    "fedavg": ["strategy.name=fedavg"],
+    "svd": ["strategy.name=svd"],
+    "ffa": ["strategy.name=ffa", "adapter.method=lora_fa"],
+    "fedavgm": ["strategy.name=fedavgm"],
+    "local-only": ["sim.mode=local-only"],
+}
 
 
 def time_quant(steps: int = 3) -> dict[str, float]:
@@ -87,7 +86,7 @@ def main() -> None:
     t0 = time.perf_counter()
     step_s = time_quant() if args.quant == "auto" else {}
     quant = min(step_s, key=step_s.get) if step_s else args.quant
-    todo = arms(rounds, steps, args.clients)
+    todo = dict(ARMS)
     if args.quick:
         todo = {k: todo[k] for k in ("centralized", "fedavg")}
     results: dict[str, dict[str, Any]] = {}
@@ -112,7 +111,7 @@ def main() -> None:
         print(f"{name}: {before:.4f} -> {after:.4f} ({res['wall_s']:.0f} s)", flush=True)
         write_json(name_json, {"rounds": rounds, "steps": steps, "clients": args.clients, "quant": quant, "lr": args.lr,
                                "results": results, "partial": True})
-    results = {k: results[k] for k in arms(rounds, steps, args.clients) if k in results}
+    results = {k: results[k] for k in ARMS if k in results}
     if "centralized" not in results or not any(k in results for k in FEDERATED):
         print(f"partial results (run the remaining arms with --arms): { {k: v['after'] for k, v in results.items()} }")
         return

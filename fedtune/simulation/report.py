@@ -46,10 +46,6 @@ class RunProgress:
         note = "" if eval_loss is None else f"eval_loss {eval_loss:.4f}"
         self.progress.update(self.rounds, advance=1, note=note)
 
-    def render(self) -> str:
-        """The bars as text (for tests and logs)."""
-        return "\n".join(f"{t.description} {t.completed:g}/{t.total:g} {t.fields['note']}" for t in self.progress.tasks)
-
 
 def write_plot(history: list[dict[str, Any]], path: Path) -> None:
     """Eval loss (or accuracy) and cumulative bytes per round."""
