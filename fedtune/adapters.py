@@ -117,7 +117,8 @@ def set_state(model: PeftModel, state: State, *, partial: bool = False) -> None:
     Raises:
         AdapterStateError: a tensor is missing (unless ``partial``), unexpected, mis-shaped or not finite.
     """
-    trainable_only = not any(k not in _trainable_keys(model) for k in state)
+    trainable = _trainable_keys(model)
+    trainable_only = all(k in trainable for k in state)
     check_state(state, expected_shapes(model, trainable_only=trainable_only), partial=partial)
     by_key = param_by_key(model, trainable_only=False)
     with torch.no_grad():
