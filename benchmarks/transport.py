@@ -2,19 +2,23 @@
 
     .venv/bin/python benchmarks/transport.py [--quick] [--sizes 1024 --repeats 5 --only throughput]
 
-1. Upload of a 256 MiB and a 1 GiB update (fp32, 16 MiB tensors) through ``FederationClient.submit``:
-   plaintext gRPC and TLS, next to a raw TCP socket copy of the same bytes in the same chunks (the anchor:
-   no framing, no hash; the receiver writes each tensor into a fresh buffer, as the server does) and, for
-   scale, the same copy with the transport's digest (xxh3-128) of every tensor on both sides (the least work
-   an integrity-checked transfer does). The server runs in its own process and sums the update tensor by
-   tensor as it arrives (decode, digest and finiteness checks included), so the figures are end to end. Paths are interleaved
-   and the best of ``--repeats`` counts: other load on the machine hits them alike. Client and server share
-   the machine's cores, so the CPU seconds per GiB on each side (the fewest of the repeats) are shown too:
-   unlike the wall time they hardly depend on what else runs.
+1. Upload of a 256 MiB and a 1 GiB update (fp32, 16 MiB tensors) through ``FederationClient.submit``, from
+   the call to the server's ack: over the bulk lane (what ``submit`` uses for large updates) and over the
+   gRPC stream alone (``bulk=False``), each in plaintext and with TLS, next to a raw TCP socket copy of the
+   same bytes in the same chunks (the anchor: no framing, no hash; the receiver writes each tensor into a
+   fresh buffer, as the server does) and, for scale, the same copy with the transport's digest (xxh3-128)
+   of every tensor on both sides (the least work an integrity-checked transfer does). The server runs in
+   its own process and decodes and validates every tensor as it arrives (declared sizes, digest,
+   finiteness), then drops it: these rows measure the transport; what aggregation costs on top is
+   ``benchmarks/aggregate.py``'s. Paths are interleaved and the best of ``--repeats`` counts: other load
+   on the machine hits them alike. Client and server share the machine's cores, so the CPU seconds per GiB
+   on each side (the fewest of the repeats) are shown too: unlike the wall time they hardly depend on what
+   else runs.
 2. 32 clients upload 64 MiB each (4 MiB tensors) at the same time to a fresh server process that keeps
    a streaming sum; the server's peak RSS (VmHWM) is compared with the 2 GiB that buffering every update
-   would need. The server admits 8 uploads at a time and fixes each stream's flow-control window at
-   4 MiB, so waiting uploads stay on the clients.
+   would need. The server admits 8 uploads at a time (on either path), so waiting uploads stay on the
+   clients: gRPC's flow-control window of each stream is fixed at 4 MiB, and the bulk lane reads nothing
+   of an upload before admitting it.
 
 Prints a table and writes benchmarks/results/transport.json.
 """
@@ -62,9 +66,11 @@ CHUNK_SIZE = DEFAULT_CHUNK_SIZE
 
 
 class StreamingSum:
-    """Coordinator that adds every incoming tensor into a running sum and drops it."""
+    """Coordinator that adds every incoming tensor into a running sum and drops it (``sum=False``: drops
+    it at once, after the transport decoded and validated it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sum: bool = True) -> None:
+        self.add = sum
         self.lock = threading.Lock()
         self.sum: dict[str, torch.Tensor] = {}
         self.updates = 0
@@ -78,6 +84,8 @@ class StreamingSum:
 
     def submit(self, node: str, header: UpdateHeader, tensors: Iterator[DecodedTensor]) -> str:
         for d in tensors:
+            if not self.add:
+                continue
             with self.lock:
                 acc = self.sum.get(d.name)
                 if acc is None:
@@ -106,14 +114,14 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
 
 
-def serve(tls_dir: str | None, window_bytes: int) -> None:
+def serve(tls_dir: str | None, window_bytes: int, add: bool) -> None:
     """Child process: serve until stdin closes."""
     torch.set_num_threads(1)  # client and server share the machine: idle OpenMP workers spin on the other's core
     kw: dict = {"stream_window_bytes": window_bytes}
     if tls_dir:
         kw |= {"cert_file": f"{tls_dir}/server.pem", "key_file": f"{tls_dir}/server.key",
                "allowlist_file": f"{tls_dir}/allowlist.txt"}
-    server = start_server(StreamingSum(), "127.0.0.1:0", max_workers=48, **kw)
+    server = start_server(StreamingSum(add), "127.0.0.1:0", max_workers=48, **kw)
     print(f"PORT {server.port}", flush=True)
     sys.stdin.read()
     server.stop(0)
@@ -185,8 +193,9 @@ def raw_copy(port: int, state: dict[str, torch.Tensor], hashed: bool = False) ->
     return time.perf_counter() - t0
 
 
-def grpc_upload(port: int, state: dict[str, torch.Tensor], node: str, tls_dir: str | None) -> float:
-    kw: dict = {"backoff": Backoff(initial_s=0.05), "heartbeat": False, "chunk_size": CHUNK_SIZE}
+def upload(port: int, state: dict[str, torch.Tensor], node: str, tls_dir: str | None, bulk: bool = True) -> float:
+    """``FederationClient.submit`` of ``state``: over the bulk lane, or the gRPC stream alone."""
+    kw: dict = {"backoff": Backoff(initial_s=0.05), "heartbeat": False, "chunk_size": CHUNK_SIZE, "bulk": bulk}
     if tls_dir:
         kw |= {"ca_file": f"{tls_dir}/ca.pem", "key": f"{tls_dir}/nodes/{node}.key"}
     with FederationClient(f"127.0.0.1:{port}", node, **kw) as fc:
@@ -200,20 +209,22 @@ def grpc_upload(port: int, state: dict[str, torch.Tensor], node: str, tls_dir: s
 def throughput(sizes: list[int], tls_dir: str, repeats: int, window: str) -> list[dict]:
     rows = []
     sink = Child("--raw-sink")
-    plain = Child("--serve", "--window-mib", window)
-    tls = Child("--serve", "--window-mib", window, "--tls-dir", tls_dir)
+    plain = Child("--serve", "--window-mib", window, "--no-sum")
+    tls = Child("--serve", "--window-mib", window, "--no-sum", "--tls-dir", tls_dir)
     paths = {"raw TCP": (sink, lambda st: raw_copy(sink.port, st)),
              "raw TCP + digest": (sink, lambda st: raw_copy(sink.port, st, hashed=True)),
-             "gRPC": (plain, lambda st: grpc_upload(plain.port, st, "node-0", None)),
-             "gRPC + TLS": (tls, lambda st: grpc_upload(tls.port, st, "node-0", tls_dir))}
+             "fedtune (bulk lane)": (plain, lambda st: upload(plain.port, st, "node-0", None)),
+             "fedtune + TLS (bulk lane)": (tls, lambda st: upload(tls.port, st, "node-0", tls_dir)),
+             "gRPC stream only": (plain, lambda st: upload(plain.port, st, "node-0", None, bulk=False)),
+             "gRPC stream only + TLS": (tls, lambda st: upload(tls.port, st, "node-0", tls_dir, bulk=False))}
     try:
         for mib in sizes:
             state = make_update(mib)
             runs: dict[str, list[tuple[float, float, float]]] = {path: [] for path in paths}
             for _ in range(repeats):  # interleaved, best of each: other load on the machine hits all paths alike
-                for path, (receiver, upload) in paths.items():
+                for path, (receiver, send) in paths.items():
                     mine, theirs = time.process_time(), _cpu_seconds(receiver.proc.pid)
-                    secs = upload(state)
+                    secs = send(state)
                     runs[path].append((secs, time.process_time() - mine, _cpu_seconds(receiver.proc.pid) - theirs))
             best = {path: min(r[0] for r in times) for path, times in runs.items()}
             for path, secs in best.items():
@@ -239,7 +250,7 @@ def concurrent_memory(n_clients: int, mib_each: int, window: str) -> dict:
 
     def one(i: int) -> None:
         try:
-            grpc_upload(server.port, state, f"node-{i}", None)
+            upload(server.port, state, f"node-{i}", None)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -268,6 +279,7 @@ def main() -> None:
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--raw-sink", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tls-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--no-sum", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_SIZE / MiB, help="chunk size of uploads")
     ap.add_argument("--window-mib", default=str(STREAM_WINDOW_BYTES / MiB),
                     help="the server's HTTP/2 flow-control window per stream")
@@ -277,7 +289,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transport.json"))
     args = ap.parse_args()
     if args.serve:
-        return serve(args.tls_dir, int(float(args.window_mib) * MiB))
+        return serve(args.tls_dir, int(float(args.window_mib) * MiB), add=not args.no_sum)
     if args.raw_sink:
         return raw_sink()
     torch.set_num_threads(1)
@@ -300,7 +312,7 @@ def report(rows: list[dict], mem: dict | None, args: argparse.Namespace) -> None
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Upload over loopback (client submit -> server ack, streaming sum on the server), "
+    table = Table(title=f"Upload over loopback (client submit -> server ack; the server decodes and checks every tensor), "
                         f"{args.chunk_mib:g} MiB chunks, {float(args.window_mib):g} MiB stream window")
     for col in ("size", "path", "seconds", "MiB/s", "vs raw TCP", "vs raw TCP + digest", "CPU s/GiB sender",
                 "CPU s/GiB receiver"):

@@ -107,6 +107,8 @@ class ServerConfig:
     address: str = opt("127.0.0.1:7070", "host:port the coordinator listens on")
     keys_dir: str | None = opt(None, "folder made by `fedtune keys` (TLS certificate, key, node allow-list)")
     insecure: bool = opt(False, "plaintext without TLS (refused unless the address is loopback or this is set)")
+    bulk_port: int | None = opt(0, "TCP port of the bulk upload lane on the server's host (large updates skip "
+                                   "gRPC's copies; same TLS and node sessions): 0 any free port, null none")
     eval_data: bool = opt(True, "evaluate the global adapter on the server's own held-out data each round")
 
 
@@ -117,3 +119,6 @@ class ClientConfig:
     keys_dir: str | None = opt(None, "folder with ca.pem and nodes/<client.name>.key from `fedtune keys`")
     insecure: bool = opt(False, "plaintext without TLS (refused unless the server is on loopback or this is set)")
     max_backoff_s: float = opt(30.0, "longest wait between reconnection attempts")
+    bulk_min_mb: float | None = opt(1.0, "updates of at least this size go over the server's bulk lane when it "
+                                         "offers one (gRPC otherwise, or when the lane cannot be reached); "
+                                         "null: always gRPC")

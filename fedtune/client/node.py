@@ -92,6 +92,7 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
     def connect() -> FederationClient:
         new = FederationClient(c.server, c.name, fingerprint=fingerprint(cfg), backoff=backoff,
                                heartbeat_s=cfg.federation.heartbeat_s, base_updates=held,
+                               bulk=c.bulk_min_mb is not None, bulk_min_bytes=int((c.bulk_min_mb or 0) * 2**20),
                                **security)  # type: ignore[arg-type]
         try:
             return new.connect()

@@ -140,7 +140,8 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s)
     limit = int(fed.max_update_mb * 2**20)
     server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
-                          heartbeat_interval_s=fed.heartbeat_s, max_workers=256, **security)
+                          heartbeat_interval_s=fed.heartbeat_s, max_workers=256, bulk_port=cfg.server.bulk_port,
+                          **security)
     coord.last_seen = server.servicer.last_seen
     return coord, server
 

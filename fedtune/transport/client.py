@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
+from fedtune.transport.bulk import LaneUnreachable, upload
 from fedtune.transport.codec import DEFAULT_CHUNK_SIZE, EncodingSpec, Limits
 from fedtune.transport.errors import (
     AuthenticationError,
@@ -40,12 +41,13 @@ from fedtune.transport.errors import (
     TransportError,
 )
 from fedtune.transport.keys import load_node_key
-from fedtune.transport.messages import frames_to_instructions, reply_to_frames
+from fedtune.transport.messages import frames_to_instructions, reply_pieces, reply_to_frames, update_header
 from fedtune.transport.security import (
     SESSION_METADATA_KEY,
     channel_credentials,
     check_plaintext_allowed,
     sign_challenge,
+    split_host,
 )
 from fedtune.transport.server import GRPC_OPTIONS, SERVICE, RoundStatus, _raw
 from fedtune.transport.wire import prefetch
@@ -53,6 +55,8 @@ from fedtune.types import ClientReply, Instructions
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+BULK_MIN_BYTES = 1 << 20
+"""Smaller updates go over gRPC: a second connection gains nothing for a few hundred KB."""
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _ERRORS: dict[grpc.StatusCode, type[TransportError]] = {
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError, grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
@@ -94,6 +98,8 @@ class FederationClient:
     whenever the address is not loopback: plaintext elsewhere needs ``insecure=True``). Heartbeats go out
     every ``heartbeat_s`` until the server sends its own interval at registration. ``base_updates`` is what
     every registration reports: how many base-weight updates the node's model holds (keep it current).
+    Updates of at least ``bulk_min_bytes`` go over the server's bulk lane (``bulk``) when it offers one and
+    ``bulk`` is on; over gRPC otherwise, or when the lane cannot be reached.
     """
 
     def __init__(
@@ -101,7 +107,8 @@ class FederationClient:
         ca_file: str | Path | None = None, insecure: bool = False, fingerprint: str = "",
         encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE, limits: Limits | None = None,
         backoff: Backoff | None = None, heartbeat: bool = True, tls_server_name: str | None = None,
-        heartbeat_s: float = 10.0, base_updates: int = 0,
+        heartbeat_s: float = 10.0, base_updates: int = 0, bulk: bool = True,
+        bulk_min_bytes: int = BULK_MIN_BYTES,
     ) -> None:
         if ca_file is None:
             check_plaintext_allowed(address, insecure)
@@ -113,6 +120,8 @@ class FederationClient:
         self.heartbeat_enabled = heartbeat
         self.heartbeat_interval_s = heartbeat_s
         self.base_updates = base_updates
+        self.bulk, self.bulk_min_bytes = bulk, bulk_min_bytes
+        self._bulk_port = 0  # what the last registration offered
         self.bytes_down = 0
         self._token: str | None = None
         self._channel: grpc.Channel | None = None
@@ -164,6 +173,7 @@ class FederationClient:
                                                       base_updates=self.base_updates))
         self._token = rep.session_token
         self.heartbeat_interval_s = rep.heartbeat_interval_s or self.heartbeat_interval_s
+        self._bulk_port = rep.bulk_port if self.bulk else 0
 
     def report_base(self, held: int) -> None:
         """Register again, reporting that the node's model holds ``held`` base updates: the server rebuilds
@@ -247,6 +257,13 @@ class FederationClient:
             MessageRejected / PermissionDeniedError: the server refused the update (reason in the message).
             TransportError: as ``connect``.
         """
+        size = sum(t.numel() * t.element_size() for g in (reply.state or {}, reply.mask or {}) for t in g.values())
+        if self._bulk_port and reply.error is None and size >= self.bulk_min_bytes:
+            try:
+                return self._retry(lambda: self._submit_bulk(reply, phase))
+            except LaneUnreachable as e:
+                log.warning("%s; uploading over gRPC", e)
+                self._bulk_port = 0  # until a registration offers the lane again
         sent = [0]
 
         def frames() -> Iterator[bytes]:
@@ -260,6 +277,14 @@ class FederationClient:
             ack = self._submit_update(frames(), metadata=self._md())
             return SubmitResult(ack.accepted, ack.message, sent[0])
         return self._retry(call)
+
+    def _submit_bulk(self, reply: ClientReply, phase: str) -> SubmitResult:
+        assert self._token is not None, "connect() first"
+        header = update_header(reply, phase).SerializeToString()
+        ack, sent = upload(split_host(self.address), self._bulk_port, self._token, header,
+                           reply_pieces(reply, self.encoding, self.chunk_size), ca_file=self.ca_file,
+                           server_name=self.tls_server_name)
+        return SubmitResult(ack.accepted, ack.message, sent)
 
     def heartbeat(self) -> RoundStatus:
         """Tell the server this node is alive; returns its round and phase. Raises: TransportError."""

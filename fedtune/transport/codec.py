@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -128,8 +128,22 @@ def encode_frames(
     Raises:
         ValueError: as ``encode_state``.
     """
+    for meta, data in encode_pieces(state, encoding, group=group, chunk_size=chunk_size):
+        yield frame_tensor(meta or b"", data)
+
+
+def encode_pieces(
+    state: Mapping[str, torch.Tensor], encoding: EncodingSpec = "dense", *, group: str = "state",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[tuple[bytes | None, memoryview]]:
+    """The chunks of ``state`` unframed: per chunk, the serialized ``TensorMeta`` on a tensor's first chunk
+    (else None) and a view of the payload (dense tensors: their own memory, nothing copied).
+
+    Raises:
+        ValueError: as ``encode_state``.
+    """
     for meta, data in _pieces(state, encoding, group, chunk_size):
-        yield frame_tensor(meta.SerializeToString() if meta is not None else b"", data)
+        yield (meta.SerializeToString() if meta is not None else None), data
 
 
 def _varint_len(n: int) -> int:
@@ -205,19 +219,48 @@ class TensorDecoder:
         else:
             meta, data = (chunk.meta if chunk.HasField("meta") else None), chunk.data
         if meta is not None:
-            if self._cur is not None:
-                raise self._truncated()
-            self._cur = self._start(meta)
-        elif self._cur is None:
-            raise MessageRejected("tensor data arrived without a preceding tensor header")
-        cur = self._cur
+            self._begin(meta)
         if len(data) > self.limits.max_chunk_bytes:
             raise MessageRejected(f"chunk of {len(data)} bytes exceeds the limit of {self.limits.max_chunk_bytes}")
-        if cur.filled + len(data) > len(cur.buf):
+
+        def copy(view: memoryview) -> None:
+            view[:] = data
+        return self.fill(len(data), copy)
+
+    def start(self, meta: pb.TensorMeta) -> DecodedTensor | None:
+        """Begin the tensor ``meta`` declares (a tensor of 0 bytes is complete at once).
+
+        Raises:
+            MessageRejected: the previous tensor is incomplete, or ``meta`` is invalid (see ``feed``).
+        """
+        return self._finish() if not len(self._begin(meta).buf) else None
+
+    def _begin(self, meta: pb.TensorMeta) -> _Pending:
+        if self._cur is not None:
+            raise self._truncated()
+        self._cur = self._start(meta)
+        return self._cur
+
+    def remaining(self) -> int:
+        """Payload bytes the current tensor still expects (0 between tensors)."""
+        return len(self._cur.buf) - self._cur.filled if self._cur is not None else 0
+
+    def fill(self, n: int, read_into: Callable[[memoryview], None]) -> DecodedTensor | None:
+        """Take the current tensor's next ``n`` payload bytes: ``read_into`` writes them straight into the
+        tensor's buffer (a socket's ``recv_into``, or a copy), then they are hashed.
+
+        Raises:
+            MessageRejected: no tensor was started, or ``n`` runs past its declared size.
+        """
+        cur = self._cur
+        if cur is None:
+            raise MessageRejected("tensor data arrived without a preceding tensor header")
+        if cur.filled + n > len(cur.buf):
             raise MessageRejected(f"tensor {cur.meta.name!r}: more data than the declared {len(cur.buf)} bytes")
-        cur.buf[cur.filled:cur.filled + len(data)] = data
-        cur.filled += len(data)
-        cur.hash.update(data)
+        view = cur.buf[cur.filled:cur.filled + n]
+        read_into(view)
+        cur.filled += n
+        cur.hash.update(view)
         return self._finish() if cur.filled == len(cur.buf) else None
 
     def close(self) -> None:

@@ -25,10 +25,11 @@ from fedtune.transport.codec import (
     Limits,
     TensorDecoder,
     encode_frames,
+    encode_pieces,
     encoded_size,
 )
 from fedtune.transport.errors import MessageRejected
-from fedtune.transport.wire import frame_header, parse_frame
+from fedtune.transport.wire import frame_header, frame_tensor, parse_frame
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
 MAX_PHASE_LEN = 64
@@ -163,8 +164,20 @@ def reply_to_frames(
         ValueError: see ``encode_state``.
     """
     yield frame_header(update_header(reply, phase).SerializeToString())
+    for meta, data in reply_pieces(reply, encoding, chunk_size):
+        yield frame_tensor(meta or b"", data)
+
+
+def reply_pieces(
+    reply: ClientReply, encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[tuple[bytes | None, memoryview]]:
+    """The reply's tensor chunks unframed (``codec.encode_pieces``), for the bulk lane.
+
+    Raises:
+        ValueError: see ``encode_state``.
+    """
     for group, tensors in _reply_groups(reply):
-        yield from encode_frames(tensors, encoding, group=group, chunk_size=chunk_size)
+        yield from encode_pieces(tensors, encoding, group=group, chunk_size=chunk_size)
 
 
 def reply_wire_size(

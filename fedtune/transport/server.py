@@ -8,6 +8,7 @@ no input can take the server down.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -22,6 +23,7 @@ import grpc
 
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
+from fedtune.transport.bulk import BulkListener, server_ssl_context
 from fedtune.transport.codec import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -38,6 +40,7 @@ from fedtune.transport.security import (
     Session,
     check_plaintext_allowed,
     server_credentials,
+    split_host,
 )
 from fedtune.transport.wire import frame_header, parse_frame, prefetch
 from fedtune.types import Instructions
@@ -115,6 +118,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
         # node: server memory stays ~ max_concurrent_uploads x (one tensor + gRPC buffers), not N x update.
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads) if max_concurrent_uploads else None
         self.upload_queue_timeout_s = upload_queue_timeout_s
+        self.bulk_port = 0  # set by ``start_server`` when it opens the bulk lane
 
     def _session(self, context: grpc.ServicerContext) -> Session:
         token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
@@ -132,7 +136,8 @@ class FederationServicer(fpb_grpc.FederationServicer):
     def Register(self, request: fpb.RegisterRequest, context: grpc.ServicerContext) -> fpb.RegisterReply:
         session = self.auth.register(request.node, request.nonce, request.signature, request.public_key)
         self.coordinator.register(request.node, request.config_fingerprint, request.base_updates)
-        return fpb.RegisterReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s)
+        return fpb.RegisterReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s,
+                                 bulk_port=self.bulk_port)
 
     def GetInstructions(self, request: fpb.InstructionsRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Yields serialized ``InstructionsChunk`` messages (see ``wire``)."""
@@ -154,51 +159,73 @@ class FederationServicer(fpb_grpc.FederationServicer):
     def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> fpb.SubmitAck:
         """Reads serialized ``UpdateChunk`` messages (see ``wire``)."""
         session = self._session(context)
+        with self._upload_slot():
+            first = next(request_iterator, None)
+            header_bytes = parse_frame(first)[0] if first is not None else None
+            if header_bytes is None:
+                raise MessageRejected("an update stream must start with an UpdateHeader")
+            received = [len(first or b"")]
+            frames = prefetch(request_iterator)  # gRPC reads the next chunks while one is decoded
+
+            def tensors(decoder: TensorDecoder) -> Iterator[DecodedTensor]:
+                for raw in frames:
+                    _, chunk = parse_frame(raw)
+                    if chunk is None:
+                        raise MessageRejected("a second header in one update stream")
+                    received[0] += len(raw)
+                    out = decoder.feed(chunk)
+                    if out is not None:
+                        yield out
+                        del out  # do not pin the previous tensor while the next one streams in
+                if not context.is_active():
+                    raise MessageRejected("update stream cancelled by the node")
+                decoder.close()
+
+            try:
+                return self._consume(session, header_bytes, tensors, received)
+            finally:
+                frames.close()
+
+    def bulk_submit(
+        self, token: str, ready: Callable[[], None], read_header: Callable[[], bytes],
+        tensors: Callable[[TensorDecoder], Iterator[DecodedTensor]], received: list[int],
+    ) -> fpb.SubmitAck:
+        """An upload on the bulk lane (``bulk.BulkListener``): the same session, upload bound, checks and
+        coordinator as ``SubmitUpdate``. ``ready`` tells the node to start streaming once it is admitted.
+
+        Raises:
+            TransportError: as ``SubmitUpdate`` answers with a status.
+        """
+        session = self.auth.session(token)
+        with self._upload_slot():
+            ready()
+            return self._consume(session, read_header(), tensors, received)
+
+    @contextlib.contextmanager
+    def _upload_slot(self) -> Iterator[None]:
+        """Uploads beyond ``max_concurrent_uploads`` wait here before their first tensor byte is read."""
         if self._uploads is None:
-            return self._submit(session, request_iterator, context)
+            yield
+            return
         if not self._uploads.acquire(timeout=self.upload_queue_timeout_s):
             raise TransportError("server busy: too many concurrent uploads, retry later",
                                  grpc.StatusCode.RESOURCE_EXHAUSTED)
         try:
-            return self._submit(session, request_iterator, context)
+            yield
         finally:
             self._uploads.release()
 
-    def _submit(
-        self, session: Session, request_iterator: Iterator[bytes], context: grpc.ServicerContext,
+    def _consume(
+        self, session: Session, header_bytes: bytes, tensors: Callable[[TensorDecoder], Iterator[DecodedTensor]],
+        received: list[int],
     ) -> fpb.SubmitAck:
-        first = next(request_iterator, None)
-        header_bytes = parse_frame(first)[0] if first is not None else None
-        if header_bytes is None:
-            raise MessageRejected("an update stream must start with an UpdateHeader")
         header = parse_update_header(header_bytes)
         if header.node != session.node:
             raise PermissionDeniedError(f"session of {session.node!r} cannot submit for {header.node!r}")
-        received = [len(first or b"")]
-        decoder = TensorDecoder(self.limits)
-        frames = prefetch(request_iterator)  # gRPC reads the next chunks while one is decoded
-
-        def tensors() -> Iterator[DecodedTensor]:
-            for raw in frames:
-                _, chunk = parse_frame(raw)
-                if chunk is None:
-                    raise MessageRejected("a second header in one update stream")
-                received[0] += len(raw)
-                out = decoder.feed(chunk)
-                if out is not None:
-                    yield out
-                    del out  # do not pin the previous tensor while the next one streams in
-            if not context.is_active():
-                raise MessageRejected("update stream cancelled by the node")
-            decoder.close()
-
-        stream = tensors()
-        try:
-            note = self.coordinator.submit(session.node, header, stream)
-            for _ in stream:  # validate whatever the coordinator did not read
-                pass
-        finally:
-            frames.close()
+        stream = tensors(TensorDecoder(self.limits))
+        note = self.coordinator.submit(session.node, header, stream)
+        for _ in stream:  # validate whatever the coordinator did not read
+            pass
         return fpb.SubmitAck(accepted=True, message=note or "", bytes_received=received[0])
 
     @_guard
@@ -243,10 +270,13 @@ def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHan
 class FederationServer:
     """A running gRPC server; ``port`` is the bound port (useful with ``address="127.0.0.1:0"``)."""
 
-    def __init__(self, server: grpc.Server, servicer: FederationServicer, port: int) -> None:
-        self.grpc_server, self.servicer, self.port = server, servicer, port
+    def __init__(self, server: grpc.Server, servicer: FederationServicer, port: int,
+                 bulk: BulkListener | None = None) -> None:
+        self.grpc_server, self.servicer, self.port, self.bulk = server, servicer, port, bulk
 
     def stop(self, grace: float | None = 1.0) -> None:
+        if self.bulk is not None:
+            self.bulk.close()
         self.grpc_server.stop(grace).wait()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -256,7 +286,7 @@ class FederationServer:
 def start_server(
     coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
     key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
-    max_workers: int = 64, stream_window_bytes: int = STREAM_WINDOW_BYTES,
+    max_workers: int = 64, stream_window_bytes: int = STREAM_WINDOW_BYTES, bulk_port: int | None = 0,
     **servicer_kwargs: Any,
 ) -> FederationServer:
     """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
@@ -264,8 +294,10 @@ def start_server(
     signature (tests and simulation only). ``max_workers`` bounds concurrent calls: each connected node
     holds one thread while it long-polls or uploads. ``stream_window_bytes`` fixes the HTTP/2 flow-control
     window of each stream (gRPC's BDP probing otherwise lets every waiting upload buffer tens of MB on the
-    server; 4 MiB still fills a 100 ms / 300 Mbit/s path). Extra keyword arguments go to
-    ``FederationServicer`` (``limits``, ``max_concurrent_uploads``, ``downlink_encoding``, ...).
+    server; 4 MiB still fills a 100 ms / 300 Mbit/s path). ``bulk_port``: where the bulk upload lane
+    (``bulk``) listens on the same host, with the same TLS (0: any free port; None: no lane, uploads go over
+    gRPC only). Extra keyword arguments go to ``FederationServicer`` (``limits``,
+    ``max_concurrent_uploads``, ``downlink_encoding``, ...).
 
     Raises:
         InsecureTransportError: plaintext on a non-loopback address without ``insecure=True``.
@@ -286,5 +318,15 @@ def start_server(
         port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind {address!r}")
+    bulk = None
+    if bulk_port is not None:
+        if not 0 <= bulk_port <= 65535:
+            raise ValueError(f"bulk_port must be a TCP port (0 for any free one) or None, got {bulk_port}")
+        tls = server_ssl_context(cert_file, key_file) if cert_file is not None and key_file is not None else None
+        try:
+            bulk = BulkListener(split_host(address), bulk_port, servicer.bulk_submit, tls)
+        except OSError as e:
+            raise RuntimeError(f"cannot open the bulk lane on {split_host(address)}:{bulk_port}: {e}") from None
+        servicer.bulk_port = bulk.port
     server.start()
-    return FederationServer(server, servicer, port)
+    return FederationServer(server, servicer, port, bulk)

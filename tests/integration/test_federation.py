@@ -127,8 +127,12 @@ def start_federation(tmp: Path, data: Path, port: int, *, server_extra=(), clien
 
 def test_three_clients_match_the_simulation(simulated, tmp_path: Path) -> None:
     sim_run, data = simulated
-    procs = start_federation(tmp_path, data, free_port())
+    # client-0 uploads over the gRPC stream, the others over the bulk lane (their updates are below its
+    # default threshold of 1 MiB)
+    lane = ("client.bulk_min_mb=0",)
+    procs = start_federation(tmp_path, data, free_port(), client_extra={"client-1": lane, "client-2": lane})
     finish(procs, tmp_path)
+    assert not any("uploading over gRPC" in (tmp_path / f"client-{i}.log").read_text() for i in (1, 2))
     run = tmp_path / "run"
     assert_same_adapter(run, sim_run)
     got, want = metrics(run), metrics(sim_run)

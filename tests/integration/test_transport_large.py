@@ -1,4 +1,5 @@
-"""More than 1 GiB in one update through the real gRPC path (chunked: no 2 GiB / 4 MB message limits)."""
+"""More than 1 GiB in one update through the real transport, over the bulk lane and over the gRPC stream
+(chunked: no 2 GiB / 4 MB message limits)."""
 
 from __future__ import annotations
 
@@ -35,15 +36,17 @@ class DigestCoordinator:
         return RoundStatus(0, "train")
 
 
-def test_update_larger_than_1_gib():
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk lane", "gRPC stream"])
+def test_update_larger_than_1_gib(bulk):
     big = torch.randn((1 << 28) + 1024)  # 1 GiB + 4 KiB in a single tensor, beyond gRPC's limits
     small = torch.randn(16)
     coord = DigestCoordinator()
     server = start_server(coord, "127.0.0.1:0")
     try:
-        with FederationClient(f"127.0.0.1:{server.port}", "n1", heartbeat=False) as fc:
+        with FederationClient(f"127.0.0.1:{server.port}", "n1", heartbeat=False, bulk=bulk) as fc:
             res = fc.submit(ClientReply("n1", 0, {"big": big, "small": small}, num_examples=1))
         assert res.accepted and res.bytes_sent > (1 << 30)
+        assert server.bulk.uploads == int(bulk)
         assert coord.digests["big"] == hashlib.sha256(big.numpy().tobytes()).hexdigest()
         assert coord.digests["small"] == hashlib.sha256(small.numpy().tobytes()).hexdigest()
     finally:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import tensor_pb2 as fedtune_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tune/v1/federation.proto\x12\nfedtune.v1\x1a\x17\x66\x65\x64tune/v1/tensor.proto\" \n\x10\x43hallengeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"5\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_in_s\x18\x02 \x01(\x01\"\x87\x01\n\x0fRegisterRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x1a\n\x12\x63onfig_fingerprint\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61se_updates\x18\x06 \x01(\x04\"D\n\rRegisterReply\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"%\n\x13InstructionsRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\"\xe4\x01\n\x12InstructionsHeader\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.fedtune.v1.InstructionsHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x12\n\ntrain_json\x18\x05 \x01(\t\x12\x10\n\x08has_rank\x18\x06 \x01(\x08\x12\x0c\n\x04rank\x18\x07 \x01(\x03\x12\x12\n\nextra_json\x18\x08 \x01(\t\"\"\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\x10\n\x0cINSTRUCTIONS\x10\x01\"x\n\x11InstructionsChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.fedtune.v1.InstructionsHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedtune.v1.TensorChunkH\x00\x42\x06\n\x04item\"\xe7\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedtune.v1.UpdateHeader.MetricsEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x10\n\x08has_rank\x18\x07 \x01(\x08\x12\x0c\n\x04rank\x18\x08 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v1.UpdateHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedtune.v1.TensorChunkH\x00\x42\x06\n\x04item\"F\n\tSubmitAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"0\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\".\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"N\n\nClientInfo\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x16\n\x0elast_seen_unix\x18\x02 \x01(\x01\x12\x1a\n\x12seconds_since_seen\x18\x03 \x01(\x01\"\xb8\x01\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\x12\'\n\x07\x63lients\x18\x03 \x03(\x0b\x32\x16.fedtune.v1.ClientInfo\x12\x33\n\x06\x64\x65tail\x18\x04 \x03(\x0b\x32#.fedtune.v1.StatusReply.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xb3\x03\n\nFederation\x12\x45\n\tChallenge\x12\x1c.fedtune.v1.ChallengeRequest\x1a\x1a.fedtune.v1.ChallengeReply\x12\x42\n\x08Register\x12\x1b.fedtune.v1.RegisterRequest\x1a\x19.fedtune.v1.RegisterReply\x12S\n\x0fGetInstructions\x12\x1f.fedtune.v1.InstructionsRequest\x1a\x1d.fedtune.v1.InstructionsChunk0\x01\x12@\n\x0cSubmitUpdate\x12\x17.fedtune.v1.UpdateChunk\x1a\x15.fedtune.v1.SubmitAck(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReply\x12<\n\x06Status\x12\x19.fedtune.v1.StatusRequest\x1a\x17.fedtune.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tune/v1/federation.proto\x12\nfedtune.v1\x1a\x17\x66\x65\x64tune/v1/tensor.proto\" \n\x10\x43hallengeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"5\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_in_s\x18\x02 \x01(\x01\"\x87\x01\n\x0fRegisterRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x1a\n\x12\x63onfig_fingerprint\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61se_updates\x18\x06 \x01(\x04\"W\n\rRegisterReply\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x11\n\tbulk_port\x18\x03 \x01(\r\"%\n\x13InstructionsRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\"\xe4\x01\n\x12InstructionsHeader\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.fedtune.v1.InstructionsHeader.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x12\n\ntrain_json\x18\x05 \x01(\t\x12\x10\n\x08has_rank\x18\x06 \x01(\x08\x12\x0c\n\x04rank\x18\x07 \x01(\x03\x12\x12\n\nextra_json\x18\x08 \x01(\t\"\"\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\x10\n\x0cINSTRUCTIONS\x10\x01\"x\n\x11InstructionsChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.fedtune.v1.InstructionsHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedtune.v1.TensorChunkH\x00\x42\x06\n\x04item\"\xe7\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedtune.v1.UpdateHeader.MetricsEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x10\n\x08has_rank\x18\x07 \x01(\x08\x12\x0c\n\x04rank\x18\x08 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v1.UpdateHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedtune.v1.TensorChunkH\x00\x42\x06\n\x04item\"F\n\tSubmitAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"0\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\".\n\x0eHeartbeatReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"N\n\nClientInfo\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x16\n\x0elast_seen_unix\x18\x02 \x01(\x01\x12\x1a\n\x12seconds_since_seen\x18\x03 \x01(\x01\"\xb8\x01\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05phase\x18\x02 \x01(\t\x12\'\n\x07\x63lients\x18\x03 \x03(\x0b\x32\x16.fedtune.v1.ClientInfo\x12\x33\n\x06\x64\x65tail\x18\x04 \x03(\x0b\x32#.fedtune.v1.StatusReply.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xb3\x03\n\nFederation\x12\x45\n\tChallenge\x12\x1c.fedtune.v1.ChallengeRequest\x1a\x1a.fedtune.v1.ChallengeReply\x12\x42\n\x08Register\x12\x1b.fedtune.v1.RegisterRequest\x1a\x19.fedtune.v1.RegisterReply\x12S\n\x0fGetInstructions\x12\x1f.fedtune.v1.InstructionsRequest\x1a\x1d.fedtune.v1.InstructionsChunk0\x01\x12@\n\x0cSubmitUpdate\x12\x17.fedtune.v1.UpdateChunk\x1a\x15.fedtune.v1.SubmitAck(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReply\x12<\n\x06Status\x12\x19.fedtune.v1.StatusRequest\x1a\x17.fedtune.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,35 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=158
   _globals['_REGISTERREQUEST']._serialized_end=293
   _globals['_REGISTERREPLY']._serialized_start=295
-  _globals['_REGISTERREPLY']._serialized_end=363
-  _globals['_INSTRUCTIONSREQUEST']._serialized_start=365
-  _globals['_INSTRUCTIONSREQUEST']._serialized_end=402
-  _globals['_INSTRUCTIONSHEADER']._serialized_start=405
-  _globals['_INSTRUCTIONSHEADER']._serialized_end=633
-  _globals['_INSTRUCTIONSHEADER_KIND']._serialized_start=599
-  _globals['_INSTRUCTIONSHEADER_KIND']._serialized_end=633
-  _globals['_INSTRUCTIONSCHUNK']._serialized_start=635
-  _globals['_INSTRUCTIONSCHUNK']._serialized_end=755
-  _globals['_UPDATEHEADER']._serialized_start=758
-  _globals['_UPDATEHEADER']._serialized_end=989
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=943
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=989
-  _globals['_UPDATECHUNK']._serialized_start=991
-  _globals['_UPDATECHUNK']._serialized_end=1099
-  _globals['_SUBMITACK']._serialized_start=1101
-  _globals['_SUBMITACK']._serialized_end=1171
-  _globals['_HEARTBEATREQUEST']._serialized_start=1173
-  _globals['_HEARTBEATREQUEST']._serialized_end=1221
-  _globals['_HEARTBEATREPLY']._serialized_start=1223
-  _globals['_HEARTBEATREPLY']._serialized_end=1269
-  _globals['_STATUSREQUEST']._serialized_start=1271
-  _globals['_STATUSREQUEST']._serialized_end=1286
-  _globals['_CLIENTINFO']._serialized_start=1288
-  _globals['_CLIENTINFO']._serialized_end=1366
-  _globals['_STATUSREPLY']._serialized_start=1369
-  _globals['_STATUSREPLY']._serialized_end=1553
-  _globals['_STATUSREPLY_DETAILENTRY']._serialized_start=1508
-  _globals['_STATUSREPLY_DETAILENTRY']._serialized_end=1553
-  _globals['_FEDERATION']._serialized_start=1556
-  _globals['_FEDERATION']._serialized_end=1991
+  _globals['_REGISTERREPLY']._serialized_end=382
+  _globals['_INSTRUCTIONSREQUEST']._serialized_start=384
+  _globals['_INSTRUCTIONSREQUEST']._serialized_end=421
+  _globals['_INSTRUCTIONSHEADER']._serialized_start=424
+  _globals['_INSTRUCTIONSHEADER']._serialized_end=652
+  _globals['_INSTRUCTIONSHEADER_KIND']._serialized_start=618
+  _globals['_INSTRUCTIONSHEADER_KIND']._serialized_end=652
+  _globals['_INSTRUCTIONSCHUNK']._serialized_start=654
+  _globals['_INSTRUCTIONSCHUNK']._serialized_end=774
+  _globals['_UPDATEHEADER']._serialized_start=777
+  _globals['_UPDATEHEADER']._serialized_end=1008
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=962
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1008
+  _globals['_UPDATECHUNK']._serialized_start=1010
+  _globals['_UPDATECHUNK']._serialized_end=1118
+  _globals['_SUBMITACK']._serialized_start=1120
+  _globals['_SUBMITACK']._serialized_end=1190
+  _globals['_HEARTBEATREQUEST']._serialized_start=1192
+  _globals['_HEARTBEATREQUEST']._serialized_end=1240
+  _globals['_HEARTBEATREPLY']._serialized_start=1242
+  _globals['_HEARTBEATREPLY']._serialized_end=1288
+  _globals['_STATUSREQUEST']._serialized_start=1290
+  _globals['_STATUSREQUEST']._serialized_end=1305
+  _globals['_CLIENTINFO']._serialized_start=1307
+  _globals['_CLIENTINFO']._serialized_end=1385
+  _globals['_STATUSREPLY']._serialized_start=1388
+  _globals['_STATUSREPLY']._serialized_end=1572
+  _globals['_STATUSREPLY_DETAILENTRY']._serialized_start=1527
+  _globals['_STATUSREPLY_DETAILENTRY']._serialized_end=1572
+  _globals['_FEDERATION']._serialized_start=1575
+  _globals['_FEDERATION']._serialized_end=2010
 # @@protoc_insertion_point(module_scope)

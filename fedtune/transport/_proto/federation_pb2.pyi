@@ -39,12 +39,14 @@ class RegisterRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., config_fingerprint: _Optional[str] = ..., base_updates: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("session_token", "heartbeat_interval_s")
+    __slots__ = ("session_token", "heartbeat_interval_s", "bulk_port")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     heartbeat_interval_s: float
-    def __init__(self, session_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, session_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., bulk_port: _Optional[int] = ...) -> None: ...
 
 class InstructionsRequest(_message.Message):
     __slots__ = ("wait_s",)

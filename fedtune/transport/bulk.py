@@ -1,0 +1,354 @@
+"""The bulk lane: updates streamed over a plain TCP (or TLS) socket next to the gRPC service.
+
+gRPC Python copies every message twice on receipt and once more on sending (bytes objects in, bytes
+objects out), which held a 1 GiB upload to about a third of what the loopback carries. On this lane the
+node sends each tensor's bytes straight from its memory (``sendall`` of a memoryview) and the server
+receives them straight into the decoded tensor's buffer (``recv_into``), so an upload costs the kernel's
+copies, the digest and the checks. Everything else is the gRPC path's: the node authenticates with the
+session token its signed registration gave it, the header is an ``UpdateHeader`` and every tensor a
+``TensorMeta`` followed by its payload in chunks (digest, declared sizes, limits and finiteness checked by
+the same ``TensorDecoder``), the same coordinator consumes it under the same concurrent-upload bound,
+and a refusal carries a gRPC status code and reason. The server offers the lane in ``RegisterReply``
+(``bulk_port``); a node that cannot reach it uses gRPC.
+
+One upload per connection, all integers little-endian::
+
+    node -> server   MAGIC, u16 token length, token (UTF-8)
+    server -> node   OK | ERROR
+    node -> server   HEADER, then per tensor META and DATA records, then END
+    server -> node   ACK (a serialized SubmitAck) | ERROR
+
+    record := u8 kind, u32 length, body    (DATA: the body is ``length`` payload bytes)
+    ERROR body := u8 gRPC status code, UTF-8 reason
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedtune.transport._proto import federation_pb2 as fpb
+from fedtune.transport._proto import tensor_pb2 as tpb
+from fedtune.transport.codec import DecodedTensor, TensorDecoder
+from fedtune.transport.errors import MessageRejected, TransportError
+
+log = logging.getLogger(__name__)
+MAGIC = b"FTBULK1\n"
+HEADER, META, DATA, END, OK, ACK, ERROR = range(1, 8)
+_RECORD = struct.Struct("<BI")
+MAX_SMALL_RECORD = 1 << 20
+"""Largest HEADER / META / ACK / ERROR body (DATA is bounded by the tensor's declared size)."""
+MAX_TOKEN_LEN = 256
+IO_TIMEOUT_S = 120.0
+"""A peer silent this long mid-upload is dropped."""
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 64 << 20
+"""After refusing an upload, what the server still reads (and drops) so that its answer arrives."""
+CONNECT_TIMEOUT_S = 10.0
+ADMISSION_TIMEOUT_S = 900.0
+"""How long a node waits to be admitted (longer than the server's upload queue timeout)."""
+
+
+class LaneError(grpc.RpcError):
+    """A failure on the bulk lane, shaped like gRPC's so callers retry and map it the same way."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class LaneUnreachable(TransportError):
+    """No connection to the bulk lane could be opened (a firewall, or the server is down)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def recv_exact(sock: Any, n: int) -> bytearray:
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf))
+    return buf
+
+
+def recv_into_exact(sock: Any, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``. Raises: ConnectionError when the peer closes first."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError(f"connection closed after {got} of {len(view)} bytes")
+        got += n
+
+
+def send_record(sock: Any, kind: int, body: bytes = b"") -> None:
+    sock.sendall(_RECORD.pack(kind, len(body)) + body)
+
+
+def read_record_head(sock: Any) -> tuple[int, int]:
+    kind, n = _RECORD.unpack(recv_exact(sock, _RECORD.size))
+    return kind, n
+
+
+def read_small(sock: Any, n: int, what: str) -> bytes:
+    if n > MAX_SMALL_RECORD:
+        raise MessageRejected(f"{what} of {n} bytes exceeds the limit of {MAX_SMALL_RECORD}")
+    return bytes(recv_exact(sock, n))
+
+
+def error_body(code: grpc.StatusCode, reason: str) -> bytes:
+    return bytes([code.value[0]]) + reason.encode()[:MAX_SMALL_RECORD - 1]
+
+
+def lane_error(body: bytes) -> LaneError:
+    code = _CODES.get(body[0], grpc.StatusCode.UNKNOWN) if body else grpc.StatusCode.UNKNOWN
+    return LaneError(code, body[1:].decode(errors="replace"))
+
+
+# ------------------------------------------------------------------------------------------ server
+
+
+class BulkListener:
+    """Accepts bulk-lane connections on ``host:port`` (0: any free port) and hands each upload to
+    ``submit(token, header_bytes, tensors, received)`` (the servicer), one thread per connection.
+
+    ``ssl_context``: TLS with the gRPC server's certificate; None: plaintext (same rules as gRPC).
+    """
+
+    def __init__(
+        self, host: str, port: int, submit: Callable[..., fpb.SubmitAck], ssl_context: ssl.SSLContext | None,
+        max_connections: int = 256,
+    ) -> None:
+        self._sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                          backlog=128)
+        self.port = self._sock.getsockname()[1]
+        self._submit, self._ssl = submit, ssl_context
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.uploads = 0
+        """Updates accepted over the lane so far."""
+        self._count_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="bulk-accept", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                log.warning("bulk lane: refusing %s, too many open connections", peer)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, peer), name="bulk-upload", daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: Any) -> None:
+        sock: Any = conn
+        try:
+            conn.settimeout(IO_TIMEOUT_S)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(conn, server_side=True)
+            ack = self._upload(sock)
+            with self._count_lock:
+                self.uploads += 1
+            send_record(sock, ACK, ack.SerializeToString())
+        except TransportError as e:
+            log.warning("bulk upload from %s refused: %s", peer, e.reason)
+            self._refuse(sock, e.code, e.reason)
+        except (OSError, ssl.SSLError) as e:  # timeouts, resets, bad TLS: nothing to answer
+            log.warning("bulk connection from %s dropped: %s", peer, e)
+        except Exception:
+            log.exception("bulk upload from %s failed", peer)
+            self._refuse(sock, grpc.StatusCode.INTERNAL, "internal server error in bulk upload")
+        finally:
+            sock.close()
+            self._slots.release()
+
+    @staticmethod
+    def _refuse(sock: Any, code: grpc.StatusCode, reason: str) -> None:
+        """Send the ERROR, then read and drop what the node still sends until it hangs up (a bounded
+        while): closing with unread data would reset the connection and could destroy the ERROR in flight."""
+        try:
+            send_record(sock, ERROR, error_body(code, reason))
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(LINGER_S)
+            sink = bytearray(1 << 20)
+            for _ in range(LINGER_MAX_BYTES >> 20):
+                if not sock.recv_into(sink):
+                    break
+        except (OSError, ssl.SSLError):
+            pass
+
+    def _upload(self, sock: Any) -> fpb.SubmitAck:
+        try:
+            magic = recv_exact(sock, len(MAGIC))
+        except ConnectionError as e:
+            raise MessageRejected(f"not a fedtune bulk connection: {e}") from None
+        if magic != MAGIC:
+            raise MessageRejected("not a fedtune bulk connection (bad preamble)")
+        (n,) = struct.unpack("<H", recv_exact(sock, 2))
+        if n > MAX_TOKEN_LEN:
+            raise MessageRejected(f"session token of {n} bytes exceeds {MAX_TOKEN_LEN}")
+        token = recv_exact(sock, n).decode(errors="replace")
+
+        def ready() -> None:  # authenticated and admitted: let the node stream
+            send_record(sock, OK)
+        received = [len(MAGIC) + 2 + n]
+        return self._submit(token, ready, lambda: self._header(sock, received), self._tensors(sock, received),
+                            received)
+
+    @staticmethod
+    def _header(sock: Any, received: list[int]) -> bytes:
+        kind, n = read_record_head(sock)
+        if kind != HEADER:
+            raise MessageRejected("an update must start with an UpdateHeader")
+        received[0] += _RECORD.size + n
+        return read_small(sock, n, "update header")
+
+    @staticmethod
+    def _tensors(sock: Any, received: list[int]) -> Callable[[TensorDecoder], Iterator[DecodedTensor]]:
+        def read(decoder: TensorDecoder) -> Iterator[DecodedTensor]:
+            while True:
+                try:
+                    kind, n = read_record_head(sock)
+                except ConnectionError as e:
+                    raise MessageRejected(f"update stream truncated: {e}") from None
+                received[0] += _RECORD.size + n
+                if kind == END:
+                    decoder.close()
+                    return
+                if kind == META:
+                    try:
+                        meta = tpb.TensorMeta.FromString(read_small(sock, n, "tensor metadata"))
+                    except Exception as e:  # noqa: BLE001 - DecodeError and friends
+                        if isinstance(e, TransportError):
+                            raise
+                        raise MessageRejected(f"malformed tensor metadata: {e}") from None
+                    out = decoder.start(meta)
+                elif kind == DATA:
+                    if n == 0:
+                        raise MessageRejected("an empty data record")
+                    try:
+                        out = decoder.fill(n, lambda view: recv_into_exact(sock, view))
+                    except ConnectionError as e:
+                        raise MessageRejected(f"update stream truncated: {e}") from None
+                else:
+                    raise MessageRejected(f"unexpected record kind {kind} in an update")
+                if out is not None:
+                    yield out
+                    del out
+        return read
+
+
+def server_ssl_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------ node
+
+
+def upload(
+    host: str, port: int, token: str, header: bytes, pieces: Iterator[tuple[bytes | None, memoryview]], *,
+    ca_file: str | Path | None, server_name: str | None, timeout_s: float = IO_TIMEOUT_S,
+) -> tuple[fpb.SubmitAck, int]:
+    """Send one update; returns the server's ack and the bytes sent. ``pieces``: per chunk, the serialized
+    ``TensorMeta`` on a tensor's first chunk (else None) and the payload bytes.
+
+    Raises:
+        LaneUnreachable: no connection could be opened.
+        LaneError: the server refused the update (its status code and reason), or the connection broke
+            (UNAVAILABLE, so the caller's backoff retries it).
+    """
+    try:
+        raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as e:
+        raise LaneUnreachable(f"cannot reach the bulk lane at {host}:{port}: {e}") from None
+    sock: Any = raw
+    sent = 0
+    try:
+        raw.settimeout(timeout_s)
+        if ca_file is not None:
+            ctx = ssl.create_default_context(cafile=str(ca_file))
+            sock = ctx.wrap_socket(raw, server_hostname=server_name or host)
+        tok = token.encode()
+        sock.sendall(MAGIC + struct.pack("<H", len(tok)) + tok)
+        sent += len(MAGIC) + 2 + len(tok)
+        sock.settimeout(ADMISSION_TIMEOUT_S)  # the server holds a node here while its uploads are full
+        _expect(sock, OK)
+        sock.settimeout(timeout_s)
+        send_record(sock, HEADER, header)
+        sent += _RECORD.size + len(header)
+        for meta, data in pieces:
+            if meta is not None:
+                send_record(sock, META, meta)
+                sent += _RECORD.size + len(meta)
+            if len(data):
+                if _readable(sock):  # the server answered mid-stream: it refused the update
+                    _expect(sock, ACK)
+                sock.sendall(_RECORD.pack(DATA, len(data)))
+                sock.sendall(data)
+                sent += _RECORD.size + len(data)
+        send_record(sock, END)
+        sent += _RECORD.size
+        return fpb.SubmitAck.FromString(_expect(sock, ACK)), sent
+    except (OSError, ssl.SSLError) as e:
+        # the server may have answered before closing (a rejected update): prefer its reason
+        raise _pending_error(sock) or LaneError(grpc.StatusCode.UNAVAILABLE, f"bulk upload broke: {e}") from None
+    finally:
+        sock.close()
+
+
+def _expect(sock: Any, kind: int) -> bytes:
+    got, n = read_record_head(sock)
+    body = read_small(sock, n, "server reply")
+    if got == ERROR:
+        raise lane_error(body)
+    if got != kind:
+        raise LaneError(grpc.StatusCode.INTERNAL, f"bulk lane: expected record {kind}, got {got}")
+    return body
+
+
+def _readable(sock: Any) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _pending_error(sock: Any) -> LaneError | None:
+    """An ERROR record the server sent before it closed the connection, if one can still be read."""
+    try:
+        sock.settimeout(2.0)
+        kind, n = read_record_head(sock)
+        if kind == ERROR:
+            return lane_error(read_small(sock, n, "server reply"))
+    except Exception:  # noqa: BLE001 - nothing readable: the connection broke
+        return None
+    return None
