@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
@@ -232,22 +233,23 @@ class BulkListener:
 
     @staticmethod
     def _tensors(sock: Any, received: list[int]) -> Callable[[TensorDecoder], Iterator[DecodedTensor]]:
+        """The update's tensors. A connection that closes mid-update is a node that went away (it may send
+        again), as a cancelled gRPC stream is; an END before the last byte is a truncated update."""
         def read(decoder: TensorDecoder) -> Iterator[DecodedTensor]:
             while True:
                 try:
                     kind, n = read_record_head(sock)
                 except ConnectionError as e:
-                    raise MessageRejected(f"update stream truncated: {e}") from None
+                    raise MessageRejected(f"update stream cancelled by the node: {e}") from None
                 received[0] += _RECORD.size + n
                 if kind == END:
                     decoder.close()
                     return
                 if kind == META:
+                    body = read_small(sock, n, "tensor metadata")
                     try:
-                        meta = tpb.TensorMeta.FromString(read_small(sock, n, "tensor metadata"))
-                    except Exception as e:  # noqa: BLE001 - DecodeError and friends
-                        if isinstance(e, TransportError):
-                            raise
+                        meta = tpb.TensorMeta.FromString(body)
+                    except DecodeError as e:
                         raise MessageRejected(f"malformed tensor metadata: {e}") from None
                     out = decoder.start(meta)
                 elif kind == DATA:
@@ -256,7 +258,7 @@ class BulkListener:
                     try:
                         out = decoder.fill(n, lambda view: recv_into_exact(sock, view))
                     except ConnectionError as e:
-                        raise MessageRejected(f"update stream truncated: {e}") from None
+                        raise MessageRejected(f"update stream cancelled by the node: {e}") from None
                 else:
                     raise MessageRejected(f"unexpected record kind {kind} in an update")
                 if out is not None:
