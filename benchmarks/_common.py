@@ -63,6 +63,22 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def tree_pss_bytes(pid: int | None = None) -> int:
+    """Proportional set size of a process and all its descendants (``/proc/PID/smaps_rollup``): pages shared
+    between them (a forked worker's copy-on-write model, shared libraries) count once in total, not once
+    per process as in ``tree_rss_bytes``."""
+    total, todo = 0, [os.getpid() if pid is None else pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+            todo.extend(_children(p))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 def _proc_rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

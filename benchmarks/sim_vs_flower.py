@@ -1,11 +1,23 @@
 """fedtune's one-process simulation against a FlowerTune-style Flower simulation of the same federation.
 
-SmolLM2-135M NF4, LoRA r=8 on q,v, N = 2, 4, 8 clients all sampled, 2 rounds, 4 local steps of batch 4 at
-seq 64. Each run is its own child process; a background sampler adds up the resident memory of the child and
-all its descendants (Ray's GCS, raylet and workers included) every 0.1 s. Seconds per round: fedtune's engine
+SmolLM2-135M NF4, LoRA r=8 on q,v, gradient checkpointing on (as FlowerTune's templates set it), N = 2, 4, 8
+clients all sampled, 2 rounds, 4 local steps of batch 4 at seq 64. Both sides get the whole machine (``--cpus``, default all cores) and the same training loop:
+
+- fedtune ``inproc`` with ``sim.workers`` = the cores: worker processes forked after the model is loaded,
+  sharing its base weights, one thread each;
+- the anchor, a Flower ``run_simulation`` ClientApp written the way FlowerTune writes it (the model built
+  in every call), with FlowerTune's resources: one client at a time owns the machine (its Ray actor takes
+  every core and computes with as many threads), as FlowerTune gives each client a whole GPU;
+- ``--flower-per-core`` adds Flower with one actor per core (one thread each): parallel clients at the
+  price of one model per actor.
+
+Each run is its own child process; a background sampler adds up the memory of the child and all its
+descendants (Ray's GCS, raylet and workers included) every 0.1 s, as proportional set size (PSS: pages
+that processes share, such as the forked workers' model or shared libraries, count once) and as the plain
+sum of resident sizes (RSS, which counts them once per process). Seconds per round: fedtune's engine
 records them; the Flower side is timed by the ServerApp's evaluate_fn (called before round 1 and after each).
 
-    .venv/bin/python benchmarks/sim_vs_flower.py [--quick] [--with-fedtune-flower]
+    .venv/bin/python benchmarks/sim_vs_flower.py [--quick] [--sizes 8] [--flower-per-core] [--with-fedtune-flower]
 """
 
 from __future__ import annotations
@@ -27,13 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import machine_info, print_table, tree_rss_bytes, write_json
+from _common import machine_info, print_table, tree_pss_bytes, tree_rss_bytes, write_json
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FEDERATION = ["model.name=smollm2-135m", "quant.mode=nf4", "quant.compute_dtype=bf16", "adapter.r=8",
+FEDERATION = ["model.name=smollm2-135m", "model.gradient_checkpointing=true", "quant.mode=nf4", "quant.compute_dtype=bf16", "adapter.r=8",
               "adapter.alpha=16", "adapter.target_modules=[q_proj,v_proj]", "train.max_steps=4",
               "train.batch_size=4", "train.seq_len=64", "train.lr=1e-3", "sim.partitioner=iid",
               "eval.samples=0", "eval.max_batches=1", "eval.batch_size=4", "sim.clients_per_round=0"]
@@ -51,13 +63,14 @@ def run_child(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
             cmd[1] = spec["script"]
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)), "FEDTUNE_RAY_CPUS": str(spec.get("cpus", 2))}
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-        peak = {"bytes": 0}
+        peak = {"rss": 0, "pss": 0}
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
                 with contextlib.suppress(Exception):  # a process vanishing mid-sample
-                    peak["bytes"] = max(peak["bytes"], tree_rss_bytes(proc.pid))
+                    peak["rss"] = max(peak["rss"], tree_rss_bytes(proc.pid))
+                    peak["pss"] = max(peak["pss"], tree_pss_bytes(proc.pid))
                 stop.wait(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -73,7 +86,7 @@ def run_child(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"child {spec.get('kind')} failed (rc={proc.returncode}):\n{err[-3000:]}")
         result = json.loads(out.read_text())
-    result["peak_tree_bytes"] = peak["bytes"]
+    result["peak_tree_bytes"], result["peak_tree_rss_bytes"] = peak["pss"], peak["rss"]
     result["wall_s"] = time.perf_counter() - t0
     return result
 
@@ -117,19 +130,26 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 1)))
-    fn = {"inproc": child_fedtune, "fedtune-flower": child_fedtune, "flowertune": child_anchor}.get(
-        spec["kind"], child_fedtune)
+    fn = child_anchor if spec["kind"].startswith("flowertune") else child_fedtune
     out.write_text(json.dumps(fn(spec)))
 
 
 # ---------------------------------------------------------------- the benchmark
 
 
-def spec_for(kind: str, n: int, rounds: int, cpus: float, threads: int) -> dict[str, Any]:
+def spec_for(kind: str, n: int, rounds: int, cpus: int) -> dict[str, Any]:
+    """``cpus``: the cores each side may use (see the module docstring)."""
     overrides = [*FEDERATION, f"sim.num_clients={n}", f"sim.rounds={rounds}"]
-    if kind == "fedtune-flower":
+    threads, actor_cpus = 1, cpus
+    if kind == "inproc":
+        overrides.append(f"sim.workers={cpus}")
+    elif kind == "fedtune-flower":
         overrides.append("sim.backend=flower")
-    return {"kind": kind, "overrides": overrides, "num_clients": n, "rounds": rounds, "cpus": cpus,
+    elif kind == "flowertune":
+        threads = cpus  # one actor owns the machine
+    elif kind == "flowertune-per-core":
+        actor_cpus = 1
+    return {"kind": kind, "overrides": overrides, "num_clients": n, "rounds": rounds, "cpus": actor_cpus,
             "threads": threads}
 
 
@@ -138,12 +158,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N = 2 only")
     ap.add_argument("--sizes", default="2,4,8", help="comma-separated numbers of clients")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--flower-cpus", type=float, default=2.0,
-                    help="CPUs per Flower actor (2 on this 2-core machine: one actor, the same compute as fedtune's "
-                         "one process; 1: one actor per core)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch/OpenMP threads per process (1: on a shared, oversubscribed CPU two OpenMP threads "
-                         "per process made a step 3-17x slower)")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="cores each side may use")
+    ap.add_argument("--flower-per-core", action="store_true", help="also run Flower with one actor per core")
     ap.add_argument("--with-fedtune-flower", action="store_true", help="also run fedtune's sim.backend=flower")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -152,40 +168,48 @@ def main() -> None:
         child_main(json.loads(args.child), Path(args.out))
         return
     sizes = [2] if args.quick else [int(n) for n in args.sizes.split(",")]
-    kinds = ["inproc", "flowertune"] + (["fedtune-flower"] if args.with_fedtune_flower else [])
+    kinds = (["inproc", "flowertune"] + (["flowertune-per-core"] if args.flower_per_core else [])
+             + (["fedtune-flower"] if args.with_fedtune_flower else []))
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
     for n in sizes:
         for kind in kinds:
-            res = run_child(spec_for(kind, n, args.rounds, args.flower_cpus, args.threads))
+            res = run_child(spec_for(kind, n, args.rounds, args.cpus))
             res.update(kind=kind, num_clients=n, loadavg_after=os.getloadavg())
             res["mean_round_s"] = sum(res["round_s"]) / len(res["round_s"])
             res["steady_round_s"] = res["round_s"][-1]
             runs.append(res)
             print(f"N={n} {kind}: rounds {[round(x, 1) for x in res['round_s']]} s, "
-                  f"peak {res['peak_tree_bytes'] / 2**30:.2f} GiB, wall {res['wall_s']:.0f} s", flush=True)
+                  f"peak PSS {res['peak_tree_bytes'] / 2**30:.2f} GiB (RSS sum {res['peak_tree_rss_bytes'] / 2**30:.2f}), "
+                  f"wall {res['wall_s']:.0f} s", flush=True)
     rows, compare = [], []
     for n in sizes:
         by = {r["kind"]: r for r in runs if r["num_clients"] == n}
         for kind in kinds:
             r = by[kind]
             rows.append([f"N={n} {kind}", f"{r['round_s'][0]:.1f}", f"{r['steady_round_s']:.1f}",
-                         f"{r['mean_round_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['peak_tree_bytes'] / 2**30:.2f}"])
-        a, b = by["inproc"], by["flowertune"]
-        compare.append({"num_clients": n, "speedup_mean": b["mean_round_s"] / a["mean_round_s"],
-                        "speedup_steady": b["steady_round_s"] / a["steady_round_s"],
-                        "memory_ratio": a["peak_tree_bytes"] / b["peak_tree_bytes"]})
-        rows.append([f"N={n} flowertune/inproc", "", f"{compare[-1]['speedup_steady']:.2f}x",
-                     f"{compare[-1]['speedup_mean']:.2f}x", "", f"mem {compare[-1]['memory_ratio']:.2f}x"])
+                         f"{r['mean_round_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['peak_tree_bytes'] / 2**30:.2f}",
+                         f"{r['peak_tree_rss_bytes'] / 2**30:.2f}"])
+        a = by["inproc"]
+        for anchor in [k for k in kinds if k.startswith("flowertune")]:
+            b = by[anchor]
+            compare.append({"num_clients": n, "anchor": anchor, "speedup_mean": b["mean_round_s"] / a["mean_round_s"],
+                            "speedup_steady": b["steady_round_s"] / a["steady_round_s"],
+                            "memory_ratio": a["peak_tree_bytes"] / b["peak_tree_bytes"],
+                            "memory_ratio_rss": a["peak_tree_rss_bytes"] / b["peak_tree_rss_bytes"]})
+            c = compare[-1]
+            rows.append([f"N={n} {anchor}/inproc", "", f"{c['speedup_steady']:.2f}x", f"{c['speedup_mean']:.2f}x", "",
+                         f"{c['memory_ratio']:.2f}x", f"{c['memory_ratio_rss']:.2f}x"])
     load = os.getloadavg()
-    print_table(f"sim_vs_flower: SmolLM2-135M NF4, LoRA r=8 q,v, {args.rounds} rounds, 4 steps x batch 4 x seq 64 "
-                f"(load avg {load[0]:.1f})",
-                ["run", "round 1 s", "last round s", "mean s/round", "wall s", "peak tree GiB"], rows)
-    last = compare[-1]
+    print_table(f"sim_vs_flower: SmolLM2-135M NF4, LoRA r=8 q,v, checkpointed, {args.rounds} rounds, 4 steps x batch 4 x seq 64, "
+                f"{args.cpus} cores (load avg {load[0]:.1f})",
+                ["run", "round 1 s", "last round s", "mean s/round", "wall s", "peak PSS GiB", "peak RSS sum GiB"],
+                rows)
+    last = next(c for c in reversed(compare) if c["anchor"] == "flowertune")
     targets = {"num_clients": last["num_clients"], "faster_2x": last["speedup_mean"] >= 2.0,
                "half_memory": last["memory_ratio"] <= 0.5}
     path = write_json("sim_vs_flower.json" if not args.quick else "sim_vs_flower_quick.json", {
-        "federation": FEDERATION, "rounds": args.rounds, "flower_cpus_per_actor": args.flower_cpus, "threads": args.threads,
+        "federation": FEDERATION, "rounds": args.rounds, "cpus": args.cpus,
         "runs": runs, "compare": compare, "targets": targets, "loadavg_before": load_before, "loadavg": load,
         "machine": machine_info(), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"targets at N={last['num_clients']}: {targets}; wrote {path}")

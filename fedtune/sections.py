@@ -30,6 +30,8 @@ class SimConfig:
                            "1 a largest client typically several times the smallest")
     backend: Literal["inproc", "flower"] = opt("inproc", "inproc (one process, shared base model) or flower "
                                                 "(Flower's simulation engine on Ray)")
+    workers: int = opt(1, "inproc: processes training the sampled clients in parallel, forked once the model is "
+                          "loaded so that they share its base weights (one thread each); 1: the engine's process")
     mode: Literal["federated", "centralized", "local-only"] = opt(
         "federated", "federated, or a baseline: centralized (one client with all data, same total steps) or "
         "local-only (each client alone, evaluated on the global held-out set)")
@@ -58,6 +60,8 @@ class SimConfig:
                      f"({self.num_clients})")
         if self.rounds < 1:
             p.append(f"sim.rounds: got {self.rounds}, must be >= 1")
+        if self.workers < 1:
+            p.append(f"sim.workers: got {self.workers}, must be >= 1")
         for key in ("dropout", "straggler_prob", "corrupt_prob"):
             if not 0 <= getattr(self, key) <= 1:
                 p.append(f"sim.{key}: got {getattr(self, key)}, must be in [0, 1]")

@@ -1,4 +1,5 @@
-"""The simulated federation: many virtual clients over ONE base model in one process.
+"""The simulated federation: many virtual clients over ONE base model (in one process, or in ``sim.workers``
+forked workers that share its pages: ``workers``).
 
 setup -> for each round: configure -> fit each sampled client (swap adapter state in, train, read it out)
 -> aggregate (streaming: replies are produced one at a time and consumed at once) -> evaluate ->
@@ -11,7 +12,10 @@ with the same adapter as an uninterrupted run of the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import multiprocessing
 import random
 import time
 from collections.abc import Iterator
@@ -37,6 +41,8 @@ from fedtune.simulation.report import RunProgress, print_summary, write_plot
 from fedtune.strategies import StrategyConfig, make_strategy
 from fedtune.transport.messages import instructions_wire_size, reply_wire_size
 from fedtune.types import ClientReply, Instructions, failed_reply
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,11 +115,19 @@ class InProcPool:
 
 def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore,
               base_updates: list[dict[str, Any]]) -> ClientPool:
-    """The pool of ``cfg.sim.backend``; ``base_updates`` is the log ``apply_round_result`` appends to."""
+    """The pool of ``cfg.sim.backend`` (and ``cfg.sim.workers``); ``base_updates`` is the log
+    ``apply_round_result`` appends to."""
     if cfg.sim.backend == "flower":
         from fedtune.simulation.flower_backend import FlowerPool
 
         return FlowerPool(cfg, clients, store=store, base_updates=base_updates)
+    workers = min(cfg.sim.workers, clients_per_round(cfg), len(clients))
+    if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        log.warning("sim.workers=%d needs fork() (Linux); the clients train in this process", workers)
+    elif workers > 1:
+        from fedtune.simulation.workers import WorkerPool
+
+        return WorkerPool(cfg, lm, clients, store, base_updates, workers)
     return InProcPool(cfg, lm, clients, store)
 
 
@@ -230,9 +244,9 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                  "seconds": 0.0})
     total_rounds = 1 if mode == "centralized" and cfg.sim.rounds < 1 else cfg.sim.rounds
     full_bytes = full_model_bytes(lm)
-    pool = make_pool(cfg, lm, clients, store, base_updates)
     centralized_steps = cfg.train.max_steps * clients_per_round(cfg)
-    with RunProgress(console, total_rounds, start_round - 1) as bars:
+    with contextlib.closing(make_pool(cfg, lm, clients, store, base_updates)) as pool, \
+            RunProgress(console, total_rounds, start_round - 1) as bars:
         for rnd in range(start_round, total_rounds + 1):
             t0 = time.perf_counter()
             rng = random.Random(cfg.seed * 7919 + rnd)
@@ -302,7 +316,6 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                                                  samples_before=samples_before,
                                                  optimizer_states=store.memory))
             bars.end_round(loss)
-    pool.close()
     set_state(lm.model, global_state)
     after = {k: v for k, v in rounds[-1].items() if k in ("eval_loss", "perplexity", "accuracy")} if rounds else before
     samples_after = answers()

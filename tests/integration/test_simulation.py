@@ -171,3 +171,69 @@ def test_terminal_shows_progress_over_rounds_and_clients(tmp_path: Path) -> None
     assert "clients" in text and "3/3" in text  # every sampled client answered (or failed) in each round
     last = rounds[-1]  # the bars' final state is the last round's
     assert f"round 2: {3 - last['clients_failed']} replied, {last['clients_failed']} failed" in text
+
+
+@pytest.fixture
+def one_thread():
+    """Workers compute with one thread: so does the reference run, for bitwise-equal results."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("extra", [("strategy.name=fedavg",), ("strategy.name=flora",),
+                                   ("sim.keep_optimizer_state=true", "sim.optimizer_state_on=disk")],
+                         ids=["fedavg", "flora base updates", "kept optimizer state"])
+def test_worker_pool_gives_the_one_process_result(tmp_path: Path, one_thread, extra: tuple[str, ...]) -> None:
+    opts = ("train.max_steps=2", "sim.num_clients=4", "sim.rounds=3", *extra)
+    one, _ = _run(tmp_path / "one", *opts)
+    pool, _ = _run(tmp_path / "pool", *opts, "sim.workers=2")
+    a, b = _adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "pool" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for x, y in zip(one.rounds, pool.rounds, strict=True):
+        assert x["eval_loss"] == y["eval_loss"] and x.get("agg_error") == y.get("agg_error")
+
+
+def test_a_dead_worker_costs_one_reply_and_is_replaced(tmp_path: Path, one_thread,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from fedtune.adapters import get_state
+    from fedtune.data.partition import make_partition
+    from fedtune.models import load_model
+    from fedtune.pipeline import encode, load_dataset
+    from fedtune.simulation import workers
+    from fedtune.simulation.engine import OptimizerStore, VirtualClient
+    from fedtune.types import Instructions
+
+    cfg = load_config(SCENARIO, [f"out={tmp_path}", "train.max_steps=1"])
+    data = load_dataset(cfg)
+    lm = load_model(cfg)
+    parts = make_partition("iid", data.train_records, 3, 0)
+    clients = [VirtualClient(f"client-{i}", i, [], encode([data.train_records[j] for j in p], lm.tokenizer, cfg))
+               for i, p in enumerate(parts)]
+    fit, marker = workers.fit, tmp_path / "died-once"
+
+    def dies_once_on_client_1(lm, examples, cfg, ins, **kw):  # the workers are forked: they run this
+        if ins.client_id == "client-1" and not marker.exists():
+            marker.touch()
+            os._exit(9)  # as if killed mid-training
+        return fit(lm, examples, cfg, ins, **kw)
+    monkeypatch.setattr(workers, "fit", dies_once_on_client_1)
+    pool = workers.WorkerPool(cfg, lm, clients, OptimizerStore("cpu", tmp_path), [], workers=2)
+    first = [w.proc for w in pool.workers]
+    try:
+        state = get_state(lm.model)
+        items = [(c.cid, Instructions(round=1, client_id=c.cid, state=state, train={})) for c in clients]
+        replies = list(pool.fit_round(1, items))
+        assert [r.client_id for r in replies] == ["client-0", "client-1", "client-2"]
+        assert replies[0].error is None and replies[2].error is None
+        assert "simulation worker died (exit code 9) while training client-1" in replies[1].error
+        again = list(pool.fit_round(2, items))
+        assert [r.error for r in again] == [None, None, None] and len(pool.workers) == 2
+        procs = [w.proc for w in pool.workers]
+        assert sum(p not in first for p in procs) == 1  # the dead one was replaced
+    finally:
+        pool.close()
+    assert not any(p.is_alive() for p in procs) and pool.workers == []

@@ -1,0 +1,190 @@
+"""``sim.workers`` > 1: virtual clients train in parallel in worker processes that share ONE base model.
+
+The workers are forked from the engine's process after it loaded the model, so their base weights are the
+parent's pages, copy-on-write: frozen weights are never written, so they stay shared and each worker adds
+only what training allocates (activations, gradients, the adapter it is training). Flower's simulation
+instead pays one model per Ray actor, and FlowerTune rebuilds it in every client call.
+
+Each task carries the client's global adapter (``Instructions``), its optimizer state when clients keep
+theirs, and the base-weight updates (``flora``, ``fedex``) that worker has not folded in yet, applied in log
+order as the engine applied them; replies come back in the order asked, so the streaming strategies see
+exactly what the one-process pool gives them. Workers compute with one thread each (OpenMP is not
+fork-safe beyond that; one thread per process also scales better than threads on small models). A worker
+that dies (killed, out of memory) costs its client's reply for that round, recorded as a failure, and is
+replaced by a fresh fork.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import io
+import logging
+import multiprocessing as mp
+import signal
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedtune.client.fit import client_seed, fit
+from fedtune.config import Config
+from fedtune.models import LoadedModel, apply_base_update
+from fedtune.types import ClientReply, Instructions, LowRankUpdate, failed_reply
+
+if TYPE_CHECKING:
+    from fedtune.simulation.engine import OptimizerStore, VirtualClient
+
+log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _serve(conn: Connection, cfg: Config, lm: LoadedModel, clients: dict[str, VirtualClient],
+           inherited: list[Connection]) -> None:
+    """A worker's loop: fit the tasks that arrive until an empty message, or until the engine is gone."""
+    for c in inherited:  # the engine's ends of every pipe: else this worker would never see the engine exit
+        c.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle; it ends the workers
+    torch.set_num_threads(1)
+    keep = cfg.sim.keep_optimizer_state
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except EOFError:
+            return
+        if not msg:
+            return
+        rnd, cid, ins, opt_state, updates = _loads(msg)
+        for upd in updates:
+            apply_base_update(lm.model, upd, lm.quantized)
+        client = clients[cid]
+        reply, opt = fit(lm, client.examples, cfg, ins, seed=client_seed(cfg.seed, rnd, client.index),
+                         optimizer_state=opt_state, keep_optimizer_state=keep)
+        conn.send_bytes(_dumps((reply, opt)))
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Connection
+    held: int
+    """Base updates this worker's model holds (the engine's log up to here)."""
+    task: int | None = None
+    cid: str = ""
+
+
+class WorkerPool:
+    """``sim.workers`` forked workers; ``fit_round`` yields replies in the order asked (see the module docstring).
+
+    ``base_updates`` is the engine's log of applied base updates (the list ``apply_round_result`` appends
+    to); ``store`` holds the clients' optimizer states.
+    """
+
+    def __init__(self, cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore,
+                 base_updates: list[dict[str, LowRankUpdate]], workers: int):
+        self.cfg, self.lm, self.store, self.base_updates = cfg, lm, store, base_updates
+        self.clients = {c.cid: c for c in clients}
+        self._ctx = mp.get_context("fork")
+        # What the workers inherit stays shared only while nobody writes it: collect now and keep the cyclic
+        # GC off the objects that exist (its bookkeeping writes into every object it visits), and hand
+        # freed heap back to the system rather than to the workers' allocators.
+        gc.collect()
+        gc.freeze()
+        _malloc_trim()
+        self.workers: list[_Worker] = []
+        for _ in range(workers):
+            self.workers.append(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        inherited = [parent, *(w.conn for w in self.workers)]
+        proc = self._ctx.Process(target=_serve, args=(child, self.cfg, self.lm, self.clients, inherited),
+                                 daemon=True, name="fedtune-sim-worker")
+        proc.start()
+        child.close()
+        return _Worker(proc, parent, held=len(self.base_updates))
+
+    def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
+        keep = self.cfg.sim.keep_optimizer_state
+        while any(w.task is not None for w in self.workers):  # a round abandoned half-way: drop its replies
+            self._collect(rnd, {})
+        todo = deque(enumerate(items))
+        done: dict[int, tuple[ClientReply, dict[str, Any] | None]] = {}
+        for i in range(len(items)):
+            while i not in done:
+                for w in self.workers:
+                    if w.task is None and todo:
+                        self._dispatch(w, rnd, *todo.popleft(), keep)
+                self._collect(rnd, done)
+            reply, opt_state = done.pop(i)
+            if keep:
+                self.store.put(items[i][0], rnd, opt_state)
+            yield reply
+
+    def _dispatch(self, w: _Worker, rnd: int, i: int, item: tuple[str, Instructions], keep: bool) -> None:
+        cid, ins = item
+        opt_state = self.store.get(cid) if keep else None
+        for _attempt in range(2):
+            try:
+                w.conn.send_bytes(_dumps((rnd, cid, ins, opt_state, self.base_updates[w.held:])))
+                break
+            except OSError:  # it died idle: replace it and hand the task to the new one
+                w = self._replace(w, f"simulation worker died (exit code {w.proc.exitcode}) while idle")
+        w.held, w.task, w.cid = len(self.base_updates), i, cid
+
+    def _replace(self, w: _Worker, reason: str) -> _Worker:
+        w.proc.join(timeout=5)
+        log.warning("%s; starting a new one", reason)
+        new = self._spawn()
+        self.workers[self.workers.index(w)] = new
+        return new
+
+    def _collect(self, rnd: int, done: dict[int, tuple[ClientReply, dict[str, Any] | None]]) -> None:
+        """Wait for at least one busy worker to answer (or die)."""
+        busy = {w.conn: w for w in self.workers if w.task is not None}
+        for conn in wait(list(busy)):
+            w = busy[conn]  # type: ignore[index]
+            assert w.task is not None
+            try:
+                done[w.task] = _loads(w.conn.recv_bytes())
+            except (EOFError, OSError):
+                w.proc.join(timeout=5)
+                reason = f"simulation worker died (exit code {w.proc.exitcode}) while training {w.cid}"
+                done[w.task] = (failed_reply(w.cid, rnd, reason), None)
+                self._replace(w, reason)
+                continue
+            w.task = None
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                w.conn.send_bytes(b"")
+            except OSError:
+                pass  # already gone
+            w.conn.close()
+        for w in self.workers:
+            w.proc.join(timeout=10)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+        self.workers = []
+        gc.unfreeze()
