@@ -63,7 +63,10 @@ def get_state(model: PeftModel, trainable_only: bool = True) -> State:
 
 
 def _strip(param_name: str, adapter: str) -> str:
-    return param_name.replace(f".{adapter}.", ".").replace(f".{adapter}", "")
+    """A live parameter's name as ``get_peft_model_state_dict`` keys it: without the adapter name, and a
+    trained copy of a ``modules_to_save`` module (a classifier head) under that module's own name."""
+    name = param_name.replace(f".modules_to_save.{adapter}.", ".")
+    return name.replace(f".{adapter}.", ".").replace(f".{adapter}", "")
 
 
 def param_by_key(model: PeftModel, trainable_only: bool = True) -> dict[str, torch.Tensor]:
