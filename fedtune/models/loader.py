@@ -89,7 +89,9 @@ def load_base(cfg: Any, num_labels: int | None = None) -> tuple[Any, Any, ModelS
         kwargs["dtype"] = compute_dtype
     if mcfg.task == "seq_cls":
         kwargs["num_labels"] = num_labels or mcfg.num_labels or 2
-        model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # the new head's initial weights: the same on every site and run
+            torch.manual_seed(cfg.adapter.seed)
+            model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
     else:

@@ -34,3 +34,17 @@ def test_minilm_federation_learns_categories_and_sends_the_head(tmp_path: Path, 
     assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(travelled)
     assert any(".query.lora_A." in k for k in adapter) and any(".value.lora_B." in k for k in adapter)
     assert not any(".key." in k for k in adapter)
+
+
+@pytest.mark.slow
+def test_the_new_head_starts_the_same_in_every_process() -> None:
+    """Server and sites build the untrained head themselves: from the seed, not from whatever the RNG held."""
+    from fedtune.models import load_model
+
+    cfg = load_config(SCENARIO, [])
+    heads = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # a different global RNG state before each load
+        lm = load_model(cfg, num_labels=19)
+        heads.append(lm.model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
