@@ -29,6 +29,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedtune.adapters import nbytes
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
 from fedtune.transport.bulk import LaneUnreachable, upload
@@ -257,7 +258,7 @@ class FederationClient:
             MessageRejected / PermissionDeniedError: the server refused the update (reason in the message).
             TransportError: as ``connect``.
         """
-        size = sum(t.numel() * t.element_size() for g in (reply.state or {}, reply.mask or {}) for t in g.values())
+        size = nbytes(reply.state or {}) + nbytes(reply.mask or {})
         if self._bulk_port and reply.error is None and size >= self.bulk_min_bytes:
             try:
                 return self._retry(lambda: self._submit_bulk(reply, phase))
