@@ -237,3 +237,13 @@ def test_a_dead_worker_costs_one_reply_and_is_replaced(tmp_path: Path, one_threa
     finally:
         pool.close()
     assert not any(p.is_alive() for p in procs) and pool.workers == []
+
+
+def test_workers_fall_back_to_one_process_without_fork(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from fedtune.simulation import engine
+
+    monkeypatch.setattr(engine.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    result, _ = _run(tmp_path, "sim.workers=2")
+    assert "needs fork() (Linux); the clients train in this process" in caplog.text
+    assert all(r["clients_ok"] == 3 for r in result.rounds if r.get("round", 0) >= 1)

@@ -211,3 +211,14 @@ def test_lane_refuses_strangers_and_garbage(served):
     with FederationClient(f"127.0.0.1:{server.port}", "n1", heartbeat=False) as fc:
         assert fc.submit(_big_reply()).accepted
     assert len(coord.replies) == 1 and server.bulk.uploads == 1
+
+
+def test_bad_bulk_port_is_refused_clearly():
+    coord = StaticCoordinator()
+    with pytest.raises(ValueError, match="bulk_port must be a TCP port"):
+        start_server(coord, "127.0.0.1:0", bulk_port=70000)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="cannot open the bulk lane on 127.0.0.1:"):
+            start_server(coord, "127.0.0.1:0", bulk_port=taken.getsockname()[1])
