@@ -103,8 +103,8 @@ def send_record(sock: Any, kind: int, body: bytes = b"") -> None:
 
 
 def read_record_head(sock: Any) -> tuple[int, int]:
-    kind, n = _RECORD.unpack(recv_exact(sock, _RECORD.size))
-    return kind, n
+    """(kind, length) of the next record."""
+    return _RECORD.unpack(recv_exact(sock, _RECORD.size))
 
 
 def read_small(sock: Any, n: int, what: str) -> bytes:
