@@ -355,6 +355,31 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
+# The train.* keys a server sends every round as the local-training instructions; seq_len (how a site
+# tokenizes its own data) and log_every (its own logging) stay each site's.
+INSTRUCTED_TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("seq_len", "log_every"))
+
+
+def train_instructions(t: TrainConfig) -> dict[str, Any]:
+    """The local-training instructions of a ``[train]`` section, as JSON-ready data."""
+    return {k: getattr(t, k) for k in INSTRUCTED_TRAIN_KEYS}
+
+
+def instructed_train(t: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """``t`` with a server's training instructions applied, checked as the config file would be.
+
+    Raises:
+        ConfigError: an unknown or site-only key, a wrong type or a bad value, each named.
+    """
+    problems = [f"train.{k}: not a training instruction (instructed keys: {', '.join(INSTRUCTED_TRAIN_KEYS)})"
+                for k in given if k not in INSTRUCTED_TRAIN_KEYS]
+    merged = _build(TrainConfig, {**dataclasses.asdict(t), **given}, "train.", problems)
+    problems.extend(x for x in validate(dataclasses.replace(Config(), train=merged)) if x.startswith("train."))
+    if problems:
+        raise ConfigError(problems)
+    return merged
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain data; ``None`` becomes the string ``"none"`` (TOML has no null), which
     loads back as ``None`` for every field that may be unset."""

@@ -106,8 +106,6 @@ def train_local(
     seed: int,
     ref_state: State | None = None,
     prox_mu: float | None = None,
-    max_steps: int | None = None,
-    lr: float | None = None,
     optimizer_state: dict[str, Any] | None = None,
     keep_optimizer_state: bool = False,
     on_step: Callable[[dict[str, float]], None] | None = None,
@@ -115,7 +113,8 @@ def train_local(
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``examples`` per ``tcfg`` (a ``TrainConfig``).
 
-    ``max_steps``, ``lr`` and ``prox_mu`` override the config (a server's per-round instructions).
+    ``prox_mu`` overrides the config's (a federation's instructions arrive as ``tcfg`` itself, see
+    ``client.fit``).
     ``ref_state`` is the adapter state the proximal term pulls towards (keys as ``adapters.get_state``).
     ``progress`` is a callable ``progress(step, total, loss)`` or None.
 
@@ -125,8 +124,8 @@ def train_local(
     torch.manual_seed(seed)
     named = trainable_parameters(model)
     params = [p for _, p in named]
-    steps = max_steps if max_steps is not None else total_steps(tcfg, len(examples))
-    peak_lr = lr if lr is not None else tcfg.lr
+    steps = total_steps(tcfg, len(examples))
+    peak_lr = tcfg.lr
     mu = tcfg.prox_mu if prox_mu is None else prox_mu
     optimizer = make_optimizer(params, tcfg.optimizer, peak_lr, tcfg.weight_decay)
     if optimizer_state is not None:

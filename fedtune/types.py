@@ -41,7 +41,7 @@ class Instructions:
     state: State
     """Global adapter tensors to load before training (trainable ones; frozen parts are rebuilt from the seed)."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Overrides of ``train.*`` for this round (``max_steps``, ``lr``, ``prox_mu``...)."""
+    """This round's ``train.*`` instructions: the coordinator's section under the strategy's overrides."""
     rank: int | None = None
     """Rank this client trains at (heterogeneous-rank strategies); ``None`` keeps the configured rank."""
     mask: State | None = None

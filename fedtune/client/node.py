@@ -102,6 +102,7 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
 
     fc: FederationClient | None = None
     resynced = -1  # last round whose instructions assumed another base (asked for once per round)
+    told: dict[str, object] = {}  # the server's train.* that differ from this site's config, as last printed
     done: list[int] = []
     attempt = reconnects = 0
     try:
@@ -123,6 +124,12 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                         apply_base_update(lm.model, ins.base_update, lm.quantized)
                     held = fc.base_updates = base_to
                     seed = int(ins.extra.get("seed", client_seed(cfg.seed, ins.round, zlib.crc32(c.name.encode()))))
+                    overridden = {k: v for k, v in ins.train.items() if getattr(cfg.train, k, v) != v}
+                    if overridden and overridden != told:
+                        console.print(f"node {c.name}: round {ins.round} trains per the server's instructions: "
+                                      + ", ".join(f"train.{k}={v} (this site's config: {getattr(cfg.train, k)})"
+                                                  for k, v in overridden.items()), highlight=False)
+                    told = overridden
                     reply, _ = fit(lm, examples, cfg, ins, seed=seed)
                 elif resynced != ins.round:  # e.g. the node missed a round's instructions
                     console.print(f"node {c.name}: holds {held} base update(s), round {ins.round} builds on "

@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from fedtune.adapters import get_state, set_state
-from fedtune.client.fit import client_seed
+from fedtune.client.fit import client_seed, with_training
 from fedtune.config import Config, fingerprint, to_dict
 from fedtune.eval import evaluate
 from fedtune.models import apply_base_update, load_model
@@ -246,7 +246,7 @@ def run_server(cfg: Config, console: Console) -> ServerResult:
             rng = random.Random(cfg.seed * 7919 + rnd)
             base_sync.rewind(coord.take_registrations())
             base = base_sync.extra(ids)
-            instructions = strategy.configure(rnd, ids, global_state, rng)
+            instructions = with_training(strategy.configure(rnd, ids, global_state, rng), cfg.train)
             instructions = {cid: dataclasses.replace(ins, extra={
                 **ins.extra, "seed": client_seed(cfg.seed, rnd, order.index(cid) if cid in order else len(order)),
                 **base[cid]}) for cid, ins in instructions.items()}

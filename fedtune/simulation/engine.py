@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from fedtune.adapters import get_state, set_state
-from fedtune.client.fit import client_seed, fit
+from fedtune.client.fit import client_seed, fit, with_training
 from fedtune.config import Config
 from fedtune.data.partition import make_partition, render_partition_table
 from fedtune.eval import evaluate, generate_answers
@@ -251,9 +251,10 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
             t0 = time.perf_counter()
             rng = random.Random(cfg.seed * 7919 + rnd)
             ids = [c.cid for c in clients]
-            instructions = strategy.configure(rnd, ids, global_state, rng)
+            instructions = with_training(strategy.configure(rnd, ids, global_state, rng), cfg.train)
             if mode == "centralized":  # one client with all the data takes every federated client's steps
-                instructions = {cid: dataclasses.replace(ins, train={**ins.train, "max_steps": centralized_steps})
+                instructions = {cid: dataclasses.replace(ins, train={**ins.train, "max_steps": centralized_steps,
+                                                                       "epochs": None})
                                 for cid, ins in instructions.items()}
             traffic = {"up": 0, "down": 0}
 
@@ -346,7 +347,7 @@ def _local_only(cfg, console, run, lm, clients, initial, eval_ex, eval_kw, promp
     steps = cfg.train.max_steps * cfg.sim.rounds
     per_client = []
     for c in clients:
-        ins = Instructions(round=1, client_id=c.cid, state=initial, train={"max_steps": steps})
+        ins = Instructions(round=1, client_id=c.cid, state=initial, train={"max_steps": steps, "epochs": None})
         fit(lm, c.examples, cfg, ins, seed=client_seed(cfg.seed, 1, c.index))
         metrics = evaluate(lm.model, eval_ex, **eval_kw)
         per_client.append(metrics)

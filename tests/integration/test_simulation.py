@@ -110,7 +110,9 @@ def test_byte_counts_equal_the_encoded_messages(tmp_path: Path, monkeypatch: pyt
 
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_adapter(tmp_path: Path) -> None:
-    args = [f"out={tmp_path / 'killed'}", "sim.rounds=3", "train.max_steps=2", "eval.samples=0",
+    # 24 local steps: a round takes about a second, so the kill surely lands mid-run (at 2 steps a round
+    # takes 0.1 s and the run could end between two polls)
+    args = [f"out={tmp_path / 'killed'}", "sim.rounds=3", "train.max_steps=24", "eval.samples=0",
             "strategy.name=fedadam"]
     cmd = [sys.executable, "-m", "fedtune.cli", "simulate", str(SCENARIO), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -120,7 +122,7 @@ def test_resume_after_kill_gives_the_same_adapter(tmp_path: Path) -> None:
         lines = metrics.read_text().splitlines() if metrics.is_file() else []
         if any(json.loads(x).get("round") == 1 for x in lines) and (tmp_path / "killed" / "checkpoint.pt").is_file():
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it was killed"

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from fedtune import adapters
+from fedtune.client.fit import fit, with_training
 from fedtune.config import load_config
 from fedtune.eval import evaluate, generate_answers
 from fedtune.models import load_model
 from fedtune.pipeline import encode
 from fedtune.train import lr_lambda, train_local
+from fedtune.types import Instructions
 
 RECORDS = [{"prompt": "What colour is the sky?", "response": "The sky is blue."},
            {"prompt": "What do cows drink?", "response": "Cows drink water."}]
@@ -100,3 +102,32 @@ def test_optimizer_state_carries_over(tiny_overrides: list[str]) -> None:
     steps = [int(s["step"]) for s in second.optimizer_state["state"].values()]
     assert all(s == 4 for s in steps)
     assert dataclasses.is_dataclass(cfg.train)
+
+
+def test_the_servers_training_instructions_override_the_sites(tiny_overrides: list[str]) -> None:
+    """A federation trains as the server's ``train.*`` say, whatever the site's own section holds."""
+    server = load_config(None, [*tiny_overrides, "train.max_steps=5", "train.lr=1e-2", "train.optimizer=sgd"])
+    site, lm, ex = _setup(tiny_overrides, "train.max_steps=400", "train.lr=1e-5")
+    start = adapters.get_state(lm.model)
+    ins = with_training({"c": Instructions(1, "c", start, train={"prox_mu": 0.5})}, server.train)["c"]
+    assert ins.train["max_steps"] == 5 and ins.train["prox_mu"] == 0.5  # the strategy's overrides win
+    reply, _ = fit(lm, ex, site, ins, seed=7)
+    assert reply.error is None and reply.metrics["train_steps"] == 5
+    # the same as training with the server's section (and that proximal term) at the site
+    adapters.set_state(lm.model, start)
+    _train(dataclasses.replace(server, seed=7), lm, ex, ref_state=start, prox_mu=0.5)
+    want = adapters.get_state(lm.model)
+    assert all(torch.equal(reply.state[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(("train", "named"), [
+    ({"lr": -1.0}, "train.lr: got -1.0, must be > 0"),
+    ({"max_steps": "many"}, "train.max_steps: got 'many', expected an integer"),
+    ({"seq_len": 4096}, "train.seq_len: not a training instruction"),
+    ({"optimizer": "lion"}, "train.optimizer: got 'lion', allowed values"),
+])
+def test_bad_training_instructions_are_a_failed_reply_naming_the_key(tiny_overrides: list[str], train, named) -> None:
+    cfg, lm, ex = _setup(tiny_overrides)
+    reply, _ = fit(lm, ex, cfg, Instructions(1, "c", adapters.get_state(lm.model), train=train), seed=0)
+    assert reply.state is None and reply.error.startswith("bad training instructions: ")
+    assert named in reply.error, reply.error
