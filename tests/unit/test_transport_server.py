@@ -224,7 +224,9 @@ def test_uploads_beyond_the_limit_wait_then_get_resource_exhausted():
             yield from _update({"w": torch.randn(4)})[:1]
             gate.wait(5)
         first = stub.SubmitUpdate.future(held(), metadata=md)
-        time.sleep(0.1)
+        end = time.monotonic() + 10  # until the first upload holds the only slot (a busy machine may take a while)
+        while server.servicer._uploads._value and time.monotonic() < end:
+            time.sleep(0.01)
         err = _submit(stub, md, _update({"w": torch.randn(4)}))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in err.details()
         gate.set()
