@@ -105,7 +105,6 @@ def train_local(
     pad_id: int,
     seed: int,
     ref_state: State | None = None,
-    prox_mu: float | None = None,
     optimizer_state: dict[str, Any] | None = None,
     keep_optimizer_state: bool = False,
     on_step: Callable[[dict[str, float]], None] | None = None,
@@ -113,8 +112,7 @@ def train_local(
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``examples`` per ``tcfg`` (a ``TrainConfig``).
 
-    ``prox_mu`` overrides the config's (a federation's instructions arrive as ``tcfg`` itself, see
-    ``client.fit``).
+    A federation's per-round instructions arrive as ``tcfg`` itself (see ``client.fit``).
     ``ref_state`` is the adapter state the proximal term pulls towards (keys as ``adapters.get_state``).
     ``progress`` is a callable ``progress(step, total, loss)`` or None.
 
@@ -126,7 +124,7 @@ def train_local(
     params = [p for _, p in named]
     steps = total_steps(tcfg, len(examples))
     peak_lr = tcfg.lr
-    mu = tcfg.prox_mu if prox_mu is None else prox_mu
+    mu = tcfg.prox_mu
     optimizer = make_optimizer(params, tcfg.optimizer, peak_lr, tcfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)

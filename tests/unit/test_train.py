@@ -55,9 +55,9 @@ def test_proximal_term_keeps_weights_near_reference(tiny_overrides: list[str]) -
     drift = {}
     for mu in (0.0, 50.0):
         cfg, lm, ex = _setup(tiny_overrides, "train.max_steps=15", "train.lr=1e-2", "train.optimizer=sgd",
-                             "train.max_grad_norm=none")
+                             "train.max_grad_norm=none", f"train.prox_mu={mu}")
         ref = adapters.get_state(lm.model)
-        _train(cfg, lm, ex, ref_state=ref, prox_mu=mu)
+        _train(cfg, lm, ex, ref_state=ref)
         d = adapters.delta(adapters.get_state(lm.model), ref)
         drift[mu] = sum(float(v.norm() ** 2) for v in d.values()) ** 0.5
     assert drift[50.0] < 0.8 * drift[0.0], drift
@@ -115,7 +115,8 @@ def test_the_servers_training_instructions_override_the_sites(tiny_overrides: li
     assert reply.error is None and reply.metrics["train_steps"] == 5
     # the same as training with the server's section (and that proximal term) at the site
     adapters.set_state(lm.model, start)
-    _train(dataclasses.replace(server, seed=7), lm, ex, ref_state=start, prox_mu=0.5)
+    _train(dataclasses.replace(server, seed=7, train=dataclasses.replace(server.train, prox_mu=0.5)), lm, ex,
+           ref_state=start)
     want = adapters.get_state(lm.model)
     assert all(torch.equal(reply.state[k], want[k]) for k in want)
 
