@@ -250,6 +250,9 @@ def test_client_killed_mid_round_the_rest_finish(simulated, tmp_path: Path) -> N
     after = [r for r in rows if r["round"] > hit[0]["round"]]
     assert all(r["clients_ok"] == 2 and r["applied"] for r in after), rows
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # the server's train.* win over a site's own section, and the node says so once
+    log = " ".join((tmp_path / "client-0.log").read_text().split())  # the console wraps long lines
+    assert log.count("trains per the server's instructions: train.epochs=1.0 (this site's config: None)") == 1, log
 
 
 def base_deltas(run: Path) -> list[dict[str, torch.Tensor]]:
