@@ -25,6 +25,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def one_thread():
+    """torch computes with one thread during the test, then the count is restored.
+
+    For runs that must equal one-threaded workers bit for bit, and for loops of tiny products, each of which
+    on a loaded machine would otherwise wait for an OpenMP team to be scheduled.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_overrides() -> list[str]:
     """Overrides that make any command run on the tiny random Llama in fp32, quickly."""
     return ["model.name=tiny-llama", "quant.mode=none", "quant.compute_dtype=fp32", "train.max_steps=2",

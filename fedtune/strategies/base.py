@@ -243,9 +243,8 @@ def finish(result: RoundResult, ok: list[str], failures: dict[str, str]) -> Roun
 class ReferenceTerms:
     """The exact weighted average ``sum_k p_k s_k B_k A_k`` of each layer, kept as factored terms.
 
-    Needed for ``agg_error``. It holds a reference to every client's factors (no copies), so memory is
-    O(K adapters) even for streaming strategies; ``StrategyConfig.compute_error = False`` turns it off.
-    The exact error of a streamed average cannot be had in less: ``||sum_k B_k A_k||`` couples every pair.
+    What the exact strategies (flora, svd, fedex) combine. It holds a reference to every client's factors (no
+    copies): O(K adapters) of memory. ``agg_error`` does not need it: ``agg_error.ErrorMeter`` streams.
     """
 
     def __init__(self) -> None:

@@ -25,6 +25,7 @@ STRATEGY_NAMES: tuple[str, ...] = (
     "multikrum",
 )
 ROBUST_NAMES: tuple[str, ...] = ("none", "median", "trimmed_mean", "krum", "multikrum")
+AGG_ERROR_METHODS: tuple[str, ...] = ("auto", "exact", "sketch")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,16 @@ class StrategyConfig:
     use_rslora: bool = False
     """Rank-stabilised scale alpha/sqrt(r) instead of alpha/r."""
     compute_error: bool = True
-    """Report the aggregation error every round; keeps every client's factors, O(K) memory (see lowrank)."""
+    """Report ``agg_error``: per LoRA layer, ``||dW_agg - sum_k p_k s_k B_k A_k|| / ||sum_k p_k s_k B_k A_k||``."""
+    agg_error_every: int = 1
+    """Compute ``agg_error`` on the rounds that are multiples of this; the other rounds report none (null)."""
+    agg_error_method: str = "auto"
+    """How ``agg_error`` is computed: "exact" (Gram matrices of every reply's factors: O(K^2) time, keeps them all),
+    "sketch" (random sketch streamed with the replies: O(K) time, a few hundred numbers per layer; each squared
+    norm within a relative std of sqrt(2.5/m + 1/m^2) at worst, m = agg_error_probes, far less for updates of
+    high rank; see fedtune/strategies/agg_error.py) or "auto" (exact while sum_k r_k <= 32, else the sketch)."""
+    agg_error_probes: int = 8
+    """``agg_error`` sketch: random-sign probes m per layer (and 4 m row buckets); the cost grows with m."""
 
     def validate(self) -> list[str]:
         """Every problem with this config, each naming the key ``strategy.<field>``; empty when valid."""
@@ -138,6 +148,12 @@ class StrategyConfig:
                 )
             elif self.name == "flora" and max(self.client_ranks) > self.r:
                 p.append(f"strategy.client_ranks: {max(self.client_ranks)} exceeds strategy.r = {self.r}")
+        if self.agg_error_every < 1:
+            p.append(f"strategy.agg_error_every: {self.agg_error_every} must be >= 1 (1 = every round)")
+        if self.agg_error_method not in AGG_ERROR_METHODS:
+            p.append(f"strategy.agg_error_method: unknown {self.agg_error_method!r}; valid: {', '.join(AGG_ERROR_METHODS)}")
+        if not 1 <= self.agg_error_probes <= 1024:
+            p.append(f"strategy.agg_error_probes: {self.agg_error_probes} must be in [1, 1024]")
         if self.error_feedback and self.name != "svd":
             p.append(f"strategy.error_feedback: only 'svd' truncates, not {self.name!r}; set false")
         if self.quantized_base and self.name == "fedex":

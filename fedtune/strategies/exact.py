@@ -18,6 +18,7 @@ import torch
 
 from fedtune.adapters import A_SUFFIX, B_SUFFIX, lora_pairs
 from fedtune.strategies import lowrank
+from fedtune.strategies.agg_error import ErrorMeter
 from fedtune.strategies.averaging import WeightedMean
 from fedtune.strategies.base import (
     ReferenceTerms,
@@ -110,6 +111,8 @@ class ExactStrategy:
         failures: dict[str, str] = {}
         ok: list[str] = []
         ref = ReferenceTerms()
+        meter = ErrorMeter.for_round(self.cfg, round, global_state)
+        fed_meter = meter if self._needs_replies_for_error() else None
         factor_keys = {k for k in global_state if k.endswith((A_SUFFIX, B_SUFFIX))}
         other = [k for k in global_state if k not in factor_keys]
         mean_keys = list(global_state) if self.name == "fedex" else other
@@ -120,19 +123,28 @@ class ExactStrategy:
                 failures[reply.client_id] = f"{self.name} aggregates whole factors; masked LoRA factors are not supported"
                 continue
             ok.append(reply.client_id)
-            ref.add(factor_pairs(reply.state), float(reply.num_examples), self.cfg)
+            pairs = factor_pairs(reply.state)
+            ref.add(pairs, float(reply.num_examples), self.cfg)
+            if fed_meter is not None:
+                fed_meter.add(reply.state, float(reply.num_examples))
             if mean_keys:
                 acc.add(reply.state, float(reply.num_examples), reply.mask)
         if len(ok) < self.cfg.min_replies:
             return not_applied(global_state, ok, failures, self.cfg)
         state = {**global_state, **(acc.result() if mean_keys else {})}
         combine = {"flora": self._flora, "svd": self._svd, "fedex": self._fedex}[self.name]
-        result = combine(global_state, state, ref)
+        result = combine(global_state, state, ref, meter)
+        if meter is not None:
+            result.metrics["agg_error_estimated"] = float(meter.estimated)
         if result.base_update:
             self.base_log.log.append(result.base_update)
         return finish(result, ok, failures)
 
-    def _flora(self, global_state: State, state: State, ref: ReferenceTerms) -> RoundResult:
+    def _needs_replies_for_error(self) -> bool:
+        """False for exact svd without error feedback: its singular values give the exact error for free."""
+        return self.name != "svd" or self.cfg.error_feedback or self.cfg.svd_method == "randomized"
+
+    def _flora(self, global_state: State, state: State, ref: ReferenceTerms, meter: ErrorMeter | None) -> RoundResult:
         """FLoRA: ``base_update = [p_1 s_1 B_1 ... p_K s_K B_K] @ [A_1; ...; A_K]`` exactly; adapter reset.
 
         The next round starts from B = 0 and the previous global A (a valid fresh LoRA init; clients of
@@ -143,13 +155,11 @@ class ExactStrategy:
         for ka, kb in lora_pairs(global_state).values():
             state[ka], state[kb] = global_state[ka], torch.zeros_like(global_state[kb])
         result = RoundResult(state=state, base_update=update, reset_adapter=True)
-        if self.cfg.compute_error:
-            result.agg_error_layers = {
-                p: lowrank.relative_error([(u.B, u.A)], ref.terms(p)) for p, u in update.items()
-            }
+        if meter is not None:
+            result.agg_error_layers = meter.errors({p: [(u.B, u.A)] for p, u in update.items()})
         return result
 
-    def _svd(self, global_state: State, state: State, ref: ReferenceTerms) -> RoundResult:
+    def _svd(self, global_state: State, state: State, ref: ReferenceTerms, meter: ErrorMeter | None) -> RoundResult:
         """Exact average in factored form, truncated to the global rank with its best (Eckart-Young) approximation.
 
         With ``error_feedback`` the discarded part is kept (factored) and added to the next round's average.
@@ -158,6 +168,7 @@ class ExactStrategy:
         rank = self.cfg.global_rank
         scale = lora_scale(self.cfg, rank)
         errors: dict[str, float] = {}
+        kept: dict[str, list[lowrank.Pair]] = {}  # what the meter compares with the exact average
         residual: dict[str, lowrank.Pair] = {}
         pairs = lora_pairs(global_state)
         for prefix in ref.layers():
@@ -176,25 +187,24 @@ class ExactStrategy:
             state[ka], state[kb] = a.to(global_state[ka].dtype), b.to(global_state[kb].dtype)
             if svd.rest is not None:
                 residual[prefix] = svd.rest
-            if self.cfg.compute_error:
-                errors[prefix] = (
-                    lowrank.relative_error([(b * scale, a)], ref.terms(prefix))
-                    if self.cfg.error_feedback or not svd.complete
-                    else svd.truncation_error
-                )
+            if meter is not None and (self.cfg.error_feedback or not svd.complete):
+                kept[prefix] = [(b * scale, a)]
+            elif meter is not None:
+                errors[prefix] = svd.truncation_error
         self.residual = residual
+        if kept:
+            assert meter is not None
+            errors.update(meter.errors(kept))
         return RoundResult(state=state, agg_error_layers=errors)
 
-    def _fedex(self, global_state: State, state: State, ref: ReferenceTerms) -> RoundResult:
+    def _fedex(self, global_state: State, state: State, ref: ReferenceTerms, meter: ErrorMeter | None) -> RoundResult:
         """FedEx-LoRA: adapter = (B_bar, A_bar); ``base_update = sum_k p_k s B_k A_k - s B_bar A_bar`` (factored)."""
         update: dict[str, LowRankUpdate] = {}
-        errors: dict[str, float] = {}
+        applied: dict[str, list[lowrank.Pair]] = {}  # adapter + folded residual: what clients end up with
         for prefix, (ka, kb) in lora_pairs(global_state).items():
             b_bar, a_bar = state[kb].float(), state[ka].float()
             s = lora_scale(self.cfg, a_bar.shape[0])
-            terms = ref.terms(prefix)
-            update[prefix] = LowRankUpdate(*lowrank.stack([*terms, (-s * b_bar, a_bar)]))
-            if self.cfg.compute_error:
-                agg = [(s * b_bar, a_bar), (update[prefix].B, update[prefix].A)]
-                errors[prefix] = lowrank.relative_error(agg, terms)
+            update[prefix] = LowRankUpdate(*lowrank.stack([*ref.terms(prefix), (-s * b_bar, a_bar)]))
+            applied[prefix] = [(s * b_bar, a_bar), (update[prefix].B, update[prefix].A)]
+        errors = meter.errors(applied) if meter is not None else {}
         return RoundResult(state=state, base_update=update, agg_error_layers=errors)

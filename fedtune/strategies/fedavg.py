@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedtune.adapters import B_SUFFIX
-from fedtune.strategies import lowrank, robust
+from fedtune.strategies import robust
+from fedtune.strategies.agg_error import ErrorMeter
 from fedtune.strategies.averaging import WeightedMean
 from fedtune.strategies.base import (
-    ReferenceTerms,
     Rng,
     RoundResult,
     factor_pairs,
@@ -71,7 +71,7 @@ class AveragingStrategy:
         keys = self._keys(global_state)
         failures: dict[str, str] = {}
         ok: list[str] = []
-        ref = ReferenceTerms() if self.cfg.compute_error else None
+        meter = ErrorMeter.for_round(self.cfg, round, global_state)
         acc = WeightedMean(global_state, keys)
         kept: list[ClientReply] = []
         for reply in valid_replies(replies, global_state, failures, keys=keys):
@@ -84,16 +84,17 @@ class AveragingStrategy:
             else:
                 acc.add(reply.state, float(reply.num_examples), reply.mask)
             ok.append(reply.client_id)
-            if ref is not None:
-                # ffa: the clients' A is the shared frozen one; read it from the global state.
-                sent = {k: reply.state[k] for k in keys}
-                ref.add(factor_pairs(sent, global_state), float(reply.num_examples), self.cfg)
+            if meter is not None:
+                # ffa: only B is averaged; the meter reads the shared frozen A from the global state.
+                meter.add(reply.state if self.name != "ffa" else {k: reply.state[k] for k in keys},
+                          float(reply.num_examples))
         if len(ok) < self.cfg.min_replies:
             return not_applied(global_state, ok, failures, self.cfg)
         mean = self._robust(kept, keys) if self.needs_all_replies else acc.result()
         result = RoundResult(state={**global_state, **mean})
-        if ref is not None:
-            result.agg_error_layers = self._errors(ref, result.state)
+        if meter is not None:
+            result.agg_error_layers = self._errors(meter, result.state)
+            result.metrics["agg_error_estimated"] = float(meter.estimated)
         if self.name in OPTIMIZERS:
             new_state, self.opt = server_step(self.name, global_state, mean, self.opt, self.cfg)
             result.state = new_state
@@ -113,12 +114,8 @@ class AveragingStrategy:
         m = self.cfg.multikrum_m or max(len(states) - self.cfg.krum_f, 1)
         return robust.krum(states, weights, keys, self.cfg.krum_f, min(m, len(states)))
 
-    def _errors(self, ref: ReferenceTerms, averaged: State) -> dict[str, float]:
+    def _errors(self, meter: ErrorMeter, averaged: State) -> dict[str, float]:
         """Per layer ``||s B_bar A_bar - sum_k p_k s_k B_k A_k|| / ||sum_k p_k s_k B_k A_k||`` (before any server step)."""
-        pairs = factor_pairs(averaged)
-        out: dict[str, float] = {}
-        for prefix in ref.layers():
-            b, a = pairs[prefix]
-            agg = [(b.float() * lora_scale(self.cfg, a.shape[0]), a.float())]
-            out[prefix] = lowrank.relative_error(agg, ref.terms(prefix))
-        return out
+        agg = {prefix: [(b.float() * lora_scale(self.cfg, a.shape[0]), a.float())]
+               for prefix, (b, a) in factor_pairs(averaged).items()}
+        return meter.errors(agg)

@@ -175,15 +175,6 @@ def test_terminal_shows_progress_over_rounds_and_clients(tmp_path: Path) -> None
     assert f"round 2: {3 - last['clients_failed']} replied, {last['clients_failed']} failed" in text
 
 
-@pytest.fixture
-def one_thread():
-    """Workers compute with one thread: so does the reference run, for bitwise-equal results."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("extra", [("strategy.name=fedavg",), ("strategy.name=flora",),
                                    ("sim.keep_optimizer_state=true", "sim.optimizer_state_on=disk")],
                          ids=["fedavg", "flora base updates", "kept optimizer state"])
