@@ -4,8 +4,16 @@
 
 LoRA rank 16 (fp32, random) on every projection of SmolLM2-135M's 30 blocks (q/o 576->576, k/v 576->192,
 gate/up 576->1536, down 1536->576): 4.9 M parameters in 420 tensors, 19.5 MB per client. For K = 8, 64, 256
-clients it runs streaming fedavg, svd (exact and randomized), flora and median, next to a plain memory copy
-of the same bytes. Each cell is a fresh process (same machine, back to back, same torch thread count).
+clients it runs streaming fedavg, fedavg with ``agg_error`` (the default ``auto``: the streamed sketch at these
+K, and the exact Gram form for reference, except at K = 256), svd (exact and randomized), flora and median,
+next to a plain memory copy of the same bytes. Each cell is a fresh process (same machine, back to back, same
+torch thread count). ``--quick``: 2 blocks, K = 256 only for fedavg with and without ``agg_error``, every cell
+in this one process (its peak memory then counts only heap that earlier cells did not leave behind).
+
+The cost of ``agg_error``: the two fedavg + agg_error rows time plain fedavg alternately with themselves in
+the same process (``PAIRED``) and report the ratio of the fastest runs (``x fedavg``), in wall time and in CPU
+time of the process; the latter leaves out the time other processes held the cores, so on a shared machine
+it is the steadier of the two (single-threaded runs only: with more threads it adds up every thread).
 
 How the copy anchor is measured, and why it is a fair one:
 
@@ -32,7 +40,7 @@ Replies are produced lazily, one at a time, so neither generation time nor K liv
 counted: peak memory is what aggregation itself allocates (peak RSS growth over the call, reset through
 /proc/self/clear_refs, after ``malloc_trim`` so that reusing freed heap counts as growth). Strategies that
 need every reply (median) would hold K x 19.5 MB of replies on top in a real server. ``compute_error`` is
-off in the timed runs; the cost of the aggregation error is measured separately on fedavg. Validation of every reply (names, shapes, finiteness) is part of every strategy row.
+off in the other rows. Validation of every reply (names, shapes, finiteness) is part of every strategy row.
 
 Prints a table and writes benchmarks/results/aggregate.json (aggregate_quick.json with --quick).
 """
@@ -150,29 +158,33 @@ def _rss_bytes() -> int:
     return 0
 
 
-def measure(fn: Callable[[], object], device: str = "cpu") -> tuple[float, float]:
-    """(seconds, peak memory growth in MB) of ``fn()``: RSS on CPU (peak reset first), allocator on CUDA."""
+def measure(fn: Callable[[], object], device: str = "cpu") -> tuple[float, float, float]:
+    """(seconds, peak memory growth in MB, CPU seconds of this process) of ``fn()``.
+
+    Peak memory: RSS on CPU (peak reset first), the allocator on CUDA. CPU seconds leave out the time other
+    processes held the cores: on a loaded machine they compare two single-threaded runs more steadily.
+    """
     if device != "cpu":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn()
         torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         del out
-        return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
+        return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20, cpu
     gc.collect()
     _release_free_heap()
     before = _rss_bytes()
     reset_peak_rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = max(peak_rss_bytes() - before, 0) / 2**20
     del out
     gc.collect()
-    return seconds, peak
+    return seconds, peak, cpu
 
 
 def copy_all(pool: Pool, k: int, out: torch.Tensor) -> torch.Tensor:
@@ -193,14 +205,27 @@ def clone_all(pool: Pool, k: int) -> torch.Tensor:
 # label: (strategy name, config overrides); compute_error is off unless stated
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedavg (streaming)": ("fedavg", {}),
-    "fedavg + agg_error": ("fedavg", {"compute_error": True}),
+    "fedavg + agg_error": ("fedavg", {"compute_error": True}),  # auto: the sketch past a stacked rank of 32
+    "fedavg + agg_error exact": ("fedavg", {"compute_error": True, "agg_error_method": "exact"}),
     "svd exact": ("svd", {}),
     "svd randomized": ("svd", {"svd_method": "randomized"}),
     "flora": ("flora", {}),
     "median": ("median", {}),
 }
+PAIRED = {"fedavg + agg_error": "fedavg (streaming)", "fedavg + agg_error exact": "fedavg (streaming)"}
+"""Runs timed alternately with a baseline in the same process, for a ratio that load on a shared machine hits alike."""
 COPIES = ("copy (copy_)", "copy (clone)")
-SKIP = {("fedavg + agg_error", 256)}  # Gram matrices of 16 + 4096 stacked columns per layer: minutes on a small CPU
+SKIP = {("fedavg + agg_error exact", 256)}  # Gram matrices of 16 + 4096 stacked columns per layer: minutes on a small CPU
+QUICK_LABELS = ("fedavg (streaming)", "fedavg + agg_error")  # --quick at K = 256 (seconds)
+
+
+def wanted(label: str, k: int, quick: bool, device: str) -> bool:
+    """Whether a run has a cell at ``k``: SKIP on the CPU; with --quick, few rows at K = 256 and no slow Gram."""
+    if quick:
+        if label == "fedavg + agg_error exact":
+            return k == 8
+        return k < 256 or label in (COPIES[0], *QUICK_LABELS)
+    return device != "cpu" or (label, k) not in SKIP
 
 
 def run_cell(label: str, k: int, layers: int, device: str, repeat: int) -> dict[str, Any]:
@@ -225,61 +250,89 @@ def run_cell(label: str, k: int, layers: int, device: str, repeat: int) -> dict[
         def fn() -> object:
             return clone_all(pool, k)
     else:
-        name, overrides = RUNS[label]
-        cfg = dataclasses.replace(StrategyConfig(r=RANK, lora_alpha=32.0, compute_error=False), **overrides)
-        _, warm = make_adapter({"warm.q_proj": (32, 24)}, gen, device)  # warm-up on a tiny layout only
-        make_strategy(name, cfg).aggregate(0, warm, iter([ClientReply(f"w{i}", 0, warm, 1) for i in range(3)]))
-
-        def fn() -> object:
-            return make_strategy(name, cfg).aggregate(1, global_state, pool.replies(k))
+        fn = strategy_run(label, k, pool, global_state, gen, device)
+    baseline = strategy_run(PAIRED[label], k, pool, global_state, gen, device) if label in PAIRED else None
     times: list[float] = []
+    cpu_times: list[float] = []
     copies: list[float] = []
+    base_times: list[float] = []
+    base_cpu: list[float] = []
     peak = 0.0
     while len(times) < max(repeat, 1) and (not times or sum(times) < REPEAT_BUDGET_S):
         copies.append(measure(anchor, device)[0])
-        seconds, mb = measure(fn, device)
+        if baseline is not None:
+            seconds, _, cpu = measure(baseline, device)
+            base_times.append(seconds)
+            base_cpu.append(cpu)
+        seconds, mb, cpu = measure(fn, device)
         peak = peak if times else mb
         times.append(seconds)
+        cpu_times.append(cpu)
     gbs = k * pool.nbytes / min(times) / 1e9
     copy_gbs = k * pool.nbytes / min(copies) / 1e9
-    return {"run": label, "K": k, "seconds": min(times), "runs": len(times), "gb_per_s": gbs,
-            "copy_gb_per_s": copy_gbs, "pct_copy": 100 * gbs / copy_gbs, "peak_mb": peak,
-            "bytes_per_client": pool.nbytes, "pool": len(pool.flats)}
+    row = {"run": label, "K": k, "seconds": min(times), "runs": len(times), "gb_per_s": gbs,
+           "copy_gb_per_s": copy_gbs, "pct_copy": 100 * gbs / copy_gbs, "peak_mb": peak,
+           "bytes_per_client": pool.nbytes, "pool": len(pool.flats)}
+    if baseline is not None:
+        row.update({"baseline": PAIRED[label], "baseline_seconds": min(base_times),
+                    "x_baseline": min(times) / min(base_times), "cpu_seconds": min(cpu_times),
+                    "baseline_cpu_seconds": min(base_cpu), "x_baseline_cpu": min(cpu_times) / min(base_cpu)})
+    return row
+
+
+def strategy_run(label: str, k: int, pool: Pool, global_state: State, gen: torch.Generator,
+                 device: str) -> Callable[[], object]:
+    """A call aggregating the next K replies of ``pool`` with the strategy of ``label`` (fresh each call)."""
+    name, overrides = RUNS[label]
+    cfg = dataclasses.replace(StrategyConfig(r=RANK, lora_alpha=32.0, compute_error=False), **overrides)
+    _, warm = make_adapter({"warm.q_proj": (32, 24)}, gen, device)  # warm-up on a tiny layout only
+    make_strategy(name, cfg).aggregate(1, warm, iter([ClientReply(f"w{i}", 0, warm, 1) for i in range(40)]))
+
+    def fn() -> object:
+        return make_strategy(name, cfg).aggregate(1, global_state, pool.replies(k))
+    return fn
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 blocks, K = 8 and 64 (seconds)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 blocks; K = 8 and 64, and 256 for fedavg with and without agg_error (seconds)")
     parser.add_argument("--device", default="cpu", help="where the server aggregates: cpu (default) or cuda")
     parser.add_argument("--json", type=Path, default=None, help="where to write the results (default: results/)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these labels (the copies always run)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every cell (0: torch's default)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per cell, fastest kept (fewer past 10 s)")
+    parser.add_argument("--repeat", type=int, default=0,
+                        help="timed runs per cell, fastest kept (fewer past 10 s); 0: 3, or 1 with --quick")
     parser.add_argument("--cell", nargs=3, metavar=("LABEL", "K", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.repeat = args.repeat or (1 if args.quick else 3)
     if args.cell:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         row = run_cell(args.cell[0], int(args.cell[1]), int(args.cell[2]), args.device, args.repeat)
         print(json.dumps({**row, "threads": torch.get_num_threads()}))
         return
-    layers, ks = (2, (8, 64)) if args.quick else (30, (8, 64, 256))
+    layers, ks = (2, (8, 64, 256)) if args.quick else (30, (8, 64, 256))
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     for k in ks:
         for label in (*COPIES, *RUNS):
-            if (label, k) in SKIP and not args.quick and args.device == "cpu":
+            if not wanted(label, k, args.quick, args.device) or (args.only is not None and label not in (*COPIES, *args.only)):
                 continue
-            if args.only is not None and label not in (*COPIES, *args.only):
-                continue
-            # A fresh process per run: peak RSS is then what this run allocates, not memory freed earlier.
-            cmd = [sys.executable, __file__, "--cell", label, str(k), str(layers), "--device", args.device,
-                   "--threads", str(args.threads), "--repeat", str(args.repeat)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if args.quick:  # in this process: seconds, not a torch start-up per cell
+                if args.threads > 0:
+                    torch.set_num_threads(args.threads)
+                row = {**run_cell(label, k, layers, args.device, args.repeat), "threads": torch.get_num_threads()}
+            else:  # a fresh process per run: peak RSS is then what this run allocates, not memory freed earlier
+                cmd = [sys.executable, __file__, "--cell", label, str(k), str(layers), "--device", args.device,
+                       "--threads", str(args.threads), "--repeat", str(args.repeat)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{label:>20}  K={k:<4} {row['seconds']:8.3f} s  {row['gb_per_s']:7.2f} GB/s  "
-                  f"{row['pct_copy']:5.1f}% of copy  peak {row['peak_mb']:8.1f} MB", flush=True)
+            paired = (f"  {row['x_baseline']:.2f}x {row['baseline']} ({row['x_baseline_cpu']:.2f}x in CPU time)"
+                      if "x_baseline" in row else "")
+            print(f"{label:>26}  K={k:<4} {row['seconds']:8.3f} s  {row['gb_per_s']:7.2f} GB/s  "
+                  f"{row['pct_copy']:5.1f}% of copy  peak {row['peak_mb']:8.1f} MB{paired}", flush=True)
     default = "aggregate_quick.json" if args.quick else "aggregate.json"
     if args.device != "cpu":
         default = default.replace(".json", f"_{args.device}.json")
@@ -298,9 +351,14 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     title = (f"aggregation on {meta['device']} ({meta['cpus']} CPUs, {meta['threads']} torch threads, load "
              f"{meta['load_avg_before'][0]:.1f}), {meta['layers']} blocks x 7 LoRA r={RANK}, "
              f"{int(meta['bytes_per_client']) / 1e6:.1f} MB per client, pool of {meta['pool']}")
-    print_table(title, ("run", "K", "seconds", "runs", "GB/s", "copy GB/s", "% of copy", "peak MB"), [
+    columns = ("run", "K", "seconds", "runs", "GB/s", "copy GB/s", "% of copy", "peak MB", "x fedavg", "x fedavg cpu")
+    print_table(title, columns, [
         (r["run"], r["K"], f"{r['seconds']:.3f}", r["runs"], f"{r['gb_per_s']:.2f}", f"{r['copy_gb_per_s']:.2f}",
-         f"{r['pct_copy']:.1f}", f"{r['peak_mb']:.1f}") for r in rows])
+         f"{r['pct_copy']:.1f}", f"{r['peak_mb']:.1f}", f"{r['x_baseline']:.2f}" if "x_baseline" in r else "",
+         f"{r['x_baseline_cpu']:.2f}" if "x_baseline" in r else "")
+        for r in rows])
+    print("x fedavg: the run's time over plain fedavg's, timed alternately in the same process (best of each); "
+          "x fedavg cpu: the same in CPU seconds of the process (what other processes' load does not inflate)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     print(f"wrote {out}")
