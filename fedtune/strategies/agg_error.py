@@ -94,7 +94,7 @@ class _Chunk:
         r = as_[0].shape[0]
         if any(a.shape[0] != r for a in as_):  # layers of different ranks: one layer at a time
             for i, (b, a) in enumerate(zip(bs, as_, strict=True)):
-                self.y2[i].addmm_(self.omega_t @ _float(a).T, self._slots(_float(b)).T, alpha=alpha(a.shape[0]))
+                self.y2[i].add_(self._product(b, a), alpha=alpha(a.shape[0]))
             return
         self.pending.append(self._sides(bs, as_, alpha(r)))
         if len(self.pending) == BATCH:
@@ -121,8 +121,12 @@ class _Chunk:
             return out.baddbmm_(za.view(-1, n, r).transpose(0, 1), zb.view(-1, n, r).permute(1, 2, 0))
         for i, ts in enumerate(terms):
             for b, a in ts:
-                out[i].addmm_(self.omega_t @ _float(a).T, self._slots(_float(b)).T)
+                out[i].add_(self._product(b, a))
         return out
+
+    def _product(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``(Omega^T a^T)(T2 b)^T`` (m x 2b) of one factored term ``b @ a``, never formed."""
+        return (self.omega_t @ _float(a).T) @ self._slots(_float(b)).T
 
     def flush(self) -> None:
         """Add the pending replies' products to ``y2``: per layer, (m x sum r) @ (sum r x 2b)."""
