@@ -123,8 +123,7 @@ class ExactStrategy:
                 failures[reply.client_id] = f"{self.name} aggregates whole factors; masked LoRA factors are not supported"
                 continue
             ok.append(reply.client_id)
-            pairs = factor_pairs(reply.state)
-            ref.add(pairs, float(reply.num_examples), self.cfg)
+            ref.add(factor_pairs(reply.state), float(reply.num_examples), self.cfg)
             if fed_meter is not None:
                 fed_meter.add(reply.state, float(reply.num_examples))
             if mean_keys:
