@@ -14,6 +14,7 @@ from fedtune.strategies import StrategyConfig, lora_scale, lowrank, make_strateg
 from fedtune.strategies.agg_error import EXACT_MAX_RANK, ErrorMeter, Sketch
 from fedtune.types import ClientReply, State
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # hundreds of tiny products: no OpenMP team to wait for
 LAYERS = {"m.l0.q_proj": (24, 20), "m.l1.q_proj": (24, 20), "m.l0.down_proj": (12, 36)}  # prefix: (d_out, d_in)
 SKETCH = StrategyConfig(r=4, lora_alpha=8.0, agg_error_method="sketch")
 
@@ -72,7 +73,7 @@ def test_one_by_one_layers_are_sketched_exactly() -> None:
         assert res.metrics["agg_error_estimated"] == 1.0
 
 
-def test_squared_norms_are_unbiased_within_the_stated_variance(one_thread: None) -> None:
+def test_squared_norms_are_unbiased_within_the_stated_variance() -> None:
     """Over 200 rounds (seeds): mean within 4 standard errors of the exact norm, variance within the bound
     (plus 3 standard errors of the sample variance). Rank one is the bound's worst case (rho = 1); its factors
     are positive, so all rows and all columns are alike and only the random signs keep the estimate unbiased.
@@ -96,7 +97,7 @@ def test_squared_norms_are_unbiased_within_the_stated_variance(one_thread: None)
             assert var <= bound(rho(x), cfg.agg_error_probes) + 3 * se, (p, var, rho(x))
 
 
-def test_fedavg_error_estimate_tracks_the_exact_value(gen: torch.Generator, one_thread: None) -> None:
+def test_fedavg_error_estimate_tracks_the_exact_value(gen: torch.Generator) -> None:
     """Clients near a common adapter (a real but small error). Per layer, over 60 rounds, the estimates spread
     within the bound for the worse of the two norms, and centre on the exact value within the second-order bias
     of a square root of a ratio, (3/8 v_R + 1/8 v_D + 1/4 sqrt(v_D v_R)) <= 3/4 of that bound, + 3 standard errors."""
