@@ -42,6 +42,7 @@ product. ``benchmarks/aggregate.py`` times fedavg with and without it side by si
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -80,6 +81,8 @@ class _Chunk:
         self.prefixes = [prefix for prefix, _, _ in layers]
         self.a_keys = [ka for _, ka, _ in layers]
         self.b_keys = [kb for _, _, kb in layers]
+        # (the factors of a reply, as tuples, in one C call each)
+        self.get_a, self.get_b = _getter(self.a_keys), _getter(self.b_keys)
         self.b = b
         # Omega^T (m x d_in) of random signs, drawn on the CPU so that every device gets the same ones.
         self.omega_t = (torch.randint(0, 2, (m, d_in), generator=gen) * 2 - 1).float().to(device)
@@ -171,10 +174,12 @@ class Sketch:
 
         def alpha(rank: int) -> float:
             return weight * lora_scale(cfg, rank)
-        get = state.get
         for chunk in self.chunks:
-            as_ = [a if (a := get(k)) is not None else fallback[k] for k in chunk.a_keys]
-            chunk.add([state[k] for k in chunk.b_keys], as_, alpha)
+            try:
+                as_ = chunk.get_a(state)
+            except KeyError:
+                as_ = tuple(state[k] if k in state else fallback[k] for k in chunk.a_keys)
+            chunk.add(list(chunk.get_b(state)), list(as_), alpha)
         self.total += weight
 
     def squared_norms(self, agg: Mapping[str, Sequence[Pair]]) -> dict[str, tuple[float, float]]:
@@ -256,6 +261,12 @@ class ErrorMeter:
                 ref.append((state[kb].float() * (weight * lora_scale(self.cfg, a.shape[0]) / total), a.float()))
             out[prefix] = lowrank.relative_error(terms, ref)
         return out
+
+
+def _getter(keys: list[str]) -> Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, ...]]:
+    """``state -> tuple(state[k] for k in keys)``, as one ``itemgetter`` call (a tuple even for one key)."""
+    get = operator.itemgetter(*keys)
+    return (lambda state: (get(state),)) if len(keys) == 1 else get
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
