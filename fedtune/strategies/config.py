@@ -2,28 +2,17 @@
 
 The dataclass is frozen and plain (numbers, strings, a list); ``validate`` reports every problem at once,
 each naming the key ``strategy.<field>`` and what it accepts, so the config system can print them together.
+Rules that depend on the strategy read its declarations in ``specs.REGISTRY``, never its name. Imports no
+torch: reading a config stays cheap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-STRATEGY_NAMES: tuple[str, ...] = (
-    "fedavg",
-    "ffa",
-    "flora",
-    "svd",
-    "fedex",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multikrum",
-)
+from fedtune.strategies.specs import REGISTRY
+
+STRATEGY_NAMES: tuple[str, ...] = tuple(REGISTRY)
 ROBUST_NAMES: tuple[str, ...] = ("none", "median", "trimmed_mean", "krum", "multikrum")
 
 
@@ -90,7 +79,8 @@ class StrategyConfig:
             p.append(f"strategy.name: unknown {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
         if self.robust not in ROBUST_NAMES:
             p.append(f"strategy.robust: unknown {self.robust!r}; valid: {', '.join(ROBUST_NAMES)}")
-        if self.robust != "none" and self.name in ("ffa", "flora", "svd", "fedex"):
+        spec = REGISTRY.get(self.name)
+        if self.robust != "none" and spec is not None and not spec.robust:
             p.append(f"strategy.robust: only the averaging strategies accept it, not {self.name!r}; use 'none'")
         if not 0.0 < self.fraction <= 1.0:
             p.append(f"strategy.fraction: {self.fraction} must be in (0, 1]")
@@ -129,25 +119,23 @@ class StrategyConfig:
         if self.client_ranks is not None:
             if not self.client_ranks or any(int(k) < 1 for k in self.client_ranks):
                 p.append(f"strategy.client_ranks: {list(self.client_ranks)} must be a non-empty list of ranks >= 1")
-            elif self.name not in ("flora", "svd"):
-                p.append(f"strategy.client_ranks: heterogeneous ranks need name 'flora' or 'svd', not {self.name!r}")
-            elif self.name == "svd" and max(self.client_ranks) > self.global_rank:
-                p.append(
-                    f"strategy.client_ranks: {max(self.client_ranks)} exceeds the global rank {self.global_rank}"
-                    " (raise strategy.svd_rank)"
-                )
-            elif self.name == "flora" and max(self.client_ranks) > self.r:
-                p.append(f"strategy.client_ranks: {max(self.client_ranks)} exceeds strategy.r = {self.r}")
-        if self.error_feedback and self.name != "svd":
-            p.append(f"strategy.error_feedback: only 'svd' truncates, not {self.name!r}; set false")
-        if self.quantized_base and self.name == "fedex":
-            p.append(
-                "strategy.quantized_base: fedex folds residuals into the base weights, which a quantized base "
-                "cannot hold; use name 'flora' or 'svd', or a non-quantized base"
-            )
+            elif spec is None or not spec.client_ranks:
+                names = ", ".join(repr(n) for n, x in REGISTRY.items() if x.client_ranks)
+                p.append(f"strategy.client_ranks: heterogeneous ranks need name {names}, not {self.name!r}")
+            elif max(self.client_ranks) > self.global_rank:
+                raise_with = " (raise strategy.svd_rank)" if spec is not None and spec.truncates else ""
+                p.append(f"strategy.client_ranks: {max(self.client_ranks)} exceeds the global rank "
+                         f"{self.global_rank}{raise_with}")
+        if self.error_feedback and (spec is None or not spec.truncates):
+            p.append(f"strategy.error_feedback: only a truncating strategy (svd) keeps a remainder, not "
+                     f"{self.name!r}; set false")
+        if self.quantized_base and spec is not None and not spec.quantized_base:
+            p.append(f"strategy.quantized_base: {self.name} folds its updates into the base weights, which a "
+                     "quantized base cannot hold; use name 'flora' or 'svd', or a non-quantized base")
         return p
 
     @property
     def global_rank(self) -> int:
-        """Rank of the global adapter: ``svd_rank`` for ``svd`` when set, else ``r``."""
-        return self.svd_rank if (self.name == "svd" and self.svd_rank > 0) else self.r
+        """Rank of the global adapter: ``svd_rank`` for a truncating strategy (svd) when set, else ``r``."""
+        spec = REGISTRY.get(self.name)
+        return self.svd_rank if (spec is not None and spec.truncates and self.svd_rank > 0) else self.r
