@@ -56,10 +56,11 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
 
 
 def _pickles_fedtune_objects(path: Path) -> bool:
-    """Whether the checkpoint's pickle names fedtune classes (the format before plain state), read as bytes."""
+    """Whether the checkpoint's pickle names fedtune strategy classes (the format before plain state), read as
+    bytes, not unpickled."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(b"fedtune." in z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+            return any(b"fedtune.strategies" in z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
     except (zipfile.BadZipFile, OSError):
         return False
 

@@ -71,7 +71,7 @@ class FlowerPool:
         self.cfg_items = config_overrides(cfg)
         self.store = store
         self.base_updates = base_updates if base_updates is not None else []
-        self.run = uuid.uuid4().hex
+        self.run_id = uuid.uuid4().hex
         self._synced = 0  # base updates every actor that worked last round holds
         self.backend = backend_config(cfg, num_cpus)
         # Actors compute with this process's thread count (capped by their CPUs): same math as inproc.
@@ -84,7 +84,7 @@ class FlowerPool:
         """Send every item at once; yield reply i as soon as it (and all before it) came back."""
         store = self.store
         work = [(cid, ins, self.index[cid], store.get(cid) if store is not None else {}) for cid, ins in items]
-        job = Job(rnd, work, self.cfg_items, self.threads, run=self.run, base=list(self.base_updates),
+        job = Job(rnd, work, self.cfg_items, self.threads, run=self.run_id, base=list(self.base_updates),
                   base_from=min(self._synced, len(self.base_updates)))
         self._synced = len(self.base_updates)
         self._sim.jobs.put(job)

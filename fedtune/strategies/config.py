@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fedtune.strategies.specs import REGISTRY
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(REGISTRY)
+"""The built-in strategies (``specs.REGISTRY`` is the live list: a strategy registered later counts too)."""
 ROBUST_NAMES: tuple[str, ...] = ("none", "median", "trimmed_mean", "krum", "multikrum")
 
 
@@ -21,7 +22,7 @@ class StrategyConfig:
     """How the server chooses clients and combines their adapters (``[strategy]`` in the run config)."""
 
     name: str = "fedavg"
-    """Aggregation strategy; one of ``STRATEGY_NAMES``."""
+    """Aggregation strategy; a name of ``specs.REGISTRY``."""
     fraction: float = 1.0
     """Fraction of the available clients sampled each round (used when ``clients_per_round`` is 0)."""
     clients_per_round: int = 0
@@ -75,8 +76,8 @@ class StrategyConfig:
     def validate(self) -> list[str]:
         """Every problem with this config, each naming the key ``strategy.<field>``; empty when valid."""
         p: list[str] = []
-        if self.name not in STRATEGY_NAMES:
-            p.append(f"strategy.name: unknown {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
+        if self.name not in REGISTRY:
+            p.append(f"strategy.name: unknown {self.name!r}; valid: {', '.join(REGISTRY)}")
         if self.robust not in ROBUST_NAMES:
             p.append(f"strategy.robust: unknown {self.robust!r}; valid: {', '.join(ROBUST_NAMES)}")
         spec = REGISTRY.get(self.name)
