@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, cast, get_args, get_origin
 
 import tomli_w
 
@@ -179,7 +179,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: got {value!r}, allowed values: {', '.join(map(str, allowed))}")
         return value
     if origin is tuple:
-        items = _coerce(value, list[get_args(tp)[0]], key, problems)  # type: ignore[valid-type]
+        items = _coerce(value, types.GenericAlias(list, (get_args(tp)[0],)), key, problems)
         return tuple(items) if isinstance(items, list) else items
     if origin is list:
         (item_tp,) = get_args(tp)
@@ -321,7 +321,8 @@ def _adapter_for_strategy(cfg: Config, tree: dict[str, Any]) -> Config:
         return cfg
     log.warning("strategy.name=%s: adapter.method set to %s (it needs that method; adapter.method was left at its "
                 "default %s)", cfg.strategy.name, spec.adapter_method, cfg.adapter.method)
-    return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, method=spec.adapter_method))
+    method = cast(AdapterMethod, spec.adapter_method)
+    return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, method=method))
 
 
 def _strategy_problems(cfg: Config, spec: StrategySpec | None) -> list[str]:
@@ -464,6 +465,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, prefix + f.name + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        factory = f.default_factory
+        default = f.default if f.default is not dataclasses.MISSING else factory() if callable(factory) else None
         rows.append((prefix + f.name, _type_name(tp), repr(default), f.metadata.get("help", docs.get(f.name, ""))))
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedtune.adapters import get_state, set_state
+from fedtune.config import Config
 from fedtune.eval import evaluate
 from fedtune.models import LoadedModel, apply_base_update
 from fedtune.models.base_update import apply_round_result
@@ -22,7 +23,7 @@ class GlobalModel:
     """``lm`` as the federation's global model; ``frozen_in_state``: the global state includes the adapter's
     frozen tensors (a strategy's ``spec.frozen_in_state``, ffa's shared A)."""
 
-    def __init__(self, cfg: Any, lm: LoadedModel, eval_examples: list[dict[str, Any]], *,
+    def __init__(self, cfg: Config, lm: LoadedModel, eval_examples: list[dict[str, Any]], *,
                  frozen_in_state: bool = False) -> None:
         self.cfg, self.lm, self.eval_examples = cfg, lm, eval_examples
         self.frozen_in_state = frozen_in_state

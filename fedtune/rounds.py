@@ -28,8 +28,8 @@ from typing import Any, Protocol
 from rich.console import Console
 
 from fedtune.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
-from fedtune.client.fit import client_seed
-from fedtune.config import Config, load_config, to_dict
+from fedtune.client.fit import client_seed, with_training
+from fedtune.config import Config, TrainConfig, load_config, to_dict
 from fedtune.dispatch import Dispatcher, in_order, sampling_rng
 from fedtune.report import RunProgress, round_line, write_plot
 from fedtune.runs import RunDir
@@ -56,8 +56,8 @@ class RoundPlan:
 
     rounds: int
     seed: int
-    train: dict[str, Any]
-    """The run's training instructions (``train_instructions(cfg.train)``); the strategy's go on top."""
+    train: TrainConfig
+    """The run's ``[train]``: every client's training instructions, with the strategy's on top."""
     eval_every: int = 1
     train_overrides: dict[str, Any] = field(default_factory=dict)
     """Training instructions on top of the strategy's too (the centralized baseline's step count)."""
@@ -122,10 +122,9 @@ def _complete(instructions: dict[str, Instructions], plan: RoundPlan, rnd: int,
               dispatcher: Dispatcher) -> dict[str, Instructions]:
     """The strategy's instructions with the run's training instructions under its own and each client's seed."""
     out = {}
-    for cid, ins in instructions.items():
-        train = {**plan.train, **ins.train, **plan.train_overrides}
+    for cid, ins in with_training(instructions, plan.train).items():
         seed = client_seed(plan.seed, rnd, dispatcher.client_index(cid))
-        out[cid] = dataclasses.replace(ins, train=train, extra={**ins.extra, "seed": seed})
+        out[cid] = dataclasses.replace(ins, train={**ins.train, **plan.train_overrides}, extra={**ins.extra, "seed": seed})
     return out
 
 
@@ -138,6 +137,41 @@ def _counted(replies: Iterable[ClientReply], per_client: dict[str, dict[str, int
         seen["bytes_up"] += reply.bytes_up
         bars.client_done(reply.client_id, reply.error)
         yield reply
+
+
+@dataclass
+class _Played:
+    """One round's exchanges: the result, every phase's failures, each client's bytes, how many were sampled."""
+
+    result: RoundResult
+    failures: dict[str, str]
+    per_client: dict[str, dict[str, int]]
+    sampled: int
+
+
+def _play(rnd: int, ids: list[str], global_state: State, plan: RoundPlan, strategy: Strategy,
+          dispatcher: Dispatcher, bars: RunProgress) -> _Played:
+    """The strategy's phases of round ``rnd``: configure -> dispatch -> aggregate each, in order, each phase
+    handed the previous one's result; the round ends with the first ``RoundResult``."""
+    rng = sampling_rng(plan.seed, rnd)
+    played = _Played(RoundResult(state=global_state), {}, {}, 0)
+    outcome: RoundResult | PhaseResult | None = None
+    for phase in strategy.phases(rnd):
+        previous = outcome if isinstance(outcome, PhaseResult) else None
+        instructions = strategy.configure(rnd, ids, global_state, rng, phase=phase, previous=previous)
+        instructions = _complete(instructions, plan, rnd, dispatcher)
+        played.sampled = played.sampled or len(instructions)
+        bars.start_round(rnd, len(instructions))
+        replies: Iterable[ClientReply] = dispatcher.dispatch(rnd, phase, instructions)
+        if strategy.needs_all_replies:
+            replies = in_order(replies, list(instructions))
+        outcome = strategy.aggregate(rnd, global_state, _counted(replies, played.per_client, bars), phase=phase)
+        played.failures.update(outcome.failures)
+        if isinstance(outcome, RoundResult):
+            played.result = outcome
+            return played
+    raise TypeError(f"strategy {strategy.name!r} ended round {rnd} without a RoundResult "
+                    f"(its last phase returned {type(outcome).__name__})")
 
 
 def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, dispatcher: Dispatcher,
@@ -171,40 +205,19 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
     with RunProgress(console, plan.rounds, start - 1) as bars:
         for rnd in range(start, plan.rounds + 1):
             t0 = time.perf_counter()
-            ids = dispatcher.available(rnd)
-            rng = sampling_rng(plan.seed, rnd)
-            per_client: dict[str, dict[str, int]] = {}
-            failures: dict[str, str] = {}
-            sampled = 0
-            outcome: RoundResult | PhaseResult | None = None
-            for phase in strategy.phases(rnd):
-                previous = outcome if isinstance(outcome, PhaseResult) else None
-                instructions = strategy.configure(rnd, ids, global_state, rng, phase=phase, previous=previous)
-                instructions = _complete(instructions, plan, rnd, dispatcher)
-                sampled = sampled or len(instructions)
-                bars.start_round(rnd, len(instructions))
-                replies: Iterable[ClientReply] = dispatcher.dispatch(rnd, phase, instructions)
-                if strategy.needs_all_replies:
-                    replies = in_order(replies, list(instructions))
-                outcome = strategy.aggregate(rnd, global_state, _counted(replies, per_client, bars), phase=phase)
-                failures.update(outcome.failures)
-                if isinstance(outcome, RoundResult):
-                    break
-            if not isinstance(outcome, RoundResult):
-                raise TypeError(f"strategy {strategy.name!r} ended round {rnd} without a RoundResult "
-                                   f"(its last phase returned {type(outcome).__name__})")
-            result = outcome
+            played = _play(rnd, dispatcher.available(rnd), global_state, plan, strategy, dispatcher, bars)
+            result = played.result
             global_state = model.apply(global_state, result)
             record: dict[str, Any] = {"round": rnd}
             if rnd % plan.eval_every == 0 or rnd == plan.rounds:
                 record.update(model.evaluate())
             record.update({
                 "agg_error": result.metrics.get("agg_error"), "applied": result.applied,
-                "bytes_up": sum(c["bytes_up"] for c in per_client.values()),
-                "bytes_down": sum(c["bytes_down"] for c in per_client.values()),
-                "full_model_bytes": 2 * full_bytes * sampled,
-                "clients_ok": len(result.clients_ok), "clients_failed": len(failures),
-                **dispatcher.metrics(), "failures": failures, "clients": per_client,
+                "bytes_up": sum(c["bytes_up"] for c in played.per_client.values()),
+                "bytes_down": sum(c["bytes_down"] for c in played.per_client.values()),
+                "full_model_bytes": 2 * full_bytes * played.sampled,
+                "clients_ok": len(result.clients_ok), "clients_failed": len(played.failures),
+                **dispatcher.metrics(), "failures": played.failures, "clients": played.per_client,
                 "seconds": time.perf_counter() - t0,
             })
             record.update({k: v for k, v in result.metrics.items() if k not in record})
@@ -214,7 +227,7 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
                 round=rnd, state=global_state, strategy=strategy.state_dict(), base_updates=model.base_updates,
                 before=before, samples_before=samples_before or [], clients=dispatcher.state_dict()))
             console.print(round_line(record, plan.rounds), highlight=False)
-            for cid, why in failures.items():
+            for cid, why in played.failures.items():
                 console.print(f"  {cid}: {why}", highlight=False, markup=False)
             bars.end_round(record.get("eval_loss"))
     model.save(run, global_state)

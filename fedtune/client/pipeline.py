@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from fedtune.config import Config
     from fedtune.types import ClientReply, Instructions, State
 
 
@@ -61,7 +62,7 @@ def pipeline_problems(names: list[str]) -> list[str]:
     return problems
 
 
-def make_pipeline(cfg: Any) -> list[tuple[str, Transform]]:
+def make_pipeline(cfg: Config) -> list[tuple[str, Transform]]:
     """The transforms of ``cfg.client.pipeline``, in order, with their names (the keys of their state)."""
     return [(name, TRANSFORMS[name](cfg)) for name in cfg.client.pipeline]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.config import Config
 from fedtune.data.sources import Record
 
 Parts = list[list[int]]
@@ -236,7 +237,7 @@ def render_partition_table(
     return table
 
 
-def partition_clients(cfg: Any, records: list[Record]) -> Parts:
+def partition_clients(cfg: Config, records: list[Record]) -> Parts:
     """The simulated federation's split of ``records`` among ``cfg.sim.num_clients`` clients, per ``cfg.sim``.
 
     The simulator, the Flower actors and the tests that build a real federation from a simulated one all

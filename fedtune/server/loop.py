@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedtune.config import Config, fingerprint, train_instructions
+from fedtune.config import Config, fingerprint
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
@@ -84,7 +84,7 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round))
-    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=train_instructions(cfg.train), eval_every=fed.eval_every)
+    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every)
     coord, server = open_transport(cfg, security)
     allowlist = security.get("allowlist_file")
     mode = "TLS" if "cert_file" in security else "plaintext"

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from fedtune.adapters import set_state
 from fedtune.client.fit import client_seed, fit
-from fedtune.config import Config, train_instructions
+from fedtune.config import Config
 from fedtune.data.partition import partition_clients, render_partition_table
 from fedtune.eval import generate_answers
 from fedtune.global_model import GlobalModel
@@ -79,7 +79,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round))
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed,
-                     train=train_instructions(cfg.train), eval_every=cfg.sim.eval_every,
+                     train=cfg.train, eval_every=cfg.sim.eval_every,
                      # one client with all the data takes every federated client's steps
                      train_overrides={"max_steps": cfg.train.max_steps * clients_per_round(cfg), "epochs": None}
                      if mode == "centralized" else {})

@@ -18,6 +18,7 @@ from fedtune.strategies.config import ROBUST_NAMES, STRATEGY_NAMES, StrategyConf
 from fedtune.strategies.specs import REGISTRY, StrategySpec, spec_of
 
 if TYPE_CHECKING:
+    from fedtune.config import Config
     from fedtune.strategies.base import PhaseResult, RoundResult, Strategy, lora_scale
     from fedtune.strategies.lowrank import dense_delta
 
@@ -68,14 +69,14 @@ def make_strategy(name: str, cfg: StrategyConfig | None = None) -> Strategy:
     return strategy
 
 
-def strategy_config(cfg: Any, quantized: bool, clients_per_round: float) -> StrategyConfig:
+def strategy_config(cfg: Config, quantized: bool, clients_per_round: float) -> StrategyConfig:
     """The ``[strategy]`` section of run config ``cfg`` completed with what the rest of it already says.
 
     ``clients_per_round`` is the run's sampling (``sim.clients_per_round`` or
     ``federation.clients_per_round``): 0 for all, a fraction below 1, or a count. ``quantized``: the
     coordinator's base model is quantized.
     """
-    s: StrategyConfig = cfg.strategy
+    s = cfg.strategy
     return dataclasses.replace(
         s, lora_alpha=cfg.adapter.alpha, r=cfg.adapter.r, use_rslora=cfg.adapter.method == "rslora",
         quantized_base=quantized,

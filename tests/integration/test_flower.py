@@ -25,6 +25,8 @@ from fedtune.flower.records import (
 from fedtune.runs import RunDir
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
+pytestmark = pytest.mark.integration  # trains simulated federations
+
 SCENARIO = Path(__file__).parents[2] / "simulations" / "tiny.toml"
 QUIET = Console(file=open("/dev/null", "w"), width=200)  # noqa: SIM115
 

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from fedtune.config import load_config
 from fedtune.simulation.engine import run_simulation
 
+pytestmark = pytest.mark.integration  # trains simulated federations
+
 SCENARIO = Path(__file__).parents[2] / "simulations" / "tiny.toml"
 QUIET = Console(file=open("/dev/null", "w"), width=200)  # noqa: SIM115
 

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from fedtune.checkpoint import load_checkpoint
 from fedtune.client.fit import client_seed
+from fedtune.config import TrainConfig
 from fedtune.rounds import RoundPlan, run_rounds
 from fedtune.runs import RunDir
 from fedtune.strategies import StrategyConfig, make_strategy
@@ -53,7 +54,7 @@ def drive(tmp: Path, name: str, dispatcher: FakeDispatcher, rounds: int = 3, res
     run = RunDir(tmp)
     model = FakeModel(start())
     strategy = make_strategy(name, StrategyConfig(r=2, lora_alpha=2.0, **cfg))  # type: ignore[arg-type]
-    plan = RoundPlan(rounds=rounds, seed=7, train={"lr": 0.5})
+    plan = RoundPlan(rounds=rounds, seed=7, train=TrainConfig(lr=0.5))
     run_rounds(plan, run, model, strategy, dispatcher, QUIET, resume=load_checkpoint(tmp) if resume else None)
     return model, run
 
@@ -125,5 +126,5 @@ class _NeverEnds(StrategyBase):
 def test_a_round_must_end_with_a_round_result(tmp_path: Path) -> None:
     strategy = _NeverEnds(StrategyConfig())
     with pytest.raises(TypeError, match="without a RoundResult"):
-        run_rounds(RoundPlan(rounds=1, seed=0, train={}), RunDir(tmp_path), FakeModel(start()), strategy,
+        run_rounds(RoundPlan(rounds=1, seed=0, train=TrainConfig()), RunDir(tmp_path), FakeModel(start()), strategy,
                    FakeDispatcher({}), QUIET)

@@ -16,6 +16,8 @@ from fedtune.strategies.exact import BaseUpdateLog
 from fedtune.transport import FederationClient
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
+pytestmark = pytest.mark.integration  # sockets on loopback
+
 STATE = {"l.lora_A.weight": torch.zeros(1, 8), "l.lora_B.weight": torch.zeros(8, 1)}
 
 

@@ -100,3 +100,17 @@ def test_a_stateful_strategy_forgets_without_its_state(name: str) -> None:
 def test_a_state_for_another_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="keeps no state"):
         make_strategy("fedavg").load_state_dict({"m": {}})
+
+
+def test_strategies_declare_what_the_loops_need() -> None:
+    """Linear (secure-aggregation compatible), holds every reply, keeps a base-update log: declared, not named."""
+    declared = {name: (s.linear, s.needs_all_replies, s.base_log is not None, tuple(s.phases(1)))
+                for name in STRATEGY_NAMES for s in [make_strategy(name)]}
+    assert declared["fedavg"] == declared["ffa"] == declared["fedprox"] == (True, False, False, ("train",))
+    assert declared["fedadam"] == (True, False, False, ("train",))
+    assert declared["median"] == declared["krum"] == (False, True, False, ("train",))
+    assert declared["flora"] == declared["fedex"] == (False, False, True, ("train",))
+    assert declared["svd"] == (False, False, False, ("train",))
+    robust_mean = make_strategy("fedavg", StrategyConfig(robust="trimmed_mean"))
+    assert not robust_mean.linear and robust_mean.needs_all_replies
+    assert REGISTRY["ffa"].frozen_in_state and not REGISTRY["fedavg"].frozen_in_state
