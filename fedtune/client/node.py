@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from fedtune.client.phases import ClientContext, run_phase
 from fedtune.config import Config, fingerprint
@@ -178,7 +179,7 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                     note = f"refused: {e.reason}"
                 done.append(ins.round)
                 loss = reply.metrics.get("train_loss")
-                console.print(f"node {c.name}: round {ins.round} "
+                console.print(f"node {c.name}: round {ins.round} {escape(ins.phase[:64])} "
                               f"{'failed: ' + reply.error if reply.error else f'train_loss={loss:.4f}' if loss else ''} "
                               f"-> {note}", highlight=False)
             except (AuthenticationError, PermissionDeniedError, ConfigMismatch) as e:
