@@ -41,7 +41,7 @@ class SurveyThenTrain(FedAvg):
             chosen = select_clients(client_ids, self.cfg, rng)
             return {c: Instructions(round=round, client_id=c, state={}, phase="survey") for c in chosen}
         assert previous is not None and previous.phase == "survey", previous
-        state = {k: global_state[k] for k in self._keys(global_state)}
+        state = {k: global_state[k] for k in self.sent_keys(global_state)}
         ins = make_instructions(round, previous.clients_ok, {c: state for c in previous.clients_ok}, self.cfg)
         return {c: dataclasses.replace(i, extra={"survey_total": previous.data["total"]}) for c, i in ins.items()}
 

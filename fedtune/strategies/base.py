@@ -106,6 +106,10 @@ class Strategy(Protocol):
         """The exchanges of ``round``, in order; the last one's ``aggregate`` returns the ``RoundResult``."""
         ...
 
+    def sent_keys(self, global_state: State) -> list[str]:
+        """The tensors of the global state that clients are sent and send back (ffa: only B)."""
+        ...
+
     def configure(
         self, round: int, client_ids: list[str], global_state: State, rng: Rng, *, phase: str = "train",
         previous: PhaseResult | None = None,
@@ -151,6 +155,9 @@ class StrategyBase:
 
     def phases(self, round: int) -> Sequence[str]:
         return self.default_phases
+
+    def sent_keys(self, global_state: State) -> list[str]:
+        return list(global_state)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

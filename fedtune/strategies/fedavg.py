@@ -45,10 +45,6 @@ class FedAvg(StrategyBase):
         super().__init__(cfg)
         self.needs_all_replies = cfg.robust != "none"
 
-    def _keys(self, global_state: State) -> list[str]:
-        """The tensors clients are sent and send back."""
-        return list(global_state)
-
     def _train(self) -> dict[str, object]:
         """Training instructions this strategy adds on top of the run's ``train.*``."""
         return {}
@@ -60,14 +56,14 @@ class FedAvg(StrategyBase):
                   previous: PhaseResult | None = None) -> dict[str, Instructions]:
         """Sample clients; each gets the global state (ffa: only B, A is rebuilt from the shared seed)."""
         chosen = select_clients(client_ids, self.cfg, rng)
-        keys = self._keys(global_state)
+        keys = self.sent_keys(global_state)
         state = {k: global_state[k] for k in keys}
         return make_instructions(round, chosen, {c: state for c in chosen}, self.cfg, train=self._train())
 
     def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply], *,
                   phase: str = "train") -> RoundResult:
         """Average the valid replies; below ``min_replies`` the global state is returned unchanged."""
-        keys = self._keys(global_state)
+        keys = self.sent_keys(global_state)
         failures: dict[str, str] = {}
         ok: list[str] = []
         ref = ReferenceTerms() if self.cfg.compute_error else None
@@ -133,7 +129,7 @@ class FFA(FedAvg):
     computed against it.
     """
 
-    def _keys(self, global_state: State) -> list[str]:
+    def sent_keys(self, global_state: State) -> list[str]:
         return [k for k in global_state if k.endswith(B_SUFFIX)]
 
 

@@ -114,3 +114,6 @@ def test_strategies_declare_what_the_loops_need() -> None:
     robust_mean = make_strategy("fedavg", StrategyConfig(robust="trimmed_mean"))
     assert not robust_mean.linear and robust_mean.needs_all_replies
     assert REGISTRY["ffa"].frozen_in_state and not REGISTRY["fedavg"].frozen_in_state
+    state = lora_state(torch.Generator().manual_seed(0))
+    assert make_strategy("ffa").sent_keys(state) == [k for k in state if ".lora_B." in k]
+    assert make_strategy("svd").sent_keys(state) == make_strategy("fedavg").sent_keys(state) == list(state)
