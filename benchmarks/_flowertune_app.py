@@ -44,9 +44,9 @@ def partition(overrides: list[str], pid: int) -> tuple[Any, list[dict[str, Any]]
         from transformers import AutoTokenizer
 
         from fedtune.config import load_config
+        from fedtune.data.partition import partition_clients
         from fedtune.models.registry import resolve
         from fedtune.pipeline import encode, load_dataset
-        from fedtune.simulation.engine import partition_clients
 
         cfg = load_config(None, overrides)
         tok = AutoTokenizer.from_pretrained(resolve(cfg.model.name, None).path)

@@ -32,10 +32,10 @@ def main() -> None:
     from fedtune.adapters import get_state
     from fedtune.client.fit import client_seed, fit
     from fedtune.config import load_config
+    from fedtune.data.partition import partition_clients
     from fedtune.models import load_model
     from fedtune.pipeline import encode, load_dataset
-    from fedtune.simulation.engine import partition_clients, strategy_config
-    from fedtune.strategies import make_strategy
+    from fedtune.strategies import make_strategy, strategy_config
 
     model = "tiny-llama" if args.quick else "smollm2-135m"
     cfg = load_config(Path(__file__).parents[1] / "simulations" / "quickstart.toml",
@@ -73,7 +73,7 @@ def main() -> None:
     for variant, reps in replies.items():
         names = ["fedavg", "svd", "flora", "fedex"] + (["ffa"] if variant == "frozen A" else [])
         for name in names:
-            scfg = dataclasses.replace(strategy_config(cfg, quantized=False), name=name)
+            scfg = dataclasses.replace(strategy_config(cfg, False, cfg.sim.clients_per_round), name=name)
             strategy = make_strategy(name, scfg)
             state = full
             if name == "ffa":

@@ -42,7 +42,7 @@ def lora_pairs(state: State | dict[str, object]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def _adapter_name(model: PeftModel) -> str:
+def _adapter_name(model: torch.nn.Module) -> str:
     return getattr(model, "active_adapter", "default") or "default"
 
 
@@ -69,7 +69,7 @@ def _strip(param_name: str, adapter: str) -> str:
     return name.replace(f".{adapter}.", ".").replace(f".{adapter}", "")
 
 
-def param_by_key(model: PeftModel, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+def param_by_key(model: torch.nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
     """The model's live adapter parameters (and buffers unless ``trainable_only``) keyed as in ``get_state``."""
     name = _adapter_name(model)
     out: dict[str, torch.Tensor] = {}

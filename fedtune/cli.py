@@ -8,46 +8,15 @@ defaults without a file. Errors are one clear line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
+from fedtune.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, parse, run_command
+from fedtune.cli_common import config_from_args as _config
+from fedtune.cli_common import quiet_libraries as _quiet_libraries
 
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-def _config(args: argparse.Namespace) -> Any:
-    from fedtune.config import load_config
-
-    path = args.config
-    overrides = list(args.overrides)
-    # `fedtune train key=value` without a file: the first positional is an override, not a path.
-    if path is not None and "=" in path and not Path(path).exists():
-        overrides.insert(0, path)
-        path = None
-    return load_config(path, overrides)
+__all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_FAILED", "_quiet_libraries", "build_parser", "main"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -231,35 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    # Overrides may follow flags (`export RUN DEST --merge model.name=x`): argparse leaves them unknown.
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = [*args.overrides, *extra]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _quiet_libraries()
-    from fedtune.config import ConfigError
-
-    try:
-        return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"fedtune {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"fedtune {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
-        if os.environ.get("FEDTUNE_DEBUG"):
-            raise
-        print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:
-        if os.environ.get("FEDTUNE_DEBUG"):
-            raise
-        print(f"fedtune {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    return run_command(COMMANDS, parse(build_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The federation subcommands: ``fedtune server``, ``client``, ``status`` and ``keys``.
 
 ``fedtune.cli`` registers them with ``register(subparsers, COMMANDS)``; each command is a plain function
-``(args) -> exit code``. Exit codes: 0 done, 1 the federation failed (too few clients, server gone for
+``(args) -> exit code``. This module does not import ``fedtune.cli`` (what both need is ``cli_common``). Exit codes: 0 done, 1 the federation failed (too few clients, server gone for
 good), 2 bad input, 3 this node was refused by the server (unknown key, revoked, config mismatch).
 """
 
@@ -19,10 +19,9 @@ EXIT_REFUSED = 3
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Any:
-    from fedtune.cli import _config as load
+    from fedtune.cli_common import config_from_args
 
-    ns = argparse.Namespace(config=args.config, overrides=[*args.overrides, *extra])
-    return load(ns)
+    return config_from_args(argparse.Namespace(config=args.config, overrides=[*args.overrides, *extra]))
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -168,24 +167,13 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedtune.cli_federation COMMAND ...``: these four commands with ``fedtune``'s error handling."""
-    from fedtune import cli
+    from fedtune.cli_common import parse, run_command
 
     parser = argparse.ArgumentParser(prog="fedtune", description="fedtune federation commands")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, Callable[[argparse.Namespace], int]] = {}
     register(sub, commands)
-    saved = dict(cli.COMMANDS)
-    cli.COMMANDS.update(commands)
-    try:
-        real_build = cli.build_parser
-        cli.build_parser = lambda: parser  # type: ignore[assignment]
-        try:
-            return cli.main(argv)
-        finally:
-            cli.build_parser = real_build  # type: ignore[assignment]
-    finally:
-        cli.COMMANDS.clear()
-        cli.COMMANDS.update(saved)
+    return run_command(commands, parse(parser, argv))
 
 
 if __name__ == "__main__":

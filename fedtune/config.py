@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, cast, get_args, get_origin
 
 import tomli_w
 
+from fedtune.client.pipeline import pipeline_problems
 from fedtune.sections import (
     ClientConfig,
     FederationConfig,
@@ -27,6 +29,9 @@ from fedtune.sections import (
     SimConfig,
 )
 from fedtune.strategies.config import StrategyConfig
+from fedtune.strategies.specs import REGISTRY, StrategySpec
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -174,7 +179,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: got {value!r}, allowed values: {', '.join(map(str, allowed))}")
         return value
     if origin is tuple:
-        items = _coerce(value, list[get_args(tp)[0]], key, problems)  # type: ignore[valid-type]
+        items = _coerce(value, types.GenericAlias(list, (get_args(tp)[0],)), key, problems)
         return tuple(items) if isinstance(items, list) else items
     if origin is list:
         (item_tp,) = get_args(tp)
@@ -300,10 +305,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, text = item.split("=", 1)
         _set_dotted(tree, key.strip(), _parse_value(text.strip()))
     cfg = _build(Config, tree, "", problems)
+    cfg = _adapter_for_strategy(cfg, tree)
     problems.extend(validate(cfg))
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _adapter_for_strategy(cfg: Config, tree: dict[str, Any]) -> Config:
+    """The adapter method the strategy needs (ffa: lora_fa) when the config leaves ``adapter.method`` unset."""
+    spec = REGISTRY.get(cfg.strategy.name)
+    adapter = tree.get("adapter")
+    chosen = isinstance(adapter, dict) and "method" in adapter
+    if spec is None or spec.adapter_method is None or chosen or cfg.adapter.method == spec.adapter_method:
+        return cfg
+    log.warning("strategy.name=%s: adapter.method set to %s (it needs that method; adapter.method was left at its "
+                "default %s)", cfg.strategy.name, spec.adapter_method, cfg.adapter.method)
+    method = cast(AdapterMethod, spec.adapter_method)
+    return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, method=method))
+
+
+def _strategy_problems(cfg: Config, spec: StrategySpec | None) -> list[str]:
+    """What the chosen strategy's declarations rule out in the other sections."""
+    if spec is None:
+        return []  # cfg.strategy.validate names the unknown strategy
+    p, name, method = [], cfg.strategy.name, cfg.adapter.method
+    if spec.adapter_method is not None and method != spec.adapter_method:
+        p.append(f"adapter.method: strategy.name={name} needs adapter.method={spec.adapter_method}, not {method!r}")
+    if spec.lora_only and method not in ("lora", "rslora", "lora_fa"):
+        p.append(f"adapter.method: strategy.name={name} works on LoRA factors (lora, rslora, lora_fa), not {method!r}")
+    return p
 
 
 def validate(cfg: Config) -> list[str]:
@@ -343,13 +374,9 @@ def validate(cfg: Config) -> list[str]:
         p.append("adapter.target_modules: vera needs modules of one shape family; name them (e.g. [\"q_proj\", \"v_proj\"])")
     if cfg.eval.batch_size <= 0:
         p.append(f"eval.batch_size: got {cfg.eval.batch_size}, must be a positive integer")
-    if cfg.strategy.name == "ffa" and a.method != "lora_fa":
-        p.append(f"adapter.method: strategy.name=ffa needs adapter.method=lora_fa (A frozen and shared), "
-                 f"not {a.method!r}")
-    if cfg.strategy.name in ("fedex", "flora") and a.method not in ("lora", "rslora", "lora_fa"):
-        p.append(f"adapter.method: strategy.name={cfg.strategy.name} works on LoRA factors (lora, rslora), "
-                 f"not {a.method!r}")
+    p.extend(_strategy_problems(cfg, REGISTRY.get(cfg.strategy.name)))
     p.extend(cfg.strategy.validate())
+    p.extend(pipeline_problems(list(cfg.client.pipeline)))
     p.extend(cfg.sim.validate())
     p.extend(cfg.federation.validate())
     return p
@@ -402,8 +429,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def fingerprint(cfg: Config) -> str:
-    """What must agree between a server and its clients (model, quantization, adapter), as canonical JSON."""
-    return json.dumps({"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter)},
+    """What must agree between a server and its clients (model, quantization, adapter, and how updates are
+    transformed and encoded: ``client.pipeline``, ``client.encoding``), as canonical JSON."""
+    return json.dumps({"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
+                       "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}},
                       sort_keys=True)
 
 
@@ -436,6 +465,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, prefix + f.name + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        factory = f.default_factory
+        default = f.default if f.default is not dataclasses.MISSING else factory() if callable(factory) else None
         rows.append((prefix + f.name, _type_name(tp), repr(default), f.metadata.get("help", docs.get(f.name, ""))))
     return rows

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 def _causal_lm(model: torch.nn.Module) -> Any:
     """The ``*ForCausalLM`` module under a peft wrapper, or None when the model is not a plain decoder LM."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner: Any = getattr(model, "get_base_model", lambda: model)()
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) is not None:
         return None

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedtune.config import Config
 from fedtune.data.chatterbot import load_chatterbot, load_chatterbot_classification
 from fedtune.data.classification import load_classification_jsonl
 from fedtune.data.sources import load_jsonl, split_train_eval
@@ -27,7 +28,7 @@ class Dataset:
     label_names: list[str] = field(default_factory=list)
 
 
-def load_records(cfg: Any) -> tuple[list[Record], list[str]]:
+def load_records(cfg: Config) -> tuple[list[Record], list[str]]:
     """All records per ``cfg.data`` (JSONL file or built-in corpus) and, for classification, label names.
 
     Raises:
@@ -57,7 +58,7 @@ def load_records(cfg: Any) -> tuple[list[Record], list[str]]:
     return records, names
 
 
-def load_dataset(cfg: Any) -> Dataset:
+def load_dataset(cfg: Config) -> Dataset:
     """Records split into train and eval (seeded; stratified by category when records have one)."""
     records, names = load_records(cfg)
     stratify = "category" if any(r.get("category") for r in records) else None
@@ -65,7 +66,7 @@ def load_dataset(cfg: Any) -> Dataset:
     return Dataset(train_records=train, eval_records=ev, label_names=names)
 
 
-def encode(records: list[Record], tokenizer: Any, cfg: Any, *, for_training: bool = True) -> list[dict[str, Any]]:
+def encode(records: list[Record], tokenizer: Any, cfg: Config, *, for_training: bool = True) -> list[dict[str, Any]]:
     """Tokenize records for ``cfg.model.task`` (loss on answers only; optional packing for training)."""
     if cfg.model.task == "seq_cls":
         return encode_classification(records, tokenizer, cfg.train.seq_len)

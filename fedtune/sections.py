@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+WireEncoding = Literal["dense", "fp32", "bf16", "fp16", "int8", "sparse_coo", "sparse_bitmap", "fixed_u32"]
+"""The encodings of ``fedtune.transport.encodings`` (a test checks the two lists agree)."""
+
 
 def opt(default: Any, help: str) -> Any:
     if isinstance(default, list | dict):
@@ -46,7 +49,8 @@ class SimConfig:
     corrupt_scale: float = opt(100.0, "factor of a scaled corrupted update")
     keep_optimizer_state: bool = opt(False, "each client keeps its own optimizer state across rounds")
     optimizer_state_on: Literal["cpu", "disk"] = opt(
-        "cpu", "where kept optimizer states live: cpu memory, or disk (run folder, for many clients)")
+        "cpu", "where per-client state (kept optimizer states, update-pipeline state) lives: cpu memory, or disk "
+        "(run folder, for many clients)")
     ray_address: str | None = opt(None, "Ray cluster address for backend=flower (unset: a local Ray)")
 
     def validate(self) -> list[str]:
@@ -86,6 +90,8 @@ class FederationConfig:
                              "when it registers)")
     silence_s: float = opt(10.0, "a node not heard from for this many seconds is no longer live: it is left out of "
                            "the open round and of sampling (must exceed federation.heartbeat_s)")
+    eval_every: int = opt(1, "evaluate the global adapter every this many rounds (and after the last), as "
+                             "sim.eval_every does in simulation")
 
     def validate(self) -> list[str]:
         p = []
@@ -100,6 +106,8 @@ class FederationConfig:
         for key in ("heartbeat_s", "silence_s"):
             if getattr(self, key) <= 0:
                 p.append(f"federation.{key}: got {getattr(self, key)}, must be > 0")
+        if self.eval_every < 1:
+            p.append(f"federation.eval_every: got {self.eval_every}, must be >= 1")
         if 0 < self.silence_s <= self.heartbeat_s:
             p.append(f"federation.silence_s: got {self.silence_s}, must exceed federation.heartbeat_s "
                      f"({self.heartbeat_s}), or every node looks silent between two heartbeats")
@@ -126,3 +134,10 @@ class ClientConfig:
     bulk_min_mb: float | None = opt(1.0, "updates of at least this size go over the server's bulk lane when it "
                                          "offers one (gRPC otherwise, or when the lane cannot be reached); "
                                          "null: always gRPC")
+    encoding: WireEncoding = opt("dense", "wire encoding of updates and of the server's instructions: dense "
+                                 "(lossless), fp32 / bf16 / fp16, int8 (blocks with a scale each), sparse_coo, "
+                                 "sparse_bitmap, fixed_u32; the simulator encodes and decodes the same way. "
+                                 "Server and nodes must agree")
+    pipeline: list[str] = opt([], "update transforms applied after local training, in order, before the wire "
+                                  "encoding (fedtune.client.pipeline); each keeps its own state per client. "
+                                  "Server and nodes must agree")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters import param_by_key
+from fedtune.config import TrainConfig
 from fedtune.data.tokenize import collate
 from fedtune.loss import answer_loss
 from fedtune.types import State
@@ -87,7 +88,7 @@ def autocast_for(device: torch.device, dtype: torch.dtype, enabled: bool) -> Any
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def total_steps(tcfg: Any, num_examples: int) -> int:
+def total_steps(tcfg: TrainConfig, num_examples: int) -> int:
     """``train.max_steps``, or the steps that ``train.epochs`` epochs take."""
     if tcfg.epochs is not None:
         per_epoch = max(1, num_examples // (tcfg.batch_size * tcfg.grad_accum))
@@ -98,7 +99,7 @@ def total_steps(tcfg: Any, num_examples: int) -> int:
 def train_local(
     model: torch.nn.Module,
     examples: Sequence[Example],
-    tcfg: Any,
+    tcfg: TrainConfig,
     *,
     device: torch.device,
     compute_dtype: torch.dtype,
@@ -131,7 +132,7 @@ def train_local(
         for group in optimizer.param_groups:
             group["lr"] = peak_lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.schedule, tcfg.warmup_steps, steps))
-    refs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    refs: list[tuple[torch.Tensor, torch.Tensor]] = []
     if mu > 0 and ref_state is not None:
         by_key = param_by_key(model)
         refs = [(by_key[k], v.to(device=by_key[k].device, dtype=torch.float32)) for k, v in ref_state.items()
@@ -166,7 +167,7 @@ def train_local(
         value = float(step_loss)  # the one device sync of a step
         losses.append(value)
         if on_step is not None and (step + 1) % tcfg.log_every == 0:
-            on_step({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]})
+            on_step({"step": step + 1, "loss": value, "lr": float(scheduler.get_last_lr()[0])})
         if progress is not None:
             progress(step + 1, steps, value)
     seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ Protobuf never appears here: the transport converts these to and from the wire.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,16 @@ class LowRankUpdate:
 
     B: torch.Tensor  # d_out x k
     A: torch.Tensor  # k x d_in
+
+
+def updates_to_plain(updates: Mapping[str, LowRankUpdate]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: LowRankUpdate}`` as plain ``{layer: {"B": ..., "A": ...}}`` (checkpoints, state dicts)."""
+    return {layer: {"B": u.B, "A": u.A} for layer, u in updates.items()}
+
+
+def updates_from_plain(plain: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, LowRankUpdate]:
+    """The inverse of ``updates_to_plain``."""
+    return {layer: LowRankUpdate(B=u["B"], A=u["A"]) for layer, u in plain.items()}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from fedtune.adapters import AdapterStateError, get_state, set_state
-from fedtune.config import ConfigError, instructed_train, train_instructions
+from fedtune.config import Config, ConfigError, TrainConfig, instructed_train, train_instructions
 from fedtune.models import LoadedModel
 from fedtune.models.loader import activate_rank
 from fedtune.train import train_local
@@ -25,7 +25,7 @@ def client_seed(seed: int, round: int, index: int) -> int:
     return (seed * 1_000_003 + round * 10_007 + index) % 2**31
 
 
-def with_training(instructions: dict[str, Instructions], tcfg: Any) -> dict[str, Instructions]:
+def with_training(instructions: dict[str, Instructions], tcfg: TrainConfig) -> dict[str, Instructions]:
     """Each client's instructions with the coordinator's ``train.*`` (``tcfg``) under the strategy's overrides."""
     base = train_instructions(tcfg)
     return {cid: dataclasses.replace(ins, train={**base, **ins.train}) for cid, ins in instructions.items()}
@@ -34,7 +34,7 @@ def with_training(instructions: dict[str, Instructions], tcfg: Any) -> dict[str,
 def fit(
     lm: LoadedModel,
     examples: list[dict[str, Any]],
-    cfg: Any,
+    cfg: Config,
     ins: Instructions,
     *,
     seed: int,

@@ -1,31 +1,40 @@
 """``fedtune client``: a site's node loop, written out top to bottom.
 
-setup (model and data loaded once) -> connect (signed challenge over TLS) -> loop: wait for instructions,
-fold pending base updates into the frozen base, ``fit``, stream the update back -> exit 0 when the server
-says the federation is done. Every registration reports how many base updates (flora, fedex) the model
+setup (model and data loaded once, the node's state folder read) -> connect (signed challenge over TLS) ->
+loop: wait for instructions, fold pending base updates into the frozen base, answer with the handler of the
+instructions' phase (``phases.run_phase``: ``train`` is ``fit`` then the update pipeline), save the node's
+state, stream the reply back (encoded with ``client.encoding``) -> exit 0 when the server says the
+federation is done. Every registration reports how many base updates (flora, fedex) the model
 holds, so a restarted node (none) is sent all of them; instructions say which base they build on
 (``base_from`` -> ``base_to``), and a node whose base differs registers again to have them rebuilt. When the server goes away the node reconnects with backoff (capped at
 ``client.max_backoff_s``) and carries on when it returns; a refusal (unknown key, revoked, config mismatch)
 ends the node with a clear message instead.
 
-Only adapter tensors and scalar metrics (loss, steps, seconds) leave the site: the data never does.
+Only adapter tensors and scalar metrics (loss, steps, seconds) leave the site: the data never does. What the
+phase handlers keep between rounds (the update pipeline's state, e.g. error-feedback residuals) is written
+atomically to ``<out>/client_state.pt`` (plain tensors, read with ``weights_only=True``), so it survives a
+restart of the node.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from rich.console import Console
+from rich.markup import escape
 
-from fedtune.client.fit import client_seed, fit
+from fedtune.client.phases import ClientContext, run_phase
 from fedtune.config import Config, fingerprint
 from fedtune.models import apply_base_update, load_model
 from fedtune.pipeline import encode, load_dataset
+from fedtune.runs import atomic_write_bytes
 from fedtune.transport import (
     AuthenticationError,
     Backoff,
@@ -38,6 +47,7 @@ from fedtune.transport import (
 from fedtune.types import ClientReply
 
 log = logging.getLogger(__name__)
+STATE_FILE = "client_state.pt"
 
 
 class NodeRefused(RuntimeError):
@@ -71,6 +81,21 @@ def connection_args(cfg: Config) -> dict[str, object]:
     return args
 
 
+def load_node_state(path: Path) -> dict[str, Any]:
+    """The node's saved per-client state (empty when there is none yet)."""
+    return dict(torch.load(path, weights_only=True)) if path.is_file() else {}
+
+
+def save_node_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the node's per-client state atomically (nothing while there is none)."""
+    if not state and not path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def run_client(cfg: Config, console: Console) -> NodeResult:
     """Take part in the federation at ``client.server`` until it is done; see the module docstring.
 
@@ -82,6 +107,8 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
     data = load_dataset(cfg)
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     examples = encode(data.train_records, lm.tokenizer, cfg)
+    state_path = Path(cfg.out) / STATE_FILE
+    ctx = ClientContext(cfg, lm, examples, load_node_state(state_path))
     console.print(f"node {c.name}: {len(examples)} training examples, model {cfg.model.name}; "
                   f"joining {c.server}", highlight=False)
     backoff = Backoff(initial_s=0.5, max_s=c.max_backoff_s, max_attempts=4)
@@ -91,7 +118,7 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
 
     def connect() -> FederationClient:
         new = FederationClient(c.server, c.name, fingerprint=fingerprint(cfg), backoff=backoff,
-                               heartbeat_s=cfg.federation.heartbeat_s, base_updates=held,
+                               heartbeat_s=cfg.federation.heartbeat_s, base_updates=held, encoding=c.encoding,
                                bulk=c.bulk_min_mb is not None, bulk_min_bytes=int((c.bulk_min_mb or 0) * 2**20),
                                **security)  # type: ignore[arg-type]
         try:
@@ -123,14 +150,14 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                     if held == base_from and ins.base_update:  # held == base_to: folded in already (sent again)
                         apply_base_update(lm.model, ins.base_update, lm.quantized)
                     held = fc.base_updates = base_to
-                    seed = int(ins.extra.get("seed", client_seed(cfg.seed, ins.round, zlib.crc32(c.name.encode()))))
                     overridden = {k: v for k, v in ins.train.items() if getattr(cfg.train, k, v) != v}
                     if overridden and overridden != told:
                         console.print(f"node {c.name}: round {ins.round} trains per the server's instructions: "
                                       + ", ".join(f"train.{k}={v} (this site's config: {getattr(cfg.train, k)})"
                                                   for k, v in overridden.items()), highlight=False)
                     told = overridden
-                    reply, _ = fit(lm, examples, cfg, ins, seed=seed)
+                    reply = run_phase(ctx, ins)
+                    save_node_state(state_path, ctx.state)
                 elif resynced != ins.round:  # e.g. the node missed a round's instructions
                     console.print(f"node {c.name}: holds {held} base update(s), round {ins.round} builds on "
                                   f"{base_from}; asking the server for the missing ones", highlight=False)
@@ -141,13 +168,18 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                     reply = ClientReply(c.name, ins.round, None, 0, error=f"base model out of sync: holds {held} "
                                         f"base update(s), the server's instructions build on {base_from}")
                 try:
-                    ack = fc.submit(reply, phase=ins.phase)
+                    try:
+                        ack = fc.submit(reply, phase=ins.phase)
+                    except ValueError as e:  # client.encoding cannot carry this update: say so instead
+                        reply = ClientReply(c.name, ins.round, None, 0, error=f"cannot encode the update as "
+                                            f"{c.encoding}: {e}")
+                        ack = fc.submit(reply, phase=ins.phase)
                     note = ack.message
                 except MessageRejected as e:  # e.g. past the deadline: the server left it out
                     note = f"refused: {e.reason}"
                 done.append(ins.round)
                 loss = reply.metrics.get("train_loss")
-                console.print(f"node {c.name}: round {ins.round} "
+                console.print(f"node {c.name}: round {ins.round} {escape(ins.phase[:64])} "
                               f"{'failed: ' + reply.error if reply.error else f'train_loss={loss:.4f}' if loss else ''} "
                               f"-> {note}", highlight=False)
             except (AuthenticationError, PermissionDeniedError, ConfigMismatch) as e:

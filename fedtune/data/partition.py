@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.config import Config
 from fedtune.data.sources import Record
 
 Parts = list[list[int]]
@@ -234,3 +235,26 @@ def render_partition_table(
     sums = [sum(col) for col in zip(*counts)]
     table.add_row("total", *(str(v) for v in sums), str(sum(sums)), style="bold")
     return table
+
+
+def partition_clients(cfg: Config, records: list[Record]) -> Parts:
+    """The simulated federation's split of ``records`` among ``cfg.sim.num_clients`` clients, per ``cfg.sim``.
+
+    The simulator, the Flower actors and the tests that build a real federation from a simulated one all
+    split with this, so a client index means the same records everywhere.
+
+    Raises:
+        ValueError: a partitioner that needs categories on records that have none.
+    """
+    sim = cfg.sim
+    name = {"category": "by_category", "dirichlet": "dirichlet", "iid": "iid", "size_skew": "size_skew"}[sim.partitioner]
+    opts: dict[str, Any] = {}
+    if name == "by_category":
+        opts["categories_per_client"] = sim.categories_per_client
+    elif name == "dirichlet":
+        opts["alpha"] = sim.dirichlet_alpha
+    elif name == "size_skew":
+        opts["sigma"] = sim.size_skew
+    if name in ("by_category", "dirichlet") and not any(r.get("category") for r in records):
+        raise ValueError(f"sim.partitioner={sim.partitioner} needs a category per record (data.category_field)")
+    return make_partition(name, records, sim.num_clients, cfg.seed, **opts)

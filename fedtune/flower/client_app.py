@@ -6,7 +6,8 @@ virtual clients share a handful of models and a Ray cluster needs nothing but th
 
 A virtual client lands on any actor, so what the engine's one model accumulates must reach each actor's
 copy: the base-weight updates of ``flora`` / ``fedex`` are folded in by ``sync_base`` before training, and a
-client's optimizer state travels in the message and back (``sim.keep_optimizer_state``).
+client's state (kept optimizer state, update-pipeline state) travels in the message and back. The work
+itself is ``run_phase``: any phase a handler is registered for, as on a gRPC node.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtune.client.fit import client_seed, fit
+from fedtune.client.phases import ClientContext, run_phase
 from fedtune.config import Config, to_dict
-from fedtune.flower.records import Task, config_from_overrides, content_to_task, reply_to_content
+from fedtune.data.partition import partition_clients
+from fedtune.flower.records import Task, config_from_overrides, content_to_task, reply_to_content, split_state
 from fedtune.models import LoadedModel, apply_base_update, load_model
 from fedtune.pipeline import Dataset, encode, load_dataset
 from fedtune.types import failed_reply
@@ -67,8 +69,6 @@ def _load(cfg: Config, num_labels: int | None) -> LoadedModel:
 
 def site_for(items: list[str]) -> tuple[_Site, _Model]:
     """The cached data and model of the config given as overrides (loaded on first use in this process)."""
-    from fedtune.simulation.engine import partition_clients
-
     key = hashlib.sha256("\n".join(items).encode()).hexdigest()
     site = _SITES.get(key)
     if site is None:
@@ -119,7 +119,8 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run ``fit`` for the virtual client named in the message; a failure comes back as a failed reply."""
+    """Answer the message's instructions for the virtual client it names (``run_phase``: ``fit`` and the
+    update pipeline for ``train``); a failure comes back as a failed reply."""
     task = content_to_task(msg.content)
     ins = task.ins
     if task.threads > 0 and torch.get_num_threads() != task.threads:
@@ -129,8 +130,8 @@ def train(msg: Message, context: Context) -> Message:
         reason = (f"this actor's model has {cached.applied} base updates, the message starts at {task.base_from}; "
                   "resend with the whole log")
         return Message(reply_to_content(failed_reply(ins.client_id, ins.round, reason), lacks_base=True), reply_to=msg)
-    keep = site.cfg.sim.keep_optimizer_state
-    reply, optimizer_state = fit(cached.lm, client_examples(site, cached.lm, task.index), site.cfg, ins,
-                                 seed=client_seed(site.cfg.seed, ins.round, task.index),
-                                 optimizer_state=task.optimizer_state if keep else None, keep_optimizer_state=keep)
-    return Message(reply_to_content(reply, optimizer_state), reply_to=msg)
+    ctx = ClientContext(site.cfg, cached.lm, client_examples(site, cached.lm, task.index), task.state(),
+                        keep_optimizer_state=site.cfg.sim.keep_optimizer_state)
+    reply = run_phase(ctx, ins)
+    optimizer_state, client_state = split_state(ctx.state)
+    return Message(reply_to_content(reply, optimizer_state, client_state=client_state), reply_to=msg)

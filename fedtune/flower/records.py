@@ -1,8 +1,9 @@
 """fedtune messages as Flower records: tensors in ArrayRecords, the rest in a ConfigRecord.
 
-A task carries the adapter state, the base-weight updates the actor may lack (``flora``, ``fedex``) and the
-client's optimizer state (``torch.save`` bytes, loaded with ``weights_only=True``); a reply carries the new
-adapter state and optimizer state.
+A task carries the instructions (any phase), the base-weight updates the actor may lack (``flora``, ``fedex``)
+and the client's state: its optimizer state and the rest of its per-client state (update pipeline, phase
+data), each as ``torch.save`` bytes loaded with ``weights_only=True``; a reply carries the reply and the
+client's new state.
 
 The config travels as dotted ``key=value`` overrides (JSON values), so an actor on any Ray node rebuilds the
 exact ``Config`` with ``load_config`` (``None`` values included, which TOML cannot hold).
@@ -66,7 +67,8 @@ class Task:
 
     ``base_updates`` are the run's base-weight updates ``base_from``, ``base_from + 1``, ... (``flora``,
     ``fedex``); ``run`` names the federation they belong to (see ``fedtune.flower.client_app.sync_base``).
-    ``optimizer_state`` is the client's own state from the last round it trained (``sim.keep_optimizer_state``).
+    ``optimizer_state`` is the client's own state from the last round it trained (``sim.keep_optimizer_state``);
+    ``client_state`` the rest of its per-client state (``fedtune.client.phases.ClientContext.state``).
     """
 
     ins: Instructions
@@ -77,6 +79,20 @@ class Task:
     base_from: int = 0
     base_updates: list[dict[str, LowRankUpdate]] = field(default_factory=list)
     optimizer_state: dict[str, Any] | None = None
+    client_state: dict[str, Any] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The client's whole state as its phase handlers see it."""
+        out = dict(self.client_state or {})
+        if self.optimizer_state is not None:
+            out["optimizer"] = self.optimizer_state
+        return out
+
+
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """A client's state as (optimizer state, the rest), the two parts tasks and replies carry."""
+    rest = {k: v for k, v in state.items() if k != "optimizer"}
+    return state.get("optimizer"), rest or None
 
 
 def task_to_content(task: Task) -> RecordDict:
@@ -91,9 +107,11 @@ def task_to_content(task: Task) -> RecordDict:
     base_arrays, base_dtypes = state_to_record(base)
     meta = ConfigRecord({
         "round": ins.round, "client_id": ins.client_id, "index": task.index, "rank": -1 if ins.rank is None else ins.rank,
-        "train": json.dumps(ins.train or {}), "phase": ins.phase, "dtypes": dtypes, "config": task.cfg_items,
+        "train": json.dumps(ins.train or {}), "extra": json.dumps(ins.extra), "phase": ins.phase, "dtypes": dtypes,
+        "config": task.cfg_items,
         "threads": task.threads, "run": task.run, "base_from": task.base_from, "base_count": len(task.base_updates),
         "base_dtypes": base_dtypes, "optimizer_state": optimizer_state_to_bytes(task.optimizer_state),
+        "client_state": optimizer_state_to_bytes(task.client_state),
     })
     return RecordDict({"state": arrays, "base": base_arrays, "meta": meta})
 
@@ -103,7 +121,8 @@ def content_to_task(content: RecordDict) -> Task:
     rank = int(meta["rank"])
     ins = Instructions(round=int(meta["round"]), client_id=str(meta["client_id"]),
                        state=record_to_state(content.array_records["state"], list(meta["dtypes"])),
-                       train=json.loads(str(meta["train"])), rank=None if rank < 0 else rank, phase=str(meta["phase"]))
+                       train=json.loads(str(meta["train"])), rank=None if rank < 0 else rank, phase=str(meta["phase"]),
+                       extra=json.loads(str(meta["extra"])))
     base_updates: list[dict[str, LowRankUpdate]] = [{} for _ in range(int(meta["base_count"]))]
     base = record_to_state(content.array_records["base"], list(meta["base_dtypes"]))
     for key in base:
@@ -113,11 +132,12 @@ def content_to_task(content: RecordDict) -> Task:
             base_updates[int(i)][prefix] = LowRankUpdate(B=base[key], A=base[f"{i}/{prefix}/A"])
     return Task(ins, int(meta["index"]), list(meta["config"]), int(meta["threads"]), run=str(meta["run"]),
                 base_from=int(meta["base_from"]), base_updates=base_updates,
-                optimizer_state=bytes_to_optimizer_state(meta["optimizer_state"]))
+                optimizer_state=bytes_to_optimizer_state(meta["optimizer_state"]),
+                client_state=bytes_to_optimizer_state(meta["client_state"]))
 
 
 def optimizer_state_to_bytes(state: dict[str, Any] | None) -> bytes:
-    """``torch.save`` of an optimizer ``state_dict`` (empty bytes for none)."""
+    """``torch.save`` of an optimizer ``state_dict`` or other plain state (empty bytes for none)."""
     if state is None:
         return b""
     buf = io.BytesIO()
@@ -133,12 +153,14 @@ def bytes_to_optimizer_state(data: Any) -> dict[str, Any] | None:
 
 
 def reply_to_content(reply: ClientReply, optimizer_state: dict[str, Any] | None = None,
-                     lacks_base: bool = False) -> RecordDict:
-    """``reply`` (and the client's new optimizer state) as a message; ``lacks_base``: the actor's model misses
-    base updates older than the message carried, so the relay should resend the task with the whole log."""
+                     lacks_base: bool = False, client_state: dict[str, Any] | None = None) -> RecordDict:
+    """``reply`` (and the client's new optimizer state and other state) as a message; ``lacks_base``: the
+    actor's model misses base updates older than the message carried, so the relay should resend the task
+    with the whole log."""
     meta: dict[str, Any] = {"client_id": reply.client_id, "round": reply.round, "num_examples": reply.num_examples,
                             "rank": -1 if reply.rank is None else reply.rank, "error": reply.error or "",
-                            "optimizer_state": optimizer_state_to_bytes(optimizer_state), "lacks_base": lacks_base}
+                            "optimizer_state": optimizer_state_to_bytes(optimizer_state), "lacks_base": lacks_base,
+                            "client_state": optimizer_state_to_bytes(client_state)}
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in reply.metrics.items()})})
     if reply.state is not None:
         arrays, dtypes = state_to_record(reply.state)
@@ -162,6 +184,16 @@ def content_to_reply(content: RecordDict) -> ClientReply:
 def reply_optimizer_state(content: RecordDict) -> dict[str, Any] | None:
     """The client's optimizer state after training, when it keeps one (``sim.keep_optimizer_state``)."""
     return bytes_to_optimizer_state(content.config_records["meta"]["optimizer_state"])
+
+
+def reply_client_state(content: RecordDict) -> dict[str, Any]:
+    """The client's whole state after the phase (optimizer state included), as its handlers left it."""
+    meta = content.config_records["meta"]
+    state = dict(bytes_to_optimizer_state(meta["client_state"]) or {})
+    optimizer = bytes_to_optimizer_state(meta["optimizer_state"])
+    if optimizer is not None:
+        state["optimizer"] = optimizer
+    return state
 
 
 def reply_lacks_base(content: RecordDict) -> bool:

@@ -21,8 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.flower.records import (
     Task,
     content_to_reply,
+    reply_client_state,
     reply_lacks_base,
-    reply_optimizer_state,
+    split_state,
     task_to_content,
 )
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, failed_reply
@@ -33,29 +34,30 @@ class Job:
     """One round's work: ``items`` in, ``replies[i]`` out (for ``items[i]``) as each comes back.
 
     ``base`` is the run's whole base-update log; messages carry ``base[base_from:]`` unless an actor asks
-    for more. ``optimizer_states[i]`` is client i's new optimizer state, when clients keep theirs.
+    for more. ``states[i]`` is client i's state after its work (None when the actor failed).
     """
 
     rnd: int
-    items: list[tuple[str, Instructions, int, dict[str, Any] | None]]  # (client id, instructions, index, opt. state)
+    items: list[tuple[str, Instructions, int, dict[str, Any]]]  # (client id, instructions, index, client state)
     cfg_items: list[str]
     threads: int
     run: str = ""
     base: list[dict[str, LowRankUpdate]] = field(default_factory=list)
     base_from: int = 0
     replies: dict[int, ClientReply] = field(default_factory=dict)
-    optimizer_states: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+    states: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def task(self, i: int, base_from: int) -> Task:
-        _, ins, index, optimizer_state = self.items[i]
+        _, ins, index, state = self.items[i]
+        optimizer_state, client_state = split_state(state)
         return Task(ins, index, self.cfg_items, self.threads, run=self.run, base_from=base_from,
-                    base_updates=self.base[base_from:], optimizer_state=optimizer_state)
+                    base_updates=self.base[base_from:], optimizer_state=optimizer_state, client_state=client_state)
 
-    def put(self, i: int, reply: ClientReply, optimizer_state: dict[str, Any] | None = None) -> None:
+    def put(self, i: int, reply: ClientReply, state: dict[str, Any] | None = None) -> None:
         with self.cond:
             self.replies[i] = reply
-            self.optimizer_states[i] = optimizer_state
+            self.states[i] = state
             self.cond.notify_all()
 
 
@@ -92,7 +94,7 @@ def relay_app(jobs: queue.Queue[Job | None], num_nodes: int, poll_s: float = 0.0
                     elif reply_lacks_base(msg.content) and i not in whole_log:
                         resend.append(i)
                     else:
-                        job.put(i, content_to_reply(msg.content), reply_optimizer_state(msg.content))
+                        job.put(i, content_to_reply(msg.content), reply_client_state(msg.content))
                 if resend:
                     pending.update(_push(grid, nodes, job, resend, 0))
                     whole_log.update(resend)

@@ -10,16 +10,20 @@ quantized bases instead).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from fedtune.config import Config
 from fedtune.types import LowRankUpdate, State
 
 
 class FrozenResidual(nn.Module):
     """Frozen ``x @ A^T @ B^T`` added to a quantized base layer's output; grows by concatenation."""
+
+    A: torch.Tensor
+    B: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,7 +43,8 @@ class FrozenResidual(nn.Module):
 
 
 def _hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-    return output + module.fedtune_residual(inputs[0])
+    residual = cast(FrozenResidual, module.fedtune_residual)
+    return output + residual(inputs[0])
 
 
 def apply_base_update(model: nn.Module, updates: dict[str, LowRankUpdate], quantized: bool) -> int:
@@ -58,7 +63,7 @@ def apply_base_update(model: nn.Module, updates: dict[str, LowRankUpdate], quant
         layer = modules.get(prefix)
         if layer is None:
             raise KeyError(f"base update for {prefix!r}: no such adapted layer in the model")
-        base = getattr(layer, "base_layer", layer)
+        base: Any = getattr(layer, "base_layer", layer)
         fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
         out_f, in_f = upd.B.shape[0], upd.A.shape[1]
         weight = base.weight
@@ -80,7 +85,7 @@ def apply_base_update(model: nn.Module, updates: dict[str, LowRankUpdate], quant
     return residual_bytes
 
 
-def apply_round_result(lm: Any, cfg: Any, global_state: State, result: Any, applied_log: list[Any]) -> State:
+def apply_round_result(lm: Any, cfg: Config, global_state: State, result: Any, applied_log: list[Any]) -> State:
     """Take a strategy's ``RoundResult`` into the coordinator's model and return the new global state.
 
     An applied round replaces the state and folds its base updates into the model (logged in

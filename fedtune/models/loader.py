@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from fedtune.config import Config
 from fedtune.models.registry import ModelSource, resolve
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,13 +61,13 @@ def quantization_config(mode: str, double_quant: bool, compute_dtype: torch.dtyp
     raise ValueError(f"quant.mode: {mode!r} is not one of nf4, fp4, int8, none")
 
 
-def effective_compute_dtype(cfg: Any, device: torch.device) -> torch.dtype:
+def effective_compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """``quant.compute_dtype``, except fp16 on a CPU, which becomes bf16 (CPU kernels lack fp16 matmuls)."""
     dtype = DTYPES[cfg.quant.compute_dtype]
     return torch.bfloat16 if dtype == torch.float16 and device.type == "cpu" else dtype
 
 
-def load_base(cfg: Any, num_labels: int | None = None) -> tuple[Any, Any, ModelSource, torch.device, bool]:
+def load_base(cfg: Config, num_labels: int | None = None) -> tuple[Any, Any, ModelSource, torch.device, bool]:
     """Load tokenizer and base model per ``cfg.model`` and ``cfg.quant`` (frozen, not yet adapted)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -125,7 +126,7 @@ def _keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def peft_config(cfg: Any, task: str, rank: int | None = None) -> Any:
+def peft_config(cfg: Config, task: str, rank: int | None = None) -> Any:
     """The peft config for ``cfg.adapter`` (LoRA, rsLoRA, DoRA, VeRA, or LoRA with frozen A)."""
     from peft import LoraConfig, TaskType, VeraConfig
 
@@ -136,7 +137,8 @@ def peft_config(cfg: Any, task: str, rank: int | None = None) -> Any:
     if a.method == "vera":
         return VeraConfig(r=r, target_modules=targets, vera_dropout=a.dropout, projection_prng_key=a.seed,
                           save_projection=True, task_type=task_type)
-    return LoraConfig(r=r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
+    # peft annotates lora_alpha as int, but it only scales (alpha / r): a float alpha is kept as it is
+    return LoraConfig(r=r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,  # type: ignore[arg-type]
                       use_rslora=a.method == "rslora", use_dora=a.method == "dora", task_type=task_type)
 
 
@@ -154,15 +156,15 @@ def seeded_lora_init(model: nn.Module, seed: int, only: str | None = None) -> No
             for adapter_name, layer in lora_a.items():
                 if only is not None and adapter_name != only:
                     continue
-                w = layer.weight
+                w = cast(torch.Tensor, layer.weight)
                 gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
                 bound = 1.0 / (w.shape[1] ** 0.5)
                 w.copy_((torch.rand(w.shape, generator=gen) * 2 - 1).mul_(bound).to(w.dtype))
                 if isinstance(lora_b, nn.ModuleDict):
-                    lora_b[adapter_name].weight.zero_()
+                    cast(torch.Tensor, lora_b[adapter_name].weight).zero_()
 
 
-def attach_adapter(base: Any, cfg: Any, task: str, rank: int | None = None) -> Any:
+def attach_adapter(base: Any, cfg: Config, task: str, rank: int | None = None) -> Any:
     """Wrap ``base`` in a PeftModel per ``cfg.adapter``; with ``lora_fa`` only B is trainable."""
     from peft import get_peft_model
 
@@ -178,7 +180,7 @@ def attach_adapter(base: Any, cfg: Any, task: str, rank: int | None = None) -> A
     return model
 
 
-def activate_rank(model: Any, cfg: Any, rank: int | None) -> str:
+def activate_rank(model: Any, cfg: Config, rank: int | None) -> str:
     """Make the adapter of ``rank`` active (heterogeneous-rank federations), creating it on first use.
 
     Every rank lives as its own named adapter on the same base (``default`` is ``adapter.r``), so one
@@ -200,7 +202,7 @@ def activate_rank(model: Any, cfg: Any, rank: int | None) -> str:
     return name
 
 
-def load_model(cfg: Any, num_labels: int | None = None) -> LoadedModel:
+def load_model(cfg: Config, num_labels: int | None = None) -> LoadedModel:
     """Base model + adapter per the config: what ``fedtune train`` and every client use.
 
     Raises:

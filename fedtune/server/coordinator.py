@@ -1,8 +1,10 @@
 """The coordinator's shared state between the round loop and the gRPC worker threads.
 
 ``RoundCoordinator`` implements ``fedtune.transport.Coordinator``: the transport calls ``register``,
-``next_instructions``, ``submit`` and ``status`` from its worker threads; the round loop (``loop.py``) calls
-``open_round`` and consumes ``replies(deadline)``, which it hands straight to ``strategy.aggregate``.
+``next_instructions``, ``submit`` and ``status`` from its worker threads; the round driver, through
+``dispatch.GrpcDispatcher``, calls ``open_round`` for each phase of a round and consumes ``replies()``, which
+it hands straight to ``strategy.aggregate``. Phases are names: any phase the strategy declares is published
+and collected the same way.
 
 Replies travel from the upload threads to the aggregating thread through a small bounded buffer: a
 streaming strategy (fedavg family) holds one reply being averaged plus at most ``buffer`` waiting ones, and
@@ -76,9 +78,12 @@ def fingerprint_diff(server_fp: str, node_fp: str) -> list[str]:
 class RoundCoordinator:
     """Thread-safe round state; see the module docstring."""
 
-    def __init__(self, fingerprint: str, total_rounds: int, *, silence_s: float = 15.0, buffer: int = 2) -> None:
+    def __init__(self, fingerprint: str, total_rounds: int, *, silence_s: float = 15.0, buffer: int = 2,
+                 encoding: str = "dense") -> None:
         self.fingerprint, self.total_rounds = fingerprint, total_rounds
         self.silence_s, self.buffer = silence_s, buffer
+        self.encoding = encoding
+        """The federation's wire encoding (``client.encoding``): updates are counted in it."""
         self.last_seen: Callable[[], dict[str, float]] = dict
         """Unix time of each node's last call; the round loop points this at the servicer's."""
         self.rebase: Callable[[str, int, Instructions], Instructions] | None = None
@@ -188,7 +193,7 @@ class RoundCoordinator:
             raise
         if reply.error is not None:
             reply.error = f"client error: {reply.error}"
-        reply.bytes_up = reply_wire_size(reply, header.phase)
+        reply.bytes_up = reply_wire_size(reply, header.phase, self.encoding)
         with self._cond:
             while self._open and self.round == rnd and len(self._buf) >= self.buffer:
                 self._cond.wait(0.5)
@@ -204,12 +209,16 @@ class RoundCoordinator:
 
     @staticmethod
     def _checked(ins: Instructions, tensors: Iterator[DecodedTensor]) -> Iterator[DecodedTensor]:
-        """Refuse tensors the node was not sent, or (at the configured rank) of another shape."""
+        """Refuse tensors the node was not sent, or (at the configured rank) of another shape.
+
+        A reply names only tensors its instructions carried, unless they carried none (a phase whose answer
+        is new data, such as a public key: the strategy checks it); its size is bounded by ``Limits`` either way.
+        """
         for d in tensors:
             if d.group not in ("state", "mask"):
                 raise MessageRejected(f"unexpected tensor group {d.group!r} in an update")
             want = ins.state.get(d.name)
-            if want is None and d.group == "state" and ins.rank is None:
+            if want is None and d.group == "state" and ins.rank is None and ins.state:
                 raise MessageRejected(f"tensor {d.name!r} was not sent to this node")
             if want is not None and ins.rank is None and tuple(d.tensor.shape) != tuple(want.shape):
                 raise MessageRejected(f"tensor {d.name!r} has shape {tuple(d.tensor.shape)}, "
@@ -290,10 +299,12 @@ class RoundCoordinator:
                 self._cond.wait(min(left, 1.0))
             return True
 
-    def open_round(self, rnd: int, instructions: dict[str, Instructions], deadline_s: float, buffer: int) -> None:
-        """Publish ``instructions`` (client id -> instructions) and start taking updates for ``rnd``."""
+    def open_round(self, rnd: int, instructions: dict[str, Instructions], deadline_s: float, buffer: int,
+                   phase: str = "train") -> None:
+        """Publish ``instructions`` (client id -> instructions, all of phase ``phase``) and start taking updates
+        for that phase of ``rnd``."""
         with self._cond:
-            self.round, self.phase = rnd, "train"
+            self.round, self.phase = rnd, phase
             self._instr = dict(instructions)
             self._answered, self._receiving = set(), set()
             self._buf.clear()

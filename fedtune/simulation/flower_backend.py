@@ -3,7 +3,7 @@
 One long-lived Flower simulation (``flwr.simulation.run_simulation``) runs in a background thread for the
 whole federation. Its ServerApp is a relay (``fedtune.flower.server_app``): the engine's round loop hands it
 each round's instructions, it sends them as Messages (adapter tensors in ArrayRecords) to the simulated nodes,
-and ``fit_round`` yields the replies in the order asked. Each Ray actor runs ``fedtune.flower.client_app``:
+and ``run`` yields the replies in the order asked. Each Ray actor runs ``fedtune.flower.client_app``:
 one base model per actor, data partitions rebuilt from the config, so ``sim.ray_address`` scales it out.
 
 What inproc clients share through the engine's one model has to travel to the actors' copies:
@@ -17,9 +17,10 @@ What inproc clients share through the engine's one model has to travel to the ac
   ``Instructions.base_update`` is not used: it tracks what each *client* has been sent, which is right for a
   gRPC node with its own model, but here a virtual client lands on any actor, so what matters is what each
   *actor's model* holds. A new nonce per pool makes a cached model of another or a resumed run reload.
-- Optimizer state (``sim.keep_optimizer_state``). Read from the engine's ``OptimizerStore`` for every
-  sampled client, sent as ``torch.save`` bytes, returned after training and put back in the store, so
-  checkpoints and resume work as in inproc. A round holds the sampled clients' states in memory at once.
+- Per-client state (kept optimizer state with ``sim.keep_optimizer_state``, update-pipeline state). Read
+  from the ``ClientStore`` for every sampled client, sent as ``torch.save`` bytes, returned after training and
+  put back in the store, so checkpoints and resume work as in inproc. A round holds the sampled clients'
+  states in memory at once.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from fedtune.flower.server_app import STOP, Job, relay_app
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
 if TYPE_CHECKING:
-    from fedtune.simulation.engine import OptimizerStore
+    from fedtune.simulation.store import ClientStore
 
 
 def backend_config(cfg: Config, num_cpus: float | None = None) -> dict[str, Any]:
@@ -59,23 +60,18 @@ def backend_config(cfg: Config, num_cpus: float | None = None) -> dict[str, Any]
 class FlowerPool:
     """Runs each round's clients on Flower's simulation engine; see the module docstring.
 
-    ``base_updates`` is the engine's log of applied base updates (the list it appends to); ``store`` holds
-    the clients' optimizer states.
-
-    Raises:
-        ValueError: ``sim.keep_optimizer_state`` without a ``store``.
+    ``base_updates`` is the global model's log of applied base updates (the list it appends to); ``store``
+    holds the clients' state (none kept without one).
     """
 
     def __init__(self, cfg: Config, clients: list[Any], num_cpus: float | None = None, *,
-                 store: OptimizerStore | None = None, base_updates: list[dict[str, LowRankUpdate]] | None = None):
-        if cfg.sim.keep_optimizer_state and store is None:
-            raise ValueError("sim.keep_optimizer_state=true: FlowerPool needs the engine's OptimizerStore (store=)")
+                 store: ClientStore | None = None, base_updates: list[dict[str, LowRankUpdate]] | None = None):
         self.cfg = cfg
         self.index = {c.cid: c.index for c in clients}
         self.cfg_items = config_overrides(cfg)
         self.store = store
         self.base_updates = base_updates if base_updates is not None else []
-        self.run = uuid.uuid4().hex
+        self.run_id = uuid.uuid4().hex
         self._synced = 0  # base updates every actor that worked last round holds
         self.backend = backend_config(cfg, num_cpus)
         # Actors compute with this process's thread count (capped by their CPUs): same math as inproc.
@@ -84,12 +80,11 @@ class FlowerPool:
         # Closed when the engine drops the pool (end of run_simulation) or at exit, whichever comes first.
         self._finalizer = weakref.finalize(self, self._sim.close)
 
-    def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
+    def run(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
         """Send every item at once; yield reply i as soon as it (and all before it) came back."""
-        store = self.store if self.cfg.sim.keep_optimizer_state else None
-        work = [(cid, ins, self.index[cid], store.get(cid) if store is not None else None)
-                for cid, ins in items]
-        job = Job(rnd, work, self.cfg_items, self.threads, run=self.run, base=list(self.base_updates),
+        store = self.store
+        work = [(cid, ins, self.index[cid], store.get(cid) if store is not None else {}) for cid, ins in items]
+        job = Job(rnd, work, self.cfg_items, self.threads, run=self.run_id, base=list(self.base_updates),
                   base_from=min(self._synced, len(self.base_updates)))
         self._synced = len(self.base_updates)
         self._sim.jobs.put(job)
@@ -98,9 +93,9 @@ class FlowerPool:
                 while i not in job.replies:
                     self._sim.check()
                     job.cond.wait(timeout=1.0)
-                reply, optimizer_state = job.replies.pop(i), job.optimizer_states.pop(i)
-            if store is not None:
-                store.put(cid, rnd, optimizer_state)
+                reply, state = job.replies.pop(i), job.states.pop(i)
+            if store is not None and state is not None:
+                store.put(cid, rnd, state)
             yield reply
 
     def close(self) -> None:

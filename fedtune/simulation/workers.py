@@ -5,10 +5,11 @@ parent's pages, copy-on-write: frozen weights are never written, so they stay sh
 only what training allocates (activations, gradients, the adapter it is training). Flower's simulation
 instead pays one model per Ray actor, and FlowerTune rebuilds it in every client call.
 
-Each task carries the client's global adapter (``Instructions``), its optimizer state when clients keep
-theirs, and the base-weight updates (``flora``, ``fedex``) that worker has not folded in yet, applied in log
-order as the engine applied them; replies come back in the order asked, so the streaming strategies see
-exactly what the one-process pool gives them. Workers compute with one thread each (OpenMP is not
+Each task carries the client's instructions (any phase: the worker answers with ``run_phase``), its
+per-client state (kept optimizer state, update-pipeline state) and the base-weight updates (``flora``,
+``fedex``) that worker has not folded in yet, applied in log order as the global model applied them; the
+client's new state comes back with the reply. Replies come back in the order asked, so the streaming
+strategies see exactly what the one-process pool gives them. Workers compute with one thread each (OpenMP is not
 fork-safe beyond that; one thread per process also scales better than threads on small models). A worker
 that dies (killed, out of memory) costs its client's reply for that round, recorded as a failure, and is
 replaced by a fresh fork.
@@ -30,13 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedtune.client.fit import client_seed, fit
+from fedtune.client.phases import ClientContext, run_phase
+from fedtune.client.pipeline import make_pipeline
 from fedtune.config import Config
 from fedtune.models import LoadedModel, apply_base_update
+from fedtune.simulation.store import ClientStore
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, failed_reply
 
 if TYPE_CHECKING:
-    from fedtune.simulation.engine import OptimizerStore, VirtualClient
+    from fedtune.simulation.pools import VirtualClient
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _loads(data: bytes) -> Any:
+    # Our own forked child's messages over a private pipe (replies and instructions are dataclasses).
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
@@ -65,7 +69,7 @@ def _serve(conn: Connection, cfg: Config, lm: LoadedModel, clients: dict[str, Vi
         c.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle; it ends the workers
     torch.set_num_threads(1)
-    keep = cfg.sim.keep_optimizer_state
+    pipeline = make_pipeline(cfg)
     while True:
         try:
             msg = conn.recv_bytes()
@@ -73,13 +77,13 @@ def _serve(conn: Connection, cfg: Config, lm: LoadedModel, clients: dict[str, Vi
             return
         if not msg:
             return
-        rnd, cid, ins, opt_state, updates = _loads(msg)
+        cid, ins, state, updates = _loads(msg)
         for upd in updates:
             apply_base_update(lm.model, upd, lm.quantized)
-        client = clients[cid]
-        reply, opt = fit(lm, client.examples, cfg, ins, seed=client_seed(cfg.seed, rnd, client.index),
-                         optimizer_state=opt_state, keep_optimizer_state=keep)
-        conn.send_bytes(_dumps((reply, opt)))
+        ctx = ClientContext(cfg, lm, clients[cid].examples, state,
+                            keep_optimizer_state=cfg.sim.keep_optimizer_state, pipeline=pipeline)
+        reply = run_phase(ctx, ins)
+        conn.send_bytes(_dumps((reply, ctx.state)))
 
 
 @dataclass
@@ -93,13 +97,13 @@ class _Worker:
 
 
 class WorkerPool:
-    """``sim.workers`` forked workers; ``fit_round`` yields replies in the order asked (see the module docstring).
+    """``sim.workers`` forked workers; ``run`` yields replies in the order asked (see the module docstring).
 
-    ``base_updates`` is the engine's log of applied base updates (the list ``apply_round_result`` appends
-    to); ``store`` holds the clients' optimizer states.
+    ``base_updates`` is the global model's log of applied base updates (the list ``apply_round_result``
+    appends to); ``store`` holds the clients' state.
     """
 
-    def __init__(self, cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: OptimizerStore,
+    def __init__(self, cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: ClientStore,
                  base_updates: list[dict[str, LowRankUpdate]], workers: int):
         self.cfg, self.lm, self.store, self.base_updates = cfg, lm, store, base_updates
         self.clients = {c.cid: c for c in clients}
@@ -123,8 +127,7 @@ class WorkerPool:
         child.close()
         return _Worker(proc, parent, held=len(self.base_updates))
 
-    def fit_round(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
-        keep = self.cfg.sim.keep_optimizer_state
+    def run(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
         while any(w.task is not None for w in self.workers):  # a round abandoned half-way: drop its replies
             self._collect(rnd, {})
         todo = deque(enumerate(items))
@@ -133,19 +136,19 @@ class WorkerPool:
             while i not in done:
                 for w in self.workers:
                     if w.task is None and todo:
-                        self._dispatch(w, rnd, *todo.popleft(), keep)
+                        self._dispatch(w, *todo.popleft())
                 self._collect(rnd, done)
-            reply, opt_state = done.pop(i)
-            if keep:
-                self.store.put(items[i][0], rnd, opt_state)
+            reply, state = done.pop(i)
+            if state is not None:  # None: the worker died, the client's state stays as it was
+                self.store.put(items[i][0], rnd, state)
             yield reply
 
-    def _dispatch(self, w: _Worker, rnd: int, i: int, item: tuple[str, Instructions], keep: bool) -> None:
+    def _dispatch(self, w: _Worker, i: int, item: tuple[str, Instructions]) -> None:
         cid, ins = item
-        opt_state = self.store.get(cid) if keep else None
+        state = self.store.get(cid)
         for _attempt in range(2):
             try:
-                w.conn.send_bytes(_dumps((rnd, cid, ins, opt_state, self.base_updates[w.held:])))
+                w.conn.send_bytes(_dumps((cid, ins, state, self.base_updates[w.held:])))
                 break
             except OSError:  # it died idle: replace it and hand the task to the new one
                 w = self._replace(w, f"simulation worker died (exit code {w.proc.exitcode}) while idle")

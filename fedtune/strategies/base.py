@@ -1,12 +1,18 @@
 """What every strategy shares: the ``Strategy`` protocol, ``RoundResult``, client sampling, reply checks.
 
-A strategy is used unchanged by the simulator and the gRPC server::
+A strategy is used unchanged by the simulator, the gRPC server and any other dispatcher, through the round
+driver (``fedtune.rounds``)::
 
-    instructions = strategy.configure(rnd, client_ids, global_state, rng)   # who trains, with what
-    result = strategy.aggregate(rnd, global_state, replies)                 # replies: any iterable
-    if result.applied:
-        global_state = result.state
-        # result.base_update: fold B @ A into the frozen base weights (or keep as a frozen residual);
+    previous = None
+    for phase in strategy.phases(rnd):                                   # ["train"] for most
+        instructions = strategy.configure(rnd, client_ids, global_state, rng, phase=phase, previous=previous)
+        outcome = strategy.aggregate(rnd, global_state, replies, phase=phase)   # replies: any iterable
+        if isinstance(outcome, RoundResult):                              # the round's last phase (or a
+            break                                                         # round given up early)
+        previous = outcome                                                # a PhaseResult: who answered
+    if outcome.applied:
+        global_state = outcome.state
+        # outcome.base_update: fold B @ A into the frozen base weights (or keep as a frozen residual);
         # it is also sent to every client next round through Instructions.base_update.
 
 Failed and invalid replies are data: they land in ``RoundResult.failures`` with their reason.
@@ -16,15 +22,16 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from fedtune.adapters import A_SUFFIX, B_SUFFIX
 from fedtune.strategies.config import StrategyConfig
+from fedtune.strategies.specs import StrategySpec, spec_of
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, State
 
 Rng = random.Random | np.random.Generator
@@ -57,19 +64,107 @@ class RoundResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class PhaseResult:
+    """The outcome of a phase that is not the round's last: who answered, and what the next phase builds on.
+
+    ``data`` is the strategy's own (plain values): for example the public keys that a secure-aggregation
+    strategy's clients advertised, which its next phase relays. The driver hands the latest ``PhaseResult``
+    back to ``configure`` of the next phase and records ``failures`` in the round's record.
+    """
+
+    phase: str
+    clients_ok: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
 class Strategy(Protocol):
-    """Chooses clients and combines their replies; the only thing the round loops know about aggregation."""
+    """Chooses clients and combines their replies; the only thing the round driver knows about aggregation.
+
+    What the loops need is declared, never inferred from the name: ``spec`` (the registry's declarations:
+    linear, frozen tensors in the global state, ...), ``needs_all_replies``, ``base_log`` and ``phases``.
+    ``state_dict`` holds everything that must survive a restart, as plain tensors, numbers, strings, lists and
+    dicts (checkpoints load it with ``torch.load(..., weights_only=True)``).
+    """
 
     name: str
     cfg: StrategyConfig
+    spec: StrategySpec
     needs_all_replies: bool
-    """True when ``aggregate`` must hold every reply at once (median, trimmed mean, Krum)."""
+    """True when ``aggregate`` must hold every reply of a phase at once (median, trimmed mean, Krum); the
+    driver then hands the replies over in the order of the instructions, whatever order they arrived in."""
+    base_log: Any
+    """A ``BaseUpdateLog`` when the strategy folds updates into the base weights (flora, fedex), else None."""
+
+    @property
+    def linear(self) -> bool:
+        """The aggregate is a weighted sum of the replies: secure aggregation can compute it."""
+        ...
+
+    def phases(self, round: int) -> Sequence[str]:
+        """The exchanges of ``round``, in order; the last one's ``aggregate`` returns the ``RoundResult``."""
+        ...
+
+    def sent_keys(self, global_state: State) -> list[str]:
+        """The tensors of the global state that clients are sent and send back (ffa: only B)."""
+        ...
 
     def configure(
-        self, round: int, client_ids: list[str], global_state: State, rng: Rng
-    ) -> dict[str, Instructions]: ...
+        self, round: int, client_ids: list[str], global_state: State, rng: Rng, *, phase: str = "train",
+        previous: PhaseResult | None = None,
+    ) -> dict[str, Instructions]:
+        """Per-client instructions of ``phase``; ``previous`` is the round's preceding phase's result."""
+        ...
 
-    def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply]) -> RoundResult: ...
+    def aggregate(
+        self, round: int, global_state: State, replies: Iterable[ClientReply], *, phase: str = "train",
+    ) -> RoundResult | PhaseResult:
+        """Take in one phase's replies (an iterable consumed once, in arrival order unless
+        ``needs_all_replies``): a ``PhaseResult`` for a phase that is not the last, else the ``RoundResult``
+        (a round given up early, with too few replies, may return it from any phase)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What carries over to the next round, as plain data."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (from a checkpoint)."""
+        ...
+
+
+class StrategyBase:
+    """Defaults for one-phase, stateless strategies; a strategy class overrides what it needs.
+
+    ``options`` are the registry's ``StrategySpec.options`` for this name (none here).
+    """
+
+    needs_all_replies = False
+    base_log: Any = None
+    default_phases: ClassVar[tuple[str, ...]] = ("train",)
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.spec = spec_of(cfg.name)
+
+    @property
+    def linear(self) -> bool:
+        return self.spec.linear and self.cfg.robust == "none"
+
+    def phases(self, round: int) -> Sequence[str]:
+        return self.default_phases
+
+    def sent_keys(self, global_state: State) -> list[str]:
+        return list(global_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no state, the checkpoint holds {sorted(state)}")
 
 
 def lora_scale(cfg: StrategyConfig, rank: int) -> float:
@@ -289,8 +384,9 @@ def make_instructions(
     train: Mapping[str, object] | None = None,
     ranks: dict[str, int | None] | None = None,
     base_updates: dict[str, dict[str, LowRankUpdate] | None] | None = None,
+    extras: dict[str, dict[str, object]] | None = None,
 ) -> dict[str, Instructions]:
-    """``Instructions`` for each chosen client from per-client state, rank and pending base updates."""
+    """``Instructions`` for each chosen client from per-client state, rank, pending base updates and extras."""
     return {
         c: Instructions(
             round=round,
@@ -299,6 +395,7 @@ def make_instructions(
             train=dict(train or {}),
             rank=(ranks or {}).get(c),
             base_update=(base_updates or {}).get(c),
+            extra=dict((extras or {}).get(c, {})),
         )
         for c in chosen
     }

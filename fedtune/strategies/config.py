@@ -2,28 +2,18 @@
 
 The dataclass is frozen and plain (numbers, strings, a list); ``validate`` reports every problem at once,
 each naming the key ``strategy.<field>`` and what it accepts, so the config system can print them together.
+Rules that depend on the strategy read its declarations in ``specs.REGISTRY``, never its name. Imports no
+torch: reading a config stays cheap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-STRATEGY_NAMES: tuple[str, ...] = (
-    "fedavg",
-    "ffa",
-    "flora",
-    "svd",
-    "fedex",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multikrum",
-)
+from fedtune.strategies.specs import REGISTRY
+
+STRATEGY_NAMES: tuple[str, ...] = tuple(REGISTRY)
+"""The built-in strategies (``specs.REGISTRY`` is the live list: a strategy registered later counts too)."""
 ROBUST_NAMES: tuple[str, ...] = ("none", "median", "trimmed_mean", "krum", "multikrum")
 AGG_ERROR_METHODS: tuple[str, ...] = ("auto", "exact", "sketch")
 
@@ -33,7 +23,7 @@ class StrategyConfig:
     """How the server chooses clients and combines their adapters (``[strategy]`` in the run config)."""
 
     name: str = "fedavg"
-    """Aggregation strategy; one of ``STRATEGY_NAMES``."""
+    """Aggregation strategy; a name of ``specs.REGISTRY``."""
     fraction: float = 1.0
     """Fraction of the available clients sampled each round (used when ``clients_per_round`` is 0)."""
     clients_per_round: int = 0
@@ -96,11 +86,12 @@ class StrategyConfig:
     def validate(self) -> list[str]:
         """Every problem with this config, each naming the key ``strategy.<field>``; empty when valid."""
         p: list[str] = []
-        if self.name not in STRATEGY_NAMES:
-            p.append(f"strategy.name: unknown {self.name!r}; valid: {', '.join(STRATEGY_NAMES)}")
+        if self.name not in REGISTRY:
+            p.append(f"strategy.name: unknown {self.name!r}; valid: {', '.join(REGISTRY)}")
         if self.robust not in ROBUST_NAMES:
             p.append(f"strategy.robust: unknown {self.robust!r}; valid: {', '.join(ROBUST_NAMES)}")
-        if self.robust != "none" and self.name in ("ffa", "flora", "svd", "fedex"):
+        spec = REGISTRY.get(self.name)
+        if self.robust != "none" and spec is not None and not spec.robust:
             p.append(f"strategy.robust: only the averaging strategies accept it, not {self.name!r}; use 'none'")
         if not 0.0 < self.fraction <= 1.0:
             p.append(f"strategy.fraction: {self.fraction} must be in (0, 1]")
@@ -139,31 +130,29 @@ class StrategyConfig:
         if self.client_ranks is not None:
             if not self.client_ranks or any(int(k) < 1 for k in self.client_ranks):
                 p.append(f"strategy.client_ranks: {list(self.client_ranks)} must be a non-empty list of ranks >= 1")
-            elif self.name not in ("flora", "svd"):
-                p.append(f"strategy.client_ranks: heterogeneous ranks need name 'flora' or 'svd', not {self.name!r}")
-            elif self.name == "svd" and max(self.client_ranks) > self.global_rank:
-                p.append(
-                    f"strategy.client_ranks: {max(self.client_ranks)} exceeds the global rank {self.global_rank}"
-                    " (raise strategy.svd_rank)"
-                )
-            elif self.name == "flora" and max(self.client_ranks) > self.r:
-                p.append(f"strategy.client_ranks: {max(self.client_ranks)} exceeds strategy.r = {self.r}")
+            elif spec is None or not spec.client_ranks:
+                names = ", ".join(repr(n) for n, x in REGISTRY.items() if x.client_ranks)
+                p.append(f"strategy.client_ranks: heterogeneous ranks need name {names}, not {self.name!r}")
+            elif max(self.client_ranks) > self.global_rank:
+                raise_with = " (raise strategy.svd_rank)" if spec is not None and spec.truncates else ""
+                p.append(f"strategy.client_ranks: {max(self.client_ranks)} exceeds the global rank "
+                         f"{self.global_rank}{raise_with}")
         if self.agg_error_every < 1:
             p.append(f"strategy.agg_error_every: {self.agg_error_every} must be >= 1 (1 = every round)")
         if self.agg_error_method not in AGG_ERROR_METHODS:
             p.append(f"strategy.agg_error_method: unknown {self.agg_error_method!r}; valid: {', '.join(AGG_ERROR_METHODS)}")
         if not 1 <= self.agg_error_probes <= 1024:
             p.append(f"strategy.agg_error_probes: {self.agg_error_probes} must be in [1, 1024]")
-        if self.error_feedback and self.name != "svd":
-            p.append(f"strategy.error_feedback: only 'svd' truncates, not {self.name!r}; set false")
-        if self.quantized_base and self.name == "fedex":
-            p.append(
-                "strategy.quantized_base: fedex folds residuals into the base weights, which a quantized base "
-                "cannot hold; use name 'flora' or 'svd', or a non-quantized base"
-            )
+        if self.error_feedback and (spec is None or not spec.truncates):
+            p.append(f"strategy.error_feedback: only a truncating strategy (svd) keeps a remainder, not "
+                     f"{self.name!r}; set false")
+        if self.quantized_base and spec is not None and not spec.quantized_base:
+            p.append(f"strategy.quantized_base: {self.name} folds its updates into the base weights, which a "
+                     "quantized base cannot hold; use name 'flora' or 'svd', or a non-quantized base")
         return p
 
     @property
     def global_rank(self) -> int:
-        """Rank of the global adapter: ``svd_rank`` for ``svd`` when set, else ``r``."""
-        return self.svd_rank if (self.name == "svd" and self.svd_rank > 0) else self.r
+        """Rank of the global adapter: ``svd_rank`` for a truncating strategy (svd) when set, else ``r``."""
+        spec = REGISTRY.get(self.name)
+        return self.svd_rank if (spec is not None and spec.truncates and self.svd_rank > 0) else self.r

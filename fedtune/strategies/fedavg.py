@@ -5,20 +5,25 @@ All of them average every trainable tensor (A and B separately), so their aggreg
 averages only B against a frozen shared A, which makes it exact.
 
 With the weighted mean (``robust = "none"``) replies are consumed one at a time and the server keeps one
-adapter of running sums; robust aggregators hold every reply (``needs_all_replies``).
+adapter of running sums; robust aggregators hold every reply (``needs_all_replies``). Each variant is a
+small subclass of ``FedAvg`` overriding one hook: which keys are sent (``ffa``), the clients' training
+instructions (``fedprox``), or a server step on the mean (``ServerOptimizer``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from fedtune.adapters import B_SUFFIX
 from fedtune.strategies import robust
 from fedtune.strategies.agg_error import ErrorMeter
 from fedtune.strategies.averaging import WeightedMean
 from fedtune.strategies.base import (
+    PhaseResult,
     Rng,
     RoundResult,
+    StrategyBase,
     factor_pairs,
     finish,
     lora_scale,
@@ -32,43 +37,33 @@ from fedtune.strategies.optimizers import OPTIMIZERS, ServerOptState, server_ste
 from fedtune.types import ClientReply, Instructions, State
 
 
-class AveragingStrategy:
-    """Weighted (or robust) mean of the clients' tensors, optionally followed by a server optimizer step.
+class FedAvg(StrategyBase):
+    """Weighted (or robust) mean of the clients' tensors: fedavg, and the robust names (``cfg.robust`` picks
+    median / trimmed_mean / krum / multikrum instead of the weighted mean). Keeps no state between rounds."""
 
-    ``name`` is one of fedavg, fedprox, ffa, fedavgm, fedadam, fedyogi, fedadagrad; ``cfg.robust`` picks
-    median / trimmed_mean / krum / multikrum instead of the weighted mean. Holds the server optimizer's
-    moments between rounds (the only state).
-
-    Raises:
-        ValueError: an unknown ``name`` or ``cfg.robust``.
-    """
-
-    def __init__(self, name: str, cfg: StrategyConfig) -> None:
-        if name not in ("fedavg", "fedprox", "ffa", *OPTIMIZERS):
-            raise ValueError(f"AveragingStrategy does not implement {name!r}")
-        if cfg.robust not in ("none", "median", "trimmed_mean", "krum", "multikrum"):
-            raise ValueError(f"unknown strategy.robust {cfg.robust!r}; valid: none, median, trimmed_mean, krum, multikrum")
-        self.name = name
-        self.cfg = cfg
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
         self.needs_all_replies = cfg.robust != "none"
-        self.opt = ServerOptState()
 
-    def _keys(self, global_state: State) -> list[str]:
-        if self.name == "ffa":
-            return [k for k in global_state if k.endswith(B_SUFFIX)]
-        return list(global_state)
+    def _train(self) -> dict[str, object]:
+        """Training instructions this strategy adds on top of the run's ``train.*``."""
+        return {}
 
-    def configure(self, round: int, client_ids: list[str], global_state: State, rng: Rng) -> dict[str, Instructions]:
+    def _server_step(self, global_state: State, mean: State, result: RoundResult, keys: list[str]) -> None:
+        """What happens to the mean before it becomes the global state (nothing: it is the global state)."""
+
+    def configure(self, round: int, client_ids: list[str], global_state: State, rng: Rng, *, phase: str = "train",
+                  previous: PhaseResult | None = None) -> dict[str, Instructions]:
         """Sample clients; each gets the global state (ffa: only B, A is rebuilt from the shared seed)."""
         chosen = select_clients(client_ids, self.cfg, rng)
-        keys = self._keys(global_state)
+        keys = self.sent_keys(global_state)
         state = {k: global_state[k] for k in keys}
-        train = {"prox_mu": self.cfg.prox_mu} if self.name == "fedprox" else {}
-        return make_instructions(round, chosen, {c: state for c in chosen}, self.cfg, train=train)
+        return make_instructions(round, chosen, {c: state for c in chosen}, self.cfg, train=self._train())
 
-    def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply]) -> RoundResult:
+    def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply], *,
+                  phase: str = "train") -> RoundResult:
         """Average the valid replies; below ``min_replies`` the global state is returned unchanged."""
-        keys = self._keys(global_state)
+        keys = self.sent_keys(global_state)
         failures: dict[str, str] = {}
         ok: list[str] = []
         meter = ErrorMeter.for_round(self.cfg, round, global_state)
@@ -85,9 +80,8 @@ class AveragingStrategy:
                 acc.add(reply.state, float(reply.num_examples), reply.mask)
             ok.append(reply.client_id)
             if meter is not None:
-                # ffa: only B is averaged; the meter reads the shared frozen A from the global state.
-                meter.add(reply.state if self.name != "ffa" else {k: reply.state[k] for k in keys},
-                          float(reply.num_examples))
+                # ffa sends only B; the meter reads the shared frozen A from the global state.
+                meter.add({k: reply.state[k] for k in keys}, float(reply.num_examples))
         if len(ok) < self.cfg.min_replies:
             return not_applied(global_state, ok, failures, self.cfg)
         mean = self._robust(kept, keys) if self.needs_all_replies else acc.result()
@@ -95,11 +89,7 @@ class AveragingStrategy:
         if meter is not None:
             result.agg_error_layers = self._errors(meter, result.state)
             result.metrics["agg_error_estimated"] = float(meter.estimated)
-        if self.name in OPTIMIZERS:
-            new_state, self.opt = server_step(self.name, global_state, mean, self.opt, self.cfg)
-            result.state = new_state
-            delta = sum(float((new_state[k].float() - global_state[k].float()).square().sum()) for k in keys)
-            result.metrics["server_update_norm"] = delta**0.5
+        self._server_step(global_state, mean, result, keys)
         return finish(result, ok, failures)
 
     def _robust(self, kept: list[ClientReply], keys: list[str]) -> State:
@@ -119,3 +109,49 @@ class AveragingStrategy:
         agg = {prefix: [(b.float() * lora_scale(self.cfg, a.shape[0]), a.float())]
                for prefix, (b, a) in factor_pairs(averaged).items()}
         return meter.errors(agg)
+
+
+class FedProx(FedAvg):
+    """fedavg whose clients add the proximal term ``strategy.prox_mu / 2 ||w - w_global||^2`` (Li et al. 2020)."""
+
+    def _train(self) -> dict[str, object]:
+        return {"prox_mu": self.cfg.prox_mu}
+
+
+class FFA(FedAvg):
+    """FFA-LoRA (Sun et al. 2024): A frozen at a seed every site shares, only B trained, sent and averaged.
+
+    The global state holds the frozen A too (the spec's ``frozen_in_state``): the aggregation error is
+    computed against it.
+    """
+
+    def sent_keys(self, global_state: State) -> list[str]:
+        return [k for k in global_state if k.endswith(B_SUFFIX)]
+
+
+class ServerOptimizer(FedAvg):
+    """A server optimizer step from the global state towards the clients' mean (``optimizers.server_step``):
+    ``kind`` is fedavgm, fedadam, fedyogi or fedadagrad. Keeps the optimizer's moments between rounds.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+
+    def __init__(self, cfg: StrategyConfig, kind: str) -> None:
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {kind!r}; valid: {', '.join(OPTIMIZERS)}")
+        super().__init__(cfg)
+        self.kind = kind
+        self.opt = ServerOptState()
+
+    def _server_step(self, global_state: State, mean: State, result: RoundResult, keys: list[str]) -> None:
+        new_state, self.opt = server_step(self.kind, global_state, mean, self.opt, self.cfg)
+        result.state = new_state
+        delta = sum(float((new_state[k].float() - global_state[k].float()).square().sum()) for k in keys)
+        result.metrics["server_update_norm"] = delta**0.5
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": dict(self.opt.m), "v": dict(self.opt.v), "steps": self.opt.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.opt = ServerOptState(m=dict(state["m"]), v=dict(state["v"]), steps=int(state["steps"]))

@@ -102,6 +102,23 @@ def instructions_wire_size(
     return total
 
 
+def _tensors_after_header(frames: Iterator[bytes], limits: Limits | None, what: str) -> Iterator[DecodedTensor]:
+    """Decode the tensor frames that follow a stream's header, each tensor as soon as it is complete.
+
+    Raises:
+        MessageRejected: a second header, or any codec error.
+    """
+    dec = TensorDecoder(limits)
+    for raw in frames:
+        _, chunk = parse_frame(raw)
+        if chunk is None:
+            raise MessageRejected(f"a second header in one {what} stream")
+        out = dec.feed(chunk)
+        if out is not None:
+            yield out
+    dec.close()
+
+
 def frames_to_instructions(frames: Iterable[bytes], limits: Limits | None = None) -> Instructions | None:
     """Decode a GetInstructions stream; ``None`` when the server had nothing yet (poll again).
 
@@ -117,15 +134,8 @@ def frames_to_instructions(frames: Iterable[bytes], limits: Limits | None = None
     if h.kind == fpb.InstructionsHeader.NONE:
         return None
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    dec = TensorDecoder(limits)
-    for raw in it:
-        _, chunk = parse_frame(raw)
-        if chunk is None:
-            raise MessageRejected("a second header in one instructions stream")
-        out = dec.feed(chunk)
-        if out is not None:
-            groups.setdefault(out.group, {})[out.name] = out.tensor
-    dec.close()
+    for out in _tensors_after_header(it, limits, "instructions"):
+        groups.setdefault(out.group, {})[out.name] = out.tensor
     a, b = groups.get("base_A", {}), groups.get("base_B", {})
     if a.keys() != b.keys():
         raise MessageRejected(f"base update factors do not pair up: {sorted(a.keys() ^ b.keys())}")
@@ -212,6 +222,20 @@ def parse_update_header(data: bytes) -> UpdateHeader:
         round=h.round, phase=h.phase, node=h.node, num_examples=h.num_examples, metrics=dict(h.metrics),
         error=h.error or None, rank=h.rank if h.has_rank else None,
     )
+
+
+def frames_to_reply(frames: Iterable[bytes], limits: Limits | None = None) -> ClientReply:
+    """Decode a SubmitUpdate stream (header, then tensor chunks) into the reply the server takes in.
+
+    Raises:
+        MessageRejected: a missing or bad header, or any codec error.
+    """
+    it = iter(frames)
+    first = next(it, None)
+    header_bytes = parse_frame(first)[0] if first is not None else None
+    if header_bytes is None:
+        raise MessageRejected("an update stream must start with an UpdateHeader")
+    return collect_reply(parse_update_header(header_bytes), _tensors_after_header(it, limits, "update"))
 
 
 def collect_reply(header: UpdateHeader, tensors: Iterable[DecodedTensor]) -> ClientReply:

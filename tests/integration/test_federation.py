@@ -24,8 +24,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedtune.config import load_config
+from fedtune.data.partition import partition_clients
 from fedtune.pipeline import load_dataset
-from fedtune.simulation.engine import partition_clients, run_simulation
+from fedtune.simulation.engine import run_simulation
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -257,8 +258,9 @@ def test_client_killed_mid_round_the_rest_finish(simulated, tmp_path: Path) -> N
 
 def base_deltas(run: Path) -> list[dict[str, torch.Tensor]]:
     """The dense ``B @ A`` of every base update the run folded in, per round (stacking order aside)."""
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    return [{layer: u.B @ u.A for layer, u in upd.items()} for upd in ckpt["base_updates"]]
+    from fedtune.checkpoint import load_checkpoint
+
+    return [{layer: u.B @ u.A for layer, u in upd.items()} for upd in load_checkpoint(run).base_updates]
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ from fedtune.flower.records import (
 from fedtune.runs import RunDir
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
+pytestmark = pytest.mark.integration  # trains simulated federations
+
 SCENARIO = Path(__file__).parents[2] / "simulations" / "tiny.toml"
 QUIET = Console(file=open("/dev/null", "w"), width=200)  # noqa: SIM115
 
@@ -107,13 +109,13 @@ def test_an_actor_folds_in_exactly_the_base_updates_it_lacks(monkeypatch: pytest
 
 def _outcome(run_dir: Path) -> dict[str, Any]:
     """What a run ends with: adapter, per-round metrics, base updates and optimizer states (checkpoint)."""
-    from fedtune.simulation.checkpoint import load_checkpoint
+    from fedtune.checkpoint import load_checkpoint
 
     rounds = [r for r in RunDir(run_dir).read_metrics() if r.get("round", 0) >= 1]
     ckpt = load_checkpoint(run_dir)
     return {"adapter": load_file(str(run_dir / "adapter" / "adapter_model.safetensors")),
             **{k: [r.get(k) for r in rounds] for k in ("clients_ok", "eval_loss", "bytes_up", "agg_error")},
-            "base_updates": ckpt.base_updates, "optimizer_states": ckpt.optimizer_states}
+            "base_updates": ckpt.base_updates, "client_states": ckpt.clients}
 
 
 def _difference(x: Any, y: Any, path: str = "") -> str | None:

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from fedtune.config import load_config
 from fedtune.simulation.engine import run_simulation
 
+pytestmark = pytest.mark.integration  # trains simulated federations
+
 SCENARIO = Path(__file__).parents[2] / "simulations" / "tiny.toml"
 QUIET = Console(file=open("/dev/null", "w"), width=200)  # noqa: SIM115
 
@@ -85,7 +87,7 @@ def test_scaled_update_is_contained_by_median(tmp_path: Path) -> None:
 
 
 def test_byte_counts_equal_the_encoded_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedtune.simulation import engine
+    from fedtune.transport import loopback
     from fedtune.transport.messages import instructions_to_frames, reply_to_frames
 
     sent = {"up": 0, "down": 0}
@@ -98,9 +100,9 @@ def test_byte_counts_equal_the_encoded_messages(tmp_path: Path, monkeypatch: pyt
         sent["down"] += sum(len(frame) for frame in instructions_to_frames(ins))
         return original_ins(ins, *a, **kw)
 
-    original_reply, original_ins = engine.reply_wire_size, engine.instructions_wire_size
-    monkeypatch.setattr(engine, "reply_wire_size", counted_reply)
-    monkeypatch.setattr(engine, "instructions_wire_size", counted_ins)
+    original_reply, original_ins = loopback.reply_wire_size, loopback.instructions_wire_size
+    monkeypatch.setattr(loopback, "reply_wire_size", counted_reply)
+    monkeypatch.setattr(loopback, "instructions_wire_size", counted_ins)
     result, _ = _run(tmp_path, "sim.rounds=1")
     last = result.rounds[-1]
     assert last["bytes_up"] == sent["up"] > 0
@@ -193,11 +195,13 @@ def test_a_dead_worker_costs_one_reply_and_is_replaced(tmp_path: Path, one_threa
     import os
 
     from fedtune.adapters import get_state
+    from fedtune.client import phases
     from fedtune.data.partition import make_partition
     from fedtune.models import load_model
     from fedtune.pipeline import encode, load_dataset
     from fedtune.simulation import workers
-    from fedtune.simulation.engine import OptimizerStore, VirtualClient
+    from fedtune.simulation.pools import VirtualClient
+    from fedtune.simulation.store import ClientStore
     from fedtune.types import Instructions
 
     cfg = load_config(SCENARIO, [f"out={tmp_path}", "train.max_steps=1"])
@@ -206,24 +210,24 @@ def test_a_dead_worker_costs_one_reply_and_is_replaced(tmp_path: Path, one_threa
     parts = make_partition("iid", data.train_records, 3, 0)
     clients = [VirtualClient(f"client-{i}", i, [], encode([data.train_records[j] for j in p], lm.tokenizer, cfg))
                for i, p in enumerate(parts)]
-    fit, marker = workers.fit, tmp_path / "died-once"
+    train, marker = phases.train_phase, tmp_path / "died-once"
 
-    def dies_once_on_client_1(lm, examples, cfg, ins, **kw):  # the workers are forked: they run this
+    def dies_once_on_client_1(ctx, ins):  # the workers are forked: they run this
         if ins.client_id == "client-1" and not marker.exists():
             marker.touch()
             os._exit(9)  # as if killed mid-training
-        return fit(lm, examples, cfg, ins, **kw)
-    monkeypatch.setattr(workers, "fit", dies_once_on_client_1)
-    pool = workers.WorkerPool(cfg, lm, clients, OptimizerStore("cpu", tmp_path), [], workers=2)
+        return train(ctx, ins)
+    monkeypatch.setitem(phases.PHASES, "train", dies_once_on_client_1)
+    pool = workers.WorkerPool(cfg, lm, clients, ClientStore("cpu", tmp_path), [], workers=2)
     first = [w.proc for w in pool.workers]
     try:
         state = get_state(lm.model)
         items = [(c.cid, Instructions(round=1, client_id=c.cid, state=state, train={})) for c in clients]
-        replies = list(pool.fit_round(1, items))
+        replies = list(pool.run(1, items))
         assert [r.client_id for r in replies] == ["client-0", "client-1", "client-2"]
         assert replies[0].error is None and replies[2].error is None
         assert "simulation worker died (exit code 9) while training client-1" in replies[1].error
-        again = list(pool.fit_round(2, items))
+        again = list(pool.run(2, items))
         assert [r.error for r in again] == [None, None, None] and len(pool.workers) == 2
         procs = [w.proc for w in pool.workers]
         assert sum(p not in first for p in procs) == 1  # the dead one was replaced
@@ -234,9 +238,9 @@ def test_a_dead_worker_costs_one_reply_and_is_replaced(tmp_path: Path, one_threa
 
 def test_workers_fall_back_to_one_process_without_fork(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    from fedtune.simulation import engine
+    from fedtune.simulation import pools
 
-    monkeypatch.setattr(engine.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    monkeypatch.setattr(pools.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     result, _ = _run(tmp_path, "sim.workers=2")
     assert "needs fork() (Linux); the clients train in this process" in caplog.text
     assert all(r["clients_ok"] == 3 for r in result.rounds if r.get("round", 0) >= 1)

@@ -14,7 +14,8 @@ FEDTUNE = Path(sys.executable).parent / "fedtune"
 SUBCOMMANDS = ("train", "eval", "export", "info", "config")
 DATA_FIELDS = ["data.prompt_field=question", "data.response_field=answer", "data.category_field=topic"]
 
-pytestmark = pytest.mark.skipif(not FEDTUNE.is_file(), reason=f"console script {FEDTUNE} not installed")
+pytestmark = [pytest.mark.skipif(not FEDTUNE.is_file(), reason=f"console script {FEDTUNE} not installed"),
+              pytest.mark.integration]  # subprocesses that load and train models
 
 
 def fedtune(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:

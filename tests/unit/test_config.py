@@ -73,3 +73,23 @@ def test_reference_lists_every_key_with_help() -> None:
                 "data.prompt_field", "data.response_field", "data.category_field", "train.max_steps", "train.lr",
                 "train.batch_size", "train.seq_len", "seed", "out"):
         assert rows.get(key), key
+
+
+def test_ffa_selects_lora_fa_when_the_adapter_method_is_left_at_its_default(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(None, ["strategy.name=ffa"])
+    assert cfg.adapter.method == "lora_fa"
+    assert "strategy.name=ffa: adapter.method set to lora_fa" in caplog.text
+    with pytest.raises(ConfigError, match="adapter.method: strategy.name=ffa needs adapter.method=lora_fa, not 'dora'"):
+        load_config(None, ["strategy.name=ffa", "adapter.method=dora"])  # chosen on purpose: refused, not changed
+
+
+def test_update_pipeline_and_wire_encoding_keys_are_checked_and_fingerprinted() -> None:
+    from fedtune.config import fingerprint
+    from fedtune.server.coordinator import fingerprint_diff
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["client.pipeline=[nosuch]", "client.encoding=zip"])
+    assert any(p.startswith("client.pipeline: unknown transform 'nosuch'") for p in err.value.problems)
+    assert any(p.startswith("client.encoding: got 'zip', allowed values: dense, fp32") for p in err.value.problems)
+    server, node = load_config(None, ["client.encoding=int8"]), load_config(None, [])
+    assert fingerprint_diff(fingerprint(server), fingerprint(node)) == ["client.encoding: server has 'int8', node has 'dense'"]

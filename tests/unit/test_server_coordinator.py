@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedtune.server.coordinator import OBSERVER, RoundCoordinator, fingerprint_diff, natural_key
-from fedtune.server.loop import BaseSync
+from fedtune.server.dispatch import BaseSync
 from fedtune.strategies.exact import BaseUpdateLog
 from fedtune.transport import ConfigMismatch, DecodedTensor, MessageRejected, UpdateHeader
 from fedtune.types import Instructions, LowRankUpdate
@@ -104,7 +104,7 @@ def test_a_restarted_node_gets_its_open_round_rebuilt_for_a_fresh_base() -> None
     c.take_registrations()
     log.rewind("a", 1)
     log.rewind("b", 1)
-    extra = sync.extra(["a", "b"])  # both hold round 1's update; this round sends round 2's
+    extra = {n: log.range(n) for n in ("a", "b")}  # both hold round 1's update; this round sends round 2's
     ins = {n: Instructions(round=3, client_id=n, state=STATE, base_update=log.pending(n), extra=extra[n])
            for n in ("a", "b")}
     c.open_round(3, ins, deadline_s=1.0, buffer=2)

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from fedtune.config import ConfigError, fingerprint, load_config
-from fedtune.server.loop import BaseSync, open_transport
+from fedtune.server import BaseSync, open_transport
 from fedtune.strategies.exact import BaseUpdateLog
 from fedtune.transport import FederationClient
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
+
+pytestmark = pytest.mark.integration  # sockets on loopback
 
 STATE = {"l.lora_A.weight": torch.zeros(1, 8), "l.lora_B.weight": torch.zeros(8, 1)}
 
@@ -58,7 +60,7 @@ def test_a_node_reporting_its_base_gets_the_missing_updates(tmp_path: Path) -> N
         with FederationClient(f"127.0.0.1:{server.port}", "a", fingerprint=fingerprint(cfg), heartbeat=False,
                               base_updates=1) as fc:
             sync.rewind(coord.take_registrations())
-            extra = sync.extra(["a"])["a"]
+            extra = log.range("a")
             assert extra == {"base_from": 1, "base_to": 2}
             coord.open_round(3, {"a": Instructions(3, "a", STATE, base_update=log.pending("a"), extra=extra)},
                              deadline_s=20, buffer=2)

@@ -16,6 +16,8 @@ from fedtune.pipeline import encode
 from fedtune.train import lr_lambda, train_local
 from fedtune.types import Instructions
 
+pytestmark = pytest.mark.integration  # trains the tiny model
+
 RECORDS = [{"prompt": "What colour is the sky?", "response": "The sky is blue."},
            {"prompt": "What do cows drink?", "response": "Cows drink water."}]
 

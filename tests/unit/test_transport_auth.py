@@ -30,6 +30,8 @@ from fedtune.transport.keys import read_allowlist
 from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply, Instructions
 
+pytestmark = pytest.mark.integration  # sockets on loopback
+
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):

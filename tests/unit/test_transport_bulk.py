@@ -18,6 +18,8 @@ from fedtune.transport.codec import Limits, encode_pieces
 from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply
 
+pytestmark = pytest.mark.integration  # sockets on loopback
+
 MiB = 1 << 20
 
 

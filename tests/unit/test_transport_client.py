@@ -13,6 +13,8 @@ from fedtune.transport import Backoff, FederationClient, TransportError, start_s
 from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply, Instructions
 
+pytestmark = pytest.mark.integration  # sockets on loopback
+
 FAST = Backoff(initial_s=0.05, max_s=0.2, max_attempts=40)
 
 

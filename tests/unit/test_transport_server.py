@@ -23,6 +23,8 @@ from fedtune.transport.codec import Limits, encode_state
 from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
+pytestmark = pytest.mark.integration  # sockets on loopback
+
 
 @pytest.fixture
 def served():

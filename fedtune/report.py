@@ -1,8 +1,12 @@
-"""What a simulated run shows at the end: ``plot.png`` and a summary table."""
+"""What a federated run shows: live progress bars, one line per round, ``plot.png`` and a summary table.
+
+Shared by ``fedtune simulate`` and ``fedtune server`` (and anything else the round driver runs for).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Self
 
 from rich.console import Console
@@ -28,8 +32,9 @@ class RunProgress:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.progress.__exit__(kind, exc, tb)
 
     def start_round(self, rnd: int, num_clients: int) -> None:
         self._round, self._ok, self._failed = rnd, 0, 0
@@ -102,21 +107,40 @@ def round_table(title: str, rounds: list[dict[str, Any]], columns: list[str]) ->
     return table
 
 
-def print_summary(console: Console, cfg: Any, result: Any) -> None:
-    rounds = [r for r in result.rounds if "round" in r and "client" not in r and not r.get("local_only_mean")]
-    table = round_table(f"fedtune simulate: {cfg.sim.mode}, strategy={cfg.strategy.name}, "
-                        f"{cfg.sim.num_clients} clients, {cfg.sim.rounds} rounds", rounds,
-                        ["round", "eval_loss", "accuracy", "agg_error", "ok", "failed", "up", "down", "s"])
+def round_line(record: dict[str, Any], total_rounds: int) -> str:
+    """The line printed after each round: eval loss, clients, aggregation error, bytes and time."""
+    loss, err = record.get("eval_loss"), record.get("agg_error")
+    rejected = f"rejected={record['rejected']} " if "rejected" in record else ""
+    return (f"round {record['round']}/{total_rounds}: eval_loss={'-' if loss is None else f'{loss:.4f}'} "
+            f"ok={record['clients_ok']} failed={record['clients_failed']} {rejected}"
+            f"{'' if record.get('applied', True) else '(not applied) '}"
+            f"agg_error={'-' if err is None else f'{err:.2e}'} "
+            f"up={record['bytes_up'] / 2**20:.2f} MiB down={record['bytes_down'] / 2**20:.2f} MiB "
+            f"{record['seconds']:.1f} s")
+
+
+def print_summary(console: Console, title: str, result: Any) -> None:
+    """A table of the run's rounds, eval before -> after, bytes against full-model FedAvg, sample answers.
+
+    ``result`` is a ``fedtune.rounds.RunResult`` (``rounds``, ``before``, ``after``, ``run_dir``, ``prompts``,
+    ``samples_before``, ``samples_after``, ``notes``). A column shows when any round has its value.
+    """
+    rounds = [r for r in result.rounds if r.get("round", 0) >= 1 and "client" not in r and not r.get("local_only_mean")]
+    optional = {"accuracy": "accuracy", "agg_error": "agg_error", "rejected": "rejected"}
+    columns = [c for c in ("round", "eval_loss", "accuracy", "agg_error", "ok", "failed", "rejected", "up", "down", "s")
+               if c not in optional or any(optional[c] in r for r in rounds)]
+    console.print(round_table(title, rounds, columns))
+    for key in ("eval_loss", "accuracy"):
+        if result.before.get(key) is not None and result.after.get(key) is not None:
+            console.print(f"{key}: {result.before[key]:.4f} -> {result.after[key]:.4f}")
     up = sum(r.get("bytes_up") or 0 for r in rounds)
     down = sum(r.get("bytes_down") or 0 for r in rounds)
     full = sum(r.get("full_model_bytes") or 0 for r in rounds)
-    console.print(table)
-    for key in ("eval_loss", "accuracy"):
-        if key in result.before and key in result.after:
-            console.print(f"{key}: {result.before[key]:.4f} -> {result.after[key]:.4f}")
     if full:
         console.print(f"communication: {(up + down) / 2**20:.1f} MiB in total; full-model FedAvg would have sent "
                       f"{full / 2**20:.0f} MiB ({full / max(1.0, up + down):.0f}x more)")
     for prompt, b, a in zip(result.prompts, result.samples_before, result.samples_after, strict=False):
         console.print(f"[bold]Q:[/] {prompt}\n  [dim]before:[/] {b}\n  [green]after:[/]  {a}")
-    console.print(f"run folder: {result.run_dir} (config.toml, metrics.jsonl, adapter/, plot.png)")
+    for note in result.notes:
+        console.print(note, highlight=False, markup=False)
+    console.print(f"run folder: {result.run_dir} (config.toml, metrics.jsonl, adapter/, plot.png)", highlight=False)

@@ -1,0 +1,88 @@
+"""What every ``fedtune`` subcommand shares: reading its config and turning errors into exit codes.
+
+``fedtune.cli`` (the entry point) and ``fedtune.cli_federation`` (server, client, status, keys) both use it,
+so neither imports the other's internals: ``cli`` registers the federation commands, and
+``python -m fedtune.cli_federation`` runs them alone with the same error handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The config of a subcommand: its optional file (``args.config``) and ``key=value`` overrides."""
+    from fedtune.config import load_config
+
+    path = args.config
+    overrides = list(args.overrides)
+    # `fedtune train key=value` without a file: the first positional is an override, not a path.
+    if path is not None and "=" in path and not Path(path).exists():
+        overrides.insert(0, path)
+        path = None
+    return load_config(path, overrides)
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; overrides may follow flags (``export RUN DEST --merge model.name=x``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def run_command(commands: dict[str, Callable[[argparse.Namespace], int]], args: argparse.Namespace) -> int:
+    """Run ``args.command``: a config problem exits 2 with every problem listed, a failed run 1, never a
+    traceback (``FEDTUNE_DEBUG=1`` shows it)."""
+    quiet_libraries()
+    from fedtune.config import ConfigError
+
+    try:
+        return commands[args.command](args)
+    except ConfigError as exc:
+        print(f"fedtune {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"fedtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
+        if os.environ.get("FEDTUNE_DEBUG"):
+            raise
+        print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        if os.environ.get("FEDTUNE_DEBUG"):
+            raise
+        print(f"fedtune {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED

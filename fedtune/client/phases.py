@@ -1,0 +1,83 @@
+"""What a client does in each phase of a round: handlers keyed by the phase name the instructions carry.
+
+The gRPC node loop (``fedtune.client.node``), the simulator's pools (in-process, forked workers) and the
+Flower ClientApp all answer instructions with ``run_phase(ctx, ins)``, so a phase added here (secure
+aggregation's advertise-keys, share-keys, masked-upload, unmask; a gossip exchange) works everywhere at once,
+without touching any of those loops. The built-in phase is ``train``: ``fit`` then the update pipeline.
+
+A handler works on a ``ClientContext``: the site's (or virtual client's) model, examples, config and its
+per-client ``state``, a dict of plain values that outlives the phase and the round (kept optimizer state under
+``"optimizer"``, the pipeline transforms' states under ``"pipeline"``, and whatever a phase needs to
+remember for a later one, such as a secret key). Whoever runs the handler stores ``state`` afterwards: the
+simulator's per-client store (checkpointed), or the node's state folder.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedtune.client.fit import client_seed, fit
+from fedtune.client.pipeline import Transform, make_pipeline, run_pipeline
+from fedtune.config import Config
+from fedtune.models import LoadedModel
+from fedtune.types import ClientReply, Instructions, failed_reply
+
+
+@dataclass
+class ClientContext:
+    """One client as its phase handlers see it; ``state`` is theirs to read and update (plain values only)."""
+
+    cfg: Config
+    lm: LoadedModel
+    examples: list[dict[str, Any]]
+    state: dict[str, Any] = field(default_factory=dict)
+    keep_optimizer_state: bool = False
+    """Keep the local optimizer's state across rounds (``sim.keep_optimizer_state``; simulation only)."""
+    pipeline: list[tuple[str, Transform]] | None = None
+    """The update pipeline; None: built from ``cfg.client.pipeline`` on first use."""
+
+
+PhaseHandler = Callable[[ClientContext, Instructions], ClientReply]
+
+
+def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
+    """Local training from the instructions' global state (``fit``), then the update pipeline.
+
+    The training seed is the one the instructions carry (``extra["seed"]``, set by the round driver); without
+    one, a seed of this client's name and the round.
+    """
+    given = ins.extra.get("seed")
+    seed = int(given) if given is not None else client_seed(ctx.cfg.seed, ins.round, zlib.crc32(ins.client_id.encode()))
+    keep = ctx.keep_optimizer_state
+    reply, optimizer_state = fit(ctx.lm, ctx.examples, ctx.cfg, ins, seed=seed,
+                                 optimizer_state=ctx.state.get("optimizer") if keep else None,
+                                 keep_optimizer_state=keep)
+    if keep and optimizer_state is not None:
+        ctx.state["optimizer"] = optimizer_state
+    if ctx.pipeline is None:
+        ctx.pipeline = make_pipeline(ctx.cfg)
+    if ctx.pipeline:
+        reply, ctx.state["pipeline"] = run_pipeline(ctx.pipeline, reply, ins, ctx.state.get("pipeline", {}))
+    return reply
+
+
+PHASES: dict[str, PhaseHandler] = {"train": train_phase}
+"""Handlers by phase name; ``register_phase`` adds one."""
+
+
+def register_phase(name: str, handler: PhaseHandler) -> None:
+    """Answer instructions of phase ``name`` with ``handler`` on every kind of client."""
+    PHASES[name] = handler
+
+
+def run_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
+    """The reply to ``ins`` from the handler of its phase; a phase nobody handles is a failed reply."""
+    handler = PHASES.get(ins.phase)
+    if handler is None:
+        return failed_reply(ins.client_id, ins.round,
+                            f"this client has no handler for phase {ins.phase[:64]!r} "
+                            f"(known: {', '.join(sorted(PHASES))}); is it an older fedtune?")
+    return handler(ctx, ins)
