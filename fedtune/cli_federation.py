@@ -71,6 +71,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fedtune.server.coordinator import OBSERVER
     from fedtune.transport import Backoff, FederationClient, TransportError
 
+    from fedtune.names import check_name
+    from fedtune.untrusted import MAX_NAME, shown
+
+    check_name(args.name)
     kw: dict[str, Any] = {"insecure": args.insecure}
     if args.keys_dir:
         keys = Path(args.keys_dir)
@@ -88,9 +92,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     console = Console()
     d = st.detail
-    console.print(f"server {args.address}: round {st.round}/{d.get('rounds', '?')}, phase {st.phase}"
-                  + (f", deadline in {d['deadline_in_s']} s" if d.get("deadline_in_s") else "")
-                  + (f", waiting for {d['waiting_for']}" if d.get("waiting_for") else ""), highlight=False)
+    # everything below came from the server: shown escaped and bounded (fedtune.untrusted)
+    console.print(f"server {shown(args.address)}: round {st.round}/{shown(d.get('rounds', '?'), 12)}, "
+                  f"phase {shown(st.phase, MAX_NAME)}"
+                  + (f", deadline in {shown(d['deadline_in_s'], 12)} s" if d.get("deadline_in_s") else "")
+                  + (f", waiting for {shown(d['waiting_for'])}" if d.get("waiting_for") else ""), highlight=False)
     participants = set(filter(None, d.get("clients", "").split(",")))
     table = Table(title="nodes with a session")
     for col in ("node", "role", "last seen"):
@@ -99,7 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if node == args.name and node not in participants:
             continue  # this very status call
         role = "client" if node in participants else "silent" if ago > 10 else "observer"
-        table.add_row(node, role, f"{ago:.1f} s ago ({time.strftime('%H:%M:%S', time.localtime(time.time() - ago))})")
+        table.add_row(shown(node, MAX_NAME), role, f"{ago:.1f} s ago ({time.strftime('%H:%M:%S', time.localtime(time.time() - ago))})")
     console.print(table)
     return 0
 

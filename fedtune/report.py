@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedtune.untrusted import MAX_NAME, clean, shown
+
 
 class RunProgress:
     """Two live bars on a terminal: rounds done, and clients answered in the current round.
@@ -45,7 +47,7 @@ class RunProgress:
         self._ok += error is None
         self._failed += error is not None
         self.progress.update(self.clients, advance=1,
-                             note=f"round {self._round}: {self._ok} replied, {self._failed} failed (last: {cid})")
+                             note=f"round {self._round}: {self._ok} replied, {self._failed} failed (last: {shown(cid, MAX_NAME)})")
 
     def end_round(self, eval_loss: float | None) -> None:
         note = "" if eval_loss is None else f"eval_loss {eval_loss:.4f}"
@@ -142,5 +144,5 @@ def print_summary(console: Console, title: str, result: Any) -> None:
     for prompt, b, a in zip(result.prompts, result.samples_before, result.samples_after, strict=False):
         console.print(f"[bold]Q:[/] {prompt}\n  [dim]before:[/] {b}\n  [green]after:[/]  {a}")
     for note in result.notes:
-        console.print(note, highlight=False, markup=False)
+        console.print(clean(note), highlight=False, markup=False)
     console.print(f"run folder: {result.run_dir} (config.toml, metrics.jsonl, adapter/, plot.png)", highlight=False)

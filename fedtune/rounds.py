@@ -35,6 +35,7 @@ from fedtune.report import RunProgress, round_line, write_plot
 from fedtune.runs import RunDir
 from fedtune.strategies.base import PhaseResult, RoundResult, Strategy
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, State
+from fedtune.untrusted import MAX_NAME, clean
 
 
 class Model(Protocol):
@@ -228,7 +229,7 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
                 before=before, samples_before=samples_before or [], clients=dispatcher.state_dict()))
             console.print(round_line(record, plan.rounds), highlight=False)
             for cid, why in played.failures.items():
-                console.print(f"  {cid}: {why}", highlight=False, markup=False)
+                console.print(f"  {clean(cid, MAX_NAME)}: {clean(why)}", highlight=False, markup=False)
             bars.end_round(record.get("eval_loss"))
     model.save(run, global_state)
     history = run.read_metrics()

@@ -141,3 +141,9 @@ class ClientConfig:
     pipeline: list[str] = opt([], "update transforms applied after local training, in order, before the wire "
                                   "encoding (fedtune.client.pipeline); each keeps its own state per client. "
                                   "Server and nodes must agree")
+
+    def validate(self) -> list[str]:
+        from fedtune.names import name_problem
+
+        problem = name_problem(self.name)
+        return [] if problem is None else [f"client.name: {problem}"]

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 
 from fedtune.client.phases import ClientContext, run_phase
 from fedtune.config import Config, fingerprint
@@ -45,6 +44,7 @@ from fedtune.transport import (
     TransportError,
 )
 from fedtune.types import ClientReply
+from fedtune.untrusted import MAX_NAME, shown
 
 log = logging.getLogger(__name__)
 STATE_FILE = "client_state.pt"
@@ -179,16 +179,16 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                     note = f"refused: {e.reason}"
                 done.append(ins.round)
                 loss = reply.metrics.get("train_loss")
-                console.print(f"node {c.name}: round {ins.round} {escape(ins.phase[:64])} "
-                              f"{'failed: ' + reply.error if reply.error else f'train_loss={loss:.4f}' if loss else ''} "
-                              f"-> {note}", highlight=False)
+                console.print(f"node {c.name}: round {ins.round} {shown(ins.phase, MAX_NAME)} "
+                              f"{'failed: ' + shown(reply.error) if reply.error else f'train_loss={loss:.4f}' if loss else ''} "
+                              f"-> {shown(note)}", highlight=False)
             except (AuthenticationError, PermissionDeniedError, ConfigMismatch) as e:
                 raise NodeRefused(f"the server refused node {c.name!r}: {e.reason}") from None
             except TransportError as e:
                 reconnects += 1
                 delay = min(c.max_backoff_s, 0.5 * 2**attempt) * (1 + random.uniform(-0.2, 0.2))
                 attempt += 1
-                console.print(f"node {c.name}: server unreachable ({e.reason.splitlines()[0][:120]}); "
+                console.print(f"node {c.name}: server unreachable ({shown(e.reason, 120)}); "
                               f"reconnecting in {delay:.1f} s", highlight=False)
                 if fc is not None:
                     fc.close()

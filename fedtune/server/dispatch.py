@@ -17,6 +17,7 @@ from typing import Any
 from fedtune.server.coordinator import RoundCoordinator
 from fedtune.transport import FederationServer, instructions_wire_size
 from fedtune.types import ClientReply, Instructions
+from fedtune.untrusted import clean
 
 STOP_GRACE_S = 10.0
 
@@ -102,12 +103,18 @@ class GrpcDispatcher:
     def load_state_dict(self, state: dict[str, Any], round: int) -> None:
         """Nothing: a node keeps its own state in its own folder."""
 
+    def abort(self) -> None:
+        """Stop serving without telling the nodes anything: the server failed, the federation is not done.
+        Nodes see an unreachable server and keep reconnecting, so a restarted server resumes with them."""
+        self.server.stop(grace=1.0)
+
     def close(self) -> None:
-        """Tell every node the federation is done (waiting ``STOP_GRACE_S`` for them), then stop serving."""
+        """The run finished: tell every node the federation is done (waiting ``STOP_GRACE_S`` for them), then
+        stop serving. Only a finished run calls this; a failed one calls ``abort``."""
         try:
             self.coord.finish()
             missing = self.coord.wait_stopped(STOP_GRACE_S)
             if missing and self.console is not None:
-                self.console.print(f"not told to stop (gone?): {', '.join(missing)}", highlight=False, markup=False)
+                self.console.print(f"not told to stop (gone?): {clean(', '.join(missing))}", highlight=False, markup=False)
         finally:
             self.server.stop(grace=1.0)

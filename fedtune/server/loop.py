@@ -3,6 +3,8 @@
 setup (run folder, model + held-out data, strategy, gRPC server) -> the round driver (``fedtune.rounds``)
 with the gRPC dispatcher (``dispatch.GrpcDispatcher``: wait for ``federation.min_clients``, publish each
 phase's instructions, stream the replies in until the deadline) -> tell the nodes to stop -> summary.
+Only a run that finished tells its nodes to stop: a server that fails or is interrupted leaves them
+reconnecting, so a restarted server resumes with them.
 
 It writes the same run folder as ``fedtune simulate`` (``config.toml``, ``metrics.jsonl``, ``adapter/``,
 ``plot.png``, ``checkpoint.pt``) and makes the same random choices, so a federation of nodes named and
@@ -12,7 +14,6 @@ restarted on the same ``out`` resumes from its last checkpoint and ends where an
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,12 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     dispatcher = GrpcDispatcher(coord, server, strategy, min_clients=fed.min_clients,
                                 wait_timeout_s=fed.wait_timeout_s, round_timeout_s=fed.round_timeout_s,
                                 encoding=cfg.client.encoding, console=console)
-    with contextlib.closing(dispatcher):
+    try:
         result = run_rounds(plan, run, model, strategy, dispatcher, console, resume=ckpt)
+    except BaseException:
+        dispatcher.abort()  # a crash (or Ctrl-C) never tells the nodes that the federation is done
+        raise
+    dispatcher.close()
     result.notes = [f"refused at registration: {msg}" for msg in coord.refused_registrations]
     print_summary(console, f"fedtune server: strategy={cfg.strategy.name}, {fed.rounds} rounds, "
                            f"min_clients={fed.min_clients}", result)

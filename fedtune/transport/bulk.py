@@ -41,6 +41,7 @@ from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
 from fedtune.transport.codec import DecodedTensor, TensorDecoder
 from fedtune.transport.errors import MessageRejected, TransportError
+from fedtune.untrusted import clean
 
 log = logging.getLogger(__name__)
 MAGIC = b"FTBULK1\n"
@@ -179,10 +180,10 @@ class BulkListener:
                 self.uploads += 1
             send_record(sock, ACK, ack.SerializeToString())
         except TransportError as e:
-            log.warning("bulk upload from %s refused: %s", peer, e.reason)
+            log.warning("bulk upload from %s refused: %s", peer, clean(e.reason))
             self._refuse(sock, e.code, e.reason)
         except (OSError, ssl.SSLError) as e:  # timeouts, resets, bad TLS: nothing to answer
-            log.warning("bulk connection from %s dropped: %s", peer, e)
+            log.warning("bulk connection from %s dropped: %s", peer, clean(e))
         except Exception:
             log.exception("bulk upload from %s failed", peer)
             self._refuse(sock, grpc.StatusCode.INTERNAL, "internal server error in bulk upload")

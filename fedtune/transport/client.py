@@ -53,6 +53,7 @@ from fedtune.transport.security import (
 from fedtune.transport.server import GRPC_OPTIONS, SERVICE, RoundStatus, _raw
 from fedtune.transport.wire import prefetch
 from fedtune.types import ClientReply, Instructions
+from fedtune.untrusted import clean
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -263,7 +264,7 @@ class FederationClient:
             try:
                 return self._retry(lambda: self._submit_bulk(reply, phase))
             except LaneUnreachable as e:
-                log.warning("%s; uploading over gRPC", e)
+                log.warning("%s; uploading over gRPC", clean(e))
                 self._bulk_port = 0  # until a registration offers the lane again
         sent = [0]
 
@@ -309,4 +310,4 @@ class FederationClient:
             try:
                 self.heartbeat()
             except TransportError as e:
-                log.warning("heartbeat of %s failed: %s", self.node, e)
+                log.warning("heartbeat of %s failed: %s", self.node, clean(e))

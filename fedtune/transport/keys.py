@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune.names import check_name, name_problem
+
 VALID_DAYS = 3650
 PUB_PREFIX = "ed25519:"
 
@@ -120,9 +122,9 @@ def parse_public_key(text: str) -> bytes:
 
 
 def create_node_key(out_dir: str | Path, node: str) -> Ed25519PrivateKey:
-    """Write ``nodes/<node>.key`` and ``nodes/<node>.pub``. Raises: ValueError for a bad node name."""
-    if not node or any(c.isspace() or c in "/\\" for c in node):
-        raise ValueError(f"node name {node!r} must be non-empty without spaces or slashes")
+    """Write ``nodes/<node>.key`` and ``nodes/<node>.pub``. Raises: ValueError for a bad node name
+    (``fedtune.names``)."""
+    check_name(node)
     key = Ed25519PrivateKey.generate()
     nodes = Path(out_dir) / "nodes"
     _write(nodes / f"{node}.key", _pem_key(key), private=True)
@@ -148,7 +150,7 @@ def read_allowlist(path: str | Path) -> dict[str, AllowEntry]:
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "revoked"):
             raise ValueError(f"{path}:{i}: expected '<node> ed25519:<base64> [revoked]'")
         try:
-            out[parts[0]] = AllowEntry(parts[0], parse_public_key(parts[1]), len(parts) == 3)
+            out[check_name(parts[0])] = AllowEntry(parts[0], parse_public_key(parts[1]), len(parts) == 3)
         except ValueError as e:
             raise ValueError(f"{path}:{i}: {e}") from None
     return out
@@ -163,7 +165,9 @@ def write_allowlist(path: str | Path, entries: list[AllowEntry]) -> None:
 
 
 def revoke_node(allowlist: str | Path, node: str) -> None:
-    """Mark ``node`` revoked in the allow-list. Raises: KeyError when it is not listed."""
+    """Mark ``node`` revoked in the allow-list. Raises: ValueError for a bad name, KeyError when it is not
+    listed."""
+    check_name(node)
     entries = read_allowlist(allowlist)
     if node not in entries:
         raise KeyError(f"node {node!r} is not in {allowlist}")
@@ -180,6 +184,9 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
     Raises:
         ValueError: a bad node name or empty ``server_hosts``.
     """
+    bad = [p for p in map(name_problem, nodes) if p is not None]
+    if bad:  # before anything is written: a bad name never reaches allowlist.txt
+        raise ValueError("; ".join(bad))
     out = Path(out_dir)
     hosts = server_hosts or ["localhost", "127.0.0.1"]
     if not (out / "ca.key").exists():

@@ -31,8 +31,11 @@ from fedtune.transport.codec import (
 from fedtune.transport.errors import MessageRejected
 from fedtune.transport.wire import frame_header, frame_tensor, parse_frame
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
+from fedtune.untrusted import MAX_ERROR, MAX_NAME, clean
 
 MAX_PHASE_LEN = 64
+MAX_METRICS = 32
+"""Metrics one update may carry (each key at most ``untrusted.MAX_NAME`` characters)."""
 
 
 @dataclass(frozen=True)
@@ -209,18 +212,23 @@ def _parse(cls: Any, data: bytes) -> Any:
 
 
 def parse_update_header(data: bytes) -> UpdateHeader:
-    """Raises: MessageRejected for bad bytes, a negative count, an overlong phase or a non-finite metric."""
+    """The header with its error text bounded (``untrusted.clean``).
+
+    Raises: MessageRejected for bad bytes, a negative count, an overlong phase, too many or overlong metric
+    names, or a non-finite metric."""
     h = _parse(fpb.UpdateHeader, data)
     if h.num_examples < 0:
         raise MessageRejected(f"num_examples must be >= 0, got {h.num_examples}")
     if not h.phase or len(h.phase) > MAX_PHASE_LEN:
         raise MessageRejected(f"phase must have 1..{MAX_PHASE_LEN} characters")
-    bad = sorted(k for k, v in h.metrics.items() if not math.isfinite(v))
+    if len(h.metrics) > MAX_METRICS or any(not k or len(k) > MAX_NAME for k in h.metrics):
+        raise MessageRejected(f"an update carries at most {MAX_METRICS} metrics named by 1..{MAX_NAME} characters")
+    bad = sorted(clean(k, MAX_NAME) for k, v in h.metrics.items() if not math.isfinite(v))
     if bad:
         raise MessageRejected(f"metrics must be finite; not finite: {bad}")
     return UpdateHeader(
         round=h.round, phase=h.phase, node=h.node, num_examples=h.num_examples, metrics=dict(h.metrics),
-        error=h.error or None, rank=h.rank if h.has_rank else None,
+        error=clean(h.error, MAX_ERROR) or None, rank=h.rank if h.has_rank else None,
     )
 
 

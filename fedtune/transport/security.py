@@ -21,7 +21,13 @@ import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedtune.transport.errors import AuthenticationError, InsecureTransportError, PermissionDeniedError
+from fedtune.names import name_problem
+from fedtune.transport.errors import (
+    AuthenticationError,
+    InsecureTransportError,
+    MessageRejected,
+    PermissionDeniedError,
+)
 from fedtune.transport.keys import AllowEntry, read_allowlist
 
 SIGN_PREFIX = b"fedtune/v1/register\x00"
@@ -72,6 +78,12 @@ def sign_challenge(key: Ed25519PrivateKey, nonce: bytes, node: str) -> bytes:
     return key.sign(SIGN_PREFIX + nonce + node.encode())
 
 
+def _check_name(node: str) -> None:
+    problem = name_problem(node)
+    if problem is not None:
+        raise MessageRejected(problem)
+
+
 @dataclass
 class Session:
     node: str
@@ -120,7 +132,10 @@ class NodeAuth:
         return entry
 
     def challenge(self, node: str) -> bytes:
-        """A fresh single-use nonce for ``node``. Raises: AuthenticationError, PermissionDeniedError."""
+        """A fresh single-use nonce for ``node``.
+
+        Raises: MessageRejected (not a valid node name), AuthenticationError, PermissionDeniedError."""
+        _check_name(node)
         with self._lock:
             self._check_listed(node)
             now = time.monotonic()
@@ -135,7 +150,9 @@ class NodeAuth:
         Raises:
             AuthenticationError: unknown node, unknown/expired/reused nonce, wrong key or bad signature.
             PermissionDeniedError: revoked node.
+            MessageRejected: not a valid node name (``fedtune.names``), with or without an allow-list.
         """
+        _check_name(node)
         with self._lock:
             entry = self._check_listed(node)
             issued = self._nonces.pop(nonce, None)

@@ -44,6 +44,7 @@ from fedtune.transport.security import (
 )
 from fedtune.transport.wire import frame_header, parse_frame, prefetch
 from fedtune.types import Instructions
+from fedtune.untrusted import MAX_NAME, clean
 
 log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
@@ -221,7 +222,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
     ) -> fpb.SubmitAck:
         header = parse_update_header(header_bytes)
         if header.node != session.node:
-            raise PermissionDeniedError(f"session of {session.node!r} cannot submit for {header.node!r}")
+            raise PermissionDeniedError(f"session of {session.node!r} cannot submit for {clean(header.node, MAX_NAME)!r}")
         stream = tensors(TensorDecoder(self.limits))
         note = self.coordinator.submit(session.node, header, stream)
         for _ in stream:  # validate whatever the coordinator did not read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from fedtune.server import BaseSync, open_transport
 from fedtune.strategies.exact import BaseUpdateLog
 from fedtune.transport import FederationClient
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
+from tests.integration.test_federation import SCENARIO, free_port
 
 pytestmark = pytest.mark.integration  # sockets on loopback
 
@@ -75,3 +77,42 @@ def test_a_node_reporting_its_base_gets_the_missing_updates(tmp_path: Path) -> N
             collector.join(5)
     finally:
         server.stop(0)
+
+
+def test_a_failing_server_never_tells_its_nodes_the_federation_is_done(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash in the round loop stops serving without a ``stop``: nodes keep reconnecting for a restart."""
+    from rich.console import Console
+
+    from fedtune.server import loop
+    from fedtune.transport import Backoff, TransportError
+
+    def crash(plan, run, model, strategy, dispatcher, console, resume=None):
+        dispatcher.available(1)
+        raise RuntimeError("a bug in the round loop")
+
+    monkeypatch.setattr(loop, "run_rounds", crash)
+    port = free_port()
+    cfg = load_config(SCENARIO, [f"out={tmp_path}", f"server.address=127.0.0.1:{port}", "federation.min_clients=1",
+                                 "federation.wait_timeout_s=120", "eval.samples=0", "data.max_records=30"])
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            loop.run_server(cfg, Console(file=io.StringIO()))
+        except BaseException as e:
+            failed.append(e)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    told: list[str] = []
+    with FederationClient(f"127.0.0.1:{port}", "site-a", fingerprint=fingerprint(cfg), heartbeat=False,
+                          backoff=Backoff(initial_s=0.2, max_s=1.0, max_attempts=200)) as fc:
+        fc.backoff = Backoff(initial_s=0.1, max_s=0.2, max_attempts=2)  # connected: give up fast from here on
+        with pytest.raises(TransportError):
+            for _ in range(40):
+                ins = fc.poll(wait_s=1.0)
+                if ins is not None:
+                    told.append(ins.phase)
+    server.join(60)
+    assert [type(e) for e in failed] == [RuntimeError] and told == []
