@@ -68,10 +68,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from fedtune.names import check_name
     from fedtune.server.coordinator import OBSERVER
     from fedtune.transport import Backoff, FederationClient, TransportError
-
-    from fedtune.names import check_name
     from fedtune.untrusted import MAX_NAME, shown
 
     check_name(args.name)
