@@ -42,8 +42,13 @@ from fedtune.transport import (
     reply_wire_size,
 )
 from fedtune.types import ClientReply, Instructions, failed_reply
+from fedtune.untrusted import MAX_NAME, clean
 
 log = logging.getLogger(__name__)
+
+MAX_DIFF_LINES = 20
+MAX_REFUSALS_KEPT = 100
+"""Refused registrations kept for the run's summary (the newest; the rest are counted)."""
 
 OBSERVER = "observer"
 """Fingerprint a read-only peer (``fedtune status``) registers with: it never receives instructions."""
@@ -55,12 +60,16 @@ def natural_key(name: str) -> list[Any]:
 
 
 def fingerprint_diff(server_fp: str, node_fp: str) -> list[str]:
-    """Human-readable ``key: server has X, node has Y`` lines between two config fingerprints."""
+    """Human-readable ``key: server has X, node has Y`` lines between two config fingerprints: at most
+    ``MAX_DIFF_LINES``, each value bounded (the node's fingerprint is whatever it sent)."""
     try:
         a, b = json.loads(server_fp), json.loads(node_fp)
-    except ValueError:
+        return _diff_lines(a, b)
+    except (ValueError, RecursionError):
         return ["the node sent an unreadable config fingerprint (another fedtune version?)"]
 
+
+def _diff_lines(a: Any, b: Any) -> list[str]:
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
             return {prefix.rstrip("."): d}
@@ -70,9 +79,10 @@ def fingerprint_diff(server_fp: str, node_fp: str) -> list[str]:
         return out
 
     fa, fb = flat(a), flat(b)
-    keys = sorted(set(fa) | set(fb))
-    return [f"{'model.name' if k == 'model' else k}: server has {fa.get(k)!r}, node has {fb.get(k)!r}"
-            for k in keys if fa.get(k) != fb.get(k)]
+    keys = [k for k in sorted(set(fa) | set(fb), key=str) if fa.get(k) != fb.get(k)]
+    lines = [f"{'model.name' if k == 'model' else clean(k, MAX_NAME)}: server has {clean(repr(fa.get(k)), 200)}, "
+             f"node has {clean(repr(fb.get(k)), 200)}" for k in keys[:MAX_DIFF_LINES]]
+    return lines + ([f"... and {len(keys) - MAX_DIFF_LINES} more key(s)"] if len(keys) > MAX_DIFF_LINES else [])
 
 
 class RoundCoordinator:
@@ -102,7 +112,9 @@ class RoundCoordinator:
         self._done = False
         self._stopped: set[str] = set()
         self.rejected = 0  # updates refused in the current round (validation, wrong round, late)
-        self.refused_registrations: list[str] = []
+        self.refused_registrations: deque[str] = deque(maxlen=MAX_REFUSALS_KEPT)
+        """The newest refusals, each bounded; ``refusals`` counts them all."""
+        self.refusals = 0
 
     # -- transport side (gRPC worker threads) -------------------------------------------------------
     def register(self, node: str, fingerprint: str, base_updates: int = 0) -> None:
@@ -118,12 +130,13 @@ class RoundCoordinator:
             return
         if fingerprint != self.fingerprint:
             diff = fingerprint_diff(self.fingerprint, fingerprint)
-            msg = (f"node {node!r} refused: its config differs from the server's in "
-                   f"{'; '.join(diff)} (model, quant and adapter sections must agree)")
+            refused = ConfigMismatch(f"node {node!r} refused: its config differs from the server's in "
+                                     f"{'; '.join(diff)} (model, quant and adapter sections must agree)")
             with self._cond:
-                self.refused_registrations.append(msg)
-            log.warning(msg)
-            raise ConfigMismatch(msg)
+                self.refused_registrations.append(refused.reason)  # bounded, as every transport reason
+                self.refusals += 1
+            log.warning("%s", refused.reason)
+            raise refused
         with self._cond:
             first = node not in self._clients
             self._clients[node] = time.time()

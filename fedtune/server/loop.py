@@ -102,6 +102,9 @@ def run_server(cfg: Config, console: Console) -> RunResult:
         raise
     dispatcher.close()
     result.notes = [f"refused at registration: {msg}" for msg in coord.refused_registrations]
+    if coord.refusals > len(coord.refused_registrations):
+        result.notes.append(f"... {coord.refusals} registrations were refused in all; the newest "
+                            f"{len(coord.refused_registrations)} are shown")
     print_summary(console, f"fedtune server: strategy={cfg.strategy.name}, {fed.rounds} rounds, "
                            f"min_clients={fed.min_clients}", result)
     return result

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import grpc
 
+from fedtune.untrusted import clean
+
+MAX_REASON = 2000
+"""Characters of a transport error's reason (longer ones are cut, saying how much)."""
+
 
 class TransportError(Exception):
     """Base class of every transport failure; ``code`` is the gRPC status the peer sees."""
@@ -11,6 +16,9 @@ class TransportError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+        # a reason often quotes what a peer sent: bounded and without control characters wherever it goes
+        # (the peer's status details, logs, a round's failures in metrics.jsonl)
+        reason = clean(reason, MAX_REASON)
         super().__init__(reason)
         self.reason = reason
         if code is not None:

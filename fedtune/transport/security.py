@@ -32,6 +32,7 @@ from fedtune.transport.keys import AllowEntry, read_allowlist
 
 SIGN_PREFIX = b"fedtune/v1/register\x00"
 SESSION_METADATA_KEY = "x-fedtune-session"
+NONCE_BYTES = 32
 
 
 def split_host(address: str) -> str:
@@ -140,7 +141,7 @@ class NodeAuth:
             self._check_listed(node)
             now = time.monotonic()
             self._nonces = {n: v for n, v in self._nonces.items() if v[1] > now}
-            nonce = secrets.token_bytes(32)
+            nonce = secrets.token_bytes(NONCE_BYTES)
             self._nonces[nonce] = (node, now + self.nonce_ttl_s)
             return nonce
 

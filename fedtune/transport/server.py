@@ -35,6 +35,7 @@ from fedtune.transport.codec import (
 from fedtune.transport.errors import MessageRejected, PermissionDeniedError, TransportError
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
+    NONCE_BYTES,
     SESSION_METADATA_KEY,
     NodeAuth,
     Session,
@@ -55,6 +56,10 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_frame_size", (1 << 24) - 1),
 ]
 STREAM_WINDOW_BYTES = 4 << 20
+MAX_FINGERPRINT = 16 << 10
+"""Bytes of a config fingerprint a node may register with (fedtune's own are a few hundred)."""
+MAX_TOKEN = 128
+"""Characters of a session token the server looks up (its own have 43)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
 
     def _session(self, context: grpc.ServicerContext) -> Session:
         token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
-        return self.auth.session(token if isinstance(token, str) else None)
+        return self.auth.session(token if isinstance(token, str) and len(token) <= MAX_TOKEN else None)
 
     def last_seen(self) -> dict[str, float]:
         """Unix time of the last call of every node with a live session (for dropping silent nodes)."""
@@ -135,6 +140,11 @@ class FederationServicer(fpb_grpc.FederationServicer):
 
     @_guard
     def Register(self, request: fpb.RegisterRequest, context: grpc.ServicerContext) -> fpb.RegisterReply:
+        for what, value, most in (("nonce", request.nonce, NONCE_BYTES), ("signature", request.signature, 64),
+                                  ("public_key", request.public_key, 32),
+                                  ("config_fingerprint", request.config_fingerprint, MAX_FINGERPRINT)):
+            if len(value) > most:  # before anything stores, logs or compares it
+                raise MessageRejected(f"{what} has length {len(value)}: at most {most} is accepted")
         session = self.auth.register(request.node, request.nonce, request.signature, request.public_key)
         self.coordinator.register(request.node, request.config_fingerprint, request.base_updates)
         return fpb.RegisterReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s,
