@@ -121,12 +121,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"{args.revoke} revoked in {out / 'allowlist.txt'}: refused from its next call on")
         return 0
     nodes = [n.strip() for n in (args.nodes or "").split(",") if n.strip()]
-    if args.operator:
-        nodes.append(args.operator)
-    if not nodes and (out / "ca.key").exists():
+    observers = [args.operator] if args.operator else []
+    if not nodes and (out / "ca.key").exists() and not observers:
         raise ValueError("--nodes: name the nodes to add (comma-separated)")
     hosts = [h.strip() for arg in args.server_host or [] for h in arg.split(",") if h.strip()] or None
-    create_keys(out, nodes, hosts)
+    create_keys(out, nodes, hosts, observers=observers)
     print(f"keys in {out}:\n"
           f"  server only : server.pem, server.key, allowlist.txt (ca.key: keep offline)\n"
           f"  every node  : ca.pem\n"
@@ -165,7 +164,8 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p.add_argument("--server-host", action="append",
                    help="hostname or IP the server certificate is valid for (repeat; default localhost, 127.0.0.1)")
     p.add_argument("--operator", default="operator",
-                   help="also make a key for `fedtune status` under this name ('' for none; default operator)")
+                   help="also make a key for `fedtune status` under this name, marked observer in the allow-list: it lists "
+                        "every node and cannot train ('' for none; default operator)")
     p.add_argument("--revoke", metavar="NAME", help="revoke this node in OUT_DIR/allowlist.txt")
     commands.update(server=cmd_server, client=cmd_client, status=cmd_status, keys=cmd_keys)
 

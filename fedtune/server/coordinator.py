@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fedtune.transport import (
+    OBSERVER,
     ConfigMismatch,
     DecodedTensor,
     MessageRejected,
@@ -50,8 +51,6 @@ MAX_DIFF_LINES = 20
 MAX_REFUSALS_KEPT = 100
 """Refused registrations kept for the run's summary (the newest; the rest are counted)."""
 
-OBSERVER = "observer"
-"""Fingerprint a read-only peer (``fedtune status``) registers with: it never receives instructions."""
 
 
 def natural_key(name: str) -> list[Any]:

@@ -25,11 +25,12 @@ from fedtune.transport.errors import (
 )
 from fedtune.transport.keys import create_keys, load_node_key, revoke_node
 from fedtune.transport.messages import UpdateHeader, collect_reply, instructions_wire_size, reply_wire_size
-from fedtune.transport.security import check_plaintext_allowed, is_loopback
+from fedtune.transport.security import OBSERVER, check_plaintext_allowed, is_loopback
 from fedtune.transport.server import Coordinator, FederationServer, RoundStatus, start_server
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "OBSERVER",
     "AuthenticationError",
     "Backoff",
     "ConfigMismatch",

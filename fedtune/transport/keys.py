@@ -7,8 +7,10 @@
       ca.key            CA private key: keep offline; needed only to issue a new server certificate
       server.pem        server TLS certificate, SANs = server_hosts (default localhost, 127.0.0.1)
       server.key        server TLS private key (server only)
-      allowlist.txt     one line per node: "<name> ed25519:<base64 raw public key>" (server only);
-                        append " revoked" to a line to refuse that node from its next call on
+      allowlist.txt     one line per node: "<name> ed25519:<base64 raw public key> [observer] [revoked]"
+                        (server only); "observer" marks the operator's key of `fedtune status`, which may
+                        list every node but never register as a training node; append " revoked" to a
+                        line to refuse that node from its next call on
       nodes/<name>.key  Ed25519 private key of the node, PKCS#8 PEM (give to that node only)
       nodes/<name>.pub  its public key, "ed25519:<base64>"
 
@@ -18,6 +20,7 @@ Private keys are written with mode 0600.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import ipaddress
 import os
@@ -41,6 +44,8 @@ class AllowEntry:
     node: str
     public_key: bytes
     revoked: bool = False
+    observer: bool = False
+    """The operator's key (``fedtune status``): may list every node, may not train."""
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -147,20 +152,22 @@ def read_allowlist(path: str | Path) -> dict[str, AllowEntry]:
         parts = line.split("#", 1)[0].split()
         if not parts:
             continue
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "revoked"):
-            raise ValueError(f"{path}:{i}: expected '<node> ed25519:<base64> [revoked]'")
+        flags = parts[2:]
+        if len(parts) < 2 or len(set(flags)) != len(flags) or not set(flags) <= {"observer", "revoked"}:
+            raise ValueError(f"{path}:{i}: expected '<node> ed25519:<base64> [observer] [revoked]'")
         try:
-            out[check_name(parts[0])] = AllowEntry(parts[0], parse_public_key(parts[1]), len(parts) == 3)
+            out[check_name(parts[0])] = AllowEntry(parts[0], parse_public_key(parts[1]), "revoked" in flags,
+                                                   "observer" in flags)
         except ValueError as e:
             raise ValueError(f"{path}:{i}: {e}") from None
     return out
 
 
 def write_allowlist(path: str | Path, entries: list[AllowEntry]) -> None:
-    lines = ["# fedtune node allow-list: <node> ed25519:<base64 public key> [revoked]"]
+    lines = ["# fedtune node allow-list: <node> ed25519:<base64 public key> [observer] [revoked]"]
     for e in entries:
         pub = PUB_PREFIX + base64.b64encode(e.public_key).decode()
-        lines.append(f"{e.node} {pub}" + (" revoked" if e.revoked else ""))
+        lines.append(f"{e.node} {pub}" + (" observer" if e.observer else "") + (" revoked" if e.revoked else ""))
     _write(Path(path), ("\n".join(lines) + "\n").encode())
 
 
@@ -171,12 +178,14 @@ def revoke_node(allowlist: str | Path, node: str) -> None:
     entries = read_allowlist(allowlist)
     if node not in entries:
         raise KeyError(f"node {node!r} is not in {allowlist}")
-    entries[node] = AllowEntry(node, entries[node].public_key, True)
+    entries[node] = dataclasses.replace(entries[node], revoked=True)
     write_allowlist(allowlist, list(entries.values()))
 
 
-def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] | None = None) -> Path:
+def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] | None = None,
+                observers: list[str] | None = None) -> Path:
     """Create a CA, a server certificate and one Ed25519 key per node under ``out_dir`` (layout above).
+    ``observers``: keys made (or already listed) for ``fedtune status`` only, marked ``observer``.
 
     Calling it again on the same folder adds nodes: the existing CA, server certificate and node keys
     listed in ``allowlist.txt`` are kept.
@@ -184,7 +193,8 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
     Raises:
         ValueError: a bad node name or empty ``server_hosts``.
     """
-    bad = [p for p in map(name_problem, nodes) if p is not None]
+    observers = observers or []
+    bad = [p for p in map(name_problem, [*nodes, *observers]) if p is not None]
     if bad:  # before anything is written: a bad name never reaches allowlist.txt
         raise ValueError("; ".join(bad))
     out = Path(out_dir)
@@ -198,9 +208,11 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
         _write(out / "server.pem", srv_cert.public_bytes(serialization.Encoding.PEM))
     allow = out / "allowlist.txt"
     entries = read_allowlist(allow) if allow.exists() else {}
-    for node in nodes:
+    for node in [*nodes, *observers]:
         if node not in entries:
             key = create_node_key(out, node)
             entries[node] = AllowEntry(node, parse_public_key(public_key_line(key)))
+        if node in observers:
+            entries[node] = dataclasses.replace(entries[node], observer=True)
     write_allowlist(allow, list(entries.values()))
     return out

@@ -9,9 +9,12 @@ file. The allow-list is re-read when it changes, so revoking a node takes effect
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
 import secrets
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from fedtune.transport.keys import AllowEntry, read_allowlist
 
 SIGN_PREFIX = b"fedtune/v1/register\x00"
 SESSION_METADATA_KEY = "x-fedtune-session"
+OBSERVER = "observer"
+"""Config fingerprint a read-only peer (``fedtune status``) registers with: it never receives instructions."""
 NONCE_BYTES = 32
 
 
@@ -90,20 +95,38 @@ class Session:
     node: str
     token: str
     last_seen: float
+    created: float = 0.0
+    lists_all: bool = False
+    """May see every node through ``Status`` (the operator's observer key, or any observer without an
+    allow-list)."""
 
 
 class NodeAuth:
-    """Challenges, allow-list checks and sessions of the server.
+    """Challenges, allow-list checks and sessions of the server; the policies are the README's
+    "Security" section:
+
+    - ``Challenge`` answers every well-formed name alike, listed, unknown or revoked: its nonce is
+      ``expiry | random | HMAC(server secret, expiry | random | node)``, so it costs the server no memory
+      and tells an outsider nothing. Only a peer that signs the nonce with the listed key learns more
+      (that it was revoked); anyone else gets one message for "unknown" and "wrong key".
+    - A nonce opens at most one session: it is remembered as used once its signature checked out, until
+      it expires. A failed attempt stores nothing.
+    - ``register`` only checks; ``open_session`` replaces a node's session, and the servicer calls it after
+      the coordinator admitted the node, so a refused registration leaves the live session alone.
+    - Sessions expire after ``session_idle_s`` without a call and ``session_max_s`` after they opened;
+      a node then registers again (``FederationClient`` does it by itself).
 
     With ``allowlist_file=None`` every node name is accepted without a signature: only for loopback tests
     and simulation, never for a real federation.
     """
 
-    def __init__(self, allowlist_file: str | Path | None, nonce_ttl_s: float = 60.0) -> None:
+    def __init__(self, allowlist_file: str | Path | None, nonce_ttl_s: float = 60.0,
+                 session_idle_s: float = 600.0, session_max_s: float = 86400.0) -> None:
         self.allowlist_file = Path(allowlist_file) if allowlist_file else None
-        self.nonce_ttl_s = nonce_ttl_s
+        self.nonce_ttl_s, self.session_idle_s, self.session_max_s = nonce_ttl_s, session_idle_s, session_max_s
+        self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
-        self._nonces: dict[bytes, tuple[str, float]] = {}
+        self._used: dict[bytes, float] = {}  # nonces that opened a session -> their expiry (monotonic)
         self._sessions: dict[str, Session] = {}
         self._allow: dict[str, AllowEntry] = {}
         self._mtime: float | None = None
@@ -121,7 +144,7 @@ class NodeAuth:
                     del self._sessions[token]
 
     def _check_listed(self, node: str) -> AllowEntry | None:
-        """Raises: AuthenticationError (unknown), PermissionDeniedError (revoked)."""
+        """For a node holding a session. Raises: AuthenticationError (unlisted), PermissionDeniedError (revoked)."""
         if self.allowlist_file is None:
             return None
         self._reload()
@@ -132,51 +155,78 @@ class NodeAuth:
             raise PermissionDeniedError(f"node {node!r} has been revoked")
         return entry
 
+    def _mac(self, body: bytes, node: str) -> bytes:
+        return hmac.new(self._secret, body + node.encode(), hashlib.sha256).digest()[:NONCE_BYTES - len(body)]
+
     def challenge(self, node: str) -> bytes:
-        """A fresh single-use nonce for ``node``.
+        """A fresh nonce for ``node``, the same kind of answer for every valid name (see the class docstring).
 
-        Raises: MessageRejected (not a valid node name), AuthenticationError, PermissionDeniedError."""
+        Raises: MessageRejected (not a valid node name)."""
         _check_name(node)
-        with self._lock:
-            self._check_listed(node)
-            now = time.monotonic()
-            self._nonces = {n: v for n, v in self._nonces.items() if v[1] > now}
-            nonce = secrets.token_bytes(NONCE_BYTES)
-            self._nonces[nonce] = (node, now + self.nonce_ttl_s)
-            return nonce
+        body = struct.pack(">d", time.monotonic() + self.nonce_ttl_s) + secrets.token_bytes(8)
+        return body + self._mac(body, node)
 
-    def register(self, node: str, nonce: bytes, signature: bytes, public_key: bytes) -> Session:
-        """Check the signed nonce and open a session (replacing any earlier one of the node).
+    def register(self, node: str, nonce: bytes, signature: bytes, public_key: bytes) -> AllowEntry | None:
+        """Check the signed nonce of ``node``; its allow-list entry (None without an allow-list). Opens no
+        session: ``open_session`` does, once the node is admitted.
 
         Raises:
-            AuthenticationError: unknown node, unknown/expired/reused nonce, wrong key or bad signature.
-            PermissionDeniedError: revoked node.
+            AuthenticationError: an unknown, expired or reused nonce; or (one message for both) a node not
+                on the allow-list or a key or signature that does not match the listed one.
+            PermissionDeniedError: the listed key signed, but the node was revoked.
             MessageRejected: not a valid node name (``fedtune.names``), with or without an allow-list.
         """
         _check_name(node)
+        now = time.monotonic()
+        body = nonce[:16]
+        if (len(nonce) != NONCE_BYTES or not hmac.compare_digest(nonce[16:], self._mac(body, node))
+                or struct.unpack(">d", body[:8])[0] < now):
+            raise AuthenticationError("unknown or expired challenge nonce; request a new one")
         with self._lock:
-            entry = self._check_listed(node)
-            issued = self._nonces.pop(nonce, None)
-            if issued is None or issued[0] != node or issued[1] < time.monotonic():
-                raise AuthenticationError("unknown, expired or reused challenge nonce; request a new one")
-            if entry is not None:
-                if public_key and public_key != entry.public_key:
-                    raise AuthenticationError(f"public key of {node!r} does not match the allow-list")
+            self._reload()
+            entry = self._allow.get(node) if self.allowlist_file is not None else None
+            if self.allowlist_file is not None:
+                refused = AuthenticationError(
+                    f"node {node!r} could not authenticate: it is not in the server's allow-list, or its key "
+                    "does not match the listed one")
+                if entry is None or (public_key and public_key != entry.public_key):
+                    raise refused
                 try:
                     Ed25519PublicKey.from_public_bytes(entry.public_key).verify(
                         signature, SIGN_PREFIX + nonce + node.encode())
                 except (InvalidSignature, ValueError):
-                    raise AuthenticationError(f"bad challenge signature for node {node!r}") from None
+                    raise refused from None
+            self._used = {n: t for n, t in self._used.items() if t >= now}
+            if nonce in self._used:
+                raise AuthenticationError("reused challenge nonce; request a new one")
+            self._used[nonce] = struct.unpack(">d", body[:8])[0]
+            if entry is not None and entry.revoked:
+                raise PermissionDeniedError(f"node {node!r} has been revoked")
+            return entry
+
+    def open_session(self, node: str, *, lists_all: bool = False) -> Session:
+        """A new session of ``node`` (checked by ``register``), replacing any earlier one of the node."""
+        with self._lock:
+            self._expire_locked()
             for token, s in list(self._sessions.items()):
                 if s.node == node:
                     del self._sessions[token]
-            session = Session(node=node, token=secrets.token_urlsafe(32), last_seen=time.time())
+            now = time.time()
+            session = Session(node=node, token=secrets.token_urlsafe(32), last_seen=now, created=now,
+                              lists_all=lists_all)
             self._sessions[session.token] = session
             return session
+
+    def _expire_locked(self) -> None:
+        now = time.time()
+        for token, s in list(self._sessions.items()):
+            if now - s.last_seen > self.session_idle_s or now - s.created > self.session_max_s:
+                del self._sessions[token]
 
     def session(self, token: str | None) -> Session:
         """The live session of ``token``, touched. Raises: AuthenticationError, PermissionDeniedError."""
         with self._lock:
+            self._expire_locked()
             s = self._sessions.get(token or "")
             if s is None:
                 raise AuthenticationError("unknown or expired session: register again")
@@ -187,5 +237,7 @@ class NodeAuth:
             return s
 
     def sessions(self) -> list[Session]:
+        """The sessions that have not expired."""
         with self._lock:
+            self._expire_locked()
             return list(self._sessions.values())

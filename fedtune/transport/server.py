@@ -36,6 +36,7 @@ from fedtune.transport.errors import MessageRejected, PermissionDeniedError, Tra
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     NONCE_BYTES,
+    OBSERVER,
     SESSION_METADATA_KEY,
     NodeAuth,
     Session,
@@ -58,6 +59,8 @@ GRPC_OPTIONS = [
 STREAM_WINDOW_BYTES = 4 << 20
 MAX_FINGERPRINT = 16 << 10
 """Bytes of a config fingerprint a node may register with (fedtune's own are a few hundred)."""
+PUBLIC_DETAIL = ("rounds", "deadline_in_s")
+"""``Status`` details every node may see; the rest (who is live, who is awaited) only the operator."""
 MAX_TOKEN = 128
 """Characters of a session token the server looks up (its own have 43)."""
 
@@ -145,8 +148,15 @@ class FederationServicer(fpb_grpc.FederationServicer):
                                   ("config_fingerprint", request.config_fingerprint, MAX_FINGERPRINT)):
             if len(value) > most:  # before anything stores, logs or compares it
                 raise MessageRejected(f"{what} has length {len(value)}: at most {most} is accepted")
-        session = self.auth.register(request.node, request.nonce, request.signature, request.public_key)
+        entry = self.auth.register(request.node, request.nonce, request.signature, request.public_key)
+        observer = request.config_fingerprint == OBSERVER
+        if entry is not None and entry.observer and not observer:
+            raise PermissionDeniedError(f"{request.node!r} holds an observer key (fedtune status): it cannot "
+                                        "register as a training node")
+        # the coordinator may refuse the node (another config): only then is a session opened, so a refused
+        # registration never replaces the node's live session
         self.coordinator.register(request.node, request.config_fingerprint, request.base_updates)
+        session = self.auth.open_session(request.node, lists_all=observer and (entry is None or entry.observer))
         return fpb.RegisterReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s,
                                  bulk_port=self.bulk_port)
 
@@ -247,10 +257,13 @@ class FederationServicer(fpb_grpc.FederationServicer):
 
     @_guard
     def Status(self, request: fpb.StatusRequest, context: grpc.ServicerContext) -> fpb.StatusReply:
-        self._session(context)
+        session = self._session(context)
         st, now = self.coordinator.status(), time.time()
-        clients = [fpb.ClientInfo(node=n, last_seen_unix=t, seconds_since_seen=now - t)
-                   for n, t in sorted(self.last_seen().items())]
+        seen = self.last_seen()
+        if not session.lists_all:  # a node sees the round and itself; only the operator sees every node
+            seen = {session.node: seen.get(session.node, now)}
+            st = RoundStatus(st.round, st.phase, {k: v for k, v in st.detail.items() if k in PUBLIC_DETAIL})
+        clients = [fpb.ClientInfo(node=n, last_seen_unix=t, seconds_since_seen=now - t) for n, t in sorted(seen.items())]
         return fpb.StatusReply(round=st.round, phase=st.phase, clients=clients, detail=st.detail)
 
 
@@ -298,7 +311,7 @@ def start_server(
     coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
     key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
     max_workers: int = 64, stream_window_bytes: int = STREAM_WINDOW_BYTES, bulk_port: int | None = 0,
-    **servicer_kwargs: Any,
+    session_idle_s: float = 600.0, session_max_s: float = 86400.0, **servicer_kwargs: Any,
 ) -> FederationServer:
     """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
     or with ``insecure=True``, in plaintext. ``allowlist_file=None`` admits any node name without a
@@ -307,7 +320,8 @@ def start_server(
     window of each stream (gRPC's BDP probing otherwise lets every waiting upload buffer tens of MB on the
     server; 4 MiB still fills a 100 ms / 300 Mbit/s path). ``bulk_port``: where the bulk upload lane
     (``bulk``) listens on the same host, with the same TLS (0: any free port; None: no lane, uploads go over
-    gRPC only). Extra keyword arguments go to ``FederationServicer`` (``limits``,
+    gRPC only). A session expires after ``session_idle_s`` without a call or ``session_max_s`` after it
+    opened (the node registers again). Extra keyword arguments go to ``FederationServicer`` (``limits``,
     ``max_concurrent_uploads``, ``downlink_encoding``, ...).
 
     Raises:
@@ -318,7 +332,8 @@ def start_server(
         raise ValueError("give both cert_file and key_file for TLS, or neither")
     if cert_file is None:
         check_plaintext_allowed(address, insecure)
-    servicer = FederationServicer(coordinator, NodeAuth(allowlist_file), **servicer_kwargs)
+    auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
+    servicer = FederationServicer(coordinator, auth, **servicer_kwargs)
     options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          maximum_concurrent_rpcs=max_workers)

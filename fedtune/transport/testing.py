@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from fedtune.transport.codec import DecodedTensor
 from fedtune.transport.errors import ConfigMismatch, MessageRejected
 from fedtune.transport.messages import UpdateHeader, collect_reply
+from fedtune.transport.security import OBSERVER
 from fedtune.transport.server import RoundStatus
 from fedtune.types import ClientReply, Instructions
 
@@ -33,8 +34,8 @@ class StaticCoordinator:
         self._lock = threading.Lock()
 
     def register(self, node: str, fingerprint: str, base_updates: int = 0) -> None:
-        """Raises: ConfigMismatch when a fingerprint is configured and differs."""
-        if self.fingerprint and fingerprint != self.fingerprint:
+        """Raises: ConfigMismatch when a fingerprint is configured and differs (observers always get in)."""
+        if self.fingerprint and fingerprint not in (self.fingerprint, OBSERVER):
             raise ConfigMismatch(f"config fingerprint {fingerprint!r} != server's {self.fingerprint!r}: "
                                  "load the same model, quantization and adapter config as the server")
         with self._lock:

@@ -27,6 +27,7 @@ from fedtune.transport import (
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
 from fedtune.transport.keys import read_allowlist
+from fedtune.transport.security import sign_challenge
 from fedtune.transport.testing import StaticCoordinator
 from fedtune.types import ClientReply, Instructions
 
@@ -106,9 +107,15 @@ def test_forged_signature_and_reused_nonce(tls_server):
         nonce = stub.Challenge(fpb.ChallengeRequest(node="alice")).nonce
         with pytest.raises(grpc.RpcError) as ei:
             stub.Register(fpb.RegisterRequest(node="alice", nonce=nonce, signature=b"\x00" * 64))
-        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bad challenge signature" in ei.value.details()
-        with pytest.raises(grpc.RpcError) as ei:  # the nonce was used up by the failed attempt
-            stub.Register(fpb.RegisterRequest(node="alice", nonce=nonce))
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED and "could not authenticate" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:  # another node's nonce
+            stub.Register(fpb.RegisterRequest(node="bob", nonce=nonce))
+        assert "unknown or expired challenge nonce" in ei.value.details()
+        signed = fpb.RegisterRequest(node="alice", nonce=nonce, config_fingerprint="fp-1",
+                                     signature=sign_challenge(load_node_key(keys / "nodes" / "alice.key"), nonce, "alice"))
+        assert stub.Register(signed).session_token
+        with pytest.raises(grpc.RpcError) as ei:  # a replay of a registration that opened a session
+            stub.Register(signed)
         assert "reused" in ei.value.details()
         with pytest.raises(grpc.RpcError) as ei:
             stub.Status(fpb.StatusRequest())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedtune.transport import (
+    OBSERVER,
     FederationClient,
     reply_wire_size,
     start_server,
@@ -84,10 +85,13 @@ def test_nothing_to_do_returns_none(served):
 
 def test_status_lists_connected_clients(served):
     _coord, server = served
-    with FederationClient(f"127.0.0.1:{server.port}", "n1", heartbeat=False) as fc:
-        st, seen = fc.status()
-    assert st.round == 1 and st.phase == "train" and st.detail == {"clients": "1"}
-    assert list(seen) == ["n1"] and seen["n1"] < 5
+    with FederationClient(f"127.0.0.1:{server.port}", "n1", heartbeat=False) as fc, \
+            FederationClient(f"127.0.0.1:{server.port}", "watch", fingerprint=OBSERVER, heartbeat=False) as ob:
+        st, seen = ob.status()
+        assert st.round == 1 and st.phase == "train" and st.detail == {"clients": "2"}
+        assert sorted(seen) == ["n1", "watch"] and seen["n1"] < 5
+        st, seen = fc.status()  # a training node sees the round and itself only
+        assert st.round == 1 and st.phase == "train" and st.detail == {} and list(seen) == ["n1"]
 
 
 def _submit(stub, md, messages) -> grpc.RpcError:
