@@ -31,7 +31,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     from fedtune.server import FederationError, run_server
     from fedtune.transport import InsecureTransportError
 
-    cfg = _config(args, ["server.insecure=true"] if args.insecure else [])
+    cfg = _config(args, (["server.insecure=true"] if args.insecure else [])
+                  + (["server.no_node_auth=true"] if args.no_node_auth else []))
     if args.address:
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, address=args.address))
     try:
@@ -147,6 +148,8 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
         "completed round when out= holds a checkpoint of the same run."))
     p.add_argument("--address", help="host:port to listen on (overrides server.address)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (server.insecure=true)")
+    p.add_argument("--no-node-auth", action="store_true",
+                   help="off loopback without server.keys_dir: let anyone join as any node (server.no_node_auth=true)")
     with_config(p)
     p = subparsers.add_parser("client", help=cmd_client.__doc__, description=(cmd_client.__doc__ or "") + (
         " Connects to client.server as client.name with keys from client.keys_dir (ca.pem, nodes/<name>.key)."))

@@ -119,6 +119,8 @@ class ServerConfig:
     address: str = opt("127.0.0.1:7070", "host:port the coordinator listens on")
     keys_dir: str | None = opt(None, "folder made by `fedtune keys` (TLS certificate, key, node allow-list)")
     insecure: bool = opt(False, "plaintext without TLS (refused unless the address is loopback or this is set)")
+    no_node_auth: bool = opt(False, "serve a non-loopback address without server.keys_dir: anyone who reaches the "
+                                    "port can join as any node (refused unless set; logged as a warning)")
     bulk_port: int | None = opt(0, "TCP port of the bulk upload lane on the server's host (large updates skip "
                                    "gRPC's copies; same TLS and node sessions): 0 any free port, null none")
     eval_data: bool = opt(True, "evaluate the global adapter on the server's own held-out data each round")

@@ -29,6 +29,7 @@ from fedtune.server.coordinator import RoundCoordinator
 from fedtune.server.dispatch import FederationError, GrpcDispatcher
 from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.transport import FederationServer, Limits, start_server
+from fedtune.transport.security import check_exposure
 
 __all__ = ["FederationError", "open_transport", "run_server"]
 
@@ -40,9 +41,10 @@ RESUMABLE_CHANGES = ("server.", "client.name", "client.server", "client.keys_dir
 
 
 def _tls(cfg: Config) -> dict[str, Any]:
-    """``start_server`` security arguments: TLS + allow-list from ``server.keys_dir`` unless insecure."""
+    """``start_server`` security arguments: TLS + allow-list from ``server.keys_dir`` (the allow-list even
+    when insecure: node authentication stays on whenever keys exist)."""
     if cfg.server.keys_dir is None:
-        return {"insecure": cfg.server.insecure}
+        return {"insecure": cfg.server.insecure, "allow_anyone": cfg.server.no_node_auth}
     keys = Path(cfg.server.keys_dir)
     missing = [f for f in ("server.pem", "server.key", "allowlist.txt") if not (keys / f).is_file()]
     if missing:
@@ -74,12 +76,18 @@ def run_server(cfg: Config, console: Console) -> RunResult:
 
     Raises:
         FederationError: fewer than ``federation.min_clients`` nodes within ``federation.wait_timeout_s``.
-        InsecureTransportError: plaintext on a non-loopback address without ``server.insecure``.
+        InsecureTransportError: off loopback, plaintext without ``server.insecure``, or no ``server.keys_dir``
+            without ``server.no_node_auth``.
         ValueError / FileNotFoundError: a bad config, keys folder or incompatible run folder.
     """
     fed = cfg.federation
-    run, ckpt = open_run(cfg, resume=has_checkpoint(cfg), may_change=RESUMABLE_CHANGES)
     security = _tls(cfg)
+    exposure = check_exposure(cfg.server.address, tls="cert_file" in security,
+                              authenticated="allowlist_file" in security, insecure=cfg.server.insecure,
+                              allow_anyone=cfg.server.no_node_auth)  # before anything loads: a mistake exits at once
+    for warning in exposure:
+        console.print(warning, style="bold red", highlight=False, markup=False)
+    run, ckpt = open_run(cfg, resume=has_checkpoint(cfg), may_change=RESUMABLE_CHANGES)
     data = load_dataset(cfg)
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []

@@ -47,6 +47,7 @@ from fedtune.transport.security import (
     SESSION_METADATA_KEY,
     channel_credentials,
     check_plaintext_allowed,
+    is_loopback,
     sign_challenge,
     split_host,
 )
@@ -114,6 +115,9 @@ class FederationClient:
     ) -> None:
         if ca_file is None:
             check_plaintext_allowed(address, insecure)
+            if not is_loopback(address):
+                log.warning("WARNING: node %s talks to %s in plaintext (insecure): its key signs in the open and its "
+                            "updates travel unencrypted unless a proxy adds TLS", node, address)
         self.address, self.node, self.fingerprint = address, node, fingerprint
         self.key = load_node_key(key) if isinstance(key, str | Path) else key
         self.ca_file, self.tls_server_name = ca_file, tls_server_name

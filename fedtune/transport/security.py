@@ -69,6 +69,36 @@ def check_plaintext_allowed(address: str, insecure: bool = False) -> None:
         )
 
 
+def check_exposure(address: str, *, tls: bool, authenticated: bool, insecure: bool = False,
+                   allow_anyone: bool = False) -> list[str]:
+    """What a server on ``address`` risks, as warnings to log loudly; refuse what was not chosen explicitly.
+
+    Off loopback, plaintext needs ``insecure`` (a proxy terminates TLS) and a server without an allow-list
+    needs ``allow_anyone`` as well: anyone who reaches the port could join under any node name. Either
+    choice is returned as a warning, for the operator's console and the log.
+
+    Raises:
+        InsecureTransportError: plaintext or no node authentication off loopback, without its flag.
+    """
+    if is_loopback(address):
+        return []
+    if not tls:
+        check_plaintext_allowed(address, insecure)
+    if not authenticated and not allow_anyone:
+        raise InsecureTransportError(
+            f"refusing to serve {address!r} without node authentication: anyone who reaches the port could join "
+            "as any node. Give server.keys_dir (an allow-list from `fedtune keys`), or, on a network you trust, "
+            "choose it explicitly with server.no_node_auth=true (--no-node-auth)")
+    warnings = []
+    if not tls:
+        warnings.append(f"WARNING: plaintext gRPC on {address} (server.insecure): session tokens and updates "
+                        "travel unencrypted unless a proxy terminates TLS in front of this server")
+    if not authenticated:
+        warnings.append(f"WARNING: no node authentication on {address} (server.no_node_auth): anyone who reaches "
+                        "the port can join the federation under any node name")
+    return warnings
+
+
 def server_credentials(cert_file: str | Path, key_file: str | Path) -> grpc.ServerCredentials:
     """TLS credentials of the server from PEM files. Raises: FileNotFoundError."""
     return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())])

@@ -40,7 +40,7 @@ from fedtune.transport.security import (
     SESSION_METADATA_KEY,
     NodeAuth,
     Session,
-    check_plaintext_allowed,
+    check_exposure,
     server_credentials,
     split_host,
 )
@@ -310,13 +310,15 @@ class FederationServer:
 def start_server(
     coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
     key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
+    allow_anyone: bool = False,
     max_workers: int = 64, stream_window_bytes: int = STREAM_WINDOW_BYTES, bulk_port: int | None = 0,
     session_idle_s: float = 600.0, session_max_s: float = 86400.0, **servicer_kwargs: Any,
 ) -> FederationServer:
     """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
     or with ``insecure=True``, in plaintext. ``allowlist_file=None`` admits any node name without a
-    signature (tests and simulation only). ``max_workers`` bounds concurrent calls: each connected node
-    holds one thread while it long-polls or uploads. ``stream_window_bytes`` fixes the HTTP/2 flow-control
+    signature: on loopback (tests, simulation), or elsewhere only with ``allow_anyone=True``; either choice
+    off loopback is logged as a warning (``security.check_exposure``). ``max_workers`` bounds concurrent
+    calls: each connected node holds one thread while it long-polls or uploads. ``stream_window_bytes`` fixes the HTTP/2 flow-control
     window of each stream (gRPC's BDP probing otherwise lets every waiting upload buffer tens of MB on the
     server; 4 MiB still fills a 100 ms / 300 Mbit/s path). ``bulk_port``: where the bulk upload lane
     (``bulk``) listens on the same host, with the same TLS (0: any free port; None: no lane, uploads go over
@@ -325,13 +327,15 @@ def start_server(
     ``max_concurrent_uploads``, ``downlink_encoding``, ...).
 
     Raises:
-        InsecureTransportError: plaintext on a non-loopback address without ``insecure=True``.
+        InsecureTransportError: off loopback, plaintext without ``insecure=True`` or no allow-list without
+            ``allow_anyone=True``.
         RuntimeError: the address cannot be bound.
     """
     if (cert_file is None) != (key_file is None):
         raise ValueError("give both cert_file and key_file for TLS, or neither")
-    if cert_file is None:
-        check_plaintext_allowed(address, insecure)
+    for warning in check_exposure(address, tls=cert_file is not None, authenticated=allowlist_file is not None,
+                                  insecure=insecure, allow_anyone=allow_anyone):
+        log.warning("%s", warning)
     auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
     servicer = FederationServicer(coordinator, auth, **servicer_kwargs)
     options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes)]
