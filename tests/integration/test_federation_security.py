@@ -95,7 +95,7 @@ def test_tls_federation_refuses_intruders_and_hostile_updates(tmp_path: Path) ->
     try:
         cfg = load_config(SCENARIO, common[1:])
         with FederationClient(addr, "mallory", key=keys / "nodes" / "mallory.key", ca_file=keys / "ca.pem",
-                              fingerprint=fingerprint(cfg), backoff=Backoff(max_s=1.0, max_attempts=60)) as fc:
+                              fingerprint=fingerprint(cfg), backoff=Backoff(max_s=1.0, max_attempts=300)) as fc:
             ch = grpc.secure_channel(addr, channel_credentials(keys / "ca.pem"))
             stub = fpb_grpc.FederationStub(ch)
             for junk in (b"\x00" * 64, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 8):
