@@ -57,8 +57,8 @@ class SimDispatcher:
                 reply.bytes_down = bytes_down
                 yield reply
                 continue
-            if fault in ("nan", "scale") and reply.state is not None:
-                reply = corrupt(reply, fault, sim.corrupt_scale)
+            if fault not in (None, "straggler") and reply.state is not None:
+                reply = corrupt(reply, fault, sim.corrupt_scale, instructions[cid].state)
             reply, bytes_up = send_reply(reply, phase, encoding)
             reply.bytes_up, reply.bytes_down = bytes_up, bytes_down
             yield reply

@@ -37,6 +37,7 @@ from fedtune.simulation.dispatch import SimDispatcher
 from fedtune.simulation.pools import VirtualClient, clients_per_round, make_pool
 from fedtune.simulation.store import ClientStore
 from fedtune.strategies import make_strategy, spec_of, strategy_config
+from fedtune.strategies.screen import ReplyPolicy
 from fedtune.types import Instructions
 
 # Keys a resumed simulation may change: more rounds, evaluation, where and how clients run.
@@ -79,7 +80,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round))
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed,
-                     train=cfg.train, eval_every=cfg.sim.eval_every,
+                     train=cfg.train, eval_every=cfg.sim.eval_every, policy=ReplyPolicy.from_config(cfg.federation),
                      # one client with all the data takes every federated client's steps
                      train_overrides={"max_steps": cfg.train.max_steps * clients_per_round(cfg), "epochs": None}
                      if mode == "centralized" else {})
