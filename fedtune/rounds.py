@@ -31,7 +31,7 @@ from rich.console import Console
 from fedtune.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.client.fit import client_seed, with_training
 from fedtune.config import Config, TrainConfig, load_config, to_dict
-from fedtune.dispatch import Dispatcher, in_order, sampling_rng
+from fedtune.dispatch import ClientOrder, Dispatcher, in_order, sampling_rng
 from fedtune.report import RunProgress, round_line, write_plot
 from fedtune.runs import RunDir
 from fedtune.strategies.base import PhaseResult, RoundResult, Strategy
@@ -65,6 +65,8 @@ class RoundPlan:
     """Training instructions on top of the strategy's too (the centralized baseline's step count)."""
     policy: ReplyPolicy = ReplyPolicy()
     """What one reply may contribute (``federation.*``): every phase's replies pass its ``Screen``."""
+    reorder_buffer: int = 64
+    """Early replies held to aggregate in client order (``ClientOrder``; ``federation.reorder_buffer``)."""
 
 
 @dataclass
@@ -170,12 +172,17 @@ def _play(rnd: int, ids: list[str], global_state: State, plan: RoundPlan, strate
         bars.start_round(rnd, len(instructions))
         replies: Iterable[ClientReply] = _counted(dispatcher.dispatch(rnd, phase, instructions), played.per_client,
                                                   bars)
+        ordered = ClientOrder(list(instructions), plan.reorder_buffer)
         if strategy.needs_all_replies or plan.policy.holds_round:
             replies = in_order(replies, list(instructions))
+        else:  # streamed, but summed in one fixed order: real, restarted and simulated runs agree bit for bit
+            replies = ordered(replies)
         screen = Screen(plan.policy, global_state)
         outcome = strategy.aggregate(rnd, global_state, screen(replies), phase=phase)
         played.failures.update(outcome.failures)
         played.screened.update(screen.report)
+        if ordered.out_of_order:
+            played.screened["out_of_order"] = played.screened.get("out_of_order", 0) + ordered.out_of_order
         if isinstance(outcome, RoundResult):
             played.result = outcome
             return played

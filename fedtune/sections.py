@@ -108,6 +108,10 @@ class FederationConfig:
     update_norm_bound: Literal["median", "absolute"] = opt(
         "median", "how federation.max_update_norm is read: a factor on the round's (lower) median update norm, "
         "which makes the round hold every reply before aggregating, or an absolute norm (replies stream)")
+    reorder_buffer: int = opt(64, "updates that arrive before an earlier client's are held (at most this many) "
+                              "so that a streaming aggregate sums them in client order: real, restarted and "
+                              "simulated runs then agree bit for bit; past it, arrival order (the round's record "
+                              "counts screen.out_of_order); 0: arrival order")
     max_abs_value: float | None = opt(1e4, "largest magnitude of any value a reply holds for the global "
                                       "adapter, in any dtype; replies beyond it are refused, and a round whose "
                                       "aggregate is beyond it (or not finite) is not applied; unset: no bound")
@@ -127,6 +131,8 @@ class FederationConfig:
                 p.append(f"federation.{key}: got {getattr(self, key)}, must be > 0")
         if self.eval_every < 1:
             p.append(f"federation.eval_every: got {self.eval_every}, must be >= 1")
+        if self.reorder_buffer < 0:
+            p.append(f"federation.reorder_buffer: got {self.reorder_buffer}, must be >= 0 (0: arrival order)")
         if self.max_examples < 1:
             p.append(f"federation.max_examples: got {self.max_examples}, must be >= 1")
         for key in ("max_update_norm", "max_abs_value"):

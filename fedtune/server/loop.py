@@ -86,7 +86,7 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round))
     plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
-                     policy=ReplyPolicy.from_config(fed))
+                     policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer)
     coord, server = open_transport(cfg, security)
     allowlist = security.get("allowlist_file")
     mode = "TLS" if "cert_file" in security else "plaintext"

@@ -81,6 +81,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed,
                      train=cfg.train, eval_every=cfg.sim.eval_every, policy=ReplyPolicy.from_config(cfg.federation),
+                     reorder_buffer=cfg.federation.reorder_buffer,
                      # one client with all the data takes every federated client's steps
                      train_overrides={"max_steps": cfg.train.max_steps * clients_per_round(cfg), "epochs": None}
                      if mode == "centralized" else {})
