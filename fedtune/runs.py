@@ -117,12 +117,11 @@ class RunDir:
     def _record(self, line: bytes, n: int) -> dict[str, Any]:
         try:
             record = json.loads(line)
+            problem = None if isinstance(record, dict) else "not a JSON object"
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{self.metrics_path}:{n}: not a JSON record ({exc}); remove that line (or the "
-                             "folder, to start over)") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{self.metrics_path}:{n}: not a JSON object; remove that line (or the folder, to "
-                             "start over)")
+            problem = f"not a JSON record ({exc})"
+        if problem is not None:
+            raise ValueError(f"{self.metrics_path}:{n}: {problem}; remove that line (or the folder, to start over)")
         return record
 
     def save_adapter(self, model: Any) -> Path:
