@@ -42,7 +42,10 @@ from fedtune.types import Instructions
 
 # Keys a resumed simulation may change: more rounds, evaluation, where and how clients run.
 RESUMABLE_CHANGES = ("out", "eval.", "sim.rounds", "sim.eval_every", "sim.workers", "sim.backend", "sim.ray_address",
-                     "server.", "federation.")
+                     "server.", "federation.rounds", "federation.min_clients", "federation.clients_per_round",
+                     "federation.round_timeout_s", "federation.wait_timeout_s", "federation.max_update_mb",
+                     "federation.heartbeat_s", "federation.silence_s", "federation.eval_every",
+                     "federation.reorder_buffer")  # the other federation.* keys bound what replies contribute
 
 
 def run_simulation(cfg: Config, console: Console, resume: Path | None = None) -> RunResult:
