@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedtune.types import ClientReply, Instructions
@@ -70,3 +71,48 @@ def in_order(replies: Iterable[ClientReply], order: list[str]) -> list[ClientRep
     that their result does not depend on who answered first. Unknown clients go last, in arrival order."""
     rank = {cid: i for i, cid in enumerate(order)}
     return sorted(replies, key=lambda r: rank.get(r.client_id, len(order)))
+
+
+@dataclass
+class ClientOrder:
+    """Replies passed on in the instructions' order, whatever order they arrive in, holding at most ``hold``
+    early ones: so that a streaming aggregate (fedavg's running sums) adds them in one fixed order and a real
+    federation computes, bit for bit, what its simulation and a restarted run compute.
+
+    A reply goes on once every client before it has answered or failed; one that comes early waits. Failed
+    replies cost nothing to hold; when more than ``hold`` replies with a state wait, the earliest of them goes
+    on out of order (bounded memory first), and ``out_of_order`` counts them (the round's record shows it).
+    ``hold = 0``: arrival order.
+    """
+
+    order: list[str]
+    hold: int
+    out_of_order: int = 0
+
+    def __call__(self, replies: Iterable[ClientReply]) -> Iterator[ClientReply]:
+        position = {cid: i for i, cid in enumerate(self.order)}
+        waiting: dict[int, ClientReply] = {}
+        sent_early: set[int] = set()
+        next_up, held = 0, 0
+        for reply in replies:
+            i = position.get(reply.client_id)
+            if i is None or i < next_up or i in waiting or i in sent_early:
+                yield reply  # not asked, or a second reply: the strategy refuses it, in any order
+                continue
+            waiting[i] = reply
+            held += reply.state is not None
+            while next_up in waiting or next_up in sent_early:
+                sent_early.discard(next_up)
+                ready = waiting.pop(next_up, None)
+                next_up += 1
+                if ready is not None:
+                    held -= ready.state is not None
+                    yield ready
+            while held > self.hold:
+                early = min(j for j, r in waiting.items() if r.state is not None)
+                held -= 1
+                self.out_of_order += 1
+                sent_early.add(early)
+                yield waiting.pop(early)
+        for i in sorted(waiting):
+            yield waiting[i]

@@ -18,6 +18,7 @@ summary table is ``fedtune.report.print_summary``. The strategy is driven only t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Iterable, Iterator
@@ -30,10 +31,11 @@ from rich.console import Console
 from fedtune.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.client.fit import client_seed, with_training
 from fedtune.config import Config, TrainConfig, load_config, to_dict
-from fedtune.dispatch import Dispatcher, in_order, sampling_rng
+from fedtune.dispatch import ClientOrder, Dispatcher, in_order, sampling_rng
 from fedtune.report import RunProgress, round_line, write_plot
 from fedtune.runs import RunDir
 from fedtune.strategies.base import PhaseResult, RoundResult, Strategy
+from fedtune.strategies.screen import ReplyPolicy, Screen, result_problem
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, State
 from fedtune.untrusted import MAX_NAME, clean
 
@@ -62,6 +64,10 @@ class RoundPlan:
     eval_every: int = 1
     train_overrides: dict[str, Any] = field(default_factory=dict)
     """Training instructions on top of the strategy's too (the centralized baseline's step count)."""
+    policy: ReplyPolicy = ReplyPolicy()
+    """What one reply may contribute (``federation.*``): every phase's replies pass its ``Screen``."""
+    reorder_buffer: int = 64
+    """Early replies held to aggregate in client order (``ClientOrder``; ``federation.reorder_buffer``)."""
 
 
 @dataclass
@@ -142,12 +148,14 @@ def _counted(replies: Iterable[ClientReply], per_client: dict[str, dict[str, int
 
 @dataclass
 class _Played:
-    """One round's exchanges: the result, every phase's failures, each client's bytes, how many were sampled."""
+    """One round's exchanges: the result, every phase's failures, each client's bytes, how many were sampled,
+    what the screens reported."""
 
     result: RoundResult
     failures: dict[str, str]
     per_client: dict[str, dict[str, int]]
     sampled: int
+    screened: dict[str, Any] = field(default_factory=dict)
 
 
 def _play(rnd: int, ids: list[str], global_state: State, plan: RoundPlan, strategy: Strategy,
@@ -163,11 +171,19 @@ def _play(rnd: int, ids: list[str], global_state: State, plan: RoundPlan, strate
         instructions = _complete(instructions, plan, rnd, dispatcher)
         played.sampled = played.sampled or len(instructions)
         bars.start_round(rnd, len(instructions))
-        replies: Iterable[ClientReply] = dispatcher.dispatch(rnd, phase, instructions)
-        if strategy.needs_all_replies:
+        replies: Iterable[ClientReply] = _counted(dispatcher.dispatch(rnd, phase, instructions), played.per_client,
+                                                  bars)
+        ordered = ClientOrder(list(instructions), plan.reorder_buffer)
+        if strategy.needs_all_replies or plan.policy.holds_round:
             replies = in_order(replies, list(instructions))
-        outcome = strategy.aggregate(rnd, global_state, _counted(replies, played.per_client, bars), phase=phase)
+        else:  # streamed, but summed in one fixed order: real, restarted and simulated runs agree bit for bit
+            replies = ordered(replies)
+        screen = Screen(plan.policy, global_state)
+        outcome = strategy.aggregate(rnd, global_state, screen(replies), phase=phase)
         played.failures.update(outcome.failures)
+        played.screened.update(screen.report)
+        if ordered.out_of_order:
+            played.screened["out_of_order"] = played.screened.get("out_of_order", 0) + ordered.out_of_order
         if isinstance(outcome, RoundResult):
             played.result = outcome
             return played
@@ -206,10 +222,20 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
     with RunProgress(console, plan.rounds, start - 1) as bars:
         for rnd in range(start, plan.rounds + 1):
             t0 = time.perf_counter()
+            kept = copy.deepcopy(strategy.state_dict())  # what a refused aggregate must not leave behind
             played = _play(rnd, dispatcher.available(rnd), global_state, plan, strategy, dispatcher, bars)
             result = played.result
+            refused = result_problem(result.state, result.base_update, plan.policy) if result.applied else None
+            if refused is not None:  # the previous global model stays, and the strategy's state with it
+                strategy.load_state_dict(kept)
+                result = dataclasses.replace(result, state=global_state, base_update=None, reset_adapter=False,
+                                             applied=False)
             global_state = model.apply(global_state, result)
             record: dict[str, Any] = {"round": rnd}
+            if refused is not None:
+                record["not_applied"] = refused
+            if played.screened:
+                record["screen"] = played.screened
             if rnd % plan.eval_every == 0 or rnd == plan.rounds:
                 record.update(model.evaluate())
             record.update({

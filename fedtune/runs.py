@@ -76,21 +76,53 @@ class RunDir:
         os.replace(tmp, self.path / "config.toml")
 
     def log(self, record: dict[str, Any], durable: bool = False) -> None:
-        """Append one JSON line; ``durable`` fsyncs it (round records), per-step lines are only flushed."""
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
-            f.flush()
+        """Append one JSON line in one ``write``; ``durable`` fsyncs it (round records). A kill mid-write can
+        still cut the line short: ``read_metrics`` leaves such a last line out."""
+        line = (json.dumps(_clean(record)) + "\n").encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
             if durable:
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
         """Keep only ``records`` (a resumed run drops the lines of rounds after its checkpoint)."""
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(_clean(r)) + "\n" for r in records).encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every record of ``metrics.jsonl``, in order.
+
+        A last line without its newline that is not a whole record was cut short by a kill mid-write: it is
+        left out (a resumed run rewrites the file without it; its round had not been checkpointed).
+
+        Raises:
+            ValueError: any other line is not a JSON object (naming the file and line).
+        """
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = self.metrics_path.read_bytes().split(b"\n")
+        torn = lines.pop()  # b"" when the file ends with a newline
+        records = [self._record(line, n) for n, line in enumerate(lines, 1) if line.strip()]
+        if torn.strip():
+            try:
+                records.append(self._record(torn, len(lines) + 1))
+            except ValueError:
+                pass  # cut short by a kill mid-write
+        return records
+
+    def _record(self, line: bytes, n: int) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+            problem = None if isinstance(record, dict) else "not a JSON object"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            problem = f"not a JSON record ({exc})"
+        if problem is not None:
+            raise ValueError(f"{self.metrics_path}:{n}: {problem}; remove that line (or the folder, to start over)")
+        return record
 
     def save_adapter(self, model: Any) -> Path:
         """Save the PEFT adapter atomically to ``adapter/``."""

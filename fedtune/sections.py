@@ -45,8 +45,11 @@ class SimConfig:
     round_deadline_s: float | None = opt(None, "simulated round deadline; stragglers whose slowed time exceeds it "
                                          "are left out (unset: no deadline)")
     corrupt_prob: float = opt(0.0, "probability that a client's update is corrupted")
-    corrupt_kind: Literal["nan", "scale"] = opt("nan", "corruption: nan values or scaled by sim.corrupt_scale")
-    corrupt_scale: float = opt(100.0, "factor of a scaled corrupted update")
+    corrupt_kind: Literal["nan", "scale", "flip", "huge", "weight", "mixed"] = opt(
+        "nan", "corruption: nan values, values scaled by sim.corrupt_scale, the update sign-flipped and scaled by "
+        "sim.corrupt_scale (flip), values of 1.7e19 (huge), a flipped update declaring 2^63-1 examples (weight), "
+        "or one of scale, flip, nan, weight drawn per corrupted reply (mixed)")
+    corrupt_scale: float = opt(100.0, "factor of a scaled or flipped corrupted update")
     keep_optimizer_state: bool = opt(False, "each client keeps its own optimizer state across rounds")
     optimizer_state_on: Literal["cpu", "disk"] = opt(
         "cpu", "where per-client state (kept optimizer states, update-pipeline state) lives: cpu memory, or disk "
@@ -92,6 +95,26 @@ class FederationConfig:
                            "the open round and of sampling (must exceed federation.heartbeat_s)")
     eval_every: int = opt(1, "evaluate the global adapter every this many rounds (and after the last), as "
                              "sim.eval_every does in simulation")
+    # What one reply may contribute (fedtune.strategies.screen); the simulator applies the same bounds.
+    weighting: Literal["examples", "equal"] = opt(
+        "examples", "weight of a reply in the average: its declared num_examples (at most federation.max_examples), "
+        "or equal (every reply weighs 1, whatever it declares); the simulator applies it too")
+    max_examples: int = opt(1_000_000, "a reply declaring more examples than this weighs this much (the capped "
+                            "declarations are recorded in the round's record)")
+    max_update_norm: float | None = opt(10.0, "largest L2 norm of a reply's update (its tensors minus the global "
+                                        "ones): times the round's median update norm (federation.update_norm_bound"
+                                        "=median, with 3 or more replies) or absolute; larger ones are refused; "
+                                        "unset: no bound")
+    update_norm_bound: Literal["median", "absolute"] = opt(
+        "median", "how federation.max_update_norm is read: a factor on the round's (lower) median update norm, "
+        "which makes the round hold every reply before aggregating, or an absolute norm (replies stream)")
+    reorder_buffer: int = opt(64, "updates that arrive before an earlier client's are held (at most this many) "
+                              "so that a streaming aggregate sums them in client order: real, restarted and "
+                              "simulated runs then agree bit for bit; past it, arrival order (the round's record "
+                              "counts screen.out_of_order); 0: arrival order")
+    max_abs_value: float | None = opt(1e4, "largest magnitude of any value a reply holds for the global "
+                                      "adapter, in any dtype; replies beyond it are refused, and a round whose "
+                                      "aggregate is beyond it (or not finite) is not applied; unset: no bound")
 
     def validate(self) -> list[str]:
         p = []
@@ -108,6 +131,17 @@ class FederationConfig:
                 p.append(f"federation.{key}: got {getattr(self, key)}, must be > 0")
         if self.eval_every < 1:
             p.append(f"federation.eval_every: got {self.eval_every}, must be >= 1")
+        if self.reorder_buffer < 0:
+            p.append(f"federation.reorder_buffer: got {self.reorder_buffer}, must be >= 0 (0: arrival order)")
+        if self.max_examples < 1:
+            p.append(f"federation.max_examples: got {self.max_examples}, must be >= 1")
+        for key in ("max_update_norm", "max_abs_value"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                p.append(f"federation.{key}: got {value}, must be > 0 (or unset: no bound)")
+        if self.update_norm_bound == "median" and self.max_update_norm is not None and self.max_update_norm < 1:
+            p.append(f"federation.max_update_norm: got {self.max_update_norm}, a factor on the round's median "
+                     "update norm must be >= 1 (or set federation.update_norm_bound=absolute)")
         if 0 < self.silence_s <= self.heartbeat_s:
             p.append(f"federation.silence_s: got {self.silence_s}, must exceed federation.heartbeat_s "
                      f"({self.heartbeat_s}), or every node looks silent between two heartbeats")

@@ -164,3 +164,21 @@ class FakeDispatcher:
 
     def close(self) -> None:
         self.closed = True
+
+
+KEYS = ("m.q.lora_A.weight", "m.q.lora_B.weight")
+WEIGHTS = (1, 1, 2, 4)
+
+
+def start() -> State:
+    """The global state the driver tests start from: one LoRA layer, A all 0.5 and B zero."""
+    return {KEYS[0]: torch.full((2, 4), 0.5), KEYS[1]: torch.zeros(4, 2)}
+
+
+def trainer(k: int) -> Client:
+    """Client k "trains": it adds a dyadic step per client and round, and holds 1, 1, 2 or 4 examples, so that
+    weighted sums and their means stay exact in fp32 whatever the order of the replies."""
+    def train(ins: Instructions) -> ClientReply:
+        step = (k + 1) * 0.25 + ins.round * 0.125
+        return ClientReply(ins.client_id, ins.round, {name: v + step for name, v in ins.state.items()}, WEIGHTS[k])
+    return train

@@ -28,6 +28,7 @@ from fedtune.rounds import RoundPlan, RunResult, has_checkpoint, open_run, run_r
 from fedtune.server.coordinator import RoundCoordinator
 from fedtune.server.dispatch import FederationError, GrpcDispatcher
 from fedtune.strategies import make_strategy, spec_of, strategy_config
+from fedtune.strategies.screen import ReplyPolicy
 from fedtune.transport import FederationServer, Limits, start_server
 from fedtune.transport.security import check_exposure
 
@@ -93,7 +94,8 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round))
-    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every)
+    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
+                     policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer)
     coord, server = open_transport(cfg, security)
     allowlist = security.get("allowlist_file")
     mode = "TLS" if "cert_file" in security else "plaintext"

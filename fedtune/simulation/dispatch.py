@@ -41,7 +41,7 @@ class SimDispatcher:
         faults = {cid: inject(sim, rng) for cid in instructions}
         received = {cid: send_instructions(ins, encoding) for cid, ins in instructions.items()}
         answered = self.pool.run(round, [(cid, received[cid][0]) for cid in instructions if faults[cid] != "dropout"])
-        for cid in instructions:
+        for cid, ins in instructions.items():
             fault, bytes_down = faults[cid], received[cid][1]
             if fault == "dropout":
                 reply = failed_reply(cid, round, "dropped out (sim.dropout)")
@@ -57,8 +57,8 @@ class SimDispatcher:
                 reply.bytes_down = bytes_down
                 yield reply
                 continue
-            if fault in ("nan", "scale") and reply.state is not None:
-                reply = corrupt(reply, fault, sim.corrupt_scale)
+            if fault not in (None, "straggler") and reply.state is not None:
+                reply = corrupt(reply, fault, sim.corrupt_scale, ins.state)
             reply, bytes_up = send_reply(reply, phase, encoding)
             reply.bytes_up, reply.bytes_down = bytes_up, bytes_down
             yield reply

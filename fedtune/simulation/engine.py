@@ -37,11 +37,15 @@ from fedtune.simulation.dispatch import SimDispatcher
 from fedtune.simulation.pools import VirtualClient, clients_per_round, make_pool
 from fedtune.simulation.store import ClientStore
 from fedtune.strategies import make_strategy, spec_of, strategy_config
+from fedtune.strategies.screen import ReplyPolicy
 from fedtune.types import Instructions
 
 # Keys a resumed simulation may change: more rounds, evaluation, where and how clients run.
 RESUMABLE_CHANGES = ("out", "eval.", "sim.rounds", "sim.eval_every", "sim.workers", "sim.backend", "sim.ray_address",
-                     "server.", "federation.")
+                     "server.", "federation.rounds", "federation.min_clients", "federation.clients_per_round",
+                     "federation.round_timeout_s", "federation.wait_timeout_s", "federation.max_update_mb",
+                     "federation.heartbeat_s", "federation.silence_s", "federation.eval_every",
+                     "federation.reorder_buffer")  # the other federation.* keys bound what replies contribute
 
 
 def run_simulation(cfg: Config, console: Console, resume: Path | None = None) -> RunResult:
@@ -79,7 +83,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round))
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed,
-                     train=cfg.train, eval_every=cfg.sim.eval_every,
+                     train=cfg.train, eval_every=cfg.sim.eval_every, policy=ReplyPolicy.from_config(cfg.federation),
+                     reorder_buffer=cfg.federation.reorder_buffer,
                      # one client with all the data takes every federated client's steps
                      train_overrides={"max_steps": cfg.train.max_steps * clients_per_round(cfg), "epochs": None}
                      if mode == "centralized" else {})

@@ -202,7 +202,8 @@ def check_reply(reply: ClientReply, global_state: State, *, lowrank_any_rank: bo
     """Why ``reply`` cannot be aggregated against ``global_state``, or None if it can.
 
     Checks names (every key of ``keys``, default all of ``global_state``, present; nothing unknown), shapes
-    (exact, or with ``lowrank_any_rank`` any rank r_k with A (r_k x d_in) and B (d_out x r_k)), finiteness,
+    (exact, or with ``lowrank_any_rank`` any rank r_k with A (r_k x d_in) and B (d_out x r_k)), dtype kinds
+    (floating-point where the global tensor is), finiteness,
     masks (bool, same shape) and a positive ``num_examples``. Checking many replies against one global state,
     ``ReplyCheck`` does the per-round work once.
     """
@@ -234,10 +235,22 @@ class ReplyCheck:
         same_layout = list(state) == self.required and [v.shape for v in values] == self._shapes
         reason = None if same_layout else self._names_and_shapes(state)
         if reason is None:
+            reason = self._dtype_kinds(state)
+        if reason is None:
             reason = _non_finite(state, values)
         if reason is None and reply.mask is not None:
             reason = _mask_problem(reply.mask, state)
         return reason
+
+    def _dtype_kinds(self, state: State) -> str | None:
+        """A tensor that is not floating-point where the global one is (or the reverse): integer values would
+        skip the finiteness check and be added as numbers of any size."""
+        for k, v in state.items():
+            g = self.global_state.get(k)
+            if g is not None and v.is_floating_point() != g.is_floating_point():
+                return f"{k}: dtype {str(v.dtype).removeprefix('torch.')}, expected " + (
+                    "a floating-point tensor" if g.is_floating_point() else str(g.dtype).removeprefix("torch."))
+        return None
 
     def _names_and_shapes(self, state: State) -> str | None:
         """The first problem with the names or shapes of ``state``, or None."""

@@ -75,7 +75,7 @@ def test_scaled_update_is_contained_by_median(tmp_path: Path) -> None:
     attack = ("train.lr=1e-2", "sim.corrupt_prob=0.34", "sim.corrupt_kind=scale", "sim.corrupt_scale=100")
     _run(tmp_path / "clean", "strategy.name=median", "train.lr=1e-2")
     _run(tmp_path / "median", "strategy.name=median", *attack)
-    _run(tmp_path / "mean", "strategy.name=fedavg", *attack)
+    _run(tmp_path / "mean", "strategy.name=fedavg", "federation.max_update_norm=none", *attack)  # no norm bound
     clean = _adapter(tmp_path / "clean" / "run")
 
     def drift(name: str) -> float:
@@ -143,11 +143,40 @@ def test_optimizer_state_on_disk_matches_memory(tmp_path: Path) -> None:
     opts = ("sim.keep_optimizer_state=true", "train.max_steps=2")
     _run(tmp_path / "cpu", *opts)
     _, run = _run(tmp_path / "disk", *opts, "sim.optimizer_state_on=disk")
-    assert sorted(p.name for p in (run / "optimizer").iterdir()) == [f"client-{i}.r2.pt" for i in range(3)]
+    # round 2's state, and round 1's until round 3 is written (a kill before round 2's checkpoint resumes from it)
+    assert sorted(p.name for p in (run / "optimizer").iterdir()) == sorted(
+        f"client-{i}.r{r}.pt" for i in range(3) for r in (1, 2))
     a, b = _adapter(tmp_path / "cpu" / "run"), _adapter(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     fresh = _adapter(_run(tmp_path / "fresh", "train.max_steps=2")[1])
     assert any(not torch.equal(a[k], fresh[k]) for k in a), "kept optimizer state must change round 2"
+
+
+def test_a_kill_before_a_checkpoint_resumes_kept_optimizer_state_on_disk_bit_for_bit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 2's optimizer files are written, then the run dies before round 2's checkpoint: the resumed run
+    needs round 1's files, and ends as an uninterrupted run does."""
+    from fedtune import rounds
+
+    opts = ("sim.keep_optimizer_state=true", "sim.optimizer_state_on=disk", "train.max_steps=2", "sim.rounds=3")
+    save = rounds.save_checkpoint
+
+    def killed_at_round_2(path: Path, ckpt) -> None:  # type: ignore[no-untyped-def]
+        if ckpt.round == 2:
+            raise KeyboardInterrupt("killed before round 2's checkpoint")
+        save(path, ckpt)
+
+    monkeypatch.setattr(rounds, "save_checkpoint", killed_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "killed", *opts)
+    monkeypatch.setattr(rounds, "save_checkpoint", save)
+    assert {p.name for p in (tmp_path / "killed" / "run" / "optimizer").iterdir()} >= {"client-0.r2.pt"}
+    cfg = load_config(SCENARIO, [f"out={tmp_path / 'killed' / 'run'}", "train.max_steps=1", "eval.samples=0", *opts])
+    resumed = run_simulation(cfg, QUIET, resume=tmp_path / "killed" / "run")
+    straight, _ = _run(tmp_path / "straight", *opts)
+    a, b = _adapter(tmp_path / "killed" / "run"), _adapter(tmp_path / "straight" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["eval_loss"] for r in resumed.rounds] == [r["eval_loss"] for r in straight.rounds]
 
 
 def test_baselines_centralized_and_local_only(tmp_path: Path) -> None:

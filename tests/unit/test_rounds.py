@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import FakeDispatcher, FakeModel
+from fakes import KEYS, FakeDispatcher, FakeModel, start, trainer
 from rich.console import Console
 
 from fedtune.checkpoint import load_checkpoint
@@ -19,23 +19,8 @@ from fedtune.strategies import StrategyConfig, make_strategy
 from fedtune.strategies.base import PhaseResult, StrategyBase
 from fedtune.types import ClientReply, Instructions
 
-KEYS = ("m.q.lora_A.weight", "m.q.lora_B.weight")
 CLIENTS = ("c0", "c1", "c2", "c3")
-WEIGHTS = (1, 1, 2, 4)
 QUIET = Console(file=io.StringIO())
-
-
-def start() -> dict[str, torch.Tensor]:
-    return {KEYS[0]: torch.full((2, 4), 0.5), KEYS[1]: torch.zeros(4, 2)}
-
-
-def trainer(k: int):
-    """Client k "trains": it adds a dyadic step per client and round, and holds 1, 1, 2 or 4 examples, so that
-    weighted sums and their means stay exact in fp32 whatever the order of the replies."""
-    def train(ins: Instructions) -> ClientReply:
-        step = (k + 1) * 0.25 + ins.round * 0.125
-        return ClientReply(ins.client_id, ins.round, {name: v + step for name, v in ins.state.items()}, WEIGHTS[k])
-    return train
 
 
 def surveyed(k: int):
