@@ -34,7 +34,7 @@ SCENARIO = ROOT / "simulations" / "tiny.toml"
 QUIET = Console(file=open(os.devnull, "w"), width=200)  # noqa: SIM115
 BASE = ["train.max_steps=2", "eval.samples=0", "sim.num_clients=3", "sim.rounds=3", "sim.partitioner=iid",
         "data.max_records=90", "federation.rounds=3", "federation.min_clients=3", "federation.round_timeout_s=120",
-        "federation.wait_timeout_s=120", "client.max_backoff_s=1"]
+        "federation.wait_timeout_s=300", "client.max_backoff_s=1"]
 
 
 def free_port() -> int:
@@ -74,7 +74,7 @@ def wait_for(pred, timeout: float, what: str, every: float = 0.2) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def finish(procs: dict[str, subprocess.Popen], logs: Path, timeout: float = 150) -> dict[str, int]:
+def finish(procs: dict[str, subprocess.Popen], logs: Path, timeout: float = 600) -> dict[str, int]:
     """Wait for every process; on a timeout kill them all and show their logs."""
     end = time.monotonic() + timeout
     codes = {}
@@ -181,7 +181,7 @@ def test_server_killed_and_restarted_resumes_to_the_same_adapter(simulated, tmp_
     port = free_port()
     procs = start_federation(tmp_path, data, port, server_extra=SLOW_ROUNDS)
     run = tmp_path / "run"
-    killed_after = kill_after_round(procs, "server", 1, tmp_path, timeout=120)
+    killed_after = kill_after_round(procs, "server", 1, tmp_path, timeout=400)
     assert killed_after < 3, "the server finished before it was killed: nothing was tested"
     time.sleep(1.0)
     procs["server"] = fedtune("server", str(SCENARIO), *BASE, *SLOW_ROUNDS, f"out={run}",
@@ -276,7 +276,7 @@ def test_restarted_client_is_sent_every_base_update(simulated, tmp_path: Path) -
     # a long silence limit: the killed node stays in the round it was given until its restart takes it over
     procs = start_federation(tmp_path, data, port, server_extra=[*flora, "federation.silence_s=90"])
     run = tmp_path / "run"
-    killed_after = kill_after_round(procs, "client-1", 2, tmp_path, timeout=150)
+    killed_after = kill_after_round(procs, "client-1", 2, tmp_path, timeout=400)
     procs["client-1"] = start_client(tmp_path, data, port, "client-1", log="client-1-restarted.log")
     finish(procs, tmp_path, timeout=240)
     assert killed_after < 4, "the federation finished before the client was killed: nothing was tested"

@@ -78,7 +78,7 @@ def test_server_and_clients_in_separate_namespaces_over_tls(tmp_path: Path) -> N
                                    "client.server=10.77.1.1:7443", f"client.keys_dir={keys}")
         procs["client-1"] = run_in(c2, "client-1.log", "client", *common, "client.name=client-1",
                                    "client.server=10.77.2.1:7443", f"client.keys_dir={keys}")
-        finish(procs, tmp_path, timeout=150)
+        finish(procs, tmp_path, timeout=600)
     finally:
         for p in procs.values():
             if p.poll() is None:
