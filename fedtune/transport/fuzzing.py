@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import torch
@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport.bulk import DATA, END, HEADER, MAGIC, META
-from fedtune.transport.client import FederationClient
+from fedtune.transport.client import Backoff, FederationClient
 from fedtune.transport.codec import encode_state
 from fedtune.transport.security import SESSION_METADATA_KEY, sign_challenge
 from fedtune.transport.server import SERVICE
@@ -139,7 +139,7 @@ class Fuzzer:
         self.report = FuzzReport()
         self._channel: grpc.Channel | None = None
 
-    def __enter__(self) -> Fuzzer:
+    def __enter__(self) -> Self:
         self.node.connect()
         self._channel = grpc.insecure_channel(self.address)
         return self
@@ -164,10 +164,9 @@ class Fuzzer:
         return mutate_bytes(data, self.rng) if self.rng.random() < 0.4 else data
 
     def _update_frames(self) -> list[bytes]:
-        rnd = self.node.heartbeat().round
-        header = fpb.UpdateHeader(round=rnd, phase="train", node=self.name, num_examples=4)
+        state, header = self._valid_update()
         chunks = [fpb.UpdateChunk(header=header)]
-        chunks += [fpb.UpdateChunk(tensor=c) for c in encode_state(STATE, chunk_size=self.rng.choice([16, 64, 4096]))]
+        chunks += [fpb.UpdateChunk(tensor=c) for c in encode_state(state, chunk_size=self.rng.choice([16, 64, 4096]))]
         target = self.rng.randrange(len(chunks))
         inner = chunks[target].header if chunks[target].HasField("header") else chunks[target].tensor
         frames = [c.SerializeToString() for c in chunks]
@@ -185,6 +184,14 @@ class Fuzzer:
             i, j = self.rng.sample(range(len(frames)), 2)
             frames[i], frames[j] = frames[j], frames[i]
         return frames
+
+    def _valid_update(self) -> tuple[dict[str, torch.Tensor], fpb.UpdateHeader]:
+        """What an honest answer to this node's open instructions would hold (made-up tensors without any)."""
+        ins = self.node.poll(wait_s=0.0)
+        rnd = ins.round if ins is not None else self.node.heartbeat().round
+        state = dict(ins.state) if ins is not None and ins.state else STATE
+        phase = ins.phase if ins is not None else "train"
+        return state, fpb.UpdateHeader(round=rnd, phase=phase, node=self.name, num_examples=4)
 
     # -- the calls -----------------------------------------------------------------------------------
     def _unary(self, rpc: str, payload: bytes, metadata: list[tuple[str, str]] | None = None) -> None:
@@ -241,10 +248,10 @@ class Fuzzer:
         port = self.node._bulk_port
         if not port:
             return
+        state, header = self._valid_update()
         token = (self.node._token or "").encode()
-        header = fpb.UpdateHeader(round=self.node.heartbeat().round, phase="train", node=self.name, num_examples=4)
         records = [struct.pack("<BI", HEADER, header.ByteSize()) + header.SerializeToString()]
-        for c in encode_state(STATE, chunk_size=64):
+        for c in encode_state(state, chunk_size=64):
             if c.HasField("meta"):
                 meta = c.meta
                 if self.rng.random() < 0.3:
@@ -273,3 +280,115 @@ class Fuzzer:
         for _ in range(n):
             self.rng.choice(actions)()
         return self.report
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    """(current, peak) resident bytes of process ``pid`` (``/proc``)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = int(line.split()[1]) * 1024
+    return out.get("VmRSS", 0), out.get("VmHWM", 0)
+
+
+def _rounds(run: Path) -> int:
+    """Rounds recorded in ``run/metrics.jsonl`` (round 0, the start, not counted)."""
+    import json
+
+    path, n = run / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            n += json.loads(line).get("round", 0) >= 1
+        except ValueError:  # a line being written
+            pass
+    return n
+
+
+def fuzz_federation(workdir: Path, scenario: Path, *, messages: int, seed: int = 0, honest: int = 2,
+                    baseline_s: float = 20.0, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A real ``fedtune server`` (allow-list, plaintext on loopback, config ``scenario``) with ``honest``
+    nodes answering every round, ``baseline_s`` seconds alone, then ``messages`` mutated messages from an
+    enrolled fuzzing node. Returns the counts, the server's memory and the honest rounds per minute
+    without and with the fuzzer; the server is stopped at the end.
+    """
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from fedtune.config import fingerprint, load_config
+    from fedtune.transport.errors import MessageRejected, TransportError
+    from fedtune.transport.keys import create_keys
+    from fedtune.types import ClientReply
+
+    names = [f"client-{i}" for i in range(honest)]
+    keys = create_keys(workdir / "keys", [*names, "fuzz-0"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    common = [str(scenario), "eval.samples=0", "server.eval_data=false", "federation.rounds=100000",
+              f"federation.min_clients={honest}", "federation.round_timeout_s=20", "federation.wait_timeout_s=600",
+              "federation.heartbeat_s=1", "federation.silence_s=30", *overrides]
+    fp = fingerprint(load_config(scenario, common[1:]))
+    log = (workdir / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "fedtune.cli_federation", "server", *common,
+                               f"out={workdir / 'run'}", f"server.address={address}", f"server.keys_dir={keys}",
+                               "server.insecure=true"], stdout=log, stderr=subprocess.STDOUT)
+    stop = threading.Event()
+    honest_errors: list[str] = []
+
+    def node(name: str) -> None:
+        try:
+            with FederationClient(address, name, fingerprint=fp, key=keys / "nodes" / f"{name}.key",
+                                  backoff=Backoff(max_s=1.0, max_attempts=600)) as fc:
+                while not stop.is_set():
+                    ins = fc.poll(wait_s=1.0)
+                    if ins is not None and ins.phase != "stop":
+                        try:
+                            fc.submit(ClientReply(name, ins.round, dict(ins.state), 5), phase=ins.phase)
+                        except MessageRejected as e:  # e.g. past the deadline: the next round comes
+                            honest_errors.append(f"{name}: round {ins.round}: {e.reason}")
+        except TransportError as e:
+            if not stop.is_set():
+                honest_errors.append(f"{name}: {e.reason}")
+
+    threads = [threading.Thread(target=node, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    out: dict[str, Any] = {"messages": messages, "seed": seed, "honest_nodes": honest}
+    try:
+        end = time.monotonic() + 600
+        while _rounds(workdir / "run") < 1:  # the server is up and the honest nodes are in
+            if server.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"the server did not start a round (exit code {server.poll()})")
+            time.sleep(0.5)
+        r0, t0 = _rounds(workdir / "run"), time.monotonic()
+        time.sleep(baseline_s)
+        r1, t1 = _rounds(workdir / "run"), time.monotonic()
+        rss0, _ = _rss(server.pid)
+        with Fuzzer(address, fp, key=keys / "nodes" / "fuzz-0.key", seed=seed) as fz:
+            report = fz.run(messages)
+        r2, t2 = _rounds(workdir / "run"), time.monotonic()
+        alive = server.poll() is None
+        rss1, peak = _rss(server.pid) if alive else (0, 0)
+        out.update(
+            server_alive=alive, internal=report.total("INTERNAL"), unknown=report.total("UNKNOWN"),
+            hangs=report.total("DEADLINE_EXCEEDED"), unavailable=report.total("UNAVAILABLE"),
+            outcomes={k: dict(v) for k, v in report.outcomes.items()}, examples=report.examples,
+            rss_before_mib=rss0 / 2**20, rss_after_mib=rss1 / 2**20, rss_peak_mib=peak / 2**20,
+            rounds_baseline=r1 - r0, rounds_fuzzing=r2 - r1, fuzz_seconds=t2 - t1,
+            rounds_per_min_baseline=60 * (r1 - r0) / (t1 - t0), rounds_per_min_fuzzing=60 * (r2 - r1) / (t2 - t1),
+            honest_errors=honest_errors)
+    finally:
+        stop.set()
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        for t in threads:
+            t.join(10)
+        log.close()
+    return out

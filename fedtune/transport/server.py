@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
@@ -275,9 +276,19 @@ def _raw(b: bytes) -> bytes:
 
 
 def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The generated handlers, except that the two streaming calls exchange pre-serialized frames."""
+    """The generated handlers, except that the two streaming calls exchange pre-serialized frames, and that
+    a request that does not parse is the peer's mistake (INVALID_ARGUMENT), not an INTERNAL error."""
+    def parsed(fn: Any, req: Any) -> Any:
+        def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                request = req.FromString(raw)
+            except DecodeError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, clean(f"malformed {req.__name__}: {e}"))
+            return fn(request, context)
+        return handler
+
     def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(fn, req.FromString, lambda m: m.SerializeToString())
+        return grpc.unary_unary_rpc_method_handler(parsed(fn, req), _raw, lambda m: m.SerializeToString())
 
     return {
         "Challenge": unary(servicer.Challenge, fpb.ChallengeRequest),
@@ -285,7 +296,7 @@ def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHan
         "Heartbeat": unary(servicer.Heartbeat, fpb.HeartbeatRequest),
         "Status": unary(servicer.Status, fpb.StatusRequest),
         "GetInstructions": grpc.unary_stream_rpc_method_handler(
-            servicer.GetInstructions, fpb.InstructionsRequest.FromString, _raw),
+            parsed(servicer.GetInstructions, fpb.InstructionsRequest), _raw, _raw),
         "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.SubmitUpdate, _raw, fpb.SubmitAck.SerializeToString),
     }
