@@ -25,7 +25,12 @@ def main() -> None:
     ap.add_argument("--honest", type=int, default=2)
     ap.add_argument("--baseline-s", type=float, default=30.0)
     args = ap.parse_args()
+    import logging
+
     from fedtune.transport.fuzzing import fuzz_federation
+
+    # the honest nodes' "server unreachable, retrying" while the server starts and after it stops
+    logging.getLogger("fedtune.transport.client").setLevel(logging.ERROR)
 
     work = Path(tempfile.mkdtemp(prefix="fedfuzz-"))
     out = fuzz_federation(work, ROOT / "simulations" / "tiny.toml", messages=args.messages, seed=args.seed,
