@@ -124,3 +124,12 @@ def test_challenge_answers_listed_unknown_and_revoked_names_alike(keys, server) 
         assert len(set(details.values())) == 1, details
     with pytest.raises(PermissionDeniedError, match="revoked"):  # only carol's own key learns it was revoked
         _client(keys, server, "carol").connect()
+
+
+def test_rerunning_keys_marks_an_older_operator_key_observer(tmp_path) -> None:
+    out = create_keys(tmp_path / "k", ["site-a", "operator"])  # how `fedtune keys` listed it before
+    key = (out / "nodes" / "operator.key").read_bytes()
+    assert not read_allowlist(out / "allowlist.txt")["operator"].observer
+    create_keys(out, [], observers=["operator"])
+    assert read_allowlist(out / "allowlist.txt")["operator"].observer
+    assert (out / "nodes" / "operator.key").read_bytes() == key
