@@ -111,6 +111,29 @@ def _guard(fn: _F) -> _F:
     return unary  # type: ignore[return-value]
 
 
+class RefusalLog:
+    """Refused registrations in the log, at most ``per_minute`` lines a minute: the rest are counted in one
+    line when the next minute starts, so a flood of bad registrations cannot grow the log without bound."""
+
+    def __init__(self, per_minute: int = 20) -> None:
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._start, self._shown, self._hidden = time.monotonic(), 0, 0
+
+    def add(self, peer: str, reason: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start >= 60.0:
+                if self._hidden:
+                    log.warning("%d more registration(s) refused in the last minute (not shown)", self._hidden)
+                self._start, self._shown, self._hidden = now, 0, 0
+            if self._shown >= self.per_minute:
+                self._hidden += 1
+                return
+            self._shown += 1
+        log.warning("registration from %s refused: %s", clean(peer, 100), clean(reason))
+
+
 class FederationServicer(fpb_grpc.FederationServicer):
     """gRPC servicer of ``fedtune.v1.Federation``; see the module docstring."""
 
@@ -129,6 +152,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads) if max_concurrent_uploads else None
         self.upload_queue_timeout_s = upload_queue_timeout_s
         self.bulk_port = 0  # set by ``start_server`` when it opens the bulk lane
+        self.refusals = RefusalLog()
 
     def _session(self, context: grpc.ServicerContext) -> Session:
         token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
@@ -144,6 +168,13 @@ class FederationServicer(fpb_grpc.FederationServicer):
 
     @_guard
     def Register(self, request: fpb.RegisterRequest, context: grpc.ServicerContext) -> fpb.RegisterReply:
+        try:
+            return self._register(request)
+        except TransportError as e:
+            self.refusals.add(context.peer(), e.reason)
+            raise
+
+    def _register(self, request: fpb.RegisterRequest) -> fpb.RegisterReply:
         for what, value, most in (("nonce", request.nonce, NONCE_BYTES), ("signature", request.signature, 64),
                                   ("public_key", request.public_key, 32),
                                   ("config_fingerprint", request.config_fingerprint, MAX_FINGERPRINT)):
