@@ -34,6 +34,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an adapter folder (or the base model alone) on the held-out split of the configured data."""
     from peft import PeftModel
     from rich.console import Console
+    from rich.markup import escape
 
     from fedtune.eval import evaluate, generate_answers
     from fedtune.models import load_base
@@ -55,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if cfg.model.task == "causal_lm" and prompts:
         for p, a in zip(prompts, generate_answers(model, tok, prompts, device=device,
                                                   max_new_tokens=cfg.eval.max_new_tokens), strict=True):
-            console.print(f"[bold]Q:[/] {p}\n[green]A:[/] {a}")
+            console.print(f"[bold]Q:[/] {escape(p)}\n[green]A:[/] {escape(a)}")  # data and model text: no markup
     return 0
 
 

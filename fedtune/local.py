@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -96,5 +97,5 @@ def print_summary(console: Console, cfg: Config, s: TrainSummary, adapter_bytes:
                   f"{int(s.train['tokens'])} tokens in {s.train['seconds']:.1f} s "
                   f"({s.train['tokens_per_s']:.0f} tokens/s); adapter {adapter_bytes / 2**20:.2f} MiB")
     for prompt, b, a in zip(s.prompts, s.samples_before, s.samples_after, strict=False):
-        console.print(f"[bold]Q:[/] {prompt}\n  [dim]before:[/] {b}\n  [green]after:[/]  {a}")
+        console.print(f"[bold]Q:[/] {escape(prompt)}\n  [dim]before:[/] {escape(b)}\n  [green]after:[/]  {escape(a)}")
     console.print(f"run folder: {cfg.out} (config.toml, metrics.jsonl, adapter/)")

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -142,7 +143,7 @@ def print_summary(console: Console, title: str, result: Any) -> None:
         console.print(f"communication: {(up + down) / 2**20:.1f} MiB in total; full-model FedAvg would have sent "
                       f"{full / 2**20:.0f} MiB ({full / max(1.0, up + down):.0f}x more)")
     for prompt, b, a in zip(result.prompts, result.samples_before, result.samples_after, strict=False):
-        console.print(f"[bold]Q:[/] {prompt}\n  [dim]before:[/] {b}\n  [green]after:[/]  {a}")
+        console.print(f"[bold]Q:[/] {escape(prompt)}\n  [dim]before:[/] {escape(b)}\n  [green]after:[/]  {escape(a)}")
     for note in result.notes:
         console.print(clean(note), highlight=False, markup=False)
     console.print(f"run folder: {result.run_dir} (config.toml, metrics.jsonl, adapter/, plot.png)", highlight=False)

@@ -153,7 +153,8 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                     overridden = {k: v for k, v in ins.train.items() if getattr(cfg.train, k, v) != v}
                     if overridden and overridden != told:
                         console.print(f"node {c.name}: round {ins.round} trains per the server's instructions: "
-                                      + ", ".join(f"train.{k}={v} (this site's config: {getattr(cfg.train, k)})"
+                                      + ", ".join(f"train.{shown(k, MAX_NAME)}={shown(v, 200)} (this site's "
+                                                  f"config: {shown(getattr(cfg.train, k), 200)})"
                                                   for k, v in overridden.items()), highlight=False)
                     told = overridden
                     reply = run_phase(ctx, ins)

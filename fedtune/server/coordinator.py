@@ -134,8 +134,7 @@ class RoundCoordinator:
             with self._cond:
                 self.refused_registrations.append(refused.reason)  # bounded, as every transport reason
                 self.refusals += 1
-            log.warning("%s", refused.reason)
-            raise refused
+            raise refused  # the servicer logs it (rate-limited)
         with self._cond:
             first = node not in self._clients
             self._clients[node] = time.time()

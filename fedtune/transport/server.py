@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import federation_pb2_grpc as fpb_grpc
@@ -110,6 +111,29 @@ def _guard(fn: _F) -> _F:
     return unary  # type: ignore[return-value]
 
 
+class RefusalLog:
+    """Refused registrations in the log, at most ``per_minute`` lines a minute: the rest are counted in one
+    line when the next minute starts, so a flood of bad registrations cannot grow the log without bound."""
+
+    def __init__(self, per_minute: int = 20) -> None:
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._start, self._shown, self._hidden = time.monotonic(), 0, 0
+
+    def add(self, peer: str, reason: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start >= 60.0:
+                if self._hidden:
+                    log.warning("%d more registration(s) refused in the last minute (not shown)", self._hidden)
+                self._start, self._shown, self._hidden = now, 0, 0
+            if self._shown >= self.per_minute:
+                self._hidden += 1
+                return
+            self._shown += 1
+        log.warning("registration from %s refused: %s", clean(peer, 100), clean(reason))
+
+
 class FederationServicer(fpb_grpc.FederationServicer):
     """gRPC servicer of ``fedtune.v1.Federation``; see the module docstring."""
 
@@ -128,6 +152,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads) if max_concurrent_uploads else None
         self.upload_queue_timeout_s = upload_queue_timeout_s
         self.bulk_port = 0  # set by ``start_server`` when it opens the bulk lane
+        self.refusals = RefusalLog()
 
     def _session(self, context: grpc.ServicerContext) -> Session:
         token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
@@ -143,6 +168,13 @@ class FederationServicer(fpb_grpc.FederationServicer):
 
     @_guard
     def Register(self, request: fpb.RegisterRequest, context: grpc.ServicerContext) -> fpb.RegisterReply:
+        try:
+            return self._register(request)
+        except TransportError as e:
+            self.refusals.add(context.peer(), e.reason)
+            raise
+
+    def _register(self, request: fpb.RegisterRequest) -> fpb.RegisterReply:
         for what, value, most in (("nonce", request.nonce, NONCE_BYTES), ("signature", request.signature, 64),
                                   ("public_key", request.public_key, 32),
                                   ("config_fingerprint", request.config_fingerprint, MAX_FINGERPRINT)):
@@ -275,9 +307,19 @@ def _raw(b: bytes) -> bytes:
 
 
 def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The generated handlers, except that the two streaming calls exchange pre-serialized frames."""
+    """The generated handlers, except that the two streaming calls exchange pre-serialized frames, and that
+    a request that does not parse is the peer's mistake (INVALID_ARGUMENT), not an INTERNAL error."""
+    def parsed(fn: Any, req: Any) -> Any:
+        def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                request = req.FromString(raw)
+            except DecodeError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, clean(f"malformed {req.__name__}: {e}"))
+            return fn(request, context)
+        return handler
+
     def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(fn, req.FromString, lambda m: m.SerializeToString())
+        return grpc.unary_unary_rpc_method_handler(parsed(fn, req), _raw, lambda m: m.SerializeToString())
 
     return {
         "Challenge": unary(servicer.Challenge, fpb.ChallengeRequest),
@@ -285,7 +327,7 @@ def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHan
         "Heartbeat": unary(servicer.Heartbeat, fpb.HeartbeatRequest),
         "Status": unary(servicer.Status, fpb.StatusRequest),
         "GetInstructions": grpc.unary_stream_rpc_method_handler(
-            servicer.GetInstructions, fpb.InstructionsRequest.FromString, _raw),
+            parsed(servicer.GetInstructions, fpb.InstructionsRequest), _raw, _raw),
         "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.SubmitUpdate, _raw, fpb.SubmitAck.SerializeToString),
     }

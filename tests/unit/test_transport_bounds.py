@@ -79,3 +79,19 @@ def test_oversized_registration_fields_are_refused_before_use() -> None:
                 assert e.value.details().startswith(f"{field} has length"), e.value.details()
     finally:
         server.stop(0)
+
+
+@pytest.mark.integration
+def test_a_request_that_does_not_parse_is_invalid_argument_not_internal() -> None:
+    server = start_server(StaticCoordinator(fingerprint=FP), "127.0.0.1:0", max_workers=4, bulk_port=None)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            for rpc in ("Challenge", "Register", "Heartbeat", "Status"):
+                with pytest.raises(grpc.RpcError) as e:
+                    ch.unary_unary(f"/fedtune.v1.Federation/{rpc}")(b"\xff\xff\xff", timeout=10)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                list(ch.unary_stream("/fedtune.v1.Federation/GetInstructions")(b"\xff\xff\xff", timeout=10))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(0)

@@ -124,3 +124,28 @@ def test_challenge_answers_listed_unknown_and_revoked_names_alike(keys, server) 
         assert len(set(details.values())) == 1, details
     with pytest.raises(PermissionDeniedError, match="revoked"):  # only carol's own key learns it was revoked
         _client(keys, server, "carol").connect()
+
+
+def test_rerunning_keys_marks_an_older_operator_key_observer(tmp_path) -> None:
+    out = create_keys(tmp_path / "k", ["site-a", "operator"])  # how `fedtune keys` listed it before
+    key = (out / "nodes" / "operator.key").read_bytes()
+    assert not read_allowlist(out / "allowlist.txt")["operator"].observer
+    create_keys(out, [], observers=["operator"])
+    assert read_allowlist(out / "allowlist.txt")["operator"].observer
+    assert (out / "nodes" / "operator.key").read_bytes() == key
+
+
+def test_refused_registrations_are_logged_at_a_bounded_rate(keys, server, caplog) -> None:
+    import logging
+
+    creds = grpc.ssl_channel_credentials((keys / "ca.pem").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="fedtune.transport.server"), \
+            grpc.secure_channel(f"127.0.0.1:{server.port}", creds) as ch:
+        stub = fpb_grpc.FederationStub(ch)
+        for i in range(60):
+            nonce = stub.Challenge(fpb.ChallengeRequest(node=f"intruder-{i}"), timeout=10).nonce
+            with pytest.raises(grpc.RpcError):
+                stub.Register(fpb.RegisterRequest(node=f"intruder-{i}", nonce=nonce, signature=b"\0" * 64), timeout=10)
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == server.servicer.refusals.per_minute == 20
+    assert lines[0].startswith("registration from ipv4:127.0.0.1:") and "'intruder-0' could not authenticate" in lines[0]

@@ -83,3 +83,16 @@ def test_an_allowlist_with_a_bad_name_is_refused_naming_the_line(tmp_path: Path)
 def test_client_name_follows_the_rule() -> None:
     with pytest.raises(ConfigError, match="client.name: node name 'a#b' is not valid"):
         load_config(None, ["client.name=a#b"])
+
+
+def test_the_summary_prints_sample_answers_holding_markup() -> None:
+    from types import SimpleNamespace
+
+    from fedtune.report import print_summary
+
+    out = io.StringIO()
+    result = SimpleNamespace(rounds=[], before={}, after={}, run_dir="run", prompts=["say [/INST]"],
+                             samples_before=["[/x] before"], samples_after=["[bold]after"], notes=["[/y] note"])
+    print_summary(Console(file=out, width=200), "t", result)
+    text = out.getvalue()
+    assert "say [/INST]" in text and "[/x] before" in text and "[bold]after" in text and "[/y] note" in text
