@@ -4,9 +4,9 @@ The federation of ``benchmarks/quality.py`` (ChatterBot by category, LoRA r=8 on
 5e-3; SmolLM2-135M, or the tiny random Llama with ``--model tiny-llama``) with the last 20% of its clients
 byzantine (``sim.byzantine``): each round each of them sends one of (``sim.corrupt_kind=mixed``) its values
 scaled by ``--scale``, its update sign-flipped and scaled by ``--scale``, NaN, or that flipped update declaring
-2^63-1 examples. Arms: the clean run (fedavg, nobody attacks); fedavg as before this benchmark's bounds
-(``federation.max_update_norm`` and ``max_abs_value`` off); fedavg with the bounds (default
-``federation.*``), with declared weights or equal weights; median, trimmed mean (``--trim``) and multi-Krum
+2^63-1 examples. Arms: ``clean`` (fedavg, nobody attacks); ``fedavg-unbounded`` (fedavg as before the
+reply bounds: ``federation.max_update_norm`` and ``max_abs_value`` off); ``fedavg`` with the default bounds
+(declared weights capped at ``federation.max_examples``) and ``fedavg-equal`` (equal weights); median, trimmed mean (``--trim``) and multi-Krum
 (``krum_f`` = the number of attackers), each with the default bounds too. The score is the final global
 held-out eval loss; the target is the best defended arm within 2% of the clean run's.
 
@@ -36,9 +36,9 @@ UNBOUNDED = ["federation.max_update_norm=none", "federation.max_abs_value=none"]
 def arms(attackers: int, trim: float) -> dict[str, list[str]]:
     return {
         "clean": ["strategy.name=fedavg", "sim.byzantine=0"],
-        "fedavg, no bounds": ["strategy.name=fedavg", *UNBOUNDED],
+        "fedavg-unbounded": ["strategy.name=fedavg", *UNBOUNDED],
         "fedavg": ["strategy.name=fedavg"],
-        "fedavg, equal weights": ["strategy.name=fedavg", "federation.weighting=equal"],
+        "fedavg-equal": ["strategy.name=fedavg", "federation.weighting=equal"],
         "median": ["strategy.name=median"],
         "trimmed_mean": ["strategy.name=trimmed_mean", f"strategy.trim_fraction={trim}"],
         "multikrum": ["strategy.name=multikrum", f"strategy.krum_f={attackers}"],
@@ -114,7 +114,7 @@ def main() -> None:
         print(f"{name}: {res['before']:.4f} -> {res['after']:.4f}, {res['refused']} refused, "
               f"{res['not_applied']} rounds not applied ({res['wall_s']:.0f} s)", flush=True)
     clean = results.get("clean", {}).get("after")
-    defended = {k: v["after"] for k, v in results.items() if k not in ("clean", "fedavg, no bounds")}
+    defended = {k: v["after"] for k, v in results.items() if k not in ("clean", "fedavg-unbounded")}
 
     def gap(loss: float | None) -> str:
         if clean is None or loss is None or not math.isfinite(loss):
