@@ -50,6 +50,8 @@ class SimConfig:
         "sim.corrupt_scale (flip), values of 1.7e19 (huge), a flipped update declaring 2^63-1 examples (weight), "
         "or one of scale, flip, nan, weight drawn per corrupted reply (mixed)")
     corrupt_scale: float = opt(100.0, "factor of a scaled or flipped corrupted update")
+    byzantine: int = opt(0, "the last this many clients corrupt every update they send (sim.corrupt_kind), on top "
+                         "of sim.corrupt_prob's random corruptions")
     keep_optimizer_state: bool = opt(False, "each client keeps its own optimizer state across rounds")
     optimizer_state_on: Literal["cpu", "disk"] = opt(
         "cpu", "where per-client state (kept optimizer states, update-pipeline state) lives: cpu memory, or disk "
@@ -67,6 +69,8 @@ class SimConfig:
                      f"({self.num_clients})")
         if self.rounds < 1:
             p.append(f"sim.rounds: got {self.rounds}, must be >= 1")
+        if not 0 <= self.byzantine <= self.num_clients:
+            p.append(f"sim.byzantine: got {self.byzantine}, must be in [0, sim.num_clients={self.num_clients}]")
         if self.workers < 1:
             p.append(f"sim.workers: got {self.workers}, must be >= 1")
         for key in ("dropout", "straggler_prob", "corrupt_prob"):

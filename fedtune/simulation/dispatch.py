@@ -38,7 +38,8 @@ class SimDispatcher:
     def dispatch(self, round: int, phase: str, instructions: dict[str, Instructions]) -> Iterator[ClientReply]:
         sim, encoding = self.cfg.sim, self.cfg.client.encoding
         rng = fault_rng(self.cfg.seed, round, phase)
-        faults = {cid: inject(sim, rng) for cid in instructions}
+        attackers = set(self.ids[len(self.ids) - sim.byzantine:]) if sim.byzantine else set()
+        faults = {cid: inject(sim, rng, byzantine=cid in attackers) for cid in instructions}
         received = {cid: send_instructions(ins, encoding) for cid, ins in instructions.items()}
         answered = self.pool.run(round, [(cid, received[cid][0]) for cid in instructions if faults[cid] != "dropout"])
         for cid, ins in instructions.items():

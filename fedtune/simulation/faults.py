@@ -27,12 +27,14 @@ def fault_rng(seed: int, round: int, phase: str) -> random.Random:
     return random.Random(f"fedtune-faults/{seed}/{round}/{phase}")
 
 
-def inject(sim: SimConfig, rng: random.Random) -> Fault:
-    """The fault (if any) that hits the next client: three draws per client whatever the settings."""
+def inject(sim: SimConfig, rng: random.Random, *, byzantine: bool = False) -> Fault:
+    """The fault (if any) that hits the next client: three draws per client whatever the settings (a fourth
+    for the kind of a ``mixed`` corruption). A ``byzantine`` client (one of the last ``sim.byzantine``)
+    corrupts every update it sends."""
     drop, slow, corrupt = rng.random(), rng.random(), rng.random()
     if drop < sim.dropout:
         return "dropout"
-    if corrupt < sim.corrupt_prob:
+    if byzantine or corrupt < sim.corrupt_prob:
         return rng.choice(ATTACKS) if sim.corrupt_kind == "mixed" else sim.corrupt_kind
     if slow < sim.straggler_prob:
         return "straggler"

@@ -156,3 +156,25 @@ def test_the_policy_comes_from_the_federation_section() -> None:
     text = str(err.value)
     assert "federation.max_examples" in text and "federation.max_update_norm" in text
     assert "federation.max_abs_value" in text
+
+
+def test_the_simulator_injects_each_attack() -> None:
+    import random
+
+    from fedtune.config import SimConfig
+    from fedtune.simulation.faults import ATTACKS, inject
+
+    sent = start()
+    reply = trainer(1)(Instructions(1, "m", sent))
+    assert reply.state is not None
+    delta = reply.state[KEYS[0]] - sent[KEYS[0]]
+    flipped = corrupt(reply, "flip", 4.0, sent)
+    assert flipped.state is not None and torch.equal(flipped.state[KEYS[0]], sent[KEYS[0]] - 4.0 * delta)
+    weighted = corrupt(reply, "weight", 4.0, sent)
+    assert weighted.num_examples == 2**63 - 1 and torch.equal(weighted.state[KEYS[0]], flipped.state[KEYS[0]])
+    huge = corrupt(reply, "huge", 1.0, sent)
+    assert huge.state is not None and bool((huge.state[KEYS[1]] == HUGE).all())
+    rng = random.Random(0)
+    kinds = {inject(SimConfig(corrupt_kind="mixed"), rng, byzantine=True) for _ in range(64)}
+    assert kinds == set(ATTACKS)
+    assert {inject(SimConfig(), rng) for _ in range(64)} == {None}
