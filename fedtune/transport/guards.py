@@ -62,7 +62,9 @@ class CallGate:
             if n >= self.per_node[kind]:
                 raise TransportError(f"{node!r} already has {n} {kind} call(s) open (at most "
                                      f"{self.per_node[kind]} at a time)", grpc.StatusCode.RESOURCE_EXHAUSTED)
-            if long and self._long >= self.long_capacity:
+            # a node's extra calls of a kind (beyond its first) may use only half the threads: the other half
+            # stays for the first calls of other nodes
+            if long and (self._long >= self.long_capacity or (n and self._long >= self.long_capacity // 2)):
                 now = time.monotonic()
                 if now - self._warned > 60:
                     self._warned = now
