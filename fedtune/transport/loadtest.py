@@ -275,7 +275,7 @@ def run_federation(tmp: Path, nodes: int, rounds: int, attack: str | None = None
     status = tmp / f"attack-{attack}.count"
     honest = HonestNodes(port, nodes, fp, bulk_min_bytes=0 if bulk else 1 << 62)
     try:
-        bulk_port = _wait_until_serving(port, server, timeout_s)
+        bulk_port = wait_until_serving(port, server, timeout_s)
         if attack is not None:  # its own process: its threads must not slow the honest ones (one GIL)
             atk = subprocess.Popen([sys.executable, "-m", "fedtune.transport.loadtest", attack, str(port),
                                     str(bulk_port), str(status)], cwd=ROOT,
@@ -303,7 +303,7 @@ def run_federation(tmp: Path, nodes: int, rounds: int, attack: str | None = None
     return FederationRun(attack, metrics(out), dict(honest.acked), honest.errors, code, opened)
 
 
-def _wait_until_serving(port: int, server: subprocess.Popen[bytes], timeout_s: float) -> int:
+def wait_until_serving(port: int, server: subprocess.Popen[bytes], timeout_s: float) -> int:
     """Wait for the server process to answer a registration; returns its bulk-lane port."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
