@@ -6,7 +6,8 @@ no attack, then under each attack of issue 16 (``fedtune.transport.loadtest``): 
 observer key (item 3), 300 open long polls of an enrolled key (item 4), 300 idle connections to the bulk lane
 (item 8). Reported per run: rounds/min (rounds 2.. over the sum of their wall times: round 1 waits for the
 nodes to connect), its ratio to the
-attack-free run of the same invocation (target >= 0.8), failed and lost updates.
+attack-free run of the same invocation (target >= 0.8), failed and lost updates, and the CPU time of the
+attack process, which runs on the same machine and competes with the server for its cores.
 
     .venv/bin/python benchmarks/exhaustion.py [--nodes 4] [--rounds 8] [--attacks idle_uploads,...]
 """
@@ -38,14 +39,15 @@ def main() -> None:
         lost = sum(r.acked.get(x["round"], 0) - x["clients_ok"] for x in r.rounds)
         ratio = r.rounds_per_minute / base if base else 0.0
         table.append([r.attack or "none (anchor)", f"{len(r.rounds)}/{args.rounds}", f"{r.rounds_per_minute:.1f}",
-                      f"{ratio:.2f}", failed, lost, len(r.node_errors), r.attack_opened, r.server_exit])
+                      f"{ratio:.2f}", failed, lost, len(r.node_errors), r.attack_opened, f"{r.attack_cpu_s:.1f}",
+                      r.server_exit])
         out.append({"attack": r.attack, "rounds_done": len(r.rounds), "rounds_per_minute": r.rounds_per_minute,
                     "ratio_to_attack_free": ratio, "failed_updates": failed, "lost_updates": lost,
-                    "node_errors": r.node_errors[:10], "attack_connections_opened": r.attack_opened,
+                    "node_errors": r.node_errors[:10], "attack_connections_opened": r.attack_opened, "attack_cpu_seconds": r.attack_cpu_s,
                     "server_exit": r.server_exit, "round_seconds": [x["seconds"] for x in r.rounds]})
     print_table(f"honest rounds/min under attack: {args.nodes} nodes, {args.rounds} rounds each (target ratio >= 0.8)",
                 ["attack", "rounds", "rounds/min", "ratio", "failed", "lost", "node errors", "attack opened",
-                 "server exit"], table)
+                 "attack CPU s", "server exit"], table)
     write_json("exhaustion.json", {"nodes": args.nodes, "rounds": args.rounds, "runs": out,
                                    "machine": machine_info()})
 

@@ -252,6 +252,8 @@ class FederationRun:
     node_errors: list[str]
     server_exit: int | None
     attack_opened: int = 0
+    attack_cpu_s: float = 0.0
+    """CPU time the attack process used (on the same machine as the server: it competes for the cores)."""
 
     @property
     def rounds_per_minute(self) -> float:
@@ -272,6 +274,7 @@ def run_federation(tmp: Path, nodes: int, rounds: int, attack: str | None = None
     fp = fingerprint(load_config(None, overrides))
     server = start_server_process(overrides, tmp / f"server-{attack or 'none'}.log")
     atk: subprocess.Popen[bytes] | None = None
+    attack_cpu = 0.0
     status = tmp / f"attack-{attack}.count"
     honest = HonestNodes(port, nodes, fp, bulk_min_bytes=0 if bulk else 1 << 62)
     try:
@@ -294,13 +297,23 @@ def run_federation(tmp: Path, nodes: int, rounds: int, attack: str | None = None
         honest.join(30)
     finally:
         if atk is not None:
+            attack_cpu = _cpu_seconds(atk.pid)
             atk.terminate()
             atk.wait(30)
         if server.poll() is None:
             server.kill()
             server.wait()
     opened = int(status.read_text() or 0) if status.exists() else 0
-    return FederationRun(attack, metrics(out), dict(honest.acked), honest.errors, code, opened)
+    return FederationRun(attack, metrics(out), dict(honest.acked), honest.errors, code, opened, attack_cpu)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_until_serving(port: int, server: subprocess.Popen[bytes], timeout_s: float) -> int:
