@@ -1,98 +1,88 @@
-"""200 concurrent lightweight nodes against one real `fedtune server` process for 5 rounds: is any update lost?
+"""Many concurrent lightweight nodes against one real `fedtune server` process: is any update lost?
 
-The nodes are threads in this process, each a ``FederationClient`` that answers every round with random
-LoRA-shaped tensors (no model). The server is the real one (tiny Llama for its global adapter, plaintext on
-loopback, fedavg). Counts per round: sampled, accepted, failed; and the wall time of each round.
+The nodes are threads in this process (``fedtune.transport.loadtest.HonestNodes``), each a
+``FederationClient`` speaking the real protocol and answering every round with random LoRA-shaped tensors
+(no model). The server is the real one (tiny Llama for its global adapter, plaintext on loopback, fedavg), its
+worker threads sized from ``federation.min_clients`` (``server.max_workers=0``). Per round: sampled, acked,
+aggregated, failed and lost updates and the round's wall time (round 1 includes waiting for every node to
+register); the server's peak resident memory (sampled every 0.5 s).
 
-    .venv/bin/python benchmarks/federation.py [--clients 200] [--rounds 5]
+    .venv/bin/python benchmarks/federation.py [--nodes 1000] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, machine_info, print_table, write_json  # noqa: F401
+from _common import machine_info, print_table, tree_rss_bytes, write_json
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--nodes", "--clients", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    import tempfile
-
-    import torch
 
     from fedtune.config import fingerprint, load_config
-    from fedtune.transport import Backoff, FederationClient
-    from fedtune.types import ClientReply
+    from fedtune.transport.loadtest import (
+        HonestNodes,
+        free_port,
+        metrics,
+        server_overrides,
+        start_server_process,
+        wait_until_serving,
+    )
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="fedbench-"))
-    overrides = ["model.name=tiny-llama", "quant.mode=none", "quant.compute_dtype=fp32", "adapter.r=4",
-                 "adapter.target_modules=[q_proj,v_proj]", "data.max_records=40", "eval.samples=0",
-                 "server.eval_data=false", f"federation.rounds={args.rounds}", f"federation.min_clients={args.clients}",
-                 "federation.round_timeout_s=300", "federation.wait_timeout_s=300", f"out={tmp / 'run'}",
-                 f"server.address=127.0.0.1:{port}"]
-    cfg = load_config(None, overrides)
-    log = open(tmp / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen([sys.executable, "-m", "fedtune.cli_federation", "server", *overrides], cwd=ROOT,
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    sent: dict[int, int] = {}
-    lock = threading.Lock()
-    errors: list[str] = []
+    # heartbeats every 5 s (a node silent for 60 s is lost): 1,000 nodes send 200 a second
+    overrides = [*server_overrides(port, tmp / "run", args.rounds, args.nodes, round_timeout_s=600),
+                 "federation.heartbeat_s=5", "federation.silence_s=60", "federation.wait_timeout_s=900"]
+    fp = fingerprint(load_config(None, overrides))
+    server = start_server_process(overrides, tmp / "server.log")
+    peak, done = [0], threading.Event()
 
-    def node(i: int) -> None:
-        name = f"node-{i:03d}"
-        try:
-            with FederationClient(f"127.0.0.1:{port}", name, fingerprint=fingerprint(cfg),
-                                  backoff=Backoff(initial_s=0.5, max_s=2.0, max_attempts=60)) as fc:
-                while (ins := fc.wait_for_instructions(poll_s=20)) is not None and ins.phase != "stop":
-                    state = {k: torch.randn_like(v) * 0.01 for k, v in ins.state.items()}
-                    ack = fc.submit(ClientReply(name, ins.round, state, num_examples=10))
-                    if ack.accepted:
-                        with lock:
-                            sent[ins.round] = sent.get(ins.round, 0) + 1
-        except Exception as e:  # noqa: BLE001 - report, do not hide
-            errors.append(f"{name}: {type(e).__name__}: {e}")
-
+    def sample() -> None:
+        while not done.wait(0.5):
+            try:
+                peak[0] = max(peak[0], tree_rss_bytes(server.pid))
+            except Exception:  # noqa: BLE001, S110 - the process is gone
+                pass
+    threading.Thread(target=sample, daemon=True).start()
+    wait_until_serving(port, server, 900)
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=node, args=(i,), daemon=True) for i in range(args.clients)]
-    for t in threads:
-        t.start()
-    rc = server.wait(timeout=1800)
-    for t in threads:
-        t.join(timeout=30)
+    nodes = HonestNodes(port, args.nodes, fp, bulk_min_bytes=1 << 20).start()
+    try:
+        rc: int | None = server.wait(timeout=3600)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        rc = None
+    done.set()
+    nodes.join(60)
     total = time.perf_counter() - t0
-    rows_json = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rounds = [r for r in rows_json if r["round"] >= 1]
     table, out = [], []
-    for r in rounds:
-        got = r["clients_ok"]
-        acked = sent.get(r["round"], 0)
+    for r in metrics(tmp / "run"):
+        got, acked = r["clients_ok"], nodes.acked.get(r["round"], 0)
         table.append([r["round"], len(r["clients"]), acked, got, r["clients_failed"], acked - got,
                       f"{r['bytes_up'] / 2**20:.2f}", f"{r['seconds']:.2f}"])
         out.append({"round": r["round"], "sampled": len(r["clients"]), "acked_by_server": acked,
                     "aggregated": got, "failed": r["clients_failed"], "lost": acked - got,
                     "mib_up": r["bytes_up"] / 2**20, "seconds": r["seconds"]})
-    print_table(f"fedtune server: {args.clients} concurrent nodes, {args.rounds} rounds (server exit {rc})",
+    print_table(f"fedtune server: {args.nodes} concurrent nodes, {args.rounds} rounds (server exit {rc})",
                 ["round", "sampled", "acked", "aggregated", "failed", "lost", "MiB up", "round s"], table)
-    print(f"total wall time {total:.1f} s (server start-up included); node errors: {len(errors)}")
-    for e in errors[:5]:
+    print(f"server peak RSS {peak[0] / 2**20:.0f} MiB; total wall time {total:.1f} s (from the server answering); "
+          f"node errors: {len(nodes.errors)}")
+    for e in nodes.errors[:5]:
         print("  ", e)
-    write_json("federation.json", {"clients": args.clients, "rounds": out, "server_exit": rc, "node_errors": errors,
-                              "total_seconds": total, "lost_total": sum(r["lost"] for r in out),
-                              "machine": machine_info()})
+    write_json("federation.json", {"nodes": args.nodes, "rounds": out, "server_exit": rc,
+                                   "node_errors": nodes.errors[:20], "node_error_count": len(nodes.errors),
+                                   "server_peak_rss_mib": peak[0] / 2**20, "total_seconds": total,
+                                   "lost_total": sum(r["lost"] for r in out), "machine": machine_info()})
 
 
 if __name__ == "__main__":

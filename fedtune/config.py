@@ -380,6 +380,7 @@ def validate(cfg: Config) -> list[str]:
     p.extend(cfg.sim.validate())
     p.extend(cfg.federation.validate())
     p.extend(cfg.client.validate())
+    p.extend(cfg.server.validate())
     return p
 
 

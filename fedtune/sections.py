@@ -162,6 +162,13 @@ class ServerConfig:
     bulk_port: int | None = opt(0, "TCP port of the bulk upload lane on the server's host (large updates skip "
                                    "gRPC's copies; same TLS and node sessions): 0 any free port, null none")
     eval_data: bool = opt(True, "evaluate the global adapter on the server's own held-out data each round")
+    max_workers: int = opt(0, "threads serving node calls; each connected node holds one while it polls or "
+                              "uploads, and an eighth stay free for heartbeats. 0: 256, or 2 per "
+                              "federation.min_clients plus 64 when that is more")
+
+    def validate(self) -> list[str]:
+        return [f"server.max_workers: got {self.max_workers}, must be >= 0 (0: sized from federation.min_clients)"
+                ] if self.max_workers < 0 else []
 
 
 @dataclass(frozen=True)

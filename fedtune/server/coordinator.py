@@ -162,6 +162,26 @@ class RoundCoordinator:
                     return None
                 self._cond.wait(left)
 
+    def upload_window(self, node: str) -> float:
+        """Seconds left for ``node``'s update of the open phase (to the round's deadline).
+
+        Raises:
+            MessageRejected: ``node`` was not asked for an update in the open round, is an observer, or has
+                answered already: it may not hold an upload slot.
+        """
+        with self._cond:
+            if node in self._observers:
+                reason = f"{node!r} registered as an observer and cannot submit updates"
+            elif not self._open or node not in self._instr:
+                reason = (f"the server did not ask {node!r} for an update in round {self.round}" if self._open
+                          else "the server is not collecting updates now")
+            elif node in self._answered:
+                reason = f"{node!r} already answered round {self.round}"
+            else:
+                return max(0.0, self._deadline - time.monotonic())
+            self.rejected += 1
+        raise MessageRejected(reason)
+
     def submit(self, node: str, header: UpdateHeader, tensors: Iterator[DecodedTensor]) -> str:
         """Decode, check and queue one update for the aggregating thread.
 

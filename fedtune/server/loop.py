@@ -57,6 +57,12 @@ def _tls(cfg: Config) -> dict[str, Any]:
     return args
 
 
+def server_workers(cfg: Config) -> int:
+    """``server.max_workers``, or (0) enough for ``federation.min_clients`` nodes: one thread for each node's
+    poll or upload, one for a retry the server has not noticed ended, and the reserve for heartbeats."""
+    return cfg.server.max_workers or max(256, 2 * cfg.federation.min_clients + 64)
+
+
 def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordinator, FederationServer]:
     """The round coordinator and the gRPC server around it, with the federation's liveness settings: nodes
     heartbeat every ``federation.heartbeat_s`` (sent to them at registration) and a node silent for
@@ -66,7 +72,7 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s, encoding=cfg.client.encoding)
     limit = int(fed.max_update_mb * 2**20)
     server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
-                          heartbeat_interval_s=fed.heartbeat_s, max_workers=256, bulk_port=cfg.server.bulk_port,
+                          heartbeat_interval_s=fed.heartbeat_s, max_workers=server_workers(cfg), bulk_port=cfg.server.bulk_port,
                           downlink_encoding=cfg.client.encoding, **security)
     coord.last_seen = server.servicer.last_seen
     return coord, server

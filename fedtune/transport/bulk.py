@@ -41,6 +41,7 @@ from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
 from fedtune.transport.codec import DecodedTensor, TensorDecoder
 from fedtune.transport.errors import MessageRejected, TransportError
+from fedtune.transport.guards import Watchdog
 from fedtune.untrusted import clean
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ MAX_SMALL_RECORD = 1 << 20
 """Largest HEADER / META / ACK / ERROR body (DATA is bounded by the tensor's declared size)."""
 MAX_TOKEN_LEN = 256
 IO_TIMEOUT_S = 120.0
-"""A peer silent this long mid-upload is dropped."""
+"""The node's bound on a silent server mid-upload (the server cuts a silent node after its ``idle_s``)."""
+HANDSHAKE_S = 5.0
+"""From accept to a session token read (TLS handshake included): a connection slower than this is dropped."""
+MAX_UNAUTHENTICATED = 64
+"""Connections that have not shown a valid token yet: a cap of their own, so that anyone who can reach the
+port cannot take the slots of authenticated uploads (a refused node uploads over gRPC instead)."""
 LINGER_S = 2.0
 LINGER_MAX_BYTES = 64 << 20
 """After refusing an upload, what the server still reads (and drops) so that its answer arrives."""
@@ -131,17 +137,27 @@ class BulkListener:
     ``submit(token, header_bytes, tensors, received)`` (the servicer), one thread per connection.
 
     ``ssl_context``: TLS with the gRPC server's certificate; None: plaintext (same rules as gRPC).
+    A connection must complete its handshake (TLS, preamble, token) within ``handshake_s``; at most
+    ``max_unauthenticated`` connections may be in that stage, and at most ``max_connections`` authenticated
+    ones open (the servicer admits one per node, and only nodes asked for an update); an authenticated
+    upload whose node sends nothing for ``idle_s`` is cut.
     """
 
     def __init__(
         self, host: str, port: int, submit: Callable[..., fpb.SubmitAck], ssl_context: ssl.SSLContext | None,
-        max_connections: int = 256,
+        max_connections: int = 256, *, idle_s: float = IO_TIMEOUT_S, handshake_s: float = HANDSHAKE_S,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
     ) -> None:
         self._sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                           backlog=128)
         self.port = self._sock.getsockname()[1]
         self._submit, self._ssl = submit, ssl_context
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._strangers = threading.BoundedSemaphore(max_unauthenticated)
+        self.idle_s, self.handshake_s = idle_s, handshake_s
+        self._handshakes = Watchdog(handshake_s)
+        self.refused = 0
+        """Connections refused at accept because every unauthenticated slot was taken."""
         self.uploads = 0
         """Updates accepted over the lane so far."""
         self._count_lock = threading.Lock()
@@ -163,19 +179,36 @@ class BulkListener:
                 conn, peer = self._sock.accept()
             except OSError:
                 return
-            if not self._slots.acquire(blocking=False):
-                log.warning("bulk lane: refusing %s, too many open connections", peer)
+            if not self._strangers.acquire(blocking=False):
+                with self._count_lock:
+                    self.refused += 1
+                    if self.refused % 1000 == 1:
+                        log.warning("bulk lane: refusing %s, too many connections without a session token "
+                                    "(%d refused so far)", peer, self.refused)
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn, peer), name="bulk-upload", daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer: Any) -> None:
         sock: Any = conn
+        box = [conn]  # the socket to time out or break: the TLS wrapper takes over the raw one's descriptor
+        held = [self._strangers]  # the slot this connection holds: unauthenticated, then authenticated
+
+        def authenticated() -> None:
+            if not self._slots.acquire(blocking=False):
+                raise TransportError("server busy: too many bulk uploads open, use gRPC",
+                                     grpc.StatusCode.RESOURCE_EXHAUSTED)
+            held[0] = self._slots
+            self._strangers.release()
+            box[0].settimeout(self.idle_s)
+
         try:
-            conn.settimeout(IO_TIMEOUT_S)
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(conn, server_side=True)
-            ack = self._upload(sock)
+            with self._handshakes.watch(lambda: _shutdown(box[0]), self.handshake_s):
+                conn.settimeout(self.handshake_s)
+                if self._ssl is not None:
+                    sock = box[0] = self._ssl.wrap_socket(conn, server_side=True)
+                token, received = self._hello(sock)
+            ack = self._upload(sock, token, received, authenticated)
             with self._count_lock:
                 self.uploads += 1
             send_record(sock, ACK, ack.SerializeToString())
@@ -189,7 +222,7 @@ class BulkListener:
             self._refuse(sock, grpc.StatusCode.INTERNAL, "internal server error in bulk upload")
         finally:
             sock.close()
-            self._slots.release()
+            held[0].release()
 
     @staticmethod
     def _refuse(sock: Any, code: grpc.StatusCode, reason: str) -> None:
@@ -206,7 +239,8 @@ class BulkListener:
         except (OSError, ssl.SSLError):
             pass
 
-    def _upload(self, sock: Any) -> fpb.SubmitAck:
+    def _hello(self, sock: Any) -> tuple[str, list[int]]:
+        """Read the preamble and the session token: (token, bytes received)."""
         try:
             magic = recv_exact(sock, len(MAGIC))
         except ConnectionError as e:
@@ -216,13 +250,18 @@ class BulkListener:
         (n,) = struct.unpack("<H", recv_exact(sock, 2))
         if n > MAX_TOKEN_LEN:
             raise MessageRejected(f"session token of {n} bytes exceeds {MAX_TOKEN_LEN}")
-        token = recv_exact(sock, n).decode(errors="replace")
+        try:
+            token = recv_exact(sock, n).decode(errors="replace")
+        except ConnectionError as e:
+            raise MessageRejected(f"not a fedtune bulk connection: {e}") from None
+        return token, [len(MAGIC) + 2 + n]
 
+    def _upload(self, sock: Any, token: str, received: list[int],
+                authenticated: Callable[[], None]) -> fpb.SubmitAck:
         def ready() -> None:  # authenticated and admitted: let the node stream
             send_record(sock, OK)
-        received = [len(MAGIC) + 2 + n]
         return self._submit(token, ready, lambda: self._header(sock, received), self._tensors(sock, received),
-                            received)
+                            received, cancel=lambda: _shutdown(sock), authenticated=authenticated)
 
     @staticmethod
     def _header(sock: Any, received: list[int]) -> bytes:
@@ -266,6 +305,14 @@ class BulkListener:
                     yield out
                     del out
         return read
+
+
+def _shutdown(sock: Any) -> None:
+    """Break a connection another thread is blocked on (its recv returns or fails at once)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def server_ssl_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:

@@ -20,7 +20,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self, TypeVar
@@ -206,7 +206,7 @@ class FederationClient:
     def _md(self) -> list[tuple[str, str]]:
         return [(SESSION_METADATA_KEY, self._token or "")]
 
-    def _retry(self, call: Callable[[], _T], renew: bool = True) -> _T:
+    def _retry(self, call: Callable[[], _T], renew: bool = True, retry: Collection[grpc.StatusCode] = RETRYABLE) -> _T:
         attempt, renewed = 0, False
         while True:
             try:
@@ -217,7 +217,7 @@ class FederationClient:
                     renewed = True
                     self._retry(self.register, renew=False)
                     continue
-                if code not in RETRYABLE or attempt + 1 >= self.backoff.max_attempts:
+                if code not in retry or attempt + 1 >= self.backoff.max_attempts:
                     raise _as_error(e) from None
                 delay = self.backoff.delay(attempt)
                 log.warning("server %s unreachable (%s); retrying in %.1f s", self.address, code.name, delay)
@@ -265,11 +265,16 @@ class FederationClient:
         """
         size = nbytes(reply.state or {}) + nbytes(reply.mask or {})
         if self._bulk_port and reply.error is None and size >= self.bulk_min_bytes:
+            # one try on the lane (a new session if the server restarted); if it cannot be reached, is busy or
+            # breaks mid-upload (someone may be flooding it), the update goes over gRPC
             try:
-                return self._retry(lambda: self._submit_bulk(reply, phase))
-            except LaneUnreachable as e:
-                log.warning("%s; uploading over gRPC", clean(e))
-                self._bulk_port = 0  # until a registration offers the lane again
+                return self._retry(lambda: self._submit_bulk(reply, phase), retry=())
+            except TransportError as e:
+                if e.code not in RETRYABLE:
+                    raise
+                log.warning("bulk lane: %s; uploading over gRPC", clean(e.reason))
+                if isinstance(e, LaneUnreachable):
+                    self._bulk_port = 0  # until a registration offers the lane again
         sent = [0]
 
         def frames() -> Iterator[bytes]:

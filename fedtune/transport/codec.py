@@ -53,7 +53,7 @@ class Limits:
     max_tensor_bytes: int = 8 << 30
     """Largest payload, and largest decoded tensor, in bytes."""
     max_total_bytes: int = 64 << 30
-    """Largest sum of payloads in one stream."""
+    """Largest sum of payloads in one stream, and of the tensors they decode to."""
     max_tensors: int = 1_000_000
     max_ndim: int = 8
     max_name_len: int = 1024
@@ -211,6 +211,7 @@ class TensorDecoder:
         self._cur: _Pending | None = None
         self._seen: set[tuple[str, str]] = set()
         self.payload_bytes = 0
+        self.decoded_bytes = 0
 
     def feed(self, chunk: pb.TensorChunk | WireChunk) -> DecodedTensor | None:
         data: bytes | memoryview
@@ -289,6 +290,8 @@ class TensorDecoder:
             raise MessageRejected(f"tensor {m.name!r}: declared size exceeds the limit of {lim.max_tensor_bytes} bytes")
         if self.payload_bytes + m.num_bytes > lim.max_total_bytes:
             raise MessageRejected(f"message exceeds the limit of {lim.max_total_bytes} bytes in total")
+        if self.decoded_bytes + numel * dtype.itemsize > lim.max_total_bytes:  # sparse payloads expand
+            raise MessageRejected(f"message decodes to more than the limit of {lim.max_total_bytes} bytes in total")
         decoded = Meta(dtype=dtype, shape=tuple(m.shape), numel=numel, block_size=m.block_size, nnz=m.nnz,
                        value_dtype=m.value_dtype, scale=m.scale)
         expected = get_encoding(m.encoding).expected_nbytes(decoded)
@@ -302,6 +305,7 @@ class TensorDecoder:
                                   f"got {len(m.digest)}")
         self._seen.add((m.group, m.name))
         self.payload_bytes += m.num_bytes
+        self.decoded_bytes += numel * dtype.itemsize
         buf: Any = np.empty(m.num_bytes, np.uint8)  # bytearray(n) would zero-fill what is overwritten anyway
         return _Pending(m, decoded, memoryview(buf))
 

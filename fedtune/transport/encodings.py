@@ -107,14 +107,18 @@ class Dense:
 
 
 class Int8Blocks:
-    """Symmetric int8 with one float32 scale per block: payload = scales[n_blocks] then values[numel]."""
+    """Symmetric int8 with one float32 scale per block: payload = scales[n_blocks] then values[numel].
+
+    A block is at most the whole tensor (``block_size <= max(numel, 1)``, refused otherwise), and decoding
+    touches each element once: its work is proportional to the payload, whatever the declared block size.
+    """
 
     def __init__(self, block_size: int = 256) -> None:
         self.block_size = block_size
 
     def plan(self, t: torch.Tensor) -> Plan:
-        nb = math.ceil(t.numel() / self.block_size)
-        return Plan(num_bytes=4 * nb + t.numel(), block_size=self.block_size)
+        bs = min(self.block_size, max(t.numel(), 1))
+        return Plan(num_bytes=4 * math.ceil(t.numel() / bs) + t.numel(), block_size=bs)
 
     def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
         if t.dtype not in FLOAT_DTYPES:
@@ -129,8 +133,9 @@ class Int8Blocks:
     def expected_nbytes(self, meta: Meta) -> int:
         if meta.dtype not in FLOAT_DTYPES:
             raise MessageRejected("int8 encoding is for float tensors only")
-        if not 1 <= meta.block_size <= 1 << 24:
-            raise MessageRejected(f"int8 block_size {meta.block_size} out of range [1, 2^24]")
+        if not 1 <= meta.block_size <= max(meta.numel, 1):
+            raise MessageRejected(f"int8 block_size {meta.block_size} out of range [1, {max(meta.numel, 1)}] "
+                                  "(a block is at most the whole tensor)")
         return 4 * math.ceil(meta.numel / meta.block_size) + meta.numel
 
     def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
@@ -139,7 +144,11 @@ class Int8Blocks:
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise MessageRejected("int8 block scales must be finite and >= 0")
         q = _from_bytes(buf, torch.int8, meta.numel, offset=4 * nb)
-        x = q.float() * scales.repeat_interleave(meta.block_size)[: meta.numel]
+        x, bs = q.float(), meta.block_size
+        full = meta.numel // bs  # whole blocks, then the last partial one: one multiply per element
+        x[: full * bs].view(full, bs).mul_(scales[:full, None])
+        if full < nb:
+            x[full * bs:].mul_(scales[full])
         return x.reshape(meta.shape).to(meta.dtype)
 
 

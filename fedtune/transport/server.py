@@ -34,6 +34,7 @@ from fedtune.transport.codec import (
     TensorDecoder,
 )
 from fedtune.transport.errors import MessageRejected, PermissionDeniedError, TransportError
+from fedtune.transport.guards import POLL, SHORT, UPLOAD, CallGate, Watchdog, Watched
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     NONCE_BYTES,
@@ -83,6 +84,14 @@ class Coordinator(Protocol):
     def next_instructions(self, node: str, timeout: float) -> Instructions | None:
         """Block up to ``timeout`` s for this node's instructions of the current phase; ``None`` if none.
         Must be idempotent until the node submits (a node that lost the stream polls again)."""
+
+    def upload_window(self, node: str) -> float:
+        """Seconds ``node`` has to upload its update of the open phase (until the round's deadline). Called
+        before an upload takes a slot, so that only a node asked for an update holds one.
+
+        Raises:
+            MessageRejected: the node may not upload now (not sampled, an observer, already answered).
+        """
 
     def submit(self, node: str, header: UpdateHeader, tensors: Iterator[DecodedTensor]) -> str:
         """Consume one update. ``tensors`` decodes lazily and raises MessageRejected on bad input;
@@ -141,7 +150,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
         self, coordinator: Coordinator, auth: NodeAuth, *, limits: Limits | None = None,
         downlink_encoding: EncodingSpec = "dense", chunk_size: int = DEFAULT_CHUNK_SIZE,
         heartbeat_interval_s: float = 10.0, max_wait_s: float = 30.0, max_concurrent_uploads: int | None = 8,
-        upload_queue_timeout_s: float = 600.0,
+        upload_queue_timeout_s: float = 600.0, upload_idle_s: float = 10.0, max_workers: int = 64,
     ) -> None:
         self.coordinator, self.auth = coordinator, auth
         self.limits = limits or Limits()
@@ -151,6 +160,12 @@ class FederationServicer(fpb_grpc.FederationServicer):
         # node: server memory stays ~ max_concurrent_uploads x (one tensor + gRPC buffers), not N x update.
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads) if max_concurrent_uploads else None
         self.upload_queue_timeout_s = upload_queue_timeout_s
+        # An upload takes a slot only for a node asked for an update, one upload per node at a time, and is cut
+        # when its node sends nothing for ``upload_idle_s`` (``guards``); a wait for a slot ends by the round's
+        # deadline. Polls and uploads leave a reserve of the ``max_workers`` threads to short calls.
+        self.gate = CallGate(max_workers)
+        self.watchdog = Watchdog(upload_idle_s)
+        self.upload_idle_s = upload_idle_s
         self.bulk_port = 0  # set by ``start_server`` when it opens the bulk lane
         self.refusals = RefusalLog()
 
@@ -160,7 +175,8 @@ class FederationServicer(fpb_grpc.FederationServicer):
 
     def last_seen(self) -> dict[str, float]:
         """Unix time of the last call of every node with a live session (for dropping silent nodes)."""
-        return {s.node: s.last_seen for s in self.auth.sessions()}
+        now, busy = time.time(), self.gate.nodes_in_calls()
+        return {s.node: now if s.node in busy else s.last_seen for s in self.auth.sessions()}
 
     @_guard
     def Challenge(self, request: fpb.ChallengeRequest, context: grpc.ServicerContext) -> fpb.ChallengeReply:
@@ -197,11 +213,12 @@ class FederationServicer(fpb_grpc.FederationServicer):
         try:
             session = self._session(context)
             wait = min(max(request.wait_s, 0.0), self.max_wait_s)
-            instr = self.coordinator.next_instructions(session.node, wait)
-            if instr is None:
-                yield frame_header(fpb.InstructionsHeader(kind=fpb.InstructionsHeader.NONE).SerializeToString())
-                return
-            yield from prefetch(instructions_to_frames(instr, self.downlink_encoding, self.chunk_size))
+            with self.gate.call(session.node, POLL):  # until the node has read its instructions
+                instr = self.coordinator.next_instructions(session.node, wait)
+                if instr is None:
+                    yield frame_header(fpb.InstructionsHeader(kind=fpb.InstructionsHeader.NONE).SerializeToString())
+                    return
+                yield from prefetch(instructions_to_frames(instr, self.downlink_encoding, self.chunk_size))
         except TransportError as e:
             context.abort(e.code, e.reason)
         except Exception:
@@ -212,7 +229,8 @@ class FederationServicer(fpb_grpc.FederationServicer):
     def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> fpb.SubmitAck:
         """Reads serialized ``UpdateChunk`` messages (see ``wire``)."""
         session = self._session(context)
-        with self._upload_slot():
+        with self._admitted(session.node, context.cancel) as watched:
+            request_iterator = watched.reads(request_iterator)
             first = next(request_iterator, None)
             header_bytes = parse_frame(first)[0] if first is not None else None
             if header_bytes is None:
@@ -242,31 +260,71 @@ class FederationServicer(fpb_grpc.FederationServicer):
     def bulk_submit(
         self, token: str, ready: Callable[[], None], read_header: Callable[[], bytes],
         tensors: Callable[[TensorDecoder], Iterator[DecodedTensor]], received: list[int],
+        cancel: Callable[[], None] = lambda: None, authenticated: Callable[[], None] | None = None,
     ) -> fpb.SubmitAck:
-        """An upload on the bulk lane (``bulk.BulkListener``): the same session, upload bound, checks and
-        coordinator as ``SubmitUpdate``. ``ready`` tells the node to start streaming once it is admitted.
+        """An upload on the bulk lane (``bulk.BulkListener``): the same session, upload bounds, checks and
+        coordinator as ``SubmitUpdate``. ``ready`` tells the node to start streaming once it is admitted;
+        ``cancel`` breaks the connection (the watchdog's cut); ``authenticated`` is called once the token is
+        valid and the node may upload.
 
         Raises:
             TransportError: as ``SubmitUpdate`` answers with a status.
         """
         session = self.auth.session(token)
-        with self._upload_slot():
+        with self._admitted(session.node, cancel, authenticated) as watched:
             ready()
-            return self._consume(session, read_header(), tensors, received)
+
+            idle = f"update stream cut: the node sent nothing for {self.upload_idle_s:g} s"
+
+            @contextlib.contextmanager
+            def reasons() -> Iterator[None]:
+                """A lane read that failed: say whether the node went idle, the watchdog cut it or it left."""
+                try:
+                    yield
+                except TimeoutError:  # the lane's socket timeout: its idle bound
+                    raise MessageRejected(idle) from None
+                except (MessageRejected, OSError) as e:
+                    cut = watched.error()
+                    if cut is not None:
+                        raise cut from None
+                    if isinstance(e, OSError):
+                        raise MessageRejected(f"update stream cancelled by the node: {e}") from None
+                    raise
+
+            def cut_aware(decoder: TensorDecoder) -> Iterator[DecodedTensor]:
+                with reasons():
+                    yield from tensors(decoder)
+            with reasons():
+                header = read_header()
+            return self._consume(session, header, cut_aware, received)
 
     @contextlib.contextmanager
-    def _upload_slot(self) -> Iterator[None]:
-        """Uploads beyond ``max_concurrent_uploads`` wait here before their first tensor byte is read."""
-        if self._uploads is None:
-            yield
-            return
-        if not self._uploads.acquire(timeout=self.upload_queue_timeout_s):
-            raise TransportError("server busy: too many concurrent uploads, retry later",
-                                 grpc.StatusCode.RESOURCE_EXHAUSTED)
-        try:
-            yield
-        finally:
-            self._uploads.release()
+    def _admitted(self, node: str, cancel: Callable[[], None],
+                  authenticated: Callable[[], None] | None = None) -> Iterator[Watched]:
+        """Admit one upload of ``node``: one at a time per node, only when the coordinator asked it for an
+        update, then a slot (uploads beyond ``max_concurrent_uploads`` wait here, before their first tensor
+        byte is read, until the round's deadline at most); the watchdog cuts the stream (``cancel``) when the
+        node goes idle or the round ends. ``authenticated``: called once the node has passed those checks.
+
+        Raises:
+            TransportError: RESOURCE_EXHAUSTED (another upload of this node is open, or no slot came free in
+                time); MessageRejected when the node may not upload now.
+        """
+        with self.gate.call(node, UPLOAD):
+            window = self.coordinator.upload_window(node)
+            if authenticated is not None:
+                authenticated()
+            if self._uploads is not None and not self._uploads.acquire(
+                    timeout=max(0.0, min(self.upload_queue_timeout_s, window))):
+                raise TransportError("server busy: too many concurrent uploads, retry later",
+                                     grpc.StatusCode.RESOURCE_EXHAUSTED)
+            try:
+                left = self.coordinator.upload_window(node)
+                with self.watchdog.watch(cancel, left) as watched:
+                    yield watched
+            finally:
+                if self._uploads is not None:
+                    self._uploads.release()
 
     def _consume(
         self, session: Session, header_bytes: bytes, tensors: Callable[[TensorDecoder], Iterator[DecodedTensor]],
@@ -283,14 +341,15 @@ class FederationServicer(fpb_grpc.FederationServicer):
 
     @_guard
     def Heartbeat(self, request: fpb.HeartbeatRequest, context: grpc.ServicerContext) -> fpb.HeartbeatReply:
-        self._session(context)
-        st = self.coordinator.status()
+        with self.gate.call(self._session(context).node, SHORT):
+            st = self.coordinator.status()
         return fpb.HeartbeatReply(round=st.round, phase=st.phase)
 
     @_guard
     def Status(self, request: fpb.StatusRequest, context: grpc.ServicerContext) -> fpb.StatusReply:
         session = self._session(context)
-        st, now = self.coordinator.status(), time.time()
+        with self.gate.call(session.node, SHORT):
+            st, now = self.coordinator.status(), time.time()
         seen = self.last_seen()
         if not session.lists_all:  # a node sees the round and itself; only the operator sees every node
             seen = {session.node: seen.get(session.node, now)}
@@ -359,8 +418,9 @@ def start_server(
     """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
     or with ``insecure=True``, in plaintext. ``allowlist_file=None`` admits any node name without a
     signature: on loopback (tests, simulation), or elsewhere only with ``allow_anyone=True``; either choice
-    off loopback is logged as a warning (``security.check_exposure``). ``max_workers`` bounds concurrent
-    calls: each connected node holds one thread while it long-polls or uploads. ``stream_window_bytes`` fixes the HTTP/2 flow-control
+    off loopback is logged as a warning (``security.check_exposure``). ``max_workers`` threads serve the calls:
+    each connected node holds one while it long-polls or uploads, and a reserve of them is kept for short calls
+    (heartbeats). ``stream_window_bytes`` fixes the HTTP/2 flow-control
     window of each stream (gRPC's BDP probing otherwise lets every waiting upload buffer tens of MB on the
     server; 4 MiB still fills a 100 ms / 300 Mbit/s path). ``bulk_port``: where the bulk upload lane
     (``bulk``) listens on the same host, with the same TLS (0: any free port; None: no lane, uploads go over
@@ -379,10 +439,12 @@ def start_server(
                                   insecure=insecure, allow_anyone=allow_anyone):
         log.warning("%s", warning)
     auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
-    servicer = FederationServicer(coordinator, auth, **servicer_kwargs)
+    servicer = FederationServicer(coordinator, auth, max_workers=max_workers, **servicer_kwargs)
     options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes)]
+    # Calls beyond the threads queue for one (a burst of short calls is served, not refused): long calls
+    # (polls, uploads) never take the last threads (``guards.CallGate``), so queued short calls start soon.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         maximum_concurrent_rpcs=max_workers)
+                         maximum_concurrent_rpcs=4 * max_workers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, method_handlers(servicer)),))
     if cert_file is not None and key_file is not None:
         port = server.add_secure_port(address, server_credentials(cert_file, key_file))
@@ -396,7 +458,8 @@ def start_server(
             raise ValueError(f"bulk_port must be a TCP port (0 for any free one) or None, got {bulk_port}")
         tls = server_ssl_context(cert_file, key_file) if cert_file is not None and key_file is not None else None
         try:
-            bulk = BulkListener(split_host(address), bulk_port, servicer.bulk_submit, tls)
+            bulk = BulkListener(split_host(address), bulk_port, servicer.bulk_submit, tls,
+                                idle_s=servicer.upload_idle_s)
         except OSError as e:
             raise RuntimeError(f"cannot open the bulk lane on {split_host(address)}:{bulk_port}: {e}") from None
         servicer.bulk_port = bulk.port

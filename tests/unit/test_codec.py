@@ -12,7 +12,7 @@ from fedtune.transport import Limits, MessageRejected, decode_state, encode_stat
 from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
 from fedtune.transport.codec import TensorDecoder, encode_frames
-from fedtune.transport.encodings import ENCODINGS
+from fedtune.transport.encodings import ENCODINGS, Int8Blocks, Meta
 from fedtune.transport.messages import (
     frames_to_instructions,
     instructions_to_frames,
@@ -251,3 +251,57 @@ def test_prefetch_keeps_order_reraises_in_place_and_stops_when_closed(monkeypatc
     assert len(made) == produced <= 4
     monkeypatch.setattr(wire.threading, "Thread", None)  # a short stream starts no thread
     assert list(prefetch(iter([b"xy"] * 3), after_bytes=7)) == [b"xy"] * 3
+
+
+# ------------------------------------------------------------------ decoding work is bounded by what arrives
+
+
+def _with_block_size(chunks: list[tpb.TensorChunk], block_size: int) -> list[tpb.TensorChunk]:
+    """The same payloads, declaring another int8 block size (sizes and digests stay valid: the payload of a
+    tensor in one block does not depend on how large the block is said to be)."""
+    for c in chunks:
+        if c.HasField("meta"):
+            c.meta.block_size = block_size
+    return chunks
+
+
+def test_int8_block_larger_than_the_tensor_is_refused_before_any_work():
+    """Issue 16 item 5: 2,000 one-element tensors declaring 2^24-element blocks (each expanded 64 MiB)."""
+    state = {f"t{i}": torch.tensor([0.5]) for i in range(2000)}
+    chunks = _with_block_size(list(encode_state(state, "int8")), 1 << 24)
+    t0 = time.thread_time()
+    with pytest.raises(MessageRejected, match=r"block_size 16777216 out of range \[1, 1\]"):
+        decode_state(chunks)
+    assert time.thread_time() - t0 < 2.0  # the first tensor is refused (today: 77 CPU-s for all 2,000)
+    # a block of exactly the tensor (or more elements than a small tensor has, from the encoder) is fine
+    got = decode_state(encode_state({"x": torch.tensor([0.5, -1.0])}, "int8"))["x"]
+    assert torch.allclose(got, torch.tensor([64 / 127, -1.0]), atol=1e-6)  # scale 1/127: 0.5 -> 63.5 -> 64
+    assert [c.meta.block_size for c in encode_state({"x": torch.randn(3)}, "int8")] == [3]
+
+
+@pytest.mark.parametrize("numel, block", [(1, 1), (7, 3), (512, 256), (513, 256), (1000, 1000), (5, 64), (0, 8)])
+def test_int8_decode_matches_the_per_block_formula(numel, block):
+    x = torch.randn(numel) * 3
+    enc = Int8Blocks(block)
+    plan = enc.plan(x)
+    bs = plan.block_size
+    assert bs == min(block, max(numel, 1))
+    meta = Meta(torch.float32, (numel,), numel, block_size=bs)
+    payload = bytearray(enc.encode(x, plan))
+    assert enc.expected_nbytes(meta) == len(payload)
+    out = enc.decode(payload, meta)
+    nb = -(-numel // bs)
+    padded = torch.nn.functional.pad(x, (0, nb * bs - numel)).reshape(nb, bs)
+    scales = padded.abs().amax(1) / 127
+    q = torch.round(padded / scales.clamp_min(1e-30)[:, None]).clamp(-127, 127)
+    assert torch.allclose(out, (q * scales[:, None]).reshape(-1)[:numel], atol=1e-6)
+
+
+def test_sparse_tensors_cannot_decode_past_the_total_limit():
+    """A few bytes of sparse payload must not decode to gigabytes of zeros."""
+    state = {f"z{i}": torch.zeros(1 << 18) for i in range(100)}  # 1 MiB each decoded, 0 bytes of payload
+    chunks = list(encode_state(state, "sparse_coo"))
+    assert sum(c.meta.num_bytes for c in chunks if c.HasField("meta")) == 0
+    with pytest.raises(MessageRejected, match="decodes to more than the limit"):
+        decode_state(chunks, Limits(max_total_bytes=16 << 20))
+    assert len(decode_state(chunks, Limits(max_total_bytes=100 << 20))) == 100

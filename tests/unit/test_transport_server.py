@@ -40,11 +40,11 @@ def served():
     server.stop(0)
 
 
-def _stub(server) -> tuple[grpc.Channel, fpb_grpc.FederationStub, list[tuple[str, str]]]:
+def _stub(server, node="n1") -> tuple[grpc.Channel, fpb_grpc.FederationStub, list[tuple[str, str]]]:
     ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = fpb_grpc.FederationStub(ch)
-    nonce = stub.Challenge(fpb.ChallengeRequest(node="n1")).nonce
-    token = stub.Register(fpb.RegisterRequest(node="n1", nonce=nonce)).session_token
+    nonce = stub.Challenge(fpb.ChallengeRequest(node=node)).nonce
+    token = stub.Register(fpb.RegisterRequest(node=node, nonce=nonce)).session_token
     return ch, stub, [("x-fedtune-session", token)]
 
 
@@ -100,8 +100,8 @@ def _submit(stub, md, messages) -> grpc.RpcError:
     return ei.value
 
 
-def _update(tensors: dict, corrupt=None) -> list[fpb.UpdateChunk]:
-    msgs = [fpb.UpdateChunk(header=fpb.UpdateHeader(round=1, phase="train", node="n1", num_examples=1))]
+def _update(tensors: dict, corrupt=None, node="n1") -> list[fpb.UpdateChunk]:
+    msgs = [fpb.UpdateChunk(header=fpb.UpdateHeader(round=1, phase="train", node=node, num_examples=1))]
     chunks = list(encode_state(tensors, chunk_size=256))
     if corrupt:
         chunks = corrupt(chunks)
@@ -233,8 +233,10 @@ def test_uploads_beyond_the_limit_wait_then_get_resource_exhausted():
         end = time.monotonic() + 10  # until the first upload holds the only slot (a busy machine may take a while)
         while server.servicer._uploads._value and time.monotonic() < end:
             time.sleep(0.01)
-        err = _submit(stub, md, _update({"w": torch.randn(4)}))
+        ch2, stub2, md2 = _stub(server, "n2")  # another node: one upload per node is another bound
+        err = _submit(stub2, md2, _update({"w": torch.randn(4)}, node="n2"))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in err.details()
+        ch2.close()
         gate.set()
         assert first.result(timeout=5).accepted
         ch.close()
