@@ -2,7 +2,7 @@
 
 ``fedtune.cli`` registers them with ``register(subparsers, COMMANDS)``; each command is a plain function
 ``(args) -> exit code``. This module does not import ``fedtune.cli`` (what both need is ``cli_common``). Exit codes: 0 done, 1 the federation failed (too few clients, server gone for
-good), 2 bad input, 3 this node was refused by the server (unknown key, revoked, config mismatch).
+good: ``client.max_retry_s``), 2 bad input or a connection that cannot work as configured (host, TLS), 3 this node was refused by the server (unknown key, revoked, config mismatch).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
 
 
@@ -33,6 +34,11 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     cfg = _config(args, ["server.insecure=true"] if args.insecure else [])
     if args.address:
+        from fedtune.config import ConfigError
+        from fedtune.sections import address_problem
+
+        if problem := address_problem("--address", args.address, any_port=True):
+            raise ConfigError([problem])
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, address=args.address))
     try:
         run_server(cfg, Console())
@@ -46,7 +52,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     """Join a federation as one site: train on local data when asked, send only adapter updates."""
     from rich.console import Console
 
-    from fedtune.client.node import NodeRefused, run_client
+    from fedtune.client.node import NodeMisconfigured, NodeRefused, ServerUnreachable, run_client
     from fedtune.transport import InsecureTransportError
 
     cfg = _config(args, ["client.insecure=true"] if args.insecure else [])
@@ -55,7 +61,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     except NodeRefused as e:
         print(f"fedtune client: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    except InsecureTransportError as e:
+    except (InsecureTransportError, NodeMisconfigured) as e:
+        print(f"fedtune client: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ServerUnreachable as e:
         print(f"fedtune client: {e}", file=sys.stderr)
         return EXIT_FAILED
     return 0

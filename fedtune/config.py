@@ -379,6 +379,7 @@ def validate(cfg: Config) -> list[str]:
     p.extend(pipeline_problems(list(cfg.client.pipeline)))
     p.extend(cfg.sim.validate())
     p.extend(cfg.federation.validate())
+    p.extend(cfg.server.validate() + cfg.client.validate())
     return p
 
 

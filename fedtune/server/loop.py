@@ -28,6 +28,7 @@ from fedtune.server.coordinator import RoundCoordinator
 from fedtune.server.dispatch import FederationError, GrpcDispatcher
 from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.transport import FederationServer, Limits, start_server
+from fedtune.transport.server import check_port_free
 
 __all__ = ["FederationError", "open_transport", "run_server"]
 
@@ -79,6 +80,7 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     fed = cfg.federation
     run, ckpt = open_run(cfg, resume=has_checkpoint(cfg), may_change=RESUMABLE_CHANGES)
     security = _tls(cfg)
+    check_port_free(cfg.server.address)  # a port in use is said before the model loads, not after
     data = load_dataset(cfg)
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
