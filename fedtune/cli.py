@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtune.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, parse, run_command
+from fedtune.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, overwrite_flag, parse, run_command
 from fedtune.cli_common import config_from_args as _config
 from fedtune.cli_common import quiet_libraries as _quiet_libraries
 
@@ -24,8 +24,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedtune.local import run_train
+    from fedtune.runs import claim_run_folder
 
     cfg = _config(args)
+    claim_run_folder(cfg.out, overwrite=args.overwrite)
     run_train(cfg, Console())
     return 0
 
@@ -147,7 +149,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, out=str(run_dir))
         run_simulation(cfg, Console(), resume=run_dir)
     else:
-        run_simulation(_config(args), Console())
+        from fedtune.runs import claim_run_folder
+
+        cfg = _config(args)
+        claim_run_folder(cfg.out, overwrite=args.overwrite,
+                         resume_hint=f"continue it with `fedtune simulate --resume {cfg.out}`, ")
+        run_simulation(cfg, Console())
     return 0
 
 
@@ -179,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=8")
         return p
 
-    for name in ("train", "info"):
-        with_config(sub.add_parser(name, help=COMMANDS[name].__doc__, description=COMMANDS[name].__doc__))
+    with_config(overwrite_flag(sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)))
+    with_config(sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__))
     p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     p.add_argument("--adapter", help="adapter folder or run folder (default: the base model alone)")
     with_config(p)
@@ -191,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p = sub.add_parser("simulate", help=cmd_simulate.__doc__, description=cmd_simulate.__doc__)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last completed round")
+    overwrite_flag(p)
     with_config(p)
     sub.add_parser("config", help=cmd_config.__doc__, description=cmd_config.__doc__)
     from fedtune.cli_federation import register as register_federation

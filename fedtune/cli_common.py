@@ -51,6 +51,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return load_config(path, overrides)
 
 
+def overwrite_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--overwrite``: a fresh run may replace the run already in its ``out`` folder (refused otherwise)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the out= folder (without it such a folder is refused)")
+    return p
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; overrides may follow flags (``export RUN DEST --merge model.name=x``)."""
     args, extra = parser.parse_known_args(argv)

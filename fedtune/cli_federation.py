@@ -40,6 +40,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         if problem := address_problem("--address", args.address, any_port=True):
             raise ConfigError([problem])
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, address=args.address))
+    from fedtune.rounds import has_checkpoint
+    from fedtune.runs import claim_run_folder
+
+    if args.overwrite or not has_checkpoint(cfg):  # a checkpoint: a restarted server resumes from it
+        claim_run_folder(cfg.out, overwrite=args.overwrite)
     try:
         run_server(cfg, Console())
     except (FederationError, InsecureTransportError) as e:
@@ -152,6 +157,8 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
         "completed round when out= holds a checkpoint of the same run."))
     p.add_argument("--address", help="host:port to listen on (overrides server.address)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (server.insecure=true)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out= folder that holds a run "
+                   "(without it, a folder with a checkpoint is resumed and any other run is refused)")
     with_config(p)
     p = subparsers.add_parser("client", help=cmd_client.__doc__, description=(cmd_client.__doc__ or "") + (
         " Connects to client.server as client.name with keys from client.keys_dir (ca.pem, nodes/<name>.key)."))
