@@ -38,17 +38,20 @@ def quiet_libraries() -> None:
         pass
 
 
+def config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """A subcommand's config file (or None) and ``key=value`` overrides: without a file, the first
+    positional (``fedtune train key=value``) is an override, not a path."""
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        return None, [path, *overrides]
+    return path, overrides
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     """The config of a subcommand: its optional file (``args.config``) and ``key=value`` overrides."""
     from fedtune.config import load_config
 
-    path = args.config
-    overrides = list(args.overrides)
-    # `fedtune train key=value` without a file: the first positional is an override, not a path.
-    if path is not None and "=" in path and not Path(path).exists():
-        overrides.insert(0, path)
-        path = None
-    return load_config(path, overrides)
+    return load_config(*config_args(args))
 
 
 def overwrite_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
