@@ -135,11 +135,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if not nodes and (out / "ca.key").exists():
         raise ValueError("--nodes: name the nodes to add (comma-separated)")
     hosts = [h.strip() for arg in args.server_host or [] for h in arg.split(",") if h.strip()] or None
-    create_keys(out, nodes, hosts)
+    from fedtune.transport.keys import certificate_hosts
+
+    before = certificate_hosts(out / "server.pem") if (out / "server.pem").is_file() else None
+    create_keys(out, nodes, hosts, loopback=not args.no_loopback)
+    after = certificate_hosts(out / "server.pem")
+    cert = ("unchanged" if before is not None and set(before) == set(after)
+            else "re-issued, valid" if before is not None else "valid")
     print(f"keys in {out}:\n"
-          f"  server only : server.pem, server.key, allowlist.txt (ca.key: keep offline)\n"
-          f"  every node  : ca.pem\n"
-          + "".join(f"  node {n:<8}: nodes/{n}.key (give to that site only)\n" for n in nodes)
+          f"  server only : server.pem, server.key ({cert} for {', '.join(after)}), allowlist.txt "
+          f"(ca.key: keep offline)\n"
+          + "".join(f"  node {n:<8}: sites/{n}/ (ca.pem, nodes/{n}.key): give to that site only, its "
+                    f"client.keys_dir\n" for n in nodes)
           + (f"  `fedtune status` uses nodes/{args.operator}.key (--name {args.operator})" if args.operator else ""))
     return 0
 
@@ -170,11 +177,15 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p.add_argument("--name", default="operator", help="key to authenticate with (default: operator)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback")
     p = subparsers.add_parser("keys", help=cmd_keys.__doc__, description=(cmd_keys.__doc__ or "") + (
-        " Run again with more --nodes to add sites; the CA and existing keys are kept."))
+        " Run again with more --nodes to add sites, or other --server-host names for a new server certificate; "
+        "the CA and existing keys are kept."))
     p.add_argument("out_dir", help="keys folder (created)")
     p.add_argument("--nodes", help="comma-separated node names, e.g. site-a,site-b,site-c")
     p.add_argument("--server-host", action="append",
-                   help="hostname or IP the server certificate is valid for (repeat; default localhost, 127.0.0.1)")
+                   help="hostname or IP the server certificate is valid for, besides localhost and 127.0.0.1 "
+                        "(repeat or comma-separate; a run with other names issues a new server certificate)")
+    p.add_argument("--no-loopback", action="store_true",
+                   help="leave localhost and 127.0.0.1 out of the server certificate")
     p.add_argument("--operator", default="operator",
                    help="also make a key for `fedtune status` under this name ('' for none; default operator)")
     p.add_argument("--revoke", metavar="NAME", help="revoke this node in OUT_DIR/allowlist.txt")

@@ -34,7 +34,7 @@ from fedtune.transport.codec import (
     Limits,
     TensorDecoder,
 )
-from fedtune.transport.errors import MessageRejected, PermissionDeniedError, TransportError
+from fedtune.transport.errors import AuthenticationError, MessageRejected, PermissionDeniedError, TransportError
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     SESSION_METADATA_KEY,
@@ -95,6 +95,8 @@ def _guard(fn: _F) -> _F:
         try:
             return fn(self, request, context)
         except TransportError as e:
+            if isinstance(e, AuthenticationError | PermissionDeniedError) and fn.__name__ in ("Challenge", "Register"):
+                log.warning("refused at registration (%s): %s", context.peer(), e.reason)  # unknown or revoked
             context.abort(e.code, e.reason)
         except Exception:
             log.exception("%s failed", fn.__name__)
