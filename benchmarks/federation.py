@@ -4,7 +4,7 @@ The nodes are threads in this process, each a ``FederationClient`` that answers 
 LoRA-shaped tensors (no model). The server is the real one (tiny Llama for its global adapter, plaintext on
 loopback, fedavg). Counts per round: sampled, accepted, failed; and the wall time of each round.
 
-    .venv/bin/python benchmarks/federation.py [--clients 200] [--rounds 5]
+    .venv/bin/python benchmarks/federation.py [--clients 200] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="8 nodes, 2 rounds (seconds): a smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.clients, args.rounds = 8, 2
     import tempfile
 
     import torch
@@ -90,7 +93,7 @@ def main() -> None:
     print(f"total wall time {total:.1f} s (server start-up included); node errors: {len(errors)}")
     for e in errors[:5]:
         print("  ", e)
-    write_json("federation.json", {"clients": args.clients, "rounds": out, "server_exit": rc, "node_errors": errors,
+    write_json("federation_quick.json" if args.quick else "federation.json", {"clients": args.clients, "rounds": out, "server_exit": rc, "node_errors": errors,
                               "total_seconds": total, "lost_total": sum(r["lost"] for r in out),
                               "machine": machine_info()})
 

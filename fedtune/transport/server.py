@@ -34,7 +34,12 @@ from fedtune.transport.codec import (
     Limits,
     TensorDecoder,
 )
-from fedtune.transport.errors import AuthenticationError, MessageRejected, PermissionDeniedError, TransportError
+from fedtune.transport.errors import (
+    AuthenticationError,
+    MessageRejected,
+    PermissionDeniedError,
+    TransportError,
+)
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     SESSION_METADATA_KEY,
