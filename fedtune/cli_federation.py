@@ -119,7 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """Create the federation's CA, server certificate and node keys, or revoke a node (``--revoke``)."""
+    """Create the federation's CA, server certificate and node keys, or revoke a node (--revoke)."""
     from pathlib import Path
 
     from fedtune.transport import create_keys, revoke_node

@@ -74,3 +74,16 @@ def test_fedex_on_a_4bit_base_names_quant_mode_before_anything_loads():
     with pytest.raises(ConfigError, match=r"quant\.mode: strategy\.name=fedex .* nf4 base .* quant\.mode = \"none\""):
         load_config(None, ["strategy.name=fedex", "quant.mode=nf4"])
     load_config(None, ["strategy.name=fedex", "quant.mode=none"])
+
+
+def test_help_has_no_restructuredtext_markup():
+    """``fedtune COMMAND --help`` is read in a terminal: no ``literal`` or :role:`x` markup (issue 17, item 9)."""
+    import argparse
+
+    from fedtune.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in {"fedtune": parser, **sub.choices}.items():
+        text = p.format_help()
+        assert not re.search(r"``|:[a-z]+:`", text), f"{name} --help:\n{text}"
