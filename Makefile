@@ -24,8 +24,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# --overwrite: each `make demo` replaces the previous demo's run folder (runs/quickstart) instead of refusing it
 demo: $(STAMP)
-	$(BIN)/fedtune simulate simulations/quickstart.toml
+	$(BIN)/fedtune simulate --overwrite simulations/quickstart.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" -x --timeout 600

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("FEDTUNE_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
+"""Where ``write_json`` writes (``FEDTUNE_BENCH_RESULTS`` moves it, as the benchmark test does)."""
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -7,7 +7,7 @@ worker threads sized from ``federation.min_clients`` (``server.max_workers=0``).
 aggregated, failed and lost updates and the round's wall time (round 1 includes waiting for every node to
 register); the server's peak resident memory (sampled every 0.5 s).
 
-    .venv/bin/python benchmarks/federation.py [--nodes 1000] [--rounds 5]
+    .venv/bin/python benchmarks/federation.py [--nodes 1000] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", "--clients", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="8 nodes, 2 rounds (seconds): a smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.nodes, args.rounds = 8, 2
 
     from fedtune.config import fingerprint, load_config
     from fedtune.transport.loadtest import (
@@ -79,7 +82,7 @@ def main() -> None:
           f"node errors: {len(nodes.errors)}")
     for e in nodes.errors[:5]:
         print("  ", e)
-    write_json("federation.json", {"nodes": args.nodes, "rounds": out, "server_exit": rc,
+    write_json("federation_quick.json" if args.quick else "federation.json", {"nodes": args.nodes, "rounds": out, "server_exit": rc,
                                    "node_errors": nodes.errors[:20], "node_error_count": len(nodes.errors),
                                    "server_peak_rss_mib": peak[0] / 2**20, "total_seconds": total,
                                    "lost_total": sum(r["lost"] for r in out), "machine": machine_info()})

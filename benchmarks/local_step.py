@@ -22,6 +22,7 @@ benchmarks/results/local_step.json (local_step_quick.json with --quick).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import sys
@@ -156,9 +157,10 @@ def fedtune_side(mode: str, model_name: str, args: argparse.Namespace, examples:
             side.losses.append(loss)
 
         calls[0] += 1
-        train_local(lm.model, examples, cfg.train, device=lm.device, compute_dtype=lm.compute_dtype,
-                    pad_id=lm.tokenizer.pad_token_id, seed=cfg.seed + calls[0], on_step=run.log,
-                    progress=progress, max_steps=k)
+        # train_local takes every setting from its TrainConfig, the number of steps included
+        train_local(lm.model, examples, dataclasses.replace(cfg.train, max_steps=k), device=lm.device,
+                    compute_dtype=lm.compute_dtype, pad_id=lm.tokenizer.pad_token_id, seed=cfg.seed + calls[0],
+                    on_step=run.log, progress=progress)
         return times
 
     side.run = run_steps

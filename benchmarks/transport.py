@@ -45,7 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from benchmarks._common import RESULTS
 from fedtune.transport import (
     DEFAULT_CHUNK_SIZE,
     Backoff,
@@ -289,7 +289,7 @@ def main() -> None:
     ap.add_argument("--sizes", help="upload sizes in MiB, comma-separated (default 256,1024; --quick 64,256)")
     ap.add_argument("--repeats", type=int, help="uploads per path and size, best counts (default 3; --quick 1)")
     ap.add_argument("--only", choices=["throughput", "memory"], help="run one of the two parts")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transport.json"))
+    ap.add_argument("--out", help="JSON path (default: results/transport.json, transport_quick.json with --quick)")
     args = ap.parse_args()
     if args.serve:
         return serve(args.tls_dir, int(float(args.window_mib) * MiB), add=not args.no_sum)
@@ -334,7 +334,7 @@ def report(rows: list[dict], mem: dict | None, args: argparse.Namespace) -> None
         mt.add_row(f"{mem['seconds']:.1f}", f"{mem['server_peak_rss_mib']:.0f} MiB",
                    f"{mem['server_base_rss_mib']:.0f} MiB", f"{mem['buffer_all_mib']} MiB")
         console.print(mt)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS / ("transport_quick.json" if args.quick else "transport.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "chunk_mib": args.chunk_mib, "window_mib": float(args.window_mib),
                                "load_average": os.getloadavg(),

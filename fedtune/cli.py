@@ -8,11 +8,13 @@ defaults without a file. Errors are one clear line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from fedtune.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, parse, run_command
+from fedtune.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, config_args, overwrite_flag, parse, run_command
 from fedtune.cli_common import config_from_args as _config
 from fedtune.cli_common import quiet_libraries as _quiet_libraries
 
@@ -24,14 +26,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedtune.local import run_train
+    from fedtune.runs import claim_run_folder
 
     cfg = _config(args)
+    claim_run_folder(cfg.out, overwrite=args.overwrite)
     run_train(cfg, Console())
     return 0
 
 
+def _run_config(args: argparse.Namespace, run: str | None) -> Any:
+    """The config of a command that reads run ``run`` (eval, export): the run's ``config.toml`` (or, for a
+    bare adapter folder, its base model from ``adapter_config.json``), then ``args.config`` and overrides.
+    An explicit config file replaces the run's."""
+    path, overrides = config_args(args)
+    if run is None or path:
+        return _config(args)
+    from fedtune.config import load_config
+    from fedtune.models.registry import HF_IDS
+
+    folder = Path(_adapter_folder(run))
+    for saved in (Path(run) / "config.toml", folder.parent / "config.toml"):
+        if saved.is_file():
+            return load_config(saved, overrides)
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    name = {v: k for k, v in HF_IDS.items()}.get(base, base)  # a built-in's id, or the base's folder
+    return load_config(None, [*([f"model.name={name}"] if name else []), *overrides])
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate an adapter folder (or the base model alone) on the held-out split of the configured data."""
+    """Evaluate an adapter or run folder (or the base model alone) on the held-out split of the data. With a
+    run folder, its config.toml gives the model, quantization and data (key=value overrides on top)."""
     from peft import PeftModel
     from rich.console import Console
     from rich.markup import escape
@@ -40,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fedtune.models import load_base
     from fedtune.pipeline import encode, load_dataset
 
-    cfg = _config(args)
+    cfg = _run_config(args, args.adapter)
     console = Console()
     data = load_dataset(cfg)
     base, tok, _, device, _ = load_base(cfg, num_labels=len(data.label_names) or None)
@@ -70,7 +94,8 @@ def _adapter_folder(path: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Copy a run's adapter as a PEFT folder, or merge it into the base model (``--merge``)."""
+    """Copy a run's adapter as a PEFT folder, or merge it into the base model (--merge: the run's config.toml
+    gives the base model, key=value overrides on top)."""
     import shutil
 
     from peft import PeftModel
@@ -83,16 +108,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         shutil.copytree(src, dest, dirs_exist_ok=True)
         print(f"adapter exported to {dest} (load with peft.PeftModel.from_pretrained(base, {str(dest)!r}))")
         return 0
-    cfg = _config(args)
-    if cfg.quant.mode != "none":
-        raise ValueError("export --merge needs quant.mode=none: merging into 4/8-bit weights loses the update")
+    cfg = _run_config(args, args.run)
+    if cfg.quant.mode != "none":  # merging into 4/8-bit weights would lose the update
+        import dataclasses
+
+        print(f"the run's base is quantized ({cfg.quant.mode}): merging into the unquantized weights of "
+              f"{cfg.model.name}")
+        cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, mode="none"))
     from fedtune.models import load_base
 
     base, tok, _, _, _ = load_base(cfg)
     model = PeftModel.from_pretrained(base, src)
     merge_and_save(model, dest)
     tok.save_pretrained(str(dest))
-    print(f"merged model saved to {dest} (load with AutoModelForCausalLM.from_pretrained({str(dest)!r}))")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"merged model ({cfg.model.name}) saved to {dest} in {dtype} (load with "
+          f"AutoModelForCausalLM.from_pretrained({str(dest)!r}, torch_dtype='auto'))")
     return 0
 
 
@@ -148,7 +179,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, out=str(run_dir))
         run_simulation(cfg, Console(), resume=run_dir)
     else:
-        run_simulation(_config(args), Console())
+        from fedtune.runs import claim_run_folder
+
+        cfg = _config(args)
+        claim_run_folder(cfg.out, overwrite=args.overwrite,
+                         resume_hint=f"continue it with `fedtune simulate --resume {cfg.out}`, ")
+        run_simulation(cfg, Console())
     return 0
 
 
@@ -180,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=8")
         return p
 
-    for name in ("train", "info"):
-        with_config(sub.add_parser(name, help=COMMANDS[name].__doc__, description=COMMANDS[name].__doc__))
+    with_config(overwrite_flag(sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)))
+    with_config(sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__))
     p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     p.add_argument("--adapter", help="adapter folder or run folder (default: the base model alone)")
     with_config(p)
@@ -192,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p = sub.add_parser("simulate", help=cmd_simulate.__doc__, description=cmd_simulate.__doc__)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last completed round")
+    overwrite_flag(p)
     with_config(p)
     sub.add_parser("config", help=cmd_config.__doc__, description=cmd_config.__doc__)
     from fedtune.cli_federation import register as register_federation

@@ -38,17 +38,27 @@ def quiet_libraries() -> None:
         pass
 
 
+def config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """A subcommand's config file (or None) and ``key=value`` overrides: without a file, the first
+    positional (``fedtune train key=value``) is an override, not a path."""
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        return None, [path, *overrides]
+    return path, overrides
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     """The config of a subcommand: its optional file (``args.config``) and ``key=value`` overrides."""
     from fedtune.config import load_config
 
-    path = args.config
-    overrides = list(args.overrides)
-    # `fedtune train key=value` without a file: the first positional is an override, not a path.
-    if path is not None and "=" in path and not Path(path).exists():
-        overrides.insert(0, path)
-        path = None
-    return load_config(path, overrides)
+    return load_config(*config_args(args))
+
+
+def overwrite_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--overwrite``: a fresh run may replace the run already in its ``out`` folder (refused otherwise)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the out= folder (without it such a folder is refused)")
+    return p
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

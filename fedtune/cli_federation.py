@@ -2,7 +2,7 @@
 
 ``fedtune.cli`` registers them with ``register(subparsers, COMMANDS)``; each command is a plain function
 ``(args) -> exit code``. This module does not import ``fedtune.cli`` (what both need is ``cli_common``). Exit codes: 0 done, 1 the federation failed (too few clients, server gone for
-good), 2 bad input, 3 this node was refused by the server (unknown key, revoked, config mismatch).
+good: ``client.max_retry_s``), 2 bad input or a connection that cannot work as configured (host, TLS), 3 this node was refused by the server (unknown key, revoked, config mismatch).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
 
 
@@ -34,7 +35,17 @@ def cmd_server(args: argparse.Namespace) -> int:
     cfg = _config(args, (["server.insecure=true"] if args.insecure else [])
                   + (["server.no_node_auth=true"] if args.no_node_auth else []))
     if args.address:
+        from fedtune.config import ConfigError
+        from fedtune.sections import address_problem
+
+        if problem := address_problem("--address", args.address, any_port=True):
+            raise ConfigError([problem])
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, address=args.address))
+    from fedtune.rounds import has_checkpoint
+    from fedtune.runs import claim_run_folder
+
+    if args.overwrite or not has_checkpoint(cfg):  # a checkpoint: a restarted server resumes from it
+        claim_run_folder(cfg.out, overwrite=args.overwrite)
     try:
         run_server(cfg, Console())
     except (FederationError, InsecureTransportError) as e:
@@ -47,7 +58,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     """Join a federation as one site: train on local data when asked, send only adapter updates."""
     from rich.console import Console
 
-    from fedtune.client.node import NodeRefused, run_client
+    from fedtune.client.node import NodeMisconfigured, NodeRefused, ServerUnreachable, run_client
     from fedtune.transport import InsecureTransportError
 
     cfg = _config(args, ["client.insecure=true"] if args.insecure else [])
@@ -56,7 +67,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     except NodeRefused as e:
         print(f"fedtune client: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    except InsecureTransportError as e:
+    except (InsecureTransportError, NodeMisconfigured) as e:
+        print(f"fedtune client: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ServerUnreachable as e:
         print(f"fedtune client: {e}", file=sys.stderr)
         return EXIT_FAILED
     return 0
@@ -111,7 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """Create the federation's CA, server certificate and node keys, or revoke a node (``--revoke``)."""
+    """Create the federation's CA, server certificate and node keys, or revoke a node (--revoke)."""
     from pathlib import Path
 
     from fedtune.transport import create_keys, revoke_node
@@ -126,11 +140,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if not nodes and (out / "ca.key").exists() and not observers:
         raise ValueError("--nodes: name the nodes to add (comma-separated)")
     hosts = [h.strip() for arg in args.server_host or [] for h in arg.split(",") if h.strip()] or None
-    create_keys(out, nodes, hosts, observers=observers)
+    from fedtune.transport.keys import certificate_hosts
+
+    before = certificate_hosts(out / "server.pem") if (out / "server.pem").is_file() else None
+    create_keys(out, nodes, hosts, loopback=not args.no_loopback, observers=observers)
+    after = certificate_hosts(out / "server.pem")
+    cert = ("unchanged" if before is not None and set(before) == set(after)
+            else "re-issued, valid" if before is not None else "valid")
     print(f"keys in {out}:\n"
-          f"  server only : server.pem, server.key, allowlist.txt (ca.key: keep offline)\n"
-          f"  every node  : ca.pem\n"
-          + "".join(f"  node {n:<8}: nodes/{n}.key (give to that site only)\n" for n in nodes)
+          f"  server only : server.pem, server.key ({cert} for {', '.join(after)}), allowlist.txt "
+          f"(ca.key: keep offline)\n"
+          + "".join(f"  node {n:<8}: sites/{n}/ (ca.pem, nodes/{n}.key): give to that site only, its "
+                    f"client.keys_dir\n" for n in nodes)
           + (f"  `fedtune status` uses nodes/{args.operator}.key (--name {args.operator})" if args.operator else ""))
     return 0
 
@@ -150,6 +171,8 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (server.insecure=true)")
     p.add_argument("--no-node-auth", action="store_true",
                    help="off loopback without server.keys_dir: let anyone join as any node (server.no_node_auth=true)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out= folder that holds a run "
+                   "(without it, a folder with a checkpoint is resumed and any other run is refused)")
     with_config(p)
     p = subparsers.add_parser("client", help=cmd_client.__doc__, description=(cmd_client.__doc__ or "") + (
         " Connects to client.server as client.name with keys from client.keys_dir (ca.pem, nodes/<name>.key)."))
@@ -161,11 +184,15 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p.add_argument("--name", default="operator", help="key to authenticate with (default: operator)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback")
     p = subparsers.add_parser("keys", help=cmd_keys.__doc__, description=(cmd_keys.__doc__ or "") + (
-        " Run again with more --nodes to add sites; the CA and existing keys are kept."))
+        " Run again with more --nodes to add sites, or other --server-host names for a new server certificate; "
+        "the CA and existing keys are kept."))
     p.add_argument("out_dir", help="keys folder (created)")
     p.add_argument("--nodes", help="comma-separated node names, e.g. site-a,site-b,site-c")
     p.add_argument("--server-host", action="append",
-                   help="hostname or IP the server certificate is valid for (repeat; default localhost, 127.0.0.1)")
+                   help="hostname or IP the server certificate is valid for, besides localhost and 127.0.0.1 "
+                        "(repeat or comma-separate; a run with other names issues a new server certificate)")
+    p.add_argument("--no-loopback", action="store_true",
+                   help="leave localhost and 127.0.0.1 out of the server certificate")
     p.add_argument("--operator", default="operator",
                    help="also make a key for `fedtune status` under this name, marked observer in the allow-list: it lists "
                         "every node and cannot train ('' for none; default operator)")

@@ -334,6 +334,9 @@ def _strategy_problems(cfg: Config, spec: StrategySpec | None) -> list[str]:
         p.append(f"adapter.method: strategy.name={name} needs adapter.method={spec.adapter_method}, not {method!r}")
     if spec.lora_only and method not in ("lora", "rslora", "lora_fa"):
         p.append(f"adapter.method: strategy.name={name} works on LoRA factors (lora, rslora, lora_fa), not {method!r}")
+    if not spec.quantized_base and cfg.quant.mode != "none":
+        p.append(f"quant.mode: strategy.name={name} folds its updates into the base weights, which a "
+                 f"{cfg.quant.mode} base cannot hold: set quant.mode = \"none\", or strategy.name = \"flora\" or \"svd\"")
     return p
 
 

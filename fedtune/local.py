@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedtune.adapters import get_state, nbytes, num_params
+from fedtune.adapters import get_state, nbytes, num_params, set_state
 from fedtune.config import Config
 from fedtune.eval import evaluate, generate_answers
 from fedtune.models import load_model
@@ -69,9 +69,23 @@ def run_train(cfg: Config, console: Console) -> TrainSummary:
                                       system_prompt=cfg.data.system_prompt) if gen else []
     run.log({"step": 0, **{k: v for k, v in before.items()}})
     progress, update = step_progress(console, "training")
-    with progress:
-        result = train_local(lm.model, train_ex, cfg.train, device=lm.device, compute_dtype=lm.compute_dtype,
-                             pad_id=tok.pad_token_id, seed=cfg.seed, on_step=run.log, progress=update)
+    last: dict[str, Any] = {"step": 0, "state": None}
+
+    def after_step(step: int, total: int, loss: float) -> None:
+        last.update(step=step, state={k: v.detach().to("cpu", copy=True) for k, v in get_state(lm.model).items()})
+        update(step, total, loss)
+
+    try:
+        with progress:
+            result = train_local(lm.model, train_ex, cfg.train, device=lm.device, compute_dtype=lm.compute_dtype,
+                                 pad_id=tok.pad_token_id, seed=cfg.seed, on_step=run.log, progress=after_step)
+    except KeyboardInterrupt:
+        if last["state"] is not None:  # the adapter of the last completed step, not a half-applied one
+            set_state(lm.model, last["state"])
+            run.save_adapter(lm.model)
+            console.print(f"interrupted: the adapter after step {last['step']} is in {run.adapter_path}",
+                          highlight=False)
+        raise
     after = evaluate(lm.model, eval_ex, **eval_kw)
     samples_after = generate_answers(lm.model, tok, prompts, device=lm.device, max_new_tokens=cfg.eval.max_new_tokens,
                                      system_prompt=cfg.data.system_prompt) if gen else []

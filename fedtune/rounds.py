@@ -18,6 +18,7 @@ summary table is ``fedtune.report.print_summary``. The strategy is driven only t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -191,6 +192,20 @@ def _play(rnd: int, ids: list[str], global_state: State, plan: RoundPlan, strate
                     f"(its last phase returned {type(outcome).__name__})")
 
 
+@contextlib.contextmanager
+def _save_on_interrupt(run: RunDir, model: Model, completed: dict[str, Any], console: Console) -> Iterator[None]:
+    """On Ctrl-C, save the adapter of the last completed round (``completed``: its number and global state)
+    before the interrupt goes on; the checkpoint of that round is already written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if completed["round"] >= 1:
+            model.save(run, completed["state"])
+            console.print(f"interrupted: the adapter of round {completed['round']} is in {run.adapter_path}",
+                          highlight=False)
+        raise
+
+
 def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, dispatcher: Dispatcher,
                console: Console, *, resume: Checkpoint | None = None,
                samples_before: list[str] | None = None) -> RunResult:
@@ -219,7 +234,8 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
         run.log(first)
         rounds.append(first)
     full_bytes = model.full_model_bytes()
-    with RunProgress(console, plan.rounds, start - 1) as bars:
+    completed: dict[str, Any] = {"round": start - 1, "state": global_state}  # the last checkpointed round
+    with _save_on_interrupt(run, model, completed, console), RunProgress(console, plan.rounds, start - 1) as bars:
         for rnd in range(start, plan.rounds + 1):
             t0 = time.perf_counter()
             kept = copy.deepcopy(strategy.state_dict())  # what a refused aggregate must not leave behind
@@ -253,6 +269,7 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
             save_checkpoint(run.path, Checkpoint(
                 round=rnd, state=global_state, strategy=strategy.state_dict(), base_updates=model.base_updates,
                 before=before, samples_before=samples_before or [], clients=dispatcher.state_dict()))
+            completed.update(round=rnd, state=global_state)
             console.print(round_line(record, plan.rounds), highlight=False)
             for cid, why in played.failures.items():
                 console.print(f"  {clean(cid, MAX_NAME)}: {clean(why)}", highlight=False, markup=False)

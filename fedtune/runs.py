@@ -55,6 +55,35 @@ def _clean(value: Any) -> Any:
     return value
 
 
+RUN_FILES = ("config.toml", "metrics.jsonl", "adapter", "checkpoint.pt", "plot.png")
+"""What a run writes into its folder (``checkpoint.pt`` is ``fedtune.checkpoint.CHECKPOINT``)."""
+
+
+class RunExists(ValueError):
+    """A fresh run was asked to write into a folder that holds another run."""
+
+
+def claim_run_folder(path: str | Path, *, overwrite: bool, resume_hint: str = "") -> None:
+    """Make sure a fresh run may write into ``path``: refuse when it holds a run's files, unless
+    ``overwrite``, which removes them first (only those: anything else in the folder stays).
+
+    Raises:
+        RunExists: ``path`` holds a run and ``overwrite`` is off; the message says what to do instead.
+    """
+    p = Path(path)
+    found = [name for name in RUN_FILES if (p / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise RunExists(f"out={p} already holds a run ({', '.join(found)}): choose another out=..., "
+                        f"{resume_hint}or pass --overwrite to replace it")
+    for name in found:
+        if (p / name).is_dir():
+            shutil.rmtree(p / name)
+        else:
+            (p / name).unlink()
+
+
 class RunDir:
     """One output folder; ``metrics.jsonl`` gets one JSON object per step or round."""
 

@@ -6,6 +6,7 @@ section without the whole schema; ``fedtune.config.Config`` gathers them all.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,21 @@ def opt(default: Any, help: str) -> Any:
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
+
+
+def address_problem(key: str, address: str, any_port: bool = False) -> str | None:
+    """Why ``address`` is not a ``host:port`` (``[v6]:port``) gRPC can use, naming ``key``; None when it is.
+    ``any_port``: port 0 (any free port) is allowed, as a server may listen on it."""
+    host, sep, port = address.rpartition(":")
+    example = f"expected host:port, for example {'0.0.0.0:7443' if any_port else 'coord.example.org:7443'}"
+    if not sep or not host or not _HOST.match(host) or (":" in host and not host.startswith("[")):
+        return f"{key}: got {address!r}, {example}"
+    if not port.isdigit() or not (0 if any_port else 1) <= int(port) <= 65535:
+        return f"{key}: got {address!r}: the port must be a number from {0 if any_port else 1} to 65535"
+    return None
 
 
 @dataclass(frozen=True)
@@ -167,8 +183,10 @@ class ServerConfig:
                               "federation.min_clients plus 64 when that is more")
 
     def validate(self) -> list[str]:
-        return [f"server.max_workers: got {self.max_workers}, must be >= 0 (0: sized from federation.min_clients)"
-                ] if self.max_workers < 0 else []
+        p = [x for x in [address_problem("server.address", self.address, any_port=True)] if x]
+        if self.max_workers < 0:
+            p.append(f"server.max_workers: got {self.max_workers}, must be >= 0 (0: sized from federation.min_clients)")
+        return p
 
 
 @dataclass(frozen=True)
@@ -178,6 +196,8 @@ class ClientConfig:
     keys_dir: str | None = opt(None, "folder with ca.pem and nodes/<client.name>.key from `fedtune keys`")
     insecure: bool = opt(False, "plaintext without TLS (refused unless the server is on loopback or this is set)")
     max_backoff_s: float = opt(30.0, "longest wait between reconnection attempts")
+    max_retry_s: float = opt(600.0, "how long a node keeps trying to reach a server that refuses or drops its "
+                                    "connection before it gives up (exit 1); counted from the last contact")
     bulk_min_mb: float | None = opt(1.0, "updates of at least this size go over the server's bulk lane when it "
                                          "offers one (gRPC otherwise, or when the lane cannot be reached); "
                                          "null: always gRPC")
@@ -192,5 +212,9 @@ class ClientConfig:
     def validate(self) -> list[str]:
         from fedtune.names import name_problem
 
-        problem = name_problem(self.name)
-        return [] if problem is None else [f"client.name: {problem}"]
+        p = [x for x in [address_problem("client.server", self.server), name_problem(self.name)] if x]
+        p = [x if x.startswith("client.") else f"client.name: {x}" for x in p]
+        for key in ("max_backoff_s", "max_retry_s"):
+            if getattr(self, key) <= 0:
+                p.append(f"client.{key}: got {getattr(self, key)}, must be > 0")
+        return p

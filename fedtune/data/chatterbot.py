@@ -42,14 +42,14 @@ def corpus_dir(language: str = "english") -> Path:
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            "data.source 'chatterbot' needs the chatterbot-corpus package: "
+            "data.builtin 'chatterbot' needs the chatterbot-corpus package: "
             "pip install --no-deps chatterbot-corpus==1.3.3"
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "data"
     folder = root / language
     if not folder.is_dir():
         valid = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise ValueError(f"data.language {language!r} is not in the ChatterBot corpus; valid: {valid}")
+        raise ValueError(f"language {language!r} is not in the ChatterBot corpus; valid: {valid}")
     return folder
 
 
@@ -109,7 +109,7 @@ def load_chatterbot(
         ValueError: if the corpus is missing, or ``language``, ``categories`` or ``turns`` is unknown.
     """
     if turns not in TURNS:
-        raise ValueError(f"data.turns {turns!r} is not one of {TURNS}")
+        raise ValueError(f"turns {turns!r} is not one of {TURNS}")
     records: list[Record] = []
     seen: set[tuple[str, ...]] = set()
     for path in _select(language, categories):

@@ -99,8 +99,8 @@ def load_classification(
     """
     if source == "jsonl":
         if path is None:
-            raise ValueError("data.path is required when data.source is 'jsonl'")
+            raise ValueError("data.path is required for a JSONL source")
         return load_classification_jsonl(path, text_field, label_field, label_names)
     if source == "chatterbot":
         return load_chatterbot_classification(language, categories)
-    raise ValueError(f"data.source {source!r} is not one of {SOURCES}")
+    raise ValueError(f"source {source!r} is not one of {SOURCES}")

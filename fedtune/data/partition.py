@@ -23,11 +23,11 @@ PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "by_category", "size_skew")
 
 def _check(n: int, num_clients: int, min_size: int = 1) -> None:
     if num_clients < 1:
-        raise ValueError(f"simulation.num_clients must be at least 1, got {num_clients}")
+        raise ValueError(f"sim.num_clients must be at least 1, got {num_clients}")
     if n < num_clients * min_size:
         raise ValueError(
             f"cannot give {num_clients} clients at least {min_size} record(s) each from {n} records: "
-            "lower simulation.num_clients or use more data"
+            "lower sim.num_clients or use more data"
         )
 
 
@@ -61,7 +61,7 @@ def dirichlet(
         ValueError: if ``alpha <= 0``, there are too few records, or no draw gives every client ``min_size``.
     """
     if alpha <= 0:
-        raise ValueError(f"partition.alpha must be positive, got {alpha}")
+        raise ValueError(f"sim.dirichlet_alpha must be positive, got {alpha}")
     n = len(labels)
     _check(n, num_clients, min_size)
     rng = np.random.default_rng(seed)
@@ -80,7 +80,7 @@ def dirichlet(
             return _finish(parts)
     raise ValueError(
         f"no Dirichlet(alpha={alpha}) draw gave all {num_clients} clients {min_size} record(s): "
-        "raise partition.alpha or lower simulation.num_clients"
+        "raise sim.dirichlet_alpha or lower sim.num_clients"
     )
 
 
@@ -106,7 +106,7 @@ def by_category(labels: Sequence[Hashable], num_clients: int, categories_per_cli
     cats = sorted(by_label, key=str)
     if not 1 <= categories_per_client <= len(cats):
         raise ValueError(
-            f"partition.categories_per_client must be in [1, {len(cats)}] (the number of categories), "
+            f"sim.categories_per_client must be in [1, {len(cats)}] (the number of categories), "
             f"got {categories_per_client}"
         )
     rng = np.random.default_rng(seed)
@@ -126,7 +126,7 @@ def by_category(labels: Sequence[Hashable], num_clients: int, categories_per_cli
     if empty:
         raise ValueError(
             f"clients {empty} got no records (categories too small to share among "
-            f"{num_clients} clients): lower partition.categories_per_client or simulation.num_clients"
+            f"{num_clients} clients): lower sim.categories_per_client or sim.num_clients"
         )
     return _finish(parts)
 
@@ -141,7 +141,7 @@ def size_skew(n: int, num_clients: int, sigma: float, seed: int) -> Parts:
         ValueError: if ``sigma < 0`` or ``n < num_clients``.
     """
     if sigma < 0:
-        raise ValueError(f"partition.sigma must be non-negative, got {sigma}")
+        raise ValueError(f"sim.size_skew must be non-negative, got {sigma}")
     _check(n, num_clients)
     rng = np.random.default_rng(seed)
     weights = np.exp(rng.normal(0.0, sigma, num_clients)) if sigma > 0 else np.ones(num_clients)
@@ -180,7 +180,7 @@ def make_partition(name: str, records: Sequence[Record], num_clients: int, seed:
         "size_skew": {"sigma"},
     }
     if name not in allowed:
-        raise ValueError(f"partition.name {name!r} is not one of {list(PARTITIONERS)}")
+        raise ValueError(f"sim.partitioner {name!r} is not one of {list(PARTITIONERS)}")
     unknown = sorted(set(opts) - allowed[name])
     if unknown:
         raise ValueError(f"partition {name!r} takes options {sorted(allowed[name])}, not {unknown}")

@@ -31,6 +31,7 @@ from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.strategies.screen import ReplyPolicy
 from fedtune.transport import FederationServer, Limits, start_server
 from fedtune.transport.security import check_exposure
+from fedtune.transport.server import check_port_free
 
 __all__ = ["FederationError", "open_transport", "run_server"]
 
@@ -94,6 +95,7 @@ def run_server(cfg: Config, console: Console) -> RunResult:
                               allow_anyone=cfg.server.no_node_auth)  # before anything loads: a mistake exits at once
     for warning in exposure:
         console.print(warning, style="bold red", highlight=False, markup=False)
+    check_port_free(cfg.server.address)  # a port in use is said before the model loads, not after
     run, ckpt = open_run(cfg, resume=has_checkpoint(cfg), may_change=RESUMABLE_CHANGES)
     data = load_dataset(cfg)
     lm = load_model(cfg, num_labels=len(data.label_names) or None)

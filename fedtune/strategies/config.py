@@ -123,10 +123,10 @@ class StrategyConfig:
             p.append("strategy.svd_method: error_feedback needs 'exact' (the randomized remainder is not low rank)")
         if self.svd_power_iters < 0 or self.svd_oversample < 0:
             p.append("strategy.svd_power_iters / strategy.svd_oversample: must be >= 0")
-        if self.r < 1:
-            p.append(f"strategy.r: {self.r} must be >= 1")
+        if self.r < 1:  # r and lora_alpha come from [adapter] (``strategy_config``)
+            p.append(f"adapter.r: {self.r} must be >= 1")
         if self.lora_alpha <= 0:
-            p.append(f"strategy.lora_alpha: {self.lora_alpha} must be > 0")
+            p.append(f"adapter.alpha: {self.lora_alpha} must be > 0")
         if self.client_ranks is not None:
             if not self.client_ranks or any(int(k) < 1 for k in self.client_ranks):
                 p.append(f"strategy.client_ranks: {list(self.client_ranks)} must be a non-empty list of ranks >= 1")
@@ -147,8 +147,8 @@ class StrategyConfig:
             p.append(f"strategy.error_feedback: only a truncating strategy (svd) keeps a remainder, not "
                      f"{self.name!r}; set false")
         if self.quantized_base and spec is not None and not spec.quantized_base:
-            p.append(f"strategy.quantized_base: {self.name} folds its updates into the base weights, which a "
-                     "quantized base cannot hold; use name 'flora' or 'svd', or a non-quantized base")
+            p.append(f"quant.mode: strategy.name={self.name} folds its updates into the base weights, which a "
+                     "quantized base cannot hold: set quant.mode = \"none\", or strategy.name = \"flora\" or \"svd\"")
         return p
 
     @property

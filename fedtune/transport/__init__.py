@@ -18,6 +18,7 @@ from fedtune.transport.codec import (
 from fedtune.transport.errors import (
     AuthenticationError,
     ConfigMismatch,
+    ConnectionSetupError,
     InsecureTransportError,
     MessageRejected,
     PermissionDeniedError,
@@ -34,6 +35,7 @@ __all__ = [
     "AuthenticationError",
     "Backoff",
     "ConfigMismatch",
+    "ConnectionSetupError",
     "Coordinator",
     "DecodedTensor",
     "FederationClient",

@@ -10,14 +10,18 @@ Typical use by the node's loop (``fedtune.client``)::
             reply = run_phase(instr)                 # -> fedtune.types.ClientReply
             fc.submit(reply, phase=instr.phase)
 
-Calls that fail because the server is unreachable are retried with exponential backoff (with jitter);
-an expired session (server restart) is renewed by registering again.
+Calls that fail because the server refused or dropped the connection are retried with exponential backoff
+(with jitter); an expired session (server restart) is renewed by registering again. A connection that cannot
+work as configured (a host name that does not resolve, a TLS certificate for another host or from another
+CA, TLS on one side only) raises ``ConnectionSetupError`` at once: retrying cannot help.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -37,6 +41,7 @@ from fedtune.transport.codec import DEFAULT_CHUNK_SIZE, EncodingSpec, Limits
 from fedtune.transport.errors import (
     AuthenticationError,
     ConfigMismatch,
+    ConnectionSetupError,
     MessageRejected,
     PermissionDeniedError,
     TransportError,
@@ -94,6 +99,44 @@ def _as_error(e: grpc.RpcError) -> TransportError:
     return _ERRORS.get(code, TransportError)(f"{code.name}: {details}", code)
 
 
+_SETUP_SIGNS = (  # (kind, text in gRPC's UNAVAILABLE details), first match wins
+    ("dns", "errors resolving"), ("dns", "address lookup failed"),
+    ("tls_hostname", "Hostname Verification"), ("tls_hostname", "hostname mismatch"),
+    ("tls_plaintext", "WRONG_VERSION_NUMBER"), ("tls_ca", "certificate signature failure"),
+    ("tls_ca", "CERTIFICATE_VERIFY_FAILED"), ("tls_ca", "unable to get local issuer"),
+    ("tls", "Tls handshake failed"), ("tls", "Handshake failed"),
+)
+
+
+def _speaks_tls(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether the server at ``address`` completes a TLS handshake (certificate not checked)."""
+    host, _, port = address.rpartition(":")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock, \
+                ctx.wrap_socket(sock):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def setup_error(e: grpc.RpcError, address: str, tls: bool) -> ConnectionSetupError | None:
+    """The ``ConnectionSetupError`` an ``UNAVAILABLE`` failure stands for, or None when it is a refused or
+    dropped connection (worth retrying). A plaintext connection that the server closes at once is probed
+    for TLS, which is what a TLS server does to plaintext."""
+    if e.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+        return None
+    details = e.details() or str(e)  # type: ignore[attr-defined]
+    for kind, sign in _SETUP_SIGNS:
+        if sign in details:
+            return ConnectionSetupError(f"{address}: {details}", kind)
+    if not tls and "Socket closed" in details and _speaks_tls(address):
+        return ConnectionSetupError(f"{address}: the server speaks TLS and closed this plaintext connection "
+                                    f"({details})", "plaintext_tls")
+    return None
+
+
 class FederationClient:
     """Connects a node to a federation server, see the module docstring.
 
@@ -141,6 +184,7 @@ class FederationClient:
 
         Raises:
             AuthenticationError / PermissionDeniedError / ConfigMismatch: the server refused this node.
+            ConnectionSetupError: the connection cannot work as configured (name lookup, TLS).
             TransportError: the server stayed unreachable through every retry.
         """
         ms = int(self.backoff.initial_s * 1000)
@@ -217,10 +261,14 @@ class FederationClient:
                     renewed = True
                     self._retry(self.register, renew=False)
                     continue
+                setup = setup_error(e, self.address, self.ca_file is not None)
+                if setup is not None:
+                    raise setup from None
                 if code not in retry or attempt + 1 >= self.backoff.max_attempts:
                     raise _as_error(e) from None
                 delay = self.backoff.delay(attempt)
-                log.warning("server %s unreachable (%s); retrying in %.1f s", self.address, code.name, delay)
+                # debug: a caller with its own reconnect loop (the node) reports once it gives up
+                log.debug("server %s unreachable (%s); retrying in %.1f s", self.address, code.name, delay)
                 if self._stop.wait(delay):
                     raise TransportError("client closed while retrying", code) from None
                 attempt += 1

@@ -53,3 +53,19 @@ class ConfigMismatch(TransportError):
     """The node's model / quantization / adapter fingerprint differs from the server's."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConnectionSetupError(TransportError):
+    """The connection cannot work as configured, so retrying cannot help: ``kind`` says why.
+
+    ``dns``: the server's host name does not resolve; ``tls_hostname``: the server's certificate does not
+    list the host connected to; ``tls_ca``: the certificate is not signed by the given CA; ``tls_plaintext``:
+    TLS was asked of a server that speaks plaintext; ``plaintext_tls``: plaintext was sent to a TLS server;
+    ``tls``: another TLS handshake failure.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.kind = kind

@@ -5,7 +5,7 @@
     out_dir/
       ca.pem            CA certificate: give to every node (trust root of the server's TLS certificate)
       ca.key            CA private key: keep offline; needed only to issue a new server certificate
-      server.pem        server TLS certificate, SANs = server_hosts (default localhost, 127.0.0.1)
+      server.pem        server TLS certificate, SANs = server_hosts + localhost, 127.0.0.1
       server.key        server TLS private key (server only)
       allowlist.txt     one line per node: "<name> ed25519:<base64 raw public key> [observer] [revoked]"
                         (server only); "observer" marks the operator's key of `fedtune status`, which may
@@ -13,6 +13,7 @@
                         line to refuse that node from its next call on
       nodes/<name>.key  Ed25519 private key of the node, PKCS#8 PEM (give to that node only)
       nodes/<name>.pub  its public key, "ed25519:<base64>"
+      sites/<name>/     what to give that site: ca.pem and nodes/<name>.key (its client.keys_dir)
 
 Private keys are written with mode 0600.
 """
@@ -182,28 +183,52 @@ def revoke_node(allowlist: str | Path, node: str) -> None:
     write_allowlist(allowlist, list(entries.values()))
 
 
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1"]
+
+
+def certificate_hosts(cert_file: str | Path) -> list[str]:
+    """The names and addresses a server certificate is valid for (its subject alternative names)."""
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in sans.get_values_for_type(x509.DNSName)] + [
+        str(v) for v in sans.get_values_for_type(x509.IPAddress)]
+
+
 def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] | None = None,
-                observers: list[str] | None = None) -> Path:
-    """Create a CA, a server certificate and one Ed25519 key per node under ``out_dir`` (layout above).
+                loopback: bool = True, observers: list[str] | None = None) -> Path:
+    """Create a CA, a server certificate and one Ed25519 key per node under ``out_dir`` (layout above),
+    and for each node the folder to give that site, ``sites/<node>/`` (``ca.pem``, ``nodes/<node>.key``).
     ``observers``: keys made (or already listed) for ``fedtune status`` only, marked ``observer``.
 
-    Calling it again on the same folder adds nodes: the existing CA, server certificate and node keys
-    listed in ``allowlist.txt`` are kept.
+    The server certificate is valid for ``server_hosts`` plus, with ``loopback``, localhost and 127.0.0.1
+    (a one-machine trial keeps working). Calling it again on the same folder adds nodes (existing keys are
+    kept) and, when ``server_hosts`` asks for other names than the certificate has, issues a new server
+    certificate from the same CA (nodes keep their ``ca.pem``).
 
     Raises:
-        ValueError: a bad node name or empty ``server_hosts``.
+        ValueError: a bad node name, no host at all, or a new certificate needed without ``ca.key``.
     """
     observers = observers or []
     bad = [p for p in map(name_problem, [*nodes, *observers]) if p is not None]
     if bad:  # before anything is written: a bad name never reaches allowlist.txt
         raise ValueError("; ".join(bad))
     out = Path(out_dir)
-    hosts = server_hosts or ["localhost", "127.0.0.1"]
-    if not (out / "ca.key").exists():
+    hosts = list(dict.fromkeys([*(server_hosts or []), *(LOOPBACK_HOSTS if loopback or not server_hosts else [])]))
+    if not (out / "ca.pem").exists():
         ca_key, ca_cert = create_ca()
         _write(out / "ca.key", _pem_key(ca_key), private=True)
         _write(out / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
-        srv_key, srv_cert = create_server_cert(ca_key, ca_cert, hosts)
+    reissue = not (out / "server.pem").exists() or (
+        server_hosts is not None and set(certificate_hosts(out / "server.pem")) != set(hosts))
+    if reissue:
+        if not (out / "ca.key").exists():
+            raise ValueError(f"{out}/ca.key is missing (kept offline?): put it back to issue a server certificate "
+                             f"for {', '.join(hosts)}")
+        signer = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+        if not isinstance(signer, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{out}/ca.key is not the CA key `fedtune keys` writes")
+        srv_key, srv_cert = create_server_cert(signer, x509.load_pem_x509_certificate((out / "ca.pem").read_bytes()),
+                                               hosts)
         _write(out / "server.key", _pem_key(srv_key), private=True)
         _write(out / "server.pem", srv_cert.public_bytes(serialization.Encoding.PEM))
     allow = out / "allowlist.txt"
@@ -215,4 +240,9 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
         if node in observers:
             entries[node] = dataclasses.replace(entries[node], observer=True)
     write_allowlist(allow, list(entries.values()))
+    for node in entries:
+        if (out / "nodes" / f"{node}.key").is_file():
+            site = out / "sites" / node
+            _write(site / "ca.pem", (out / "ca.pem").read_bytes())
+            _write(site / "nodes" / f"{node}.key", (out / "nodes" / f"{node}.key").read_bytes(), private=True)
     return out

@@ -60,12 +60,14 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def check_plaintext_allowed(address: str, insecure: bool = False) -> None:
-    """Raises: InsecureTransportError when ``address`` is not loopback and ``insecure`` is not set."""
+def check_plaintext_allowed(address: str, insecure: bool = False, side: str = "client") -> None:
+    """Raises: InsecureTransportError when ``address`` is not loopback and ``insecure`` is not set; the
+    message names the keys of ``side`` (``client`` or ``server``) to change."""
     if not insecure and not is_loopback(address):
+        files = "ca.pem" if side == "client" else "server.pem, server.key"
         raise InsecureTransportError(
-            f"refusing plaintext gRPC on {address!r}: give TLS files (ca.pem / server.pem + server.key, "
-            "see `fedtune keys`) or set insecure=True (transport.insecure = true) if a proxy terminates TLS"
+            f"refusing plaintext gRPC on {address!r}: set {side}.keys_dir to the folder made by `fedtune keys` "
+            f"({files}), or set {side}.insecure = true (--insecure) if a proxy terminates TLS"
         )
 
 

@@ -9,8 +9,10 @@ no input can take the server down.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +35,12 @@ from fedtune.transport.codec import (
     Limits,
     TensorDecoder,
 )
-from fedtune.transport.errors import MessageRejected, PermissionDeniedError, TransportError
+from fedtune.transport.errors import (
+    AuthenticationError,
+    MessageRejected,
+    PermissionDeniedError,
+    TransportError,
+)
 from fedtune.transport.guards import POLL, SHORT, UPLOAD, CallGate, Watchdog, Watched
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
@@ -112,6 +119,8 @@ def _guard(fn: _F) -> _F:
         try:
             return fn(self, request, context)
         except TransportError as e:
+            if isinstance(e, AuthenticationError | PermissionDeniedError) and fn.__name__ in ("Challenge", "Register"):
+                log.warning("refused at registration (%s): %s", context.peer(), e.reason)  # unknown or revoked
             context.abort(e.code, e.reason)
         except Exception:
             log.exception("%s failed", fn.__name__)
@@ -408,6 +417,28 @@ class FederationServer:
         return self.grpc_server.wait_for_termination(timeout)
 
 
+def check_port_free(address: str) -> None:
+    """Bind ``address`` once, as the server will, so that a port in use is reported plainly (and before a
+    caller spends time loading a model), not as a gRPC log line.
+
+    Raises:
+        OSError: the port is in use or the host is not an address of this machine, naming ``server.address``.
+    """
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return  # any free port: nothing to check
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                                              type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT leftovers are fine
+            sock.bind(sockaddr)
+    except OSError as e:
+        why = "the port is in use (another fedtune server?)" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise OSError(f"cannot listen on {address}: {why}; choose a free port with server.address "
+                               "(or --address)") from None
+
+
 def start_server(
     coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
     key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
@@ -428,30 +459,38 @@ def start_server(
     opened (the node registers again). Extra keyword arguments go to ``FederationServicer`` (``limits``,
     ``max_concurrent_uploads``, ``downlink_encoding``, ...).
 
+    The port is bound exclusively (gRPC's default SO_REUSEPORT would let two servers share it and split the
+    nodes between them).
+
     Raises:
         InsecureTransportError: off loopback, plaintext without ``insecure=True`` or no allow-list without
             ``allow_anyone=True``.
-        RuntimeError: the address cannot be bound.
+        OSError: the port is in use or the address cannot be bound.
     """
     if (cert_file is None) != (key_file is None):
         raise ValueError("give both cert_file and key_file for TLS, or neither")
     for warning in check_exposure(address, tls=cert_file is not None, authenticated=allowlist_file is not None,
                                   insecure=insecure, allow_anyone=allow_anyone):
         log.warning("%s", warning)
+    check_port_free(address)
     auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
     servicer = FederationServicer(coordinator, auth, max_workers=max_workers, **servicer_kwargs)
-    options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes)]
+    options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
+               ("grpc.so_reuseport", 0)]
     # Calls beyond the threads queue for one (a burst of short calls is served, not refused): long calls
     # (polls, uploads) never take the last threads (``guards.CallGate``), so queued short calls start soon.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          maximum_concurrent_rpcs=4 * max_workers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, method_handlers(servicer)),))
-    if cert_file is not None and key_file is not None:
-        port = server.add_secure_port(address, server_credentials(cert_file, key_file))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if cert_file is not None and key_file is not None:
+            port = server.add_secure_port(address, server_credentials(cert_file, key_file))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot bind {address!r}")
+        raise OSError(f"cannot listen on {address!r} (taken since the check?): choose another server.address")
     bulk = None
     if bulk_port is not None:
         if not 0 <= bulk_port <= 65535:

@@ -147,3 +147,47 @@ def test_nf4_adapter_trains_after_an_evaluation(tmp_path: Path) -> None:
     state = load_file(str(tmp_path / "run1" / "adapter" / "adapter_model.safetensors"))
     frozen = [k for k, v in state.items() if "lora_B" in k and not v.any()]
     assert not frozen, f"every LoRA B must train after an evaluation; still zero: {frozen}"
+
+
+def test_eval_of_a_run_reads_its_config(trained_run: tuple[Path, list[str]]) -> None:
+    """No overrides: the run's config.toml gives model, data fields and split, so the loss is the run's own."""
+    run, _ = trained_run
+    proc = fedtune("eval", "--adapter", str(run))
+    assert proc.returncode == 0, proc.stderr
+    got = float(next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:")).split(":")[1])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert got == pytest.approx([r for r in records if "eval_loss" in r][-1]["eval_loss"], rel=1e-4)
+    proc = fedtune("eval", "--adapter", str(run), "eval.batch_size=1", "eval.max_batches=1")  # overrides on top
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_export_merge_of_a_run_reads_its_config_and_says_the_dtype(trained_run: tuple[Path, list[str]],
+                                                                  tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.models import resolve
+
+    run, _ = trained_run
+    dest = tmp_path / "merged"
+    proc = fedtune("export", str(run), str(dest), "--merge")
+    assert proc.returncode == 0, proc.stderr
+    assert f"merged model (tiny-llama) saved to {dest} in float32" in " ".join(proc.stdout.split())
+    merged = AutoModelForCausalLM.from_pretrained(str(dest))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve("tiny-llama").path),
+                                     str(run / "adapter"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_of_a_bare_adapter_folder_takes_its_base_model(trained_run: tuple[Path, list[str]],
+                                                           tmp_path: Path) -> None:
+    run, overrides = trained_run
+    dest = tmp_path / "exported"
+    assert fedtune("export", str(run), str(dest)).returncode == 0
+    data_only = [o for o in overrides if o.startswith(("data.", "train.seq_len", "eval."))]
+    proc = fedtune("eval", "--adapter", str(dest), "quant.mode=none", "quant.compute_dtype=fp32", *data_only)
+    assert proc.returncode == 0, proc.stderr
+    assert float(next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:")).split(":")[1]) > 0

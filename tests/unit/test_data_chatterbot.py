@@ -42,9 +42,9 @@ def test_order_is_stable_and_categories_filter() -> None:
     }
     with pytest.raises(ValueError, match=r"data.categories \['cooking'\] not in .*valid: \['ai'"):
         load_chatterbot(categories=["cooking"])
-    with pytest.raises(ValueError, match="data.language 'klingon' .* valid: .*'english'"):
+    with pytest.raises(ValueError, match="language 'klingon' .* valid: .*'english'"):
         load_chatterbot(language="klingon")
-    with pytest.raises(ValueError, match="data.turns 'all'"):
+    with pytest.raises(ValueError, match="turns 'all'"):
         load_chatterbot(turns="all")  # type: ignore[arg-type]
 
 
@@ -102,5 +102,5 @@ def test_classification_errors(tmp_path: Path) -> None:
         load_classification_jsonl(path)
     with pytest.raises(ValueError, match="data.path is required"):
         load_classification("jsonl")
-    with pytest.raises(ValueError, match=r"data.source 'csv' is not one of \('jsonl', 'chatterbot'\)"):
+    with pytest.raises(ValueError, match=r"source 'csv' is not one of \('jsonl', 'chatterbot'\)"):
         load_classification("csv")  # type: ignore[arg-type]

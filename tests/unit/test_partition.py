@@ -65,7 +65,7 @@ def test_dirichlet_skew_grows_as_alpha_falls() -> None:
 def test_dirichlet_min_size_and_errors() -> None:
     parts = dirichlet(LABELS, 8, alpha=0.1, seed=0, min_size=10)
     assert min(len(p) for p in parts) >= 10
-    with pytest.raises(ValueError, match="partition.alpha must be positive"):
+    with pytest.raises(ValueError, match="sim.dirichlet_alpha must be positive"):
         dirichlet(LABELS, 4, alpha=0.0, seed=0)
     with pytest.raises(ValueError, match="no Dirichlet"):
         dirichlet(LABELS, 40, alpha=0.001, seed=0, min_size=10)
@@ -99,7 +99,7 @@ def test_size_skew() -> None:
     skewed = [len(p) for p in size_skew(1000, 10, sigma=1.5, seed=0)]
     assert sum(skewed) == 1000 and min(skewed) >= 1
     assert max(skewed) > 4 * min(skewed)
-    with pytest.raises(ValueError, match="partition.sigma must be non-negative"):
+    with pytest.raises(ValueError, match="sim.size_skew must be non-negative"):
         size_skew(10, 2, sigma=-1.0, seed=0)
 
 

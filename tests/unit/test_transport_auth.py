@@ -59,7 +59,8 @@ def _client(keys, server, node: str, key_node: str | None = None, **kw) -> Feder
 def test_key_layout(keys):
     names = {str(p.relative_to(keys)) for p in keys.rglob("*") if p.is_file()}
     assert names == {"ca.pem", "ca.key", "server.pem", "server.key", "allowlist.txt", "nodes/alice.key",
-                     "nodes/alice.pub", "nodes/bob.key", "nodes/bob.pub", "nodes/eve.key", "nodes/eve.pub"}
+                     "nodes/alice.pub", "nodes/bob.key", "nodes/bob.pub", "nodes/eve.key", "nodes/eve.pub",
+                     *(f"sites/{n}/{f}" for n in ("alice", "bob", "eve") for f in ("ca.pem", f"nodes/{n}.key"))}
     for private in ("ca.key", "server.key", "nodes/alice.key"):
         assert stat.S_IMODE(os.stat(keys / private).st_mode) == 0o600
     assert set(read_allowlist(keys / "allowlist.txt")) == {"alice", "bob", "eve"}
@@ -87,10 +88,12 @@ def test_plaintext_client_cannot_talk_to_tls_server(tls_server):
     fc.close()
 
 
-def test_unknown_node_is_unauthenticated(tls_server):
+def test_unknown_node_is_unauthenticated_and_logged(tls_server, caplog):
     _coord, server, keys = tls_server
     with pytest.raises(AuthenticationError, match="not in the server's allow-list"):
         _client(keys, server, "eve").connect()
+    assert any("refused at registration" in r.message and "'eve' is not in the server's allow-list" in r.message
+               for r in caplog.records)
 
 
 def test_wrong_key_is_unauthenticated(tls_server):
@@ -122,7 +125,7 @@ def test_forged_signature_and_reused_nonce(tls_server):
         assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_revoked_node_is_refused_and_loses_its_session(tls_server):
+def test_revoked_node_is_refused_logged_and_loses_its_session(tls_server, caplog):
     _coord, server, keys = tls_server
     fc = _client(keys, server, "bob").connect()
     revoke_node(keys / "allowlist.txt", "bob")
@@ -131,6 +134,8 @@ def test_revoked_node_is_refused_and_loses_its_session(tls_server):
         fc.heartbeat()
     with pytest.raises(PermissionDeniedError, match="revoked"):
         _client(keys, server, "bob").connect()
+    assert any("refused at registration" in r.message and "'bob' has been revoked" in r.message
+               for r in caplog.records)
     fc.close()
 
 
@@ -146,9 +151,30 @@ def test_plaintext_only_on_loopback_or_with_flag():
     assert is_loopback("127.0.0.1:50051") and is_loopback("localhost:1") and is_loopback("[::1]:5")
     assert not is_loopback("10.0.0.2:50051") and not is_loopback("example.org:443")
     check_plaintext_allowed("0.0.0.0:9", insecure=True)
-    with pytest.raises(InsecureTransportError, match="insecure=True"):
+    with pytest.raises(InsecureTransportError, match=r"set client\.keys_dir .* or set client\.insecure = true"):
         check_plaintext_allowed("0.0.0.0:9")
-    with pytest.raises(InsecureTransportError):
+    with pytest.raises(InsecureTransportError, match=r"server\.keys_dir .* server\.insecure"):
         start_server(StaticCoordinator(), "0.0.0.0:0")
     with pytest.raises(InsecureTransportError):
         FederationClient("example.org:443", "n")
+
+
+def test_server_host_adds_names_and_keeps_loopback(tmp_path):
+    from fedtune.transport.keys import certificate_hosts
+
+    keys = create_keys(tmp_path / "k", ["a"], ["coord.example.org"])
+    assert set(certificate_hosts(keys / "server.pem")) == {"coord.example.org", "localhost", "127.0.0.1"}
+    assert (keys / "sites" / "a" / "ca.pem").read_bytes() == (keys / "ca.pem").read_bytes()
+    assert (keys / "sites" / "a" / "nodes" / "a.key").read_bytes() == (keys / "nodes" / "a.key").read_bytes()
+    ca, cert = (keys / "ca.pem").read_bytes(), (keys / "server.pem").read_bytes()
+    create_keys(keys, ["b"], ["coord.example.org"])  # same names: the certificate stays
+    assert (keys / "server.pem").read_bytes() == cert
+    create_keys(keys, [], ["coord.example.org", "10.0.0.5"])  # another name: a new certificate, same CA
+    assert set(certificate_hosts(keys / "server.pem")) == {"coord.example.org", "10.0.0.5", "localhost",
+                                                           "127.0.0.1"}
+    assert (keys / "ca.pem").read_bytes() == ca and (keys / "sites" / "b" / "nodes" / "b.key").is_file()
+    create_keys(keys, [], ["coord.example.org"], loopback=False)
+    assert certificate_hosts(keys / "server.pem") == ["coord.example.org"]
+    (keys / "ca.key").unlink()  # kept offline: a new certificate cannot be issued, and it says so
+    with pytest.raises(ValueError, match="ca.key is missing"):
+        create_keys(keys, [], ["other.example.org"])
