@@ -41,7 +41,12 @@ from fedtune.config import Config, load_config
 from fedtune.server.dispatch import FederationError
 from fedtune.transport.codec import Limits
 from fedtune.transport.errors import MessageRejected
-from fedtune.transport.messages import frames_to_instructions, frames_to_reply, instructions_to_frames, reply_to_frames
+from fedtune.transport.messages import (
+    frames_to_instructions,
+    frames_to_reply,
+    instructions_to_frames,
+    reply_to_frames,
+)
 from fedtune.types import ClientReply, Instructions, failed_reply, updates_from_plain, updates_to_plain
 
 FRAMES = "fedtune.frames"

@@ -20,7 +20,6 @@ from rich.console import Console
 
 from fedtune.config import load_config
 from fedtune.flower.app import (
-    FRAMES,
     GridDispatcher,
     content_frames,
     frames_to_content,
@@ -32,7 +31,12 @@ from fedtune.server.dispatch import FederationError
 from fedtune.strategies import make_strategy, strategy_config
 from fedtune.transport.codec import Limits
 from fedtune.transport.errors import MessageRejected
-from fedtune.transport.messages import frames_to_instructions, frames_to_reply, instructions_to_frames, reply_to_frames
+from fedtune.transport.messages import (
+    frames_to_instructions,
+    frames_to_reply,
+    instructions_to_frames,
+    reply_to_frames,
+)
 from fedtune.types import ClientReply, Instructions
 
 ROOT = Path(__file__).parents[2]
