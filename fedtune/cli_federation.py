@@ -156,6 +156,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower_app(args: argparse.Namespace) -> int:
+    """Write a Flower App folder that runs this federation inside an existing Flower deployment (`flwr run`)."""
+    from pathlib import Path
+
+    from fedtune.flower.template import write_app
+
+    folder = Path(args.app_dir)
+    files = write_app(folder, _config(args, []))
+    print(f"Flower App in {folder} ({len(files)} files; fedtune config: {folder / 'fedtune_app' / 'fedtune.toml'}).\n"
+          f"Start each SuperNode with --node-config \"client-name='site-a' partition-id=0 data-path='/data/a.jsonl'\", "
+          f"then: flwr run {folder} <your-superlink-connection> --stream")
+    return 0
+
+
 def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``server``, ``client``, ``status`` and ``keys`` to ``fedtune``'s subparsers and ``commands``."""
 
@@ -197,7 +211,12 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
                    help="also make a key for `fedtune status` under this name, marked observer in the allow-list: it lists "
                         "every node and cannot train ('' for none; default operator)")
     p.add_argument("--revoke", metavar="NAME", help="revoke this node in OUT_DIR/allowlist.txt")
+    p = subparsers.add_parser("flower-app", help=cmd_flower_app.__doc__, description=(cmd_flower_app.__doc__ or "")
+                              + " The federation's config (file and overrides) goes into the app folder.")
+    p.add_argument("app_dir", help="folder to create the app in (must not hold a pyproject.toml)")
+    with_config(p)
     commands.update(server=cmd_server, client=cmd_client, status=cmd_status, keys=cmd_keys)
+    commands["flower-app"] = cmd_flower_app
 
 
 def main(argv: list[str] | None = None) -> int:
