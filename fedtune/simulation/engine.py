@@ -40,7 +40,7 @@ from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.types import Instructions
 
 # Keys a resumed simulation may change: more rounds, evaluation, where and how clients run.
-RESUMABLE_CHANGES = ("out", "eval.", "sim.rounds", "sim.eval_every", "sim.workers", "sim.backend", "sim.ray_address",
+RESUMABLE_CHANGES = ("out", "eval.", "sim.rounds", "sim.eval_every", "sim.workers", "sim.batch_clients", "sim.backend", "sim.ray_address",
                      "server.", "federation.")
 
 
