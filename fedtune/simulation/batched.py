@@ -152,7 +152,6 @@ def train_batched(multi: MultiLoRA, examples: list[list[Example]], tcfgs: list[T
             "seconds": share,
             "tokens_per_s": tokens[k] / share if share > 0 else 0.0,
             "num_examples": float(len(examples[k])),
-            "batched_with": float(k_all),
         }
         opt_state = _to_cpu(optimizers[k].state_dict()) if keep_optimizer_state else None
         results.append(TrainResult(metrics=metrics, optimizer_state=opt_state, losses=losses[k]))

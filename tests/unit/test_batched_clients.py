@@ -12,6 +12,7 @@ from fedtune.client.fit import fit
 from fedtune.config import load_config
 from fedtune.models import load_model
 from fedtune.pipeline import encode
+from fedtune.simulation import batched as batched_module
 from fedtune.simulation.batched import Job, fit_batch
 from fedtune.simulation.multilora import MultiLoRA, unsupported
 from fedtune.types import Instructions
@@ -24,6 +25,20 @@ def _records(n: int, offset: int) -> list[dict[str, str]]:
     words = ["sky", "blue", "cow", "water", "grass", "green", "sun", "warm", "tree", "tall"]
     return [{"prompt": f"Tell me about the {words[(i + offset) % 10]} " + "and more " * ((i * 3 + offset) % 5),
              "response": f"It is {words[(i + offset + 1) % 10]}" + " indeed" * (i % 4) + "."} for i in range(n)]
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of clients of every batched training call (none: every client trained alone)."""
+    seen: list[int] = []
+    real = batched_module.train_batched
+
+    def spy(multi, examples, *args, **kwargs):
+        seen.append(len(examples))
+        return real(multi, examples, *args, **kwargs)
+
+    monkeypatch.setattr(batched_module, "train_batched", spy)
+    return seen
 
 
 def _setup(*extra: str):
@@ -83,7 +98,7 @@ def test_slots_read_back_what_was_loaded_and_compute_each_clients_layer() -> Non
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_batched_clients_end_as_sequential_ones(keep: bool) -> None:
+def test_batched_clients_end_as_sequential_ones(keep: bool, batch_sizes: list[int]) -> None:
     """Different data sizes and steps per client (a finished client leaves the batch), clipping that bites,
     FedProx, a warm-up + cosine schedule per client, kept optimizer state over two rounds."""
     cfg, lm = _setup("train.max_grad_norm=0.05", "train.prox_mu=0.5", "train.lr=5e-3", "train.warmup_steps=1",
@@ -100,7 +115,7 @@ def test_batched_clients_end_as_sequential_ones(keep: bool) -> None:
                           keep_optimizer_state=keep) for i, j in enumerate(jobs)]
         batched = fit_batch(lm, cfg, jobs, keep_optimizer_state=keep)
         for i, ((r_seq, o_seq), (r_bat, o_bat)) in enumerate(zip(sequential, batched, strict=True)):
-            assert r_bat.error is None and r_bat.metrics["train_batched_with"] == 4
+            assert r_bat.error is None
             assert r_bat.num_examples == sizes[i]
             assert r_bat.metrics["train_steps"] == steps[i] + rnd - 1
             assert not torch.allclose(r_bat.state[next(iter(state))], state[next(iter(state))])  # it trained
@@ -113,9 +128,11 @@ def test_batched_clients_end_as_sequential_ones(keep: bool) -> None:
             else:
                 assert o_bat is None
             opt_seq[i], opt_bat[i] = o_seq, o_bat
+    assert batch_sizes == [4, 4]
 
 
-def test_a_bad_client_fails_alone_and_dora_falls_back_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_bad_client_fails_alone_and_dora_falls_back_with_a_reason(caplog: pytest.LogCaptureFixture,
+                                                                    batch_sizes: list[int]) -> None:
     cfg, lm = _setup("train.max_steps=2")
     data = [encode(_records(4, i), lm.tokenizer, cfg) for i in range(3)]
     state = _global_state(lm)
@@ -128,7 +145,7 @@ def test_a_bad_client_fails_alone_and_dora_falls_back_with_a_reason(caplog: pyte
     assert [r.client_id for r in replies] == ["a", "b", "c", "d"]
     assert replies[0].error is None and replies[3].error is None
     assert "NaN" in (replies[1].error or "") and "train.lr" in (replies[2].error or "")
-    assert replies[0].metrics["train_batched_with"] == 2
+    assert batch_sizes == [2]  # the two good clients, together
 
     cfg, lm = _setup("train.max_steps=2", "adapter.method=dora")
     assert "DoRA" in (unsupported(lm.model) or "")
@@ -137,6 +154,36 @@ def test_a_bad_client_fails_alone_and_dora_falls_back_with_a_reason(caplog: pyte
     with caplog.at_level(logging.WARNING, logger="fedtune.simulation.batched"):
         batched = fit_batch(lm, cfg, jobs)
     assert "DoRA" in caplog.text and "one after another" in caplog.text
-    for r, _ in batched:  # trained by the sequential fit
-        assert r.error is None and "train_batched_with" not in r.metrics and "fit_seconds" in r.metrics
+    assert batch_sizes == [2]  # only the first test's batch: DoRA trained one by one
+    for r, _ in batched:
+        assert r.error is None and "fit_seconds" in r.metrics
         assert any(not torch.equal(r.state[k], state[k]) for k in state)
+
+
+def _seq_and_batched(cfg, lm, sizes: list[int]):
+    data = [encode(_records(n, i), lm.tokenizer, cfg) for i, n in enumerate(sizes)]
+    state = _global_state(lm)
+    jobs = [Job(data[i], Instructions(1, f"c{i}", state), seed=i) for i in range(len(sizes))]
+    sequential = [fit(lm, j.examples, cfg, j.ins, seed=j.seed)[0] for j in jobs]
+    return state, sequential, [r for r, _ in fit_batch(lm, cfg, jobs)]
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_nf4_batched_clients_train_and_match_sequential(compute: str) -> None:
+    """NF4 base (bitsandbytes on the CPU). fp32 compute: the same 1e-5 as an fp32 base. bf16 compute (the
+    usual NF4 setting): bf16 rounds the base projection of the batch differently from each client's own,
+    so the bound is looser: every factor's distance to the sequential result is within 5% of its update,
+    and the mean losses within 0.01."""
+    pytest.importorskip("bitsandbytes")
+    cfg, lm = _setup("quant.mode=nf4", f"quant.compute_dtype={compute}", "train.max_steps=6", "train.lr=1e-2")
+    assert lm.quantized
+    state, sequential, batched = _seq_and_batched(cfg, lm, [4, 6, 3])
+    for s, b in zip(sequential, batched, strict=True):
+        assert b.error is None
+        assert b.metrics["train_final_loss"] < b.metrics["train_loss"] - 0.5  # it learns
+        if compute == "fp32":
+            _close(b.state, s.state)
+        for k, v in b.state.items():
+            update = (s.state[k] - state[k]).norm()
+            assert (v - s.state[k]).norm() <= 0.05 * update, k
+        assert b.metrics["train_loss"] == pytest.approx(s.metrics["train_loss"], abs=1e-2)
