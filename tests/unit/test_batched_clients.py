@@ -187,3 +187,15 @@ def test_nf4_batched_clients_train_and_match_sequential(compute: str) -> None:
             update = (s.state[k] - state[k]).norm()
             assert (v - s.state[k]).norm() <= 0.05 * update, k
         assert b.metrics["train_loss"] == pytest.approx(s.metrics["train_loss"], abs=1e-2)
+
+
+def test_info_estimates_the_batch_that_fits() -> None:
+    from fedtune.info import ModelInfo, available_bytes, batch_clients_that_fit
+
+    info = ModelInfo(params=0, trainable=0, weight_bytes=1000, adapter_bytes=10, grads_bytes=10,
+                     optimizer_bytes=20, activation_bytes=60)  # 100 bytes a client
+    assert batch_clients_that_fit(info, 1000 + 8 * 100) == 8
+    assert batch_clients_that_fit(info, 1000 + 8 * 100 - 1) == 7
+    assert batch_clients_that_fit(info, 500) == 0
+    free, where = available_bytes("cpu")
+    assert free > 0 and "memory" in where
