@@ -1,6 +1,6 @@
 """Batched virtual clients: tokens/s of K clients trained in one pass against the same K trained one by one.
 
-    nice -n 10 .venv/bin/python benchmarks/batched_step.py [--quick]               # CPU, SmolLM2-135M NF4
+    nice -n 10 .venv/bin/python benchmarks/batched_step.py [--quick] [--threads 1]   # CPU, SmolLM2-135M NF4
     python benchmarks/batched_step.py --device cuda --shape llama-3.2-1b           # CUDA, 1B Llama shape, NF4
 
 Both arms run on one loaded model (``fedtune.models.load_model``, as the simulator loads it) and train K
@@ -143,7 +143,10 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant)")
     ap.add_argument("--no-max-k", action="store_true", help="CUDA: do not search for the largest K that fits")
     ap.add_argument("--quick", action="store_true", help="K = 1, 2, 4 and one step")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a loaded machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here (torch.cuda.is_available() is False); run on a GPU machine")
@@ -201,6 +204,7 @@ def main() -> None:
     name = "batched_step_cuda.json" if cuda else "batched_step_quick.json" if args.quick else "batched_step.json"
     path = write_json(name, {"setting": what, "params": params, "runs": runs, "largest_k": largest,
                              "args": vars(args), "machine": machine_info(args.device),
+                             "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                              "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"wrote {path}")
 
