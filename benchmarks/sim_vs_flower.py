@@ -198,27 +198,18 @@ def main() -> None:
             rows.append([f"N={n} {kind}", f"{r['round_s'][0]:.1f}", f"{r['steady_round_s']:.1f}",
                          f"{r['mean_round_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['peak_tree_bytes'] / 2**30:.2f}",
                          f"{r['peak_tree_rss_bytes'] / 2**30:.2f}"])
-        for ours in [k for k in ("inproc", "batched") if k in by]:
-            a = by[ours]
-            for anchor in [k for k in kinds if k.startswith("flowertune")]:
-                b = by[anchor]
-                compare.append({"num_clients": n, "anchor": anchor, "fedtune": ours,
-                                "speedup_mean": b["mean_round_s"] / a["mean_round_s"],
-                                "speedup_steady": b["steady_round_s"] / a["steady_round_s"],
-                                "memory_ratio": a["peak_tree_bytes"] / b["peak_tree_bytes"],
-                                "memory_ratio_rss": a["peak_tree_rss_bytes"] / b["peak_tree_rss_bytes"]})
-                c = compare[-1]
-                rows.append([f"N={n} {anchor}/{ours}", "", f"{c['speedup_steady']:.2f}x", f"{c['speedup_mean']:.2f}x",
-                             "", f"{c['memory_ratio']:.2f}x", f"{c['memory_ratio_rss']:.2f}x"])
-        if "batched" in by:
-            a, b = by["batched"], by["inproc"]
-            compare.append({"num_clients": n, "anchor": "inproc", "fedtune": "batched",
+        pairs = [(ours, anchor) for ours in ("inproc", "batched") if ours in by
+                 for anchor in kinds if anchor.startswith("flowertune")]
+        pairs += [("batched", "inproc")] if "batched" in by else []
+        for ours, anchor in pairs:
+            a, b = by[ours], by[anchor]
+            compare.append({"num_clients": n, "anchor": anchor, "fedtune": ours,
                             "speedup_mean": b["mean_round_s"] / a["mean_round_s"],
                             "speedup_steady": b["steady_round_s"] / a["steady_round_s"],
                             "memory_ratio": a["peak_tree_bytes"] / b["peak_tree_bytes"],
                             "memory_ratio_rss": a["peak_tree_rss_bytes"] / b["peak_tree_rss_bytes"]})
             c = compare[-1]
-            rows.append([f"N={n} inproc/batched", "", f"{c['speedup_steady']:.2f}x", f"{c['speedup_mean']:.2f}x",
+            rows.append([f"N={n} {anchor}/{ours}", "", f"{c['speedup_steady']:.2f}x", f"{c['speedup_mean']:.2f}x",
                          "", f"{c['memory_ratio']:.2f}x", f"{c['memory_ratio_rss']:.2f}x"])
     load = os.getloadavg()
     print_table(f"sim_vs_flower: SmolLM2-135M NF4, LoRA r=8 q,v, checkpointed, {args.rounds} rounds, 4 steps x batch 4 x seq 64, "
