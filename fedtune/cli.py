@@ -132,7 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedtune.info import estimate
+    from fedtune.info import available_bytes, batch_clients_that_fit, estimate
 
     cfg = _config(args)
     info = estimate(cfg)
@@ -149,6 +149,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     t.add_row(f"activations (batch {cfg.train.batch_size} x seq {cfg.train.seq_len}"
               f"{', checkpointed' if cfg.model.gradient_checkpointing else ''})", f"{info.activation_bytes / mib:,.1f} MiB")
     t.add_row("[bold]estimated training memory[/]", f"[bold]{info.total_bytes / mib:,.1f} MiB[/]")
+    free, where = available_bytes(cfg.model.device)
+    t.add_row(f"sim.batch_clients that fit ({free / 2**30:,.1f} GiB {where})", f"{batch_clients_that_fit(info, free)}")
     Console().print(t)
     from fedtune.strategies import make_strategy
 

@@ -93,3 +93,24 @@ def estimate(cfg: Config, num_labels: int | None = None) -> ModelInfo:
     optimizer_bytes = trainable * 8 if cfg.train.optimizer == "adamw" else trainable * 2 if "8bit" in cfg.train.optimizer else 0
     return ModelInfo(params=params, trainable=trainable, weight_bytes=weight_bytes, adapter_bytes=adapter_total * 4,
                      grads_bytes=trainable * 4, optimizer_bytes=optimizer_bytes, activation_bytes=activation)
+
+
+def batch_clients_that_fit(info: ModelInfo, budget_bytes: int) -> int:
+    """The largest ``sim.batch_clients`` whose estimate fits in ``budget_bytes``: the base weights once, and
+    per client in the batch its adapter, gradients, optimizer state and activations (0: not even one)."""
+    per_client = info.adapter_bytes + info.grads_bytes + info.optimizer_bytes + info.activation_bytes
+    return max(0, (budget_bytes - info.weight_bytes) // max(1, per_client))
+
+
+def available_bytes(device: str) -> tuple[int, str]:
+    """Memory free for training on ``model.device`` now, and where it was read (CUDA free memory, or the
+    system's MemAvailable)."""
+    if (device.startswith("cuda") or device == "auto") and torch.cuda.is_available():
+        index = torch.device(device if device != "auto" else "cuda").index or 0
+        return int(torch.cuda.mem_get_info(index)[0]), f"free on cuda:{index}"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024, "available system memory"
+    except (OSError, StopIteration):
+        return 0, "unknown (no /proc/meminfo)"

@@ -63,3 +63,33 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, reduc
         return hidden.sum() * 0.0
     logits = lm.lm_head(hidden[:, :-1][keep]).float()  # only the rows that are scored
     return F.cross_entropy(logits, targets[keep], reduction=reduction)
+
+
+def segment_answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
+    """``answer_loss`` (mean) of each segment of ``batch``: the first ``rows[0]`` rows, the next ``rows[1]``...
+
+    One decoder pass and one output projection for the whole batch; what batched virtual clients need (each
+    client's mean loss over its own micro-batch). A segment without any label gives 0, connected to the graph.
+
+    Raises:
+        ValueError: the model is not a plain decoder LM (``split_loss_supported``), or ``rows`` does not add
+            up to the batch.
+    """
+    lm = _causal_lm(model)
+    labels = batch["labels"]
+    if lm is None or labels.dim() != 2:
+        raise ValueError("per-segment losses need a plain decoder LM with token labels")
+    if sum(rows) != labels.shape[0]:
+        raise ValueError(f"segments of {sum(rows)} rows for a batch of {labels.shape[0]}")
+    hidden = lm.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    segment = torch.repeat_interleave(torch.arange(len(rows), device=labels.device),
+                                      torch.tensor(rows, device=labels.device))
+    token_segment = segment[:, None].expand_as(targets)[keep]
+    logits = lm.lm_head(hidden[:, :-1][keep]).float()
+    per_token = F.cross_entropy(logits, targets[keep], reduction="none")
+    sums = torch.zeros(len(rows), device=per_token.device).index_add(0, token_segment, per_token)
+    counts = torch.bincount(token_segment, minlength=len(rows))
+    means = sums / counts.clamp(min=1)
+    return means + hidden.sum() * 0.0  # a segment without labels still reaches the graph

@@ -43,25 +43,33 @@ class ClientContext:
 PhaseHandler = Callable[[ClientContext, Instructions], ClientReply]
 
 
-def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
-    """Local training from the instructions' global state (``fit``), then the update pipeline.
-
-    The training seed is the one the instructions carry (``extra["seed"]``, set by the round driver); without
-    one, a seed of this client's name and the round.
-    """
+def train_seed(ctx: ClientContext, ins: Instructions) -> int:
+    """The training seed the instructions carry (``extra["seed"]``, set by the round driver); without one, a
+    seed of this client's name and the round."""
     given = ins.extra.get("seed")
-    seed = int(given) if given is not None else client_seed(ctx.cfg.seed, ins.round, zlib.crc32(ins.client_id.encode()))
-    keep = ctx.keep_optimizer_state
-    reply, optimizer_state = fit(ctx.lm, ctx.examples, ctx.cfg, ins, seed=seed,
-                                 optimizer_state=ctx.state.get("optimizer") if keep else None,
-                                 keep_optimizer_state=keep)
-    if keep and optimizer_state is not None:
+    return int(given) if given is not None else client_seed(ctx.cfg.seed, ins.round, zlib.crc32(ins.client_id.encode()))
+
+
+def finish_train(ctx: ClientContext, ins: Instructions, reply: ClientReply,
+                 optimizer_state: dict[str, Any] | None) -> ClientReply:
+    """After ``fit``: keep the optimizer state (if asked) and pass the reply through the update pipeline."""
+    if ctx.keep_optimizer_state and optimizer_state is not None:
         ctx.state["optimizer"] = optimizer_state
     if ctx.pipeline is None:
         ctx.pipeline = make_pipeline(ctx.cfg)
     if ctx.pipeline:
         reply, ctx.state["pipeline"] = run_pipeline(ctx.pipeline, reply, ins, ctx.state.get("pipeline", {}))
     return reply
+
+
+def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
+    """Local training from the instructions' global state (``fit``, seeded by ``train_seed``), then the update
+    pipeline (``finish_train``)."""
+    keep = ctx.keep_optimizer_state
+    reply, optimizer_state = fit(ctx.lm, ctx.examples, ctx.cfg, ins, seed=train_seed(ctx, ins),
+                                 optimizer_state=ctx.state.get("optimizer") if keep else None,
+                                 keep_optimizer_state=keep)
+    return finish_train(ctx, ins, reply, optimizer_state)
 
 
 PHASES: dict[str, PhaseHandler] = {"train": train_phase}

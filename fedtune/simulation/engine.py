@@ -41,11 +41,11 @@ from fedtune.strategies.screen import ReplyPolicy
 from fedtune.types import Instructions
 
 # Keys a resumed simulation may change: more rounds, evaluation, where and how clients run.
-RESUMABLE_CHANGES = ("out", "eval.", "sim.rounds", "sim.eval_every", "sim.workers", "sim.backend", "sim.ray_address",
-                     "server.", "federation.rounds", "federation.min_clients", "federation.clients_per_round",
-                     "federation.round_timeout_s", "federation.wait_timeout_s", "federation.max_update_mb",
-                     "federation.heartbeat_s", "federation.silence_s", "federation.eval_every",
-                     "federation.reorder_buffer")  # the other federation.* keys bound what replies contribute
+RESUMABLE_CHANGES = ("out", "eval.", "sim.rounds", "sim.eval_every", "sim.workers", "sim.batch_clients", "sim.backend",
+                     "sim.ray_address", "server.", "federation.rounds", "federation.min_clients",
+                     "federation.clients_per_round", "federation.round_timeout_s", "federation.wait_timeout_s",
+                     "federation.max_update_mb", "federation.heartbeat_s", "federation.silence_s",
+                     "federation.eval_every", "federation.reorder_buffer")  # other federation.* keys bound replies
 
 
 def run_simulation(cfg: Config, console: Console, resume: Path | None = None) -> RunResult:

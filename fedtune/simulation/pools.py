@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedtune.client.phases import ClientContext, run_phase
+from fedtune.client.phases import ClientContext
 from fedtune.client.pipeline import make_pipeline
 from fedtune.config import Config
 from fedtune.models import LoadedModel
+from fedtune.simulation.batched import answer, chunks
 from fedtune.simulation.store import ClientStore
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
@@ -41,19 +42,22 @@ class ClientPool(Protocol):
 
 
 class InProcPool:
-    """Every virtual client works in this process on the one shared model, one after the other."""
+    """Every virtual client works in this process on the one shared model, one after the other, or
+    ``sim.batch_clients`` at a time in one batched pass (``fedtune.simulation.batched``)."""
 
     def __init__(self, cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store: ClientStore):
         self.cfg, self.lm, self.clients, self.store = cfg, lm, {c.cid: c for c in clients}, store
         self.pipeline = make_pipeline(cfg)
 
     def run(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
-        for cid, ins in items:  # lazily: the strategy consumes each reply before the next client trains
-            ctx = ClientContext(self.cfg, self.lm, self.clients[cid].examples, self.store.get(cid),
-                                keep_optimizer_state=self.cfg.sim.keep_optimizer_state, pipeline=self.pipeline)
-            reply = run_phase(ctx, ins)
-            self.store.put(cid, rnd, ctx.state)
-            yield reply
+        # lazily: the strategy consumes each batch's replies before the next batch trains
+        for batch in chunks(items, self.cfg.sim.batch_clients):
+            ctxs = [ClientContext(self.cfg, self.lm, self.clients[cid].examples, self.store.get(cid),
+                                  keep_optimizer_state=self.cfg.sim.keep_optimizer_state, pipeline=self.pipeline)
+                    for cid, _ in batch]
+            for (cid, _), ctx, reply in zip(batch, ctxs, answer(ctxs, [ins for _, ins in batch]), strict=True):
+                self.store.put(cid, rnd, ctx.state)
+                yield reply
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""
@@ -75,7 +79,8 @@ def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store:
         from fedtune.simulation.flower_backend import FlowerPool
 
         return FlowerPool(cfg, clients, store=store, base_updates=base_updates)
-    workers = min(cfg.sim.workers, clients_per_round(cfg), len(clients))
+    batches = -(-min(clients_per_round(cfg), len(clients)) // cfg.sim.batch_clients)
+    workers = min(cfg.sim.workers, batches)
     if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
         log.warning("sim.workers=%d needs fork() (Linux); the clients train in this process", workers)
     elif workers > 1:

@@ -5,7 +5,7 @@ parent's pages, copy-on-write: frozen weights are never written, so they stay sh
 only what training allocates (activations, gradients, the adapter it is training). Flower's simulation
 instead pays one model per Ray actor, and FlowerTune rebuilds it in every client call.
 
-Each task carries the client's instructions (any phase: the worker answers with ``run_phase``), its
+Each task carries a batch of ``sim.batch_clients`` clients (any phase: ``batched.answer``), with each one's
 per-client state (kept optimizer state, update-pipeline state) and the base-weight updates (``flora``,
 ``fedex``) that worker has not folded in yet, applied in log order as the global model applied them; the
 client's new state comes back with the reply. Replies come back in the order asked, so the streaming
@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedtune.client.phases import ClientContext, run_phase
+from fedtune.client.phases import ClientContext
 from fedtune.client.pipeline import make_pipeline
 from fedtune.config import Config
 from fedtune.models import LoadedModel, apply_base_update
+from fedtune.simulation.batched import answer, chunks
 from fedtune.simulation.store import ClientStore
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, failed_reply
 
@@ -77,13 +78,14 @@ def _serve(conn: Connection, cfg: Config, lm: LoadedModel, clients: dict[str, Vi
             return
         if not msg:
             return
-        cid, ins, state, updates = _loads(msg)
+        batch, updates = _loads(msg)
         for upd in updates:
             apply_base_update(lm.model, upd, lm.quantized)
-        ctx = ClientContext(cfg, lm, clients[cid].examples, state,
-                            keep_optimizer_state=cfg.sim.keep_optimizer_state, pipeline=pipeline)
-        reply = run_phase(ctx, ins)
-        conn.send_bytes(_dumps((reply, ctx.state)))
+        ctxs = [ClientContext(cfg, lm, clients[cid].examples, state,
+                              keep_optimizer_state=cfg.sim.keep_optimizer_state, pipeline=pipeline)
+                for cid, _, state in batch]
+        replies = answer(ctxs, [ins for _, ins, _ in batch])
+        conn.send_bytes(_dumps([(reply, ctx.state) for reply, ctx in zip(replies, ctxs, strict=True)]))
 
 
 @dataclass
@@ -92,8 +94,9 @@ class _Worker:
     conn: Connection
     held: int
     """Base updates this worker's model holds (the engine's log up to here)."""
-    task: int | None = None
-    cid: str = ""
+    task: list[int] | None = None
+    """Indices (in the round's items) of the batch of clients it is training."""
+    cids: tuple[str, ...] = ()
 
 
 class WorkerPool:
@@ -130,29 +133,28 @@ class WorkerPool:
     def run(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
         while any(w.task is not None for w in self.workers):  # a round abandoned half-way: drop its replies
             self._collect(rnd, {})
-        todo = deque(enumerate(items))
+        todo = deque(chunks(list(enumerate(items)), self.cfg.sim.batch_clients))
         done: dict[int, tuple[ClientReply, dict[str, Any] | None]] = {}
         for i in range(len(items)):
             while i not in done:
                 for w in self.workers:
                     if w.task is None and todo:
-                        self._dispatch(w, *todo.popleft())
+                        self._dispatch(w, todo.popleft())
                 self._collect(rnd, done)
             reply, state = done.pop(i)
             if state is not None:  # None: the worker died, the client's state stays as it was
                 self.store.put(items[i][0], rnd, state)
             yield reply
 
-    def _dispatch(self, w: _Worker, i: int, item: tuple[str, Instructions]) -> None:
-        cid, ins = item
-        state = self.store.get(cid)
+    def _dispatch(self, w: _Worker, batch: list[tuple[int, tuple[str, Instructions]]]) -> None:
+        work = [(cid, ins, self.store.get(cid)) for _, (cid, ins) in batch]
         for _attempt in range(2):
             try:
-                w.conn.send_bytes(_dumps((cid, ins, state, self.base_updates[w.held:])))
+                w.conn.send_bytes(_dumps((work, self.base_updates[w.held:])))
                 break
             except OSError:  # it died idle: replace it and hand the task to the new one
                 w = self._replace(w, f"simulation worker died (exit code {w.proc.exitcode}) while idle")
-        w.held, w.task, w.cid = len(self.base_updates), i, cid
+        w.held, w.task, w.cids = len(self.base_updates), [i for i, _ in batch], tuple(c for c, _, _ in work)
 
     def _replace(self, w: _Worker, reason: str) -> _Worker:
         w.proc.join(timeout=5)
@@ -168,11 +170,11 @@ class WorkerPool:
             w = busy[conn]  # type: ignore[index]
             assert w.task is not None
             try:
-                done[w.task] = _loads(w.conn.recv_bytes())
+                done.update(zip(w.task, _loads(w.conn.recv_bytes()), strict=True))
             except (EOFError, OSError):
                 w.proc.join(timeout=5)
-                reason = f"simulation worker died (exit code {w.proc.exitcode}) while training {w.cid}"
-                done[w.task] = (failed_reply(w.cid, rnd, reason), None)
+                reason = f"simulation worker died (exit code {w.proc.exitcode}) while training {', '.join(w.cids)}"
+                done.update((i, (failed_reply(cid, rnd, reason), None)) for i, cid in zip(w.task, w.cids, strict=True))
                 self._replace(w, reason)
                 continue
             w.task = None
