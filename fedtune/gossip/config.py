@@ -28,6 +28,18 @@ class GossipConfig:
     exchanges_per_round: int = opt(1, "mixing exchanges with the neighbours after each round's local steps")
     degree: int = opt(4, "neighbours per node for topology=k_regular (nodes x degree must be even)")
     p: float = opt(0.3, "edge probability for topology=erdos_renyi (redrawn with the run seed until connected)")
+    gone: list[str] = field(default_factory=list, metadata={"help": (
+        "simulated nodes that leave for good: \"client-2@3\" is gone from round 3 on (it answers no more, its "
+        "neighbours mix without it); sim.dropout takes nodes offline for one round")})
+
+    def departures(self) -> dict[str, int]:
+        """``gone`` as {node: first round it is gone} (entries that do not parse are left out: see validate)."""
+        out = {}
+        for item in self.gone:
+            node, _, rnd = item.rpartition("@")
+            if node and rnd.isdigit():
+                out[node] = int(rnd)
+        return out
 
     def validate(self, nodes: int, seed: int) -> list[str]:
         """Problems with this section for ``nodes`` nodes (each naming its key)."""
@@ -46,6 +58,12 @@ class GossipConfig:
                 make_topology(self.topology, nodes, seed=seed, p=self.p)
             except ValueError as exc:
                 p.append(f"gossip.p: {exc}")
+        names = {f"client-{i}" for i in range(nodes)}
+        for item in self.gone:
+            node, _, rnd = item.rpartition("@")
+            if node not in names or not rnd.isdigit() or int(rnd) < 1:
+                p.append(f"gossip.gone: {item!r} is not NODE@ROUND with NODE one of client-0..client-{nodes - 1} "
+                         "and ROUND >= 1")
         return p
 
 

@@ -9,7 +9,8 @@ What differs from a federated simulation is wrapped around the simulator's parts
   its fault injection (``sim.dropout``: a node offline for the round); the bytes of each reply become what
   that node sends to (``bytes_up``) and receives from (``bytes_down``) its live neighbours in the round's
   exchanges: its adapter, encoded with ``client.encoding`` as the simulator's wire measured it, once per live
-  neighbour per exchange. Nothing goes to or from a server.
+  neighbour per exchange. Nothing goes to or from a server. A node in ``gossip.gone`` is not asked from its
+  round of departure on: it answers with a failed reply, as a node that stopped answering would.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fedtune.global_model import GlobalModel
 from fedtune.gossip.rounds import GossipRounds
 from fedtune.runs import RunDir, replace_dir
 from fedtune.strategies import strategy_config
-from fedtune.types import ClientReply, Instructions, State
+from fedtune.types import ClientReply, Instructions, State, failed_reply
 
 
 def gossip_setup(cfg: Config, model: GlobalModel, node_ids: list[str]) -> tuple[GossipRounds, GossipModel]:
@@ -102,8 +103,10 @@ class GossipModel:
 class GossipDispatcher:
     """The simulator's dispatcher with each reply's bytes counted as neighbour exchanges (module docstring)."""
 
-    def __init__(self, inner: Dispatcher, rounds: GossipRounds) -> None:
+    def __init__(self, inner: Dispatcher, rounds: GossipRounds, departures: dict[str, int] | None = None) -> None:
         self.inner, self.rounds = inner, rounds
+        self.departures = dict(departures or {})
+        """Nodes that leave for good: {node: first round it is gone} (``gossip.gone``)."""
         self._metrics: dict[str, Any] = {}
 
     def available(self, round: int) -> list[str]:
@@ -113,7 +116,11 @@ class GossipDispatcher:
         return self.inner.client_index(client_id)
 
     def dispatch(self, round: int, phase: str, instructions: dict[str, Instructions]) -> Iterator[ClientReply]:
-        replies = list(self.inner.dispatch(round, phase, instructions))
+        gone = {c for c, r in self.departures.items() if round >= r}
+        asked = {c: ins for c, ins in instructions.items() if c not in gone}
+        replies = list(self.inner.dispatch(round, phase, asked))
+        replies += [failed_reply(c, round, f"left the gossip in round {self.departures[c]} (gossip.gone)")
+                    for c in instructions if c in gone]
         index, n = self.rounds.index, len(self.rounds.ids)
         live = [False] * n
         size = [0] * n

@@ -98,7 +98,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     pool = make_pool(cfg, lm, clients, store, model.base_updates)
     dispatcher: Dispatcher = SimDispatcher(cfg, clients, pool, store)
     if mode == "gossip":
-        dispatcher = GossipDispatcher(dispatcher, nodes)
+        dispatcher = GossipDispatcher(dispatcher, nodes, cfg.gossip.departures())
     with contextlib.closing(dispatcher):
         result = run_rounds(plan, run, driven, strategy, dispatcher, console, resume=ckpt,
                             samples_before=samples_before)

@@ -91,3 +91,18 @@ def test_frozen_a_keeps_one_a_everywhere_and_mixes_exactly(tmp_path: Path) -> No
         else:  # full graph: one exchange is the exact average, so every node ends equal
             assert torch.allclose(nodes[0][k], nodes[2][k], atol=1e-6)
     assert result.rounds[-1]["consensus_distance"] < 1e-10
+
+
+def test_a_resumed_run_ends_with_the_nodes_of_an_uninterrupted_one_and_gone_nodes_stay_gone(tmp_path: Path) -> None:
+    scenario = ROOT / "simulations" / "gossip_ring.toml"
+    opts = [*TINY, "sim.num_clients=4", "gossip.gone=[client-2@2]"]
+    straight = run_simulation(load_config(scenario, [*opts, f"out={tmp_path / 'straight'}"]), QUIET)
+    run_simulation(load_config(scenario, [*opts, "sim.rounds=1", f"out={tmp_path / 'split'}"]), QUIET)
+    resumed = run_simulation(load_config(scenario, [*opts, f"out={tmp_path / 'split'}"]), QUIET,
+                             resume=tmp_path / "split")
+    for name in ("adapter", *(f"nodes/client-{i}" for i in range(4))):
+        a, b = _load(tmp_path / "straight" / name), _load(tmp_path / "split" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    last = straight.rounds[-1]
+    assert "gossip.gone" in last["failures"]["client-2"] and last["clients"]["client-2"]["bytes_up"] == 0
+    assert [r["round"] for r in resumed.rounds] == [0, 1, 2]

@@ -86,3 +86,40 @@ def test_gossip_config_mistakes_are_named_at_once():
     with pytest.raises(ConfigError, match="use lora or rslora, not 'lora_fa' \\(or gossip.mix=frozen_a\\)"):
         load_config(None, ["sim.mode=gossip", "gossip.mix=product", "adapter.method=lora_fa"])
     assert load_config(None, ["gossip.mix=frozen_a"]).gossip.mix == "frozen_a"  # only checked in gossip mode
+
+
+class _Pool:
+    """A dispatcher whose node i answers with an update of 100 (i + 1) bytes."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def dispatch(self, round, phase, instructions):
+        for cid, ins in instructions.items():
+            self.asked.append(cid)
+            yield ClientReply(cid, round, ins.state, 1, bytes_up=100 * (int(cid.split("-")[1]) + 1), bytes_down=7)
+
+    def metrics(self):
+        return {}
+
+
+def test_exchange_bytes_by_hand_on_one_peer_exp_with_a_node_gone():
+    from fedtune.gossip.sim import GossipDispatcher
+
+    g = GossipRounds(GossipConfig(topology="one_peer_exp", exchanges_per_round=2), StrategyConfig(r=2), IDS,
+                     {KB: torch.zeros(5, 2)}, seed=0)
+    pool = _Pool()
+    dispatcher = GossipDispatcher(pool, g, {"client-3": 1})  # type: ignore[arg-type]
+    replies = {r.client_id: r for r in dispatcher.dispatch(1, "train", g.configure(1, IDS, g.nodes[0], random.Random(0)))}
+    assert pool.asked == IDS[:3] and "gossip.gone" in (replies["client-3"].error or "")
+    # exchange 0 pairs 0-1 and 2-3, exchange 1 pairs 0-2 and 1-3; node 3 is gone, so: 0<->1, then 0<->2
+    assert [replies[c].bytes_up for c in IDS] == [200, 200, 300, 0]
+    assert [replies[c].bytes_down for c in IDS] == [200 + 300, 100, 100, 0]
+    assert dispatcher.metrics() == {"bytes_per_node": 700 / 4, "bytes_total": 700}
+
+
+def test_gone_entries_must_name_a_node_and_a_round():
+    with pytest.raises(ConfigError, match="gossip.gone: 'client-9@2' is not NODE@ROUND"):
+        load_config(None, ["sim.mode=gossip", "sim.num_clients=4", "gossip.gone=[client-1@2, client-9@2]"])
+    cfg = load_config(None, ["sim.mode=gossip", "sim.num_clients=4", "gossip.gone=[client-1@2]"])
+    assert cfg.gossip.departures() == {"client-1": 2}
