@@ -111,6 +111,7 @@ def main() -> None:
         r = results[name]
         print(f"{name}: eval_loss {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f} in {r['seconds']:.0f} s",
               flush=True)
+        write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results})  # so far
     ref = results["server fedavg"]["eval_loss"]
     rows = [[name, f"{r['eval_loss']:.4f}", f"{100 * (r['eval_loss'] - ref) / ref:+.2f}%",
              f"{r['node_loss_mean']:.4f} +- {r['node_loss_std']:.4f}", f"{r['bytes_per_node_round'] / 2**10:.1f}",
