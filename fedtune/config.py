@@ -22,6 +22,7 @@ from typing import Any, Literal, cast, get_args, get_origin
 import tomli_w
 
 from fedtune.client.pipeline import pipeline_problems
+from fedtune.gossip.config import GossipConfig, gossip_problems
 from fedtune.sections import (
     ClientConfig,
     FederationConfig,
@@ -143,6 +144,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -384,6 +386,8 @@ def validate(cfg: Config) -> list[str]:
     p.extend(cfg.federation.validate())
     p.extend(cfg.client.validate())
     p.extend(cfg.server.validate())
+    p.extend(gossip_problems(cfg.sim.mode, cfg.gossip, nodes=cfg.sim.num_clients, seed=cfg.seed,
+                             adapter_method=a.method, clients_per_round=cfg.sim.clients_per_round))
     return p
 
 

@@ -51,9 +51,10 @@ class SimConfig:
                                                 "(Flower's simulation engine on Ray)")
     workers: int = opt(1, "inproc: processes training the sampled clients in parallel, forked once the model is "
                           "loaded so that they share its base weights (one thread each); 1: the engine's process")
-    mode: Literal["federated", "centralized", "local-only"] = opt(
+    mode: Literal["federated", "centralized", "local-only", "gossip"] = opt(
         "federated", "federated, or a baseline: centralized (one client with all data, same total steps) or "
-        "local-only (each client alone, evaluated on the global held-out set)")
+        "local-only (each client alone, evaluated on the global held-out set); or gossip: no server, each node "
+        "mixes its adapter with its neighbours' (the [gossip] section)")
     eval_every: int = opt(1, "evaluate the global adapter every this many rounds (and after the last)")
     dropout: float = opt(0.0, "probability that a sampled client drops out of a round")
     straggler_prob: float = opt(0.0, "probability that a sampled client is slowed down")

@@ -26,17 +26,18 @@ from fedtune.adapters import set_state
 from fedtune.client.fit import client_seed, fit
 from fedtune.config import Config
 from fedtune.data.partition import partition_clients, render_partition_table
+from fedtune.dispatch import Dispatcher
 from fedtune.eval import generate_answers
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
 from fedtune.report import print_summary
-from fedtune.rounds import RoundPlan, RunResult, open_run, run_rounds
+from fedtune.rounds import Model, RoundPlan, RunResult, open_run, run_rounds
 from fedtune.runs import RunDir
 from fedtune.simulation.dispatch import SimDispatcher
 from fedtune.simulation.pools import VirtualClient, clients_per_round, make_pool
 from fedtune.simulation.store import ClientStore
-from fedtune.strategies import make_strategy, spec_of, strategy_config
+from fedtune.strategies import Strategy, make_strategy, spec_of, strategy_config
 from fedtune.strategies.screen import ReplyPolicy
 from fedtune.types import Instructions
 
@@ -80,21 +81,34 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
 
     if mode == "local-only":
         return _local_only(cfg, console, run, model, clients, prompts, answers)
-    strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round))
+    overrides: dict[str, Any] = {}
+    driven: Model = model
+    if mode == "centralized":  # one client with all the data takes every federated client's steps
+        overrides = {"max_steps": cfg.train.max_steps * clients_per_round(cfg), "epochs": None}
+    if mode == "gossip":
+        from fedtune.gossip.sim import GossipDispatcher, gossip_setup
+
+        nodes, driven = gossip_setup(cfg, model, [c.cid for c in clients])
+        strategy: Strategy = nodes
+        overrides = {"max_steps": cfg.gossip.local_steps, "epochs": None} if cfg.gossip.local_steps else {}
+        what = f"gossip {cfg.gossip.topology}/{cfg.gossip.mix}"
+    else:
+        strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round))
+        what = f"strategy={cfg.strategy.name}"
     samples_before = ckpt.samples_before if ckpt is not None else answers()
-    plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed,
-                     train=cfg.train, eval_every=cfg.sim.eval_every, policy=ReplyPolicy.from_config(cfg.federation),
-                     reorder_buffer=cfg.federation.reorder_buffer,
-                     # one client with all the data takes every federated client's steps
-                     train_overrides={"max_steps": cfg.train.max_steps * clients_per_round(cfg), "epochs": None}
-                     if mode == "centralized" else {})
+    plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed, train=cfg.train, eval_every=cfg.sim.eval_every,
+                     policy=ReplyPolicy.from_config(cfg.federation), reorder_buffer=cfg.federation.reorder_buffer,
+                     train_overrides=overrides)
     store = ClientStore(cfg.sim.optimizer_state_on, run.path)
     pool = make_pool(cfg, lm, clients, store, model.base_updates)
-    with contextlib.closing(SimDispatcher(cfg, clients, pool, store)) as dispatcher:
-        result = run_rounds(plan, run, model, strategy, dispatcher, console, resume=ckpt,
+    dispatcher: Dispatcher = SimDispatcher(cfg, clients, pool, store)
+    if mode == "gossip":
+        dispatcher = GossipDispatcher(dispatcher, nodes, cfg.gossip.departures())
+    with contextlib.closing(dispatcher):
+        result = run_rounds(plan, run, driven, strategy, dispatcher, console, resume=ckpt,
                             samples_before=samples_before)
     result.samples_after, result.prompts = answers(), prompts
-    print_summary(console, f"fedtune simulate: {mode}, strategy={cfg.strategy.name}, {cfg.sim.num_clients} clients, "
+    print_summary(console, f"fedtune simulate: {mode}, {what}, {cfg.sim.num_clients} clients, "
                            f"{cfg.sim.rounds} rounds", result)
     return result
 

@@ -1,0 +1,130 @@
+"""Serverless gossip against a server's fedavg: held-out loss, bytes per node and consensus, one table.
+
+Every arm runs the simulator on the same non-IID split (ChatterBot, whole categories per node) with the same
+local steps per node per round, so the total local steps are equal: ``fedavg`` (a server averaging every node's
+adapter each round) and gossip with ``factors``, ``frozen_a`` (``adapter.method=lora_fa``) and ``product`` mixing
+on ``ring``, ``exponential`` and ``one_peer_exp`` graphs, plus the best-guess arm again with 20% of the nodes
+dropping out each round (``sim.dropout=0.2``). Scored: the eval loss of the average adapter (the server's
+global adapter for fedavg), the mean and spread of the nodes' own eval losses, bytes per node per round (sent
++ received), and the consensus distance per round (JSON, and a plot under benchmarks/results/).
+
+    .venv/bin/python benchmarks/gossip.py                        # SmolLM2-135M NF4, 16 nodes
+    .venv/bin/python benchmarks/gossip.py --model tiny-llama --nodes 8 --rounds 4 --steps 2   # minutes on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import RESULTS, machine_info, print_table, write_json
+
+
+def base(args: argparse.Namespace) -> list[str]:
+    quant = ["quant.mode=nf4", "quant.compute_dtype=bf16"] if args.model != "tiny-llama" else [
+        "quant.mode=none", "quant.compute_dtype=fp32"]
+    return [f"model.name={args.model}", *quant, "adapter.r=8", "adapter.alpha=16",
+            "adapter.target_modules=[q_proj,v_proj]", f"train.max_steps={args.steps}", "train.batch_size=4",
+            "train.seq_len=64", f"train.lr={args.lr}", f"sim.num_clients={args.nodes}", f"sim.rounds={args.rounds}",
+            "sim.partitioner=category", "sim.categories_per_client=1", "eval.samples=0", "eval.batch_size=8",
+            f"eval.max_batches={args.eval_batches}", f"seed={args.seed}"]
+
+
+def arms(topologies: list[str], modes: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"server fedavg": ["strategy.name=fedavg"]}
+    for mode in modes:
+        for topo in topologies:
+            extra = ["adapter.method=lora_fa"] if mode == "frozen_a" else []
+            out[f"gossip {mode} {topo}"] = ["sim.mode=gossip", f"gossip.mix={mode}", f"gossip.topology={topo}", *extra]
+    out[f"gossip {modes[-1]} {topologies[0]} 20% drop"] = [*out[f"gossip {modes[-1]} {topologies[0]}"], "sim.dropout=0.2"]
+    return out
+
+
+def run_arm(overrides: list[str], out: Path) -> dict[str, Any]:
+    from rich.console import Console
+
+    from fedtune.config import load_config
+    from fedtune.simulation.engine import run_simulation
+
+    cfg = load_config(None, [*overrides, f"out={out}"])
+    t0 = time.perf_counter()
+    result = run_simulation(cfg, Console(file=open("/dev/null", "w")))  # noqa: SIM115
+    rounds = [r for r in result.rounds if r.get("round", 0) >= 1]
+    n = cfg.sim.num_clients
+    return {
+        "seconds": time.perf_counter() - t0,
+        "eval_loss_before": result.before.get("eval_loss"),
+        "eval_loss": rounds[-1].get("eval_loss"),
+        "node_loss_mean": rounds[-1].get("node_eval_loss_mean", rounds[-1].get("eval_loss")),
+        "node_loss_std": rounds[-1].get("node_eval_loss_std", 0.0),
+        "bytes_per_node_round": sum((r["bytes_up"] + r["bytes_down"]) for r in rounds) / n / len(rounds),
+        "eval_loss_per_round": [r.get("eval_loss") for r in rounds],
+        "consensus_per_round": [r.get("consensus_distance") for r in rounds],
+        "nodes_live_per_round": [r.get("nodes_live", r.get("clients_ok")) for r in rounds],
+    }
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        if r["consensus_per_round"] and r["consensus_per_round"][0] is not None:
+            ax.semilogy(range(1, len(r["consensus_per_round"]) + 1), r["consensus_per_round"], marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("consensus distance (1/n) sum ||dW_i - mean||_F^2")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--nodes", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4, help="local steps per node per round (every arm)")
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--topologies", default="ring,exponential,one_peer_exp")
+    ap.add_argument("--modes", default="factors,frozen_a,product")
+    ap.add_argument("--json", default="gossip.json")
+    args = ap.parse_args()
+    plan = arms(args.topologies.split(","), args.modes.split(","))
+    results: dict[str, dict[str, Any]] = {}
+    work = Path(tempfile.mkdtemp(prefix="fedtune-gossip-bench-"))  # run folders: deleted at the end
+    for name, extra in plan.items():
+        results[name] = run_arm([*base(args), *extra], work / name.replace(" ", "_").replace("%", "pct"))
+        r = results[name]
+        print(f"{name}: eval_loss {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f} in {r['seconds']:.0f} s",
+              flush=True)
+        write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results})  # so far
+    ref = results["server fedavg"]["eval_loss"]
+    rows = [[name, f"{r['eval_loss']:.4f}", f"{100 * (r['eval_loss'] - ref) / ref:+.2f}%",
+             f"{r['node_loss_mean']:.4f} +- {r['node_loss_std']:.4f}", f"{r['bytes_per_node_round'] / 2**10:.1f}",
+             "-" if r["consensus_per_round"][-1] is None else f"{r['consensus_per_round'][-1]:.2e}",
+             f"{r['seconds']:.0f}"] for name, r in results.items()]
+    print_table(f"gossip vs server fedavg: {args.model}, {args.nodes} nodes, {args.rounds} rounds x {args.steps} steps",
+                ["arm", "eval loss (avg adapter)", "vs fedavg", "node loss mean +- std", "KiB/node/round",
+                 "consensus (last)", "s"], rows)
+    plot(results, RESULTS / "gossip_consensus.png")
+    path = write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results})
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {path} and {RESULTS / 'gossip_consensus.png'}")
+
+
+if __name__ == "__main__":
+    main()

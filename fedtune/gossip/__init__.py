@@ -1,0 +1,1 @@
+"""Decentralized LoRA: topologies, mixing weights and modes (pure), and gossip rounds in the simulator."""
