@@ -22,6 +22,7 @@ from typing import Any, Literal, cast, get_args, get_origin
 import tomli_w
 
 from fedtune.client.pipeline import pipeline_problems
+from fedtune.privacy.config import PrivacyConfig, privacy_problems
 from fedtune.sections import (
     ClientConfig,
     FederationConfig,
@@ -143,6 +144,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -379,6 +381,7 @@ def validate(cfg: Config) -> list[str]:
     p.extend(pipeline_problems(list(cfg.client.pipeline)))
     p.extend(cfg.sim.validate())
     p.extend(cfg.federation.validate())
+    p.extend(privacy_problems(cfg))
     return p
 
 
@@ -431,9 +434,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def fingerprint(cfg: Config) -> str:
     """What must agree between a server and its clients (model, quantization, adapter, and how updates are
     transformed and encoded: ``client.pipeline``, ``client.encoding``), as canonical JSON."""
-    return json.dumps({"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
-                       "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}},
-                      sort_keys=True)
+    agreed: dict[str, Any] = {"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
+                              "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}}
+    if cfg.privacy != PrivacyConfig():  # clip norm, secure aggregation: what every node must do alike
+        agreed["privacy"] = to_dict(cfg.privacy)
+    return json.dumps(agreed, sort_keys=True)
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:

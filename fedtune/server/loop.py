@@ -26,6 +26,7 @@ from fedtune.report import print_summary
 from fedtune.rounds import RoundPlan, RunResult, has_checkpoint, open_run, run_rounds
 from fedtune.server.coordinator import RoundCoordinator
 from fedtune.server.dispatch import FederationError, GrpcDispatcher
+from fedtune.privacy.dp import with_privacy
 from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.transport import FederationServer, Limits, start_server
 
@@ -83,7 +84,8 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
-    strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round))
+    strategy = with_privacy(make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)),
+                            cfg)
     plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every)
     coord, server = open_transport(cfg, security)
     allowlist = security.get("allowlist_file")
@@ -96,7 +98,7 @@ def run_server(cfg: Config, console: Console) -> RunResult:
                                 encoding=cfg.client.encoding, console=console)
     with contextlib.closing(dispatcher):
         result = run_rounds(plan, run, model, strategy, dispatcher, console, resume=ckpt)
-    result.notes = [f"refused at registration: {msg}" for msg in coord.refused_registrations]
+    result.notes += [f"refused at registration: {msg}" for msg in coord.refused_registrations]
     print_summary(console, f"fedtune server: strategy={cfg.strategy.name}, {fed.rounds} rounds, "
                            f"min_clients={fed.min_clients}", result)
     return result

@@ -36,6 +36,7 @@ from fedtune.runs import RunDir
 from fedtune.simulation.dispatch import SimDispatcher
 from fedtune.simulation.pools import VirtualClient, clients_per_round, make_pool
 from fedtune.simulation.store import ClientStore
+from fedtune.privacy.dp import with_privacy
 from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.types import Instructions
 
@@ -76,7 +77,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
 
     if mode == "local-only":
         return _local_only(cfg, console, run, model, clients, prompts, answers)
-    strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round))
+    strategy = with_privacy(make_strategy(cfg.strategy.name,
+                                          strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round)), cfg)
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed,
                      train=cfg.train, eval_every=cfg.sim.eval_every,
