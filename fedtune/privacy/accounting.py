@@ -9,6 +9,7 @@ resumed run continues the count.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -43,13 +44,18 @@ def _accountant(kind: str) -> dp_accounting.PrivacyAccountant:
 
 def epsilon_of(rounds: list[tuple[float, float, int]], delta: float, kind: str = "pld") -> float:
     """Epsilon at ``delta`` after ``rounds`` (``(q, z, count)``: count rounds at sample rate q, noise z)."""
-    rounds = [r for r in rounds if r[2] > 0]
+    return _epsilon(tuple(r for r in rounds if r[2] > 0), delta, kind)
+
+
+@functools.lru_cache(maxsize=64)
+def _epsilon(rounds: tuple[tuple[float, float, int], ...], delta: float, kind: str) -> float:
+    """``epsilon_of``, cached: the driver asks for the next round's epsilon before it and after it."""
     if not rounds:
         return 0.0
     if any(z <= 0 for _, z, _ in rounds):
         return math.inf
     acc = _accountant(kind)
-    acc.compose(_event(rounds))
+    acc.compose(_event(list(rounds)))
     return float(acc.get_epsilon(delta))
 
 

