@@ -32,6 +32,12 @@ class PrivacyConfig:
     accountant: Literal["pld", "rdp"] = opt("pld", "privacy accountant of dp-accounting: pld (tighter) or rdp")
     target_epsilon: float | None = opt(None, "stop training before a round would take epsilon past this "
                                              "(unset: no budget)")
+    secagg: bool = opt(False, "secure aggregation: the server learns only the sum of the clipped updates "
+                              "(four phases a round; linear strategies only; see the README's Privacy section)")
+    secagg_neighbours: int = opt(0, "neighbours each client shares keys with (k-regular graph, rounded up to even); "
+                                    "0: 2 ceil(log2 n) + 2")
+    secagg_threshold: float = opt(0.5, "a secret is rebuilt from more than this fraction of a client's neighbours "
+                                       "(t); fewer survivors abort the round")
 
     def validate(self) -> list[str]:
         p = []
@@ -46,6 +52,10 @@ class PrivacyConfig:
             p.append(f"privacy.sample_rate: got {self.sample_rate}, must be in (0, 1]")
         if not 0 < self.delta < 1:
             p.append(f"privacy.delta: got {self.delta}, must be in (0, 1)")
+        if self.secagg_neighbours < 0:
+            p.append(f"privacy.secagg_neighbours: got {self.secagg_neighbours}, must be >= 0 (0: the default)")
+        if not 0 < self.secagg_threshold < 1:
+            p.append(f"privacy.secagg_threshold: got {self.secagg_threshold}, must be in (0, 1)")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             p.append(f"privacy.target_epsilon: got {self.target_epsilon}, must be > 0 (or unset)")
         return p
@@ -55,19 +65,25 @@ def privacy_problems(cfg: Config) -> list[str]:
     """What ``cfg.privacy`` rules out elsewhere in the config, each naming the key to change."""
     pv = cfg.privacy
     p = pv.validate()
-    if pv.dp == "off":
-        if pv.target_epsilon is not None:
-            p.append("privacy.target_epsilon: needs privacy.dp=central (without DP there is no epsilon)")
+    if pv.dp == "off" and pv.target_epsilon is not None:
+        p.append("privacy.target_epsilon: needs privacy.dp=central (without DP there is no epsilon)")
+    if pv.secagg and cfg.client.encoding.startswith("sparse"):
+        p.append(f"client.encoding: {cfg.client.encoding} cannot carry secure aggregation's masked uint32 words "
+                 "(they are dense by design); use dense, bf16, int8 or fixed_u32")
+    if pv.dp == "off" and not pv.secagg:
         return p
+    what = "privacy.dp" if pv.dp != "off" else "privacy.secagg"
     spec = REGISTRY.get(cfg.strategy.name)
     linear = "fedavg, fedprox, ffa, fedavgm, fedadam, fedyogi, fedadagrad"
     if spec is not None and (not spec.linear or spec.fixed.get("robust", "none") != "none"):
-        p.append(f"strategy.name: privacy.dp needs a linear strategy ({linear}); {cfg.strategy.name!r} is refused: "
-                 "its aggregate is not a sum of the updates, so one client could move it by more than "
-                 "privacy.clip_norm and the noise would not cover it")
+        p.append(f"strategy.name: {what} needs a linear strategy ({linear}); {cfg.strategy.name!r} is refused: "
+                 "its aggregate is not a sum of the updates (secure aggregation reveals only the sum; DP noise on "
+                 "the sum would not cover one client's influence)")
     elif cfg.strategy.robust != "none":
-        p.append(f"strategy.robust: must be none with privacy.dp, not {cfg.strategy.robust!r} (a robust aggregate "
-                 "is not a sum of the updates, so the noise on the sum would not cover it)")
+        p.append(f"strategy.robust: must be none with {what}, not {cfg.strategy.robust!r} (a robust aggregate "
+                 "is not a sum of the updates)")
+    if pv.dp == "off":
+        return p
     if "dp_clip" not in cfg.client.pipeline:
         p.append("client.pipeline: privacy.dp needs the dp_clip transform (client.pipeline=[\"dp_clip\"], "
                  "before any compression)")

@@ -125,6 +125,14 @@ class DPStrategy:
                 total[k] += clipped[k].float() - global_state[k].float()
             ok.append(reply.client_id)
             norms.append(norm)
+        return self.release(round, global_state, total, ok, failures, phase=phase,
+                            clipped=sum(n > self.privacy.clip_norm for n in norms))
+
+    def release(self, round: int, global_state: State, total: State, ok: list[str], failures: dict[str, str], *,
+                phase: str, clipped: int | None = None) -> RoundResult:
+        """The noisy mean of ``total`` (the sum of the clipped deltas of ``ok``) through the inner strategy,
+        with the round spent and epsilon in the metrics. Secure aggregation hands its unmasked sum here."""
+        keys = list(total)
         noisy = self._noisy_mean(round, total)
         self.accountant.spend(self.privacy.sample_rate, self.privacy.noise_multiplier)
         mean = ClientReply(client_id="dp-mean", round=round, num_examples=1,
@@ -143,8 +151,10 @@ class DPStrategy:
             "clients_ok": float(len(ok)), "clients_failed": float(len(failures)),
             "epsilon": self.accountant.epsilon(), "delta": self.privacy.delta,
             "dp_rounds": float(self.accountant.count), "dp_sampled": float(len(ok) + len(failures)),
-            "dp_noise_std": self._noise_std(), "dp_clipped": float(sum(n > self.privacy.clip_norm for n in norms)),
+            "dp_noise_std": self._noise_std(),
         })
+        if clipped is not None:
+            result.metrics["dp_clipped"] = float(clipped)
         return result
 
     def _noise_std(self) -> float:
@@ -168,11 +178,16 @@ class DPStrategy:
 
 
 def with_privacy(strategy: Strategy, cfg: Any) -> Strategy:
-    """``strategy`` wrapped as ``cfg.privacy`` asks (``DPStrategy`` for ``privacy.dp=central``), else itself."""
+    """``strategy`` wrapped as ``cfg.privacy`` asks: ``DPStrategy`` for ``privacy.dp=central``, inside
+    ``SecAggStrategy`` for ``privacy.secagg``; else itself."""
+    wrapped: Strategy = strategy
     if cfg.privacy.dp == "central":
-        wrapped: Strategy = DPStrategy(strategy, cfg.privacy, cfg.seed)
-        return wrapped
-    return strategy
+        wrapped = DPStrategy(wrapped, cfg.privacy, cfg.seed)
+    if cfg.privacy.secagg:
+        from fedtune.privacy.secagg_strategy import SecAggStrategy
+
+        wrapped = SecAggStrategy(wrapped, cfg.privacy, cfg.seed)
+    return wrapped
 
 
 __all__ = ["ClipTransform", "DPStrategy", "clip_delta", "poisson_sample", "with_privacy"]
