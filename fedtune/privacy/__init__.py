@@ -6,5 +6,5 @@
   for a target epsilon, and the run's accountant as plain state;
 - ``dp``: per-client clipping (the ``dp_clip`` transform) and ``DPStrategy``, the server-side wrapper around
   any linear strategy (Poisson sampling, the server re-clips, Gaussian noise on the sum, epsilon every round);
-- ``secagg``: the pure secure-aggregation protocol (keys, Shamir shares, ChaCha20 masks, fixed point).
+- ``secagg``: the pure secure-aggregation protocol (keys, Shamir shares, AES-256-CTR masks, fixed point).
 """
