@@ -10,6 +10,7 @@ the client trains as in ``train`` (``fit`` and the update pipeline), clips its u
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,30 @@ from fedtune.types import ClientReply, Instructions, failed_reply
 
 
 def _identity(ctx: ClientContext, cid: str) -> Any:
-    return sim_identity(ctx.cfg.seed, cid)
+    """This client's Ed25519 identity: its node key from ``client.keys_dir`` (``fedtune keys``), or without
+    keys (simulation, plaintext loopback) one derived from the run's seed."""
+    keys = ctx.cfg.client.keys_dir
+    if keys is None:
+        return sim_identity(ctx.cfg.seed, cid)
+    from fedtune.transport.keys import load_node_key
+
+    return load_node_key(Path(keys) / "nodes" / f"{cid}.key")
+
+
+def _trusted(ctx: ClientContext, ids: list[str]) -> dict[str, bytes]:
+    """The public identities this client trusts for ``ids``: ``client.keys_dir/allowlist.txt`` (the sites'
+    public keys, given to every site out of band, never relayed by the server), or the seed's."""
+    keys = ctx.cfg.client.keys_dir
+    if keys is None:
+        return {c: identity_public(sim_identity(ctx.cfg.seed, c)) for c in ids}
+    from fedtune.transport.keys import read_allowlist
+
+    path = Path(keys) / "allowlist.txt"
+    if not path.is_file():
+        raise ValueError(f"secure aggregation needs {path}: the other sites' public keys (the allowlist.txt "
+                         "made by `fedtune keys`), to check the keys the server relays")
+    entries = read_allowlist(path)
+    return {c: entries[c].public_key for c in ids if c in entries and not entries[c].revoked}
 
 
 def _client(ctx: ClientContext, ins: Instructions) -> SecAggClient:
@@ -52,7 +76,7 @@ def advertise(ctx: ClientContext, ins: Instructions) -> ClientReply:
 def share(ctx: ClientContext, ins: Instructions) -> ClientReply:
     client = _client(ctx, ins)
     adverts = {str(c): Advert.from_plain(a) for c, a in dict(ins.extra["secagg_adverts"]).items()}
-    trusted = {c: identity_public(_identity(ctx, c)) for c in adverts}
+    trusted = _trusted(ctx, list(adverts))
     xs = {str(c): int(x) for c, x in dict(ins.extra["secagg_xs"]).items()}
     sent = client.share_keys(adverts, trusted, xs, int(ins.extra["secagg_t"]))
     ctx.state["secagg"] = client.to_plain()
