@@ -436,8 +436,9 @@ def fingerprint(cfg: Config) -> str:
     transformed and encoded: ``client.pipeline``, ``client.encoding``), as canonical JSON."""
     agreed: dict[str, Any] = {"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
                               "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}}
-    if cfg.privacy != PrivacyConfig():  # clip norm, secure aggregation: what every node must do alike
-        agreed["privacy"] = to_dict(cfg.privacy)
+    node_side = {"dp": cfg.privacy.dp, "clip_norm": cfg.privacy.clip_norm, "secagg": cfg.privacy.secagg}
+    if cfg.privacy.dp != "off" or cfg.privacy.secagg:  # what every node must do alike (dp_clip's bound)
+        agreed["privacy"] = node_side
     return json.dumps(agreed, sort_keys=True)
 
 
