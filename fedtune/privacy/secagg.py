@@ -81,7 +81,7 @@ def prg(key: bytes, words: int) -> np.ndarray:
     if len(key) != 32:
         raise ValueError(f"a mask key has 32 bytes, got {len(key)}")
     out = np.empty(words + 4, dtype=np.uint32)  # update_into wants room for one more block
-    view, zeros, size = memoryview(out).cast("B"), memoryview(_ZEROS), 4 * words
+    view, zeros, size = memoryview(out.data).cast("B"), memoryview(_ZEROS), 4 * words
     enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
     for start in range(0, size, len(_ZEROS)):  # cache-sized chunks of one zero buffer, no big allocation
         n = min(len(_ZEROS), size - start)
@@ -319,16 +319,16 @@ class SecAggClient:
         def text(key: str) -> str:
             return str(d[key])
 
-        adverts = d.get("adverts") or {}
-        held = d.get("held") or {}
-        assert isinstance(adverts, dict) and isinstance(held, dict)
+        adverts, held, revealed = d.get("adverts") or {}, d.get("held") or {}, d.get("revealed") or []
+        if not (isinstance(adverts, dict) and isinstance(held, dict) and isinstance(revealed, list)):
+            raise ValueError("damaged secure-aggregation state")  # noqa: TRY004 (a failed reply)
         return cls(cid=text("cid"), round=int(text("round")), identity=identity,
                    c_sk=X25519PrivateKey.from_private_bytes(bytes.fromhex(text("c_sk"))),
                    s_sk=X25519PrivateKey.from_private_bytes(bytes.fromhex(text("s_sk"))),
                    b=bytes.fromhex(text("b")),
                    adverts={c: Advert.from_plain(a) for c, a in adverts.items()},
                    held={c: {k: [int(v[0]), int(v[1], 16)] for k, v in h.items()} for c, h in held.items()},
-                   revealed=set(d.get("revealed") or []))  # type: ignore[arg-type]
+                   revealed={str(r) for r in revealed})
 
 
 # ------------------------------------------------------------------ server

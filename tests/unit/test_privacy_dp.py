@@ -193,3 +193,17 @@ def test_refused_combinations_name_the_key() -> None:
         load_config(None, ["privacy.target_epsilon=3"])
     cfg = load_config(None, ["privacy.dp=central", "client.pipeline=[dp_clip]", "strategy.name=ffa"])
     assert cfg.privacy.dp == "central"
+
+
+def test_privacy_plan_gives_epsilon_or_the_noise_for_a_target(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedtune.cli import main
+    from fedtune.privacy.accounting import epsilon, noise_for_epsilon
+
+    assert main(["privacy", "plan", "--clients", "1000", "--rate", "0.1", "--rounds", "100", "--noise", "1.0",
+                 "--accountant", "rdp"]) == 0
+    out = capsys.readouterr().out
+    assert "7.904" in out and "96.116" in out  # with and without sampling amplification
+    z = noise_for_epsilon(0.1, 100, 1e-5, 4.0, "rdp")
+    assert epsilon(0.1, z, 100, 1e-5, "rdp") <= 4.0 < epsilon(0.1, z - 0.01, 100, 1e-5, "rdp")
+    assert main(["privacy", "plan", "--clients", "10", "--rate", "2", "--rounds", "5", "--noise", "1"]) == 2
+    assert "--rate: got 2.0, must be in (0, 1]" in capsys.readouterr().err
