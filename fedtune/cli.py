@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedtune.cli_federation import register as register_federation
 
     register_federation(sub, COMMANDS)
+    from fedtune.cli_privacy import register as register_privacy
+
+    register_privacy(sub, COMMANDS)
     return parser
 
 

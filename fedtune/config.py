@@ -23,6 +23,7 @@ import tomli_w
 
 from fedtune.client.pipeline import pipeline_problems
 from fedtune.gossip.config import GossipConfig, gossip_problems
+from fedtune.privacy.config import PrivacyConfig, privacy_problems
 from fedtune.sections import (
     ClientConfig,
     FederationConfig,
@@ -145,6 +146,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -388,6 +390,7 @@ def validate(cfg: Config) -> list[str]:
     p.extend(cfg.server.validate())
     p.extend(gossip_problems(cfg.sim.mode, cfg.gossip, nodes=cfg.sim.num_clients, seed=cfg.seed,
                              adapter_method=a.method, clients_per_round=cfg.sim.clients_per_round))
+    p.extend(privacy_problems(cfg))
     return p
 
 
@@ -440,9 +443,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def fingerprint(cfg: Config) -> str:
     """What must agree between a server and its clients (model, quantization, adapter, and how updates are
     transformed and encoded: ``client.pipeline``, ``client.encoding``), as canonical JSON."""
-    return json.dumps({"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
-                       "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}},
-                      sort_keys=True)
+    agreed: dict[str, Any] = {"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
+                              "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}}
+    node_side = {"dp": cfg.privacy.dp, "clip_norm": cfg.privacy.clip_norm, "secagg": cfg.privacy.secagg}
+    if cfg.privacy.dp != "off" or cfg.privacy.secagg:  # what every node must do alike (dp_clip's bound)
+        agreed["privacy"] = node_side
+    return json.dumps(agreed, sort_keys=True)
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:

@@ -114,10 +114,11 @@ def round_line(record: dict[str, Any], total_rounds: int) -> str:
     """The line printed after each round: eval loss, clients, aggregation error, bytes and time."""
     loss, err = record.get("eval_loss"), record.get("agg_error")
     rejected = f"rejected={record['rejected']} " if "rejected" in record else ""
+    eps = f"epsilon={record['epsilon']:.3f} " if record.get("epsilon") is not None else ""
     return (f"round {record['round']}/{total_rounds}: eval_loss={'-' if loss is None else f'{loss:.4f}'} "
             f"ok={record['clients_ok']} failed={record['clients_failed']} {rejected}"
             f"{'' if record.get('applied', True) else '(not applied) '}"
-            f"agg_error={'-' if err is None else f'{err:.2e}'} "
+            f"agg_error={'-' if err is None else f'{err:.2e}'} {eps}"
             f"up={record['bytes_up'] / 2**20:.2f} MiB down={record['bytes_down'] / 2**20:.2f} MiB "
             f"{record['seconds']:.1f} s")
 
@@ -136,6 +137,10 @@ def print_summary(console: Console, title: str, result: Any) -> None:
     for key in ("eval_loss", "accuracy"):
         if result.before.get(key) is not None and result.after.get(key) is not None:
             console.print(f"{key}: {result.before[key]:.4f} -> {result.after[key]:.4f}")
+    spent = [r for r in rounds if r.get("epsilon") is not None]
+    if spent:
+        console.print(f"privacy: epsilon {spent[-1]['epsilon']:.3f} at delta {spent[-1].get('delta'):g} after "
+                      f"{spent[-1].get('dp_rounds', len(spent)):.0f} DP rounds (privacy.json)", highlight=False)
     up = sum(r.get("bytes_up") or 0 for r in rounds)
     down = sum(r.get("bytes_down") or 0 for r in rounds)
     full = sum(r.get("full_model_bytes") or 0 for r in rounds)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from fedtune.client.fit import client_seed, with_training
 from fedtune.config import Config, TrainConfig, load_config, to_dict
 from fedtune.dispatch import ClientOrder, Dispatcher, in_order, sampling_rng
 from fedtune.report import RunProgress, round_line, write_plot
-from fedtune.runs import RunDir
+from fedtune.runs import RunDir, atomic_write_bytes
 from fedtune.strategies.base import PhaseResult, RoundResult, Strategy
 from fedtune.strategies.screen import ReplyPolicy, Screen, result_problem
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, State
@@ -218,6 +219,7 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
         Whatever ``dispatcher.available`` raises to give up (too few clients).
     """
     rounds: list[dict[str, Any]] = []
+    notes: list[str] = []
     if resume is not None:
         strategy.load_state_dict(resume.strategy)
         model.restore(resume.state, resume.base_updates)
@@ -237,6 +239,11 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
     completed: dict[str, Any] = {"round": start - 1, "state": global_state}  # the last checkpointed round
     with _save_on_interrupt(run, model, completed, console), RunProgress(console, plan.rounds, start - 1) as bars:
         for rnd in range(start, plan.rounds + 1):
+            stop = strategy.stop_before(rnd)
+            if stop is not None:  # a privacy budget: the run ends with what it has
+                console.print(stop, highlight=False, markup=False)
+                notes.append(stop)
+                break
             t0 = time.perf_counter()
             kept = copy.deepcopy(strategy.state_dict())  # what a refused aggregate must not leave behind
             played = _play(rnd, dispatcher.available(rnd), global_state, plan, strategy, dispatcher, bars)
@@ -275,8 +282,20 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
                 console.print(f"  {clean(cid, MAX_NAME)}: {clean(why)}", highlight=False, markup=False)
             bars.end_round(record.get("eval_loss"))
     model.save(run, global_state)
+    _write_privacy(run, rounds, notes)
     history = run.read_metrics()
     write_plot(history, run.path / "plot.png")
     last = rounds[-1] if rounds else {}
     after = {k: v for k, v in last.items() if k in ("eval_loss", "perplexity", "accuracy")} if rounds else before
-    return RunResult(history, before, after, run.path, samples_before=samples_before or [])
+    return RunResult(history, before, after, run.path, samples_before=samples_before or [], notes=notes)
+
+
+def _write_privacy(run: RunDir, rounds: list[dict[str, Any]], notes: list[str]) -> None:
+    """``privacy.json``: the privacy a DP run spent (its last round's epsilon at delta), for auditors."""
+    spent = [r for r in rounds if "epsilon" in r]
+    if not spent:
+        return
+    last = spent[-1]
+    summary = {"epsilon": last["epsilon"], "delta": last.get("delta"), "rounds": last.get("dp_rounds"),
+               "after_round": last["round"], "stopped": notes[-1] if notes else None}
+    atomic_write_bytes(run.path / "privacy.json", (json.dumps(summary, indent=1) + "\n").encode())

@@ -89,3 +89,6 @@ def run_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
                             f"this client has no handler for phase {ins.phase[:64]!r} "
                             f"(known: {', '.join(sorted(PHASES))}); is it an older fedtune?")
     return handler(ctx, ins)
+
+
+import fedtune.privacy.client  # noqa: F401  (registers the secure-aggregation phases)

@@ -23,6 +23,7 @@ from fedtune.config import Config, fingerprint
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
+from fedtune.privacy.dp import with_privacy
 from fedtune.report import print_summary
 from fedtune.rounds import RoundPlan, RunResult, has_checkpoint, open_run, run_rounds
 from fedtune.server.coordinator import RoundCoordinator
@@ -101,7 +102,8 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
-    strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round))
+    strategy = with_privacy(make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)),
+                            cfg)
     plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
                      policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer)
     coord, server = open_transport(cfg, security)
@@ -119,7 +121,7 @@ def run_server(cfg: Config, console: Console) -> RunResult:
         dispatcher.abort()  # a crash (or Ctrl-C) never tells the nodes that the federation is done
         raise
     dispatcher.close()
-    result.notes = [f"refused at registration: {msg}" for msg in coord.refused_registrations]
+    result.notes += [f"refused at registration: {msg}" for msg in coord.refused_registrations]
     if coord.refusals > len(coord.refused_registrations):
         result.notes.append(f"... {coord.refusals} registrations were refused in all; the newest "
                             f"{len(coord.refused_registrations)} are shown")

@@ -31,6 +31,7 @@ from fedtune.eval import generate_answers
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
+from fedtune.privacy.dp import with_privacy
 from fedtune.report import print_summary
 from fedtune.rounds import Model, RoundPlan, RunResult, open_run, run_rounds
 from fedtune.runs import RunDir
@@ -93,7 +94,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         overrides = {"max_steps": cfg.gossip.local_steps, "epochs": None} if cfg.gossip.local_steps else {}
         what = f"gossip {cfg.gossip.topology}/{cfg.gossip.mix}"
     else:
-        strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round))
+        strategy = with_privacy(make_strategy(cfg.strategy.name,
+                                              strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round)), cfg)
         what = f"strategy={cfg.strategy.name}"
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed, train=cfg.train, eval_every=cfg.sim.eval_every,

@@ -1,0 +1,172 @@
+"""Privacy costs: secure aggregation's masks and rounds against plain aggregation, and its upload bytes.
+
+    .venv/bin/python benchmarks/privacy.py [--quick] [--words N] [--repeat N]
+
+1. Mask generation: ``fedtune.privacy.secagg.prg`` (AES-256-CTR keyed with a 256-bit derived key, OpenSSL via
+   ``cryptography``) against ChaCha20 and numpy's ``RandomState`` (what Flower's SecAgg+ seeds with a 32-bit value):
+   10M 32-bit words, best of ``--repeat`` runs, CPU time of this process (the machine may be shared).
+2. One round of the secure-aggregation protocol (``SecAggClient`` / ``SecAggServer``: keys, signed adverts,
+   Shamir shares encrypted end to end, fixed point, masks, unmasking with the dropped clients' pair masks)
+   for 10, 50 and 100 simulated clients with 0% and 30% dropping out after sharing keys (the costliest
+   phase to recover from), on the SmolLM2-135M adapter size (r = 8 on q_proj and v_proj: 460,800 values),
+   against the plain round's server work on the same vectors (a float32 running sum, as fedavg streams it).
+   Local training is not included: both rounds add the same training time on top.
+3. Upload bytes per client: plain float32 vector against secure aggregation's four messages (the JSON
+   adverts, shares and unmask answers, and the uint32 masked vector).
+
+Prints tables and writes benchmarks/results/privacy.json (privacy_quick.json with --quick: 10 and 50 clients,
+1M words for the masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import numpy as np
+from _common import machine_info, print_table, write_json
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from fedtune.privacy.secagg import (
+    SecAggClient,
+    SecAggServer,
+    default_neighbours,
+    fixed_point_scale,
+    identity_public,
+    prg,
+    quantize,
+    threshold,
+)
+
+SMOLLM2_ADAPTER = 30 * ((8 * 576 + 576 * 8) + (8 * 576 + 192 * 8))  # 30 layers, q_proj 576->576, v_proj 576->192
+
+
+def cpu(fn: Any, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def chacha20(key: bytes, words: int) -> np.ndarray:
+    enc = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor()
+    return np.frombuffer(enc.update(bytes(4 * words)), dtype=np.uint32)
+
+
+def masks(words: int, repeat: int) -> list[dict[str, Any]]:
+    key = bytes(range(32))
+    ours = cpu(lambda: prg(key, words), repeat)
+    rows = [{"generator": label, "seconds": cpu(fn, repeat)} for label, fn in (
+        ("numpy RandomState.randint (Flower's call)", lambda: np.random.RandomState(1234).randint(0, 2**31, size=words)),
+        ("numpy RandomState.randint uint32",
+         lambda: np.random.RandomState(1234).randint(0, 2**32, size=words, dtype=np.uint32)),
+        ("ChaCha20 (cryptography)", lambda: chacha20(key, words)))]
+    rows.append({"generator": "AES-256-CTR (fedtune prg)", "seconds": ours})
+    for r in rows:
+        r["words_per_s"] = words / r["seconds"]
+        r["x_vs_fedtune"] = r["seconds"] / ours
+    return rows
+
+
+def blob_bytes(obj: Any) -> int:
+    return len(json.dumps(obj, separators=(",", ":")).encode())
+
+
+def secagg_round(n: int, dropout: float, words: int, fraction: float, seed: int = 0) -> dict[str, Any]:
+    """CPU seconds of every client's and the server's work in one round, and bytes up per client."""
+    rng = np.random.default_rng(seed)
+    ids = [f"client-{i}" for i in range(n)]
+    idents = {c: Ed25519PrivateKey.generate() for c in ids}
+    trusted = {c: identity_public(k) for c, k in idents.items()}
+    updates = {c: rng.uniform(-1e-3, 1e-3, words) for c in ids}
+    k = default_neighbours(n)
+    t_client = t_server = 0.0
+    up: dict[str, int] = dict.fromkeys(ids, 0)
+
+    t0 = time.process_time()
+    clients = {c: SecAggClient(c, 1, idents[c]) for c in ids}
+    adverts = [clients[c].advertise() for c in ids]
+    for a in adverts:
+        up[a.cid] += blob_bytes(a.to_plain())
+    t_client += time.process_time() - t0
+    t0 = time.process_time()
+    srv = SecAggServer(1, threshold(k, fraction), k, seed)
+    srv.take_adverts(adverts)
+    xs = srv.xs()
+    t_server += time.process_time() - t0
+    t0 = time.process_time()
+    shares = {c: clients[c].share_keys(srv.neighbour_adverts(c), trusted, xs, srv.t) for c in ids}
+    for c, s in shares.items():
+        up[c] += blob_bytes({to: b.hex() for to, b in s.items()})
+    t_client += time.process_time() - t0
+    t0 = time.process_time()
+    srv.take_shares(shares)
+    t_server += time.process_time() - t0
+    dropped = set(rng.choice(ids, size=round(dropout * n), replace=False).tolist()) if dropout else set()
+    scale = fixed_point_scale(1.0, n)
+    for c in ids:
+        if c in dropped:
+            continue
+        t0 = time.process_time()
+        y = clients[c].masked(quantize(updates[c], scale), srv.inbox(c), srv.senders(c))
+        t_client += time.process_time() - t0
+        up[c] += y.nbytes
+        t0 = time.process_time()
+        srv.add(c, y)
+        t_server += time.process_time() - t0
+    t0 = time.process_time()
+    answers = {c: clients[c].unmask(srv.uploaded, srv.dropped()) for c in srv.uploaded}
+    t_client += time.process_time() - t0
+    for c, a in answers.items():
+        up[c] += blob_bytes(a)
+    t0 = time.process_time()
+    srv.unmask(answers)
+    t_server += time.process_time() - t0
+
+    t0 = time.process_time()  # the plain round's server work on the same vectors: a float32 running sum
+    total = np.zeros(words, dtype=np.float32)
+    for c in srv.uploaded:
+        total += updates[c].astype(np.float32)
+    t_plain = time.process_time() - t0
+    survivors = len(srv.uploaded)
+    return {"clients": n, "dropout": dropout, "neighbours": k, "t": srv.t, "words": words,
+            "client_cpu_s_per_client": t_client / n, "server_cpu_s": t_server, "plain_server_cpu_s": t_plain,
+            "secagg_cpu_s": t_client + t_server, "server_x_plain": t_server / max(t_plain, 1e-9),
+            "bytes_up_per_client": sum(up[c] for c in srv.uploaded) / survivors, "plain_bytes_up": 4 * words}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 and 50 clients, 1M words for the masks")
+    parser.add_argument("--words", type=int, default=0, help="mask words (default 10M, 1M with --quick)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per mask cell, fastest kept")
+    parser.add_argument("--threshold", type=float, default=1 / 3,
+                        help="privacy.secagg_threshold (default 1/3: 30%% dropout out of O(log n) neighbours "
+                             "leaves more than a third of every neighbourhood with high probability)")
+    args = parser.parse_args()
+    words = args.words or (1_000_000 if args.quick else 10_000_000)
+    mask_rows = masks(words, args.repeat)
+    print_table(f"mask generation: {words:,} 32-bit words (CPU s, best of {args.repeat})",
+                ["generator", "seconds", "Mwords/s", "time x fedtune"],
+                [[r["generator"], f"{r['seconds']:.3f}", f"{r['words_per_s'] / 1e6:.0f}", f"{r['x_vs_fedtune']:.2f}"]
+                 for r in mask_rows])
+    rounds = [secagg_round(n, d, SMOLLM2_ADAPTER, args.threshold) for n in ((10, 50) if args.quick else (10, 50, 100))
+              for d in (0.0, 0.3)]
+    print_table(f"secure aggregation round on the SmolLM2-135M adapter ({SMOLLM2_ADAPTER:,} values), CPU s",
+                ["clients", "dropout", "k", "t", "client s (each)", "server s", "plain server s", "server x plain",
+                 "up KiB/client", "plain up KiB"],
+                [[r["clients"], f"{r['dropout']:.0%}", r["neighbours"], r["t"], f"{r['client_cpu_s_per_client']:.3f}",
+                  f"{r['server_cpu_s']:.2f}", f"{r['plain_server_cpu_s']:.3f}", f"{r['server_x_plain']:.0f}",
+                  f"{r['bytes_up_per_client'] / 1024:.0f}", f"{r['plain_bytes_up'] / 1024:.0f}"] for r in rounds])
+    path = write_json("privacy_quick.json" if args.quick else "privacy.json",
+                      {"machine": machine_info(), "masks": mask_rows, "rounds": rounds, "words": words})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The client side of secure aggregation: one handler per phase (``fedtune.client.phases``), so gRPC nodes,
+every simulator pool and the Flower ClientApp run the same code.
+
+The round's secrets (key pairs, self-mask seed, the shares held for neighbours) live in the client's state
+under ``"secagg"`` between the phases of one round and are deleted when it unmasks. In ``secagg_upload``
+the client trains as in ``train`` (``fit`` and the update pipeline), clips its update to
+``privacy.clip_norm``, turns it into fixed point with the scale the server sent and masks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.client.phases import ClientContext, register_phase, train_phase
+from fedtune.privacy.dp import clip_delta
+from fedtune.privacy.secagg import Advert, SecAggClient, identity_public, quantize
+from fedtune.privacy.wire import PHASES, blob, flat, sim_identity
+from fedtune.types import ClientReply, Instructions, failed_reply
+
+
+def _identity(ctx: ClientContext, cid: str) -> Any:
+    """This client's Ed25519 identity: its node key from ``client.keys_dir`` (``fedtune keys``), or without
+    keys (simulation, plaintext loopback) one derived from the run's seed."""
+    keys = ctx.cfg.client.keys_dir
+    if keys is None:
+        return sim_identity(ctx.cfg.seed, cid)
+    from fedtune.transport.keys import load_node_key
+
+    return load_node_key(Path(keys) / "nodes" / f"{cid}.key")
+
+
+def _trusted(ctx: ClientContext, ids: list[str]) -> dict[str, bytes]:
+    """The public identities this client trusts for ``ids``: ``client.keys_dir/allowlist.txt`` (the sites'
+    public keys, given to every site out of band, never relayed by the server), or the seed's."""
+    keys = ctx.cfg.client.keys_dir
+    if keys is None:
+        return {c: identity_public(sim_identity(ctx.cfg.seed, c)) for c in ids}
+    from fedtune.transport.keys import read_allowlist
+
+    path = Path(keys) / "allowlist.txt"
+    if not path.is_file():
+        raise ValueError(f"secure aggregation needs {path}: the other sites' public keys (the allowlist.txt "
+                         "made by `fedtune keys`), to check the keys the server relays")
+    entries = read_allowlist(path)
+    return {c: entries[c].public_key for c in ids if c in entries and not entries[c].revoked}
+
+
+def _client(ctx: ClientContext, ins: Instructions) -> SecAggClient:
+    saved = ctx.state.get("secagg")
+    if not isinstance(saved, dict) or saved.get("round") != ins.round or saved.get("cid") != ins.client_id:
+        raise ValueError(f"no secure-aggregation keys of round {ins.round} (this client missed an earlier phase)")
+    return SecAggClient.from_plain(saved, _identity(ctx, ins.client_id))
+
+
+def _guard(handler: Any) -> Any:
+    """A phase handler whose ``ValueError`` (a tampered or inconsistent message) becomes a failed reply."""
+    def run(ctx: ClientContext, ins: Instructions) -> ClientReply:
+        try:
+            reply: ClientReply = handler(ctx, ins)
+            return reply
+        except (ValueError, KeyError, TypeError) as exc:  # from the network: a failed reply, never a crash
+            return failed_reply(ins.client_id, ins.round, f"{ins.phase}: {exc!s:.300}")
+    return run
+
+
+def advertise(ctx: ClientContext, ins: Instructions) -> ClientReply:
+    client = SecAggClient(ins.client_id, ins.round, _identity(ctx, ins.client_id))
+    ctx.state["secagg"] = client.to_plain()
+    return ClientReply(ins.client_id, ins.round, blob(client.advertise().to_plain()), num_examples=1)
+
+
+def share(ctx: ClientContext, ins: Instructions) -> ClientReply:
+    client = _client(ctx, ins)
+    adverts = {str(c): Advert.from_plain(a) for c, a in dict(ins.extra["secagg_adverts"]).items()}
+    trusted = _trusted(ctx, list(adverts))
+    xs = {str(c): int(x) for c, x in dict(ins.extra["secagg_xs"]).items()}
+    sent = client.share_keys(adverts, trusted, xs, int(ins.extra["secagg_t"]))
+    ctx.state["secagg"] = client.to_plain()
+    return ClientReply(ins.client_id, ins.round, blob({to: b.hex() for to, b in sent.items()}), num_examples=1)
+
+
+def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
+    client = _client(ctx, ins)
+    extra = dict(ins.extra)
+    inbox = {str(s): bytes.fromhex(str(b)) for s, b in dict(extra.pop("secagg_inbox")).items()}
+    senders = [str(s) for s in extra.pop("secagg_senders")]
+    scale, bound = float(extra.pop("secagg_scale")), float(extra.pop("secagg_bound"))
+    reply = train_phase(ctx, dataclasses.replace(ins, phase="train", extra=extra))
+    if not reply.ok or reply.state is None:
+        return reply
+    keys = list(ins.state)
+    clipped, norm = clip_delta({k: reply.state[k] for k in keys}, ins.state, bound)
+    delta = flat(clipped, keys) - flat(ins.state, keys)
+    masked = client.masked(quantize(delta, scale), inbox, senders)
+    ctx.state["secagg"] = client.to_plain()
+    return ClientReply(ins.client_id, ins.round, {"masked": torch.from_numpy(masked.copy())},
+                       num_examples=reply.num_examples, metrics={**reply.metrics, "update_norm": norm})
+
+
+def unmask(ctx: ClientContext, ins: Instructions) -> ClientReply:
+    client = _client(ctx, ins)
+    answer = client.unmask([str(c) for c in ins.extra["secagg_survivors"]],
+                           [str(c) for c in ins.extra["secagg_dropped"]])
+    ctx.state.pop("secagg", None)  # the round's secrets end here
+    return ClientReply(ins.client_id, ins.round, blob(answer), num_examples=1)
+
+
+for _name, _handler in zip(PHASES, (advertise, share, upload, unmask), strict=True):
+    register_phase(_name, _guard(_handler))

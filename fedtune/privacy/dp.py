@@ -1,0 +1,193 @@
+"""Client-level DP-FedAvg (McMahan et al. 2018): clip each client's update, Poisson-sample the clients, add
+Gaussian noise to the sum, and count epsilon every round.
+
+- ``ClipTransform`` (``client.pipeline = ["dp_clip"]``): a client scales its update ``delta = w - w_global``
+  to L2 norm at most ``privacy.clip_norm`` before anything else sees it;
+- ``DPStrategy`` wraps any linear strategy on the server (STYLE: server-side DP is a wrapper). Each round
+  it samples every available client independently with probability ``q = privacy.sample_rate`` from the
+  round driver's generator, clips every reply again (a client that skipped ``dp_clip`` changes nothing),
+  and hands the wrapped strategy one averaged update::
+
+      w_global + (sum_k clip(delta_k) + N(0, (z C)^2 I)) / (q N)
+
+  with the fixed denominator ``q N`` of the expected sample size, so the sensitivity of the released sum is
+  ``C`` whatever the sample turned out to be. Every client weighs the same (``num_examples`` would let one
+  client move the sum by more than ``C``). The wrapped strategy then applies its own server step (momentum,
+  Adam) to that mean. The noise comes from a generator seeded per (seed, round), so a resumed run adds the
+  noise an uninterrupted one does.
+
+The accountant (``accounting.Accountant``) is part of ``state_dict``, so a checkpoint carries it and a resumed
+run continues the count; ``stop_before`` tells the round driver when the next round would take epsilon past
+``privacy.target_epsilon``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedtune.privacy.accounting import Accountant
+from fedtune.privacy.config import PrivacyConfig
+from fedtune.strategies.base import PhaseResult, Rng, RoundResult, Strategy, valid_replies
+from fedtune.types import ClientReply, Instructions, State
+
+
+def clip_delta(values: State, reference: State, clip_norm: float) -> tuple[State, float]:
+    """``values`` moved towards ``reference`` so that ``values - reference`` has L2 norm at most ``clip_norm``
+    (over all tensors of ``values`` together); returns them and the norm before clipping."""
+    deltas = {k: v.float() - reference[k].float() for k, v in values.items()}
+    norm = float(torch.stack([d.norm() for d in deltas.values()]).norm()) if deltas else 0.0
+    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: (reference[k].float() + d * factor).to(values[k].dtype) for k, d in deltas.items()}, norm
+
+
+class ClipTransform:
+    """The ``dp_clip`` update transform: the update's L2 norm clipped to ``clip_norm``; stateless."""
+
+    def __init__(self, clip_norm: float) -> None:
+        self.clip_norm = clip_norm
+
+    def apply(self, reply: ClientReply, ins: Instructions, state: State) -> tuple[ClientReply, State]:
+        if reply.state is None:
+            return reply, state
+        missing = [k for k in reply.state if k not in ins.state]
+        if missing:
+            raise ValueError(f"cannot clip {missing[0]}: the instructions did not send it")
+        clipped, norm = clip_delta(reply.state, ins.state, self.clip_norm)
+        reply.state = clipped
+        reply.metrics["update_norm"] = norm
+        return reply, {}
+
+
+def poisson_sample(client_ids: list[str], rate: float, rng: Rng) -> list[str]:
+    """Each client independently with probability ``rate``, in input order (possibly none)."""
+    draw = rng.random if isinstance(rng, random.Random) else lambda: float(rng.random())
+    return [c for c in client_ids if draw() < rate]
+
+
+class DPStrategy:
+    """``inner`` (a linear strategy) with client-level central DP; see the module docstring."""
+
+    def __init__(self, inner: Strategy, privacy: PrivacyConfig, seed: int) -> None:
+        if not inner.linear:
+            raise ValueError(f"privacy.dp needs a linear strategy; {inner.name!r} is not")
+        self.inner, self.privacy, self.seed = inner, privacy, seed
+        self.name, self.cfg, self.spec = inner.name, inner.cfg, inner.spec
+        self.needs_all_replies, self.base_log = False, inner.base_log
+        self.accountant = Accountant(privacy.delta, privacy.accountant)
+        self._population = 0
+
+    @property
+    def linear(self) -> bool:
+        return True
+
+    def phases(self, round: int) -> Sequence[str]:
+        return self.inner.phases(round)
+
+    def sent_keys(self, global_state: State) -> list[str]:
+        return self.inner.sent_keys(global_state)
+
+    def stop_before(self, round: int) -> str | None:
+        """Why round ``round`` must not run (it would spend past ``privacy.target_epsilon``), or None."""
+        target = self.privacy.target_epsilon
+        if target is None:
+            return None
+        after = self.accountant.epsilon(extra=(self.privacy.sample_rate, self.privacy.noise_multiplier))
+        if after <= target:
+            return None
+        return (f"privacy budget: round {round} would take epsilon to {after:.3f}, past "
+                f"privacy.target_epsilon={target:g} (spent {self.accountant.epsilon():.3f} in "
+                f"{self.accountant.count} rounds)")
+
+    def configure(self, round: int, client_ids: list[str], global_state: State, rng: Rng, *, phase: str = "train",
+                  previous: PhaseResult | None = None) -> dict[str, Instructions]:
+        """Poisson-sample ``client_ids`` with ``privacy.sample_rate``; the inner strategy instructs them all."""
+        if previous is None:
+            self._population = len(client_ids)
+            client_ids = poisson_sample(client_ids, self.privacy.sample_rate, rng)
+        return self.inner.configure(round, client_ids, global_state, rng, phase=phase, previous=previous)
+
+    def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply], *,
+                  phase: str = "train") -> RoundResult | PhaseResult:
+        if phase != self.phases(round)[-1]:
+            return self.inner.aggregate(round, global_state, replies, phase=phase)
+        keys = self.sent_keys(global_state)
+        failures: dict[str, str] = {}
+        total = {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in keys}
+        ok, norms = [], []
+        for reply in valid_replies(replies, global_state, failures, keys=keys):
+            assert reply.state is not None
+            clipped, norm = clip_delta({k: reply.state[k] for k in keys}, global_state, self.privacy.clip_norm)
+            for k in keys:
+                total[k] += clipped[k].float() - global_state[k].float()
+            ok.append(reply.client_id)
+            norms.append(norm)
+        return self.release(round, global_state, total, ok, failures, phase=phase,
+                            clipped=sum(n > self.privacy.clip_norm for n in norms))
+
+    def release(self, round: int, global_state: State, total: State, ok: list[str], failures: dict[str, str], *,
+                phase: str, clipped: int | None = None) -> RoundResult:
+        """The noisy mean of ``total`` (the sum of the clipped deltas of ``ok``) through the inner strategy,
+        with the round spent and epsilon in the metrics. Secure aggregation hands its unmasked sum here."""
+        keys = list(total)
+        noisy = self._noisy_mean(round, total)
+        self.accountant.spend(self.privacy.sample_rate, self.privacy.noise_multiplier)
+        mean = ClientReply(client_id="dp-mean", round=round, num_examples=1,
+                           state={k: (global_state[k].float() + noisy[k]).to(global_state[k].dtype) for k in keys})
+        result = self.inner.aggregate(round, global_state, [mean], phase=phase)
+        assert isinstance(result, RoundResult)
+        applied = len(ok) >= self.cfg.min_replies
+        result.applied = result.applied and applied
+        if not applied:
+            result.state = global_state
+        result.clients_ok, result.clients_failed, result.failures = ok, list(failures), failures
+        result.agg_error_layers = {}
+        result.metrics.pop("agg_error", None)
+        result.metrics.pop("agg_error_estimated", None)
+        result.metrics.update({
+            "clients_ok": float(len(ok)), "clients_failed": float(len(failures)),
+            "epsilon": self.accountant.epsilon(), "delta": self.privacy.delta,
+            "dp_rounds": float(self.accountant.count), "dp_sampled": float(len(ok) + len(failures)),
+            "dp_noise_std": self._noise_std(),
+        })
+        if clipped is not None:
+            result.metrics["dp_clipped"] = float(clipped)
+        return result
+
+    def _noise_std(self) -> float:
+        """Std of the noise on the mean: ``z C / (q N)``."""
+        expected = max(self.privacy.sample_rate * max(self._population, 1), 1e-12)
+        return self.privacy.noise_multiplier * self.privacy.clip_norm / expected
+
+    def _noisy_mean(self, round: int, total: State) -> State:
+        """``(total + N(0, (z C)^2)) / (q N)``, the noise drawn from a generator of (seed, round)."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round) % 2**63)
+        std_sum = self.privacy.noise_multiplier * self.privacy.clip_norm
+        expected = max(self.privacy.sample_rate * max(self._population, 1), 1e-12)
+        return {k: (t + torch.randn(t.shape, generator=gen) * std_sum) / expected for k, t in total.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.accountant.load_state_dict(state["accountant"])
+
+
+def with_privacy(strategy: Strategy, cfg: Any) -> Strategy:
+    """``strategy`` wrapped as ``cfg.privacy`` asks: ``DPStrategy`` for ``privacy.dp=central``, inside
+    ``SecAggStrategy`` for ``privacy.secagg``; else itself."""
+    wrapped: Strategy = strategy
+    if cfg.privacy.dp == "central":
+        wrapped = DPStrategy(wrapped, cfg.privacy, cfg.seed)
+    if cfg.privacy.secagg:
+        from fedtune.privacy.secagg_strategy import SecAggStrategy
+
+        wrapped = SecAggStrategy(wrapped, cfg.privacy, cfg.seed)
+    return wrapped
+
+
+__all__ = ["ClipTransform", "DPStrategy", "clip_delta", "poisson_sample", "with_privacy"]
