@@ -22,6 +22,7 @@ from typing import Any, Literal, cast, get_args, get_origin
 import tomli_w
 
 from fedtune.client.pipeline import pipeline_problems
+from fedtune.compression.config import CompressConfig, compress_problems
 from fedtune.sections import (
     ClientConfig,
     FederationConfig,
@@ -143,6 +144,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -377,6 +379,7 @@ def validate(cfg: Config) -> list[str]:
     p.extend(_strategy_problems(cfg, REGISTRY.get(cfg.strategy.name)))
     p.extend(cfg.strategy.validate())
     p.extend(pipeline_problems(list(cfg.client.pipeline)))
+    p.extend(compress_problems(cfg))
     p.extend(cfg.sim.validate())
     p.extend(cfg.federation.validate())
     return p
@@ -432,7 +435,8 @@ def fingerprint(cfg: Config) -> str:
     """What must agree between a server and its clients (model, quantization, adapter, and how updates are
     transformed and encoded: ``client.pipeline``, ``client.encoding``), as canonical JSON."""
     return json.dumps({"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
-                       "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}},
+                       "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding},
+                       "compress": to_dict(cfg.compress) if "compress" in cfg.client.pipeline else None},
                       sort_keys=True)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedtune.client.fit import client_seed, fit
 from fedtune.client.pipeline import Transform, make_pipeline, run_pipeline
+from fedtune.compression.link import HELD, REF_ROUND, receive_downlink
 from fedtune.config import Config
 from fedtune.models import LoadedModel
 from fedtune.types import ClientReply, Instructions, failed_reply
@@ -49,6 +50,12 @@ def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
     The training seed is the one the instructions carry (``extra["seed"]``, set by the round driver); without
     one, a seed of this client's name and the round.
     """
+    if ins.extra.get(REF_ROUND) is not None:  # compress.downlink: the state is (a delta from) the reference
+        try:
+            ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial)
+        except ValueError as exc:
+            ctx.state.pop(HELD, None)  # whatever it held is of no use now: the next round sends it in full
+            return failed_reply(ins.client_id, ins.round, f"downlink: {exc}")
     given = ins.extra.get("seed")
     seed = int(given) if given is not None else client_seed(ctx.cfg.seed, ins.round, zlib.crc32(ins.client_id.encode()))
     keep = ctx.keep_optimizer_state

@@ -23,6 +23,8 @@ from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
 from fedtune.report import print_summary
+from fedtune.compression.config import uplink_encoding
+from fedtune.compression.link import make_link
 from fedtune.rounds import RoundPlan, RunResult, has_checkpoint, open_run, run_rounds
 from fedtune.server.coordinator import RoundCoordinator
 from fedtune.server.dispatch import FederationError, GrpcDispatcher
@@ -59,7 +61,7 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     ``federation.silence_s`` is no longer live. Instructions go out, and updates are counted, in
     ``client.encoding``. ``security``: ``start_server`` arguments (see ``_tls``)."""
     fed = cfg.federation
-    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s, encoding=cfg.client.encoding)
+    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s, encoding=uplink_encoding(cfg))
     limit = int(fed.max_update_mb * 2**20)
     server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
                           heartbeat_interval_s=fed.heartbeat_s, max_workers=256, bulk_port=cfg.server.bulk_port,
@@ -84,7 +86,8 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
     strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round))
-    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every)
+    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
+                     link=make_link(cfg))
     coord, server = open_transport(cfg, security)
     allowlist = security.get("allowlist_file")
     mode = "TLS" if "cert_file" in security else "plaintext"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from fedtune.compression.config import uplink_encoding
 from fedtune.config import Config
 from fedtune.simulation.faults import corrupt, fault_rng, inject
 from fedtune.simulation.pools import ClientPool, VirtualClient
@@ -36,7 +37,7 @@ class SimDispatcher:
         return self.index[client_id]
 
     def dispatch(self, round: int, phase: str, instructions: dict[str, Instructions]) -> Iterator[ClientReply]:
-        sim, encoding = self.cfg.sim, self.cfg.client.encoding
+        sim, encoding, up = self.cfg.sim, self.cfg.client.encoding, uplink_encoding(self.cfg)
         rng = fault_rng(self.cfg.seed, round, phase)
         faults = {cid: inject(sim, rng) for cid in instructions}
         received = {cid: send_instructions(ins, encoding) for cid, ins in instructions.items()}
@@ -59,7 +60,7 @@ class SimDispatcher:
                 continue
             if fault in ("nan", "scale") and reply.state is not None:
                 reply = corrupt(reply, fault, sim.corrupt_scale)
-            reply, bytes_up = send_reply(reply, phase, encoding)
+            reply, bytes_up = send_reply(reply, phase, up)
             reply.bytes_up, reply.bytes_down = bytes_up, bytes_down
             yield reply
 

@@ -31,6 +31,7 @@ from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
 from fedtune.report import print_summary
+from fedtune.compression.link import make_link
 from fedtune.rounds import RoundPlan, RunResult, open_run, run_rounds
 from fedtune.runs import RunDir
 from fedtune.simulation.dispatch import SimDispatcher
@@ -82,7 +83,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
                      train=cfg.train, eval_every=cfg.sim.eval_every,
                      # one client with all the data takes every federated client's steps
                      train_overrides={"max_steps": cfg.train.max_steps * clients_per_round(cfg), "epochs": None}
-                     if mode == "centralized" else {})
+                     if mode == "centralized" else {}, link=make_link(cfg))
     store = ClientStore(cfg.sim.optimizer_state_on, run.path)
     pool = make_pool(cfg, lm, clients, store, model.base_updates)
     with contextlib.closing(SimDispatcher(cfg, clients, pool, store)) as dispatcher:
