@@ -45,7 +45,7 @@ ARMS: dict[str, list[str]] = {
 BASELINE = "dense fp32"
 
 
-def child(spec: dict[str, Any], out: Path) -> None:
+def child(overrides: list[str], out: Path) -> None:
     import torch
     from rich.console import Console
 
@@ -54,7 +54,7 @@ def child(spec: dict[str, Any], out: Path) -> None:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [*spec["overrides"], f"out={tmp}/run"])
+        cfg = load_config(None, [*overrides, f"out={tmp}/run"])
         t0 = time.perf_counter()
         result = run_simulation(cfg, Console(file=open(os.devnull, "w")))  # noqa: SIM115
         wall = time.perf_counter() - t0

@@ -15,8 +15,8 @@ server do the same thing:
   bit (``receive_downlink``, which checks the digest) and trains from it; its update is read against G. Before
   round 1 of a fresh run every client holds the adapter it built from the shared seed (``LoadedModel.initial``),
   which is the server's starting state, so round 1 sends a delta too; a client whose initial adapter differs
-  fails that round on the digest and gets R in full the next. R is not checkpointed: after a restart every
-  client gets R in full once.
+  fails that round on the digest and gets R in full the next. R in full travels ``dense`` (lossless) whatever
+  ``client.encoding`` says. R is not checkpointed: after a restart every client gets R in full once.
 """
 
 from __future__ import annotations
@@ -143,8 +143,9 @@ class Link:
                 out[cid] = dataclasses.replace(ins, state=delta, extra={
                     **ins.extra, DELTA_FROM: self.ref_round, REF_ROUND: rnd, "ref_digest": digest,
                     "state_encoding": UPLINK_ENCODING[self.c.method]})
-            else:
-                out[cid] = dataclasses.replace(ins, state=self.ref, extra={**ins.extra, REF_ROUND: rnd})
+            else:  # lossless whatever client.encoding says: the client must hold R bit for bit
+                out[cid] = dataclasses.replace(ins, state=self.ref, extra={**ins.extra, REF_ROUND: rnd,
+                                                                            "state_encoding": "dense"})
         self.ref_round, self.holders, self.everyone = rnd, set(), False
         return out
 

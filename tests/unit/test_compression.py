@@ -177,6 +177,8 @@ def test_downlink_deltas_rebuild_the_servers_reference_on_the_client(method: str
             ok.append(cid)
         list(link.up([ClientReply(cid, rnd, {}, 1) for cid in ok], {}))
         g = {k: v + 0.01 * _state(rnd, 1.0)[k] for k, v in g.items()}  # the next global moves a little
+    assert wire["b"].extra["state_encoding"] != "dense" and link.down(9, _instructions(9, g, ["z"]))["z"].extra[
+        "state_encoding"] == "dense"  # R in full is lossless whatever client.encoding says
     full = sizes[(2, "c")]  # c failed round 1 (its round-0 adapter differs): the full state in round 2
     assert failed == [(1, "c", "the state this client holds as round 0 is not the server's (digest differs)")]
     assert sizes[(1, "a")] < full / 3 and sizes[(2, "a")] < full / 3  # deltas, in the compressor's encoding
