@@ -433,10 +433,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def fingerprint(cfg: Config) -> str:
     """What must agree between a server and its clients (model, quantization, adapter, and how updates are
-    transformed and encoded: ``client.pipeline``, ``client.encoding``), as canonical JSON."""
+    transformed and encoded: ``client.pipeline``, ``client.encoding``, ``compress.*`` when used), as canonical
+    JSON."""
     return json.dumps({"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
                        "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding},
-                       "compress": to_dict(cfg.compress) if "compress" in cfg.client.pipeline else None},
+                       "compress": to_dict(cfg.compress)
+                       if "compress" in cfg.client.pipeline or cfg.compress.downlink else None},
                       sort_keys=True)
 
 

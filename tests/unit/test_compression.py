@@ -238,3 +238,13 @@ def test_config_refuses_combinations_that_cannot_work_and_says_why() -> None:
     from fedtune.compression.config import uplink_encoding
 
     assert uplink_encoding(cfg) == "int4_pow2" and uplink_encoding(load_config(None, [])) == "dense"
+
+
+def test_server_and_nodes_must_agree_on_compression() -> None:
+    from fedtune.config import fingerprint, load_config
+
+    plain = fingerprint(load_config(None, []))
+    assert plain == fingerprint(load_config(None, ["compress.method=sign"]))  # unused: no need to agree
+    sign = fingerprint(load_config(None, ["client.pipeline=[compress]", "compress.method=sign"]))
+    assert sign != plain != fingerprint(load_config(None, ["compress.downlink=true"]))
+    assert sign != fingerprint(load_config(None, ["client.pipeline=[compress]", "compress.method=int4"]))
