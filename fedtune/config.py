@@ -22,6 +22,7 @@ from typing import Any, Literal, cast, get_args, get_origin
 import tomli_w
 
 from fedtune.client.pipeline import pipeline_problems
+from fedtune.compression.config import CompressConfig, compress_problems
 from fedtune.gossip.config import GossipConfig, gossip_problems
 from fedtune.privacy.config import PrivacyConfig, privacy_problems
 from fedtune.sections import (
@@ -147,6 +148,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -384,6 +386,7 @@ def validate(cfg: Config) -> list[str]:
     p.extend(_strategy_problems(cfg, REGISTRY.get(cfg.strategy.name)))
     p.extend(cfg.strategy.validate())
     p.extend(pipeline_problems(list(cfg.client.pipeline)))
+    p.extend(compress_problems(cfg))
     p.extend(cfg.sim.validate())
     p.extend(cfg.federation.validate())
     p.extend(cfg.client.validate())
@@ -442,9 +445,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def fingerprint(cfg: Config) -> str:
     """What must agree between a server and its clients (model, quantization, adapter, and how updates are
-    transformed and encoded: ``client.pipeline``, ``client.encoding``), as canonical JSON."""
+    transformed and encoded: ``client.pipeline``, ``client.encoding``, ``compress.*`` when used), as canonical
+    JSON."""
     agreed: dict[str, Any] = {"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
-                              "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding}}
+                              "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding},
+                              "compress": to_dict(cfg.compress)
+                              if "compress" in cfg.client.pipeline or cfg.compress.downlink else None}
     node_side = {"dp": cfg.privacy.dp, "clip_norm": cfg.privacy.clip_norm, "secagg": cfg.privacy.secagg}
     if cfg.privacy.dp != "off" or cfg.privacy.secagg:  # what every node must do alike (dp_clip's bound)
         agreed["privacy"] = node_side

@@ -92,6 +92,7 @@ COLUMNS = {
     "ok": ("ok", "clients_ok", "d", 1), "failed": ("failed", "clients_failed", "d", 1),
     "rejected": ("rejected", "rejected", "d", 1), "up": ("MiB up", "bytes_up", ".2f", 2**20),
     "down": ("MiB down", "bytes_down", ".2f", 2**20), "s": ("s", "seconds", ".1f", 1),
+    "ratio": ("x fp32", "compression_ratio", ".1f", 1),
 }
 
 
@@ -130,8 +131,9 @@ def print_summary(console: Console, title: str, result: Any) -> None:
     ``samples_before``, ``samples_after``, ``notes``). A column shows when any round has its value.
     """
     rounds = [r for r in result.rounds if r.get("round", 0) >= 1 and "client" not in r and not r.get("local_only_mean")]
-    optional = {"accuracy": "accuracy", "agg_error": "agg_error", "rejected": "rejected"}
-    columns = [c for c in ("round", "eval_loss", "accuracy", "agg_error", "ok", "failed", "rejected", "up", "down", "s")
+    optional = {"accuracy": "accuracy", "agg_error": "agg_error", "rejected": "rejected", "ratio": "compression_ratio"}
+    columns = [c for c in ("round", "eval_loss", "accuracy", "agg_error", "ok", "failed", "rejected", "up", "down",
+                           "ratio", "s")
                if c not in optional or any(optional[c] in r for r in rounds)]
     console.print(round_table(title, rounds, columns))
     for key in ("eval_loss", "accuracy"):
@@ -147,6 +149,10 @@ def print_summary(console: Console, title: str, result: Any) -> None:
     if full:
         console.print(f"communication: {(up + down) / 2**20:.1f} MiB in total; full-model FedAvg would have sent "
                       f"{full / 2**20:.0f} MiB ({full / max(1.0, up + down):.0f}x more)")
+    dense = sum(r.get("dense_fp32_bytes") or 0 for r in rounds)
+    if dense and up + down:
+        console.print(f"compression: {dense / (up + down):.1f}x fewer bytes than dense fp32 adapters "
+                      f"({dense / 2**20:.2f} MiB)")
     for prompt, b, a in zip(result.prompts, result.samples_before, result.samples_after, strict=False):
         console.print(f"[bold]Q:[/] {escape(prompt)}\n  [dim]before:[/] {escape(b)}\n  [green]after:[/]  {escape(a)}")
     for note in result.notes:

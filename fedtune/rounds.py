@@ -32,6 +32,7 @@ from rich.console import Console
 
 from fedtune.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.client.fit import client_seed, with_training
+from fedtune.compression.link import Link, dense_fp32_bytes
 from fedtune.config import Config, TrainConfig, load_config, to_dict
 from fedtune.dispatch import ClientOrder, Dispatcher, in_order, sampling_rng
 from fedtune.report import RunProgress, round_line, write_plot
@@ -70,6 +71,8 @@ class RoundPlan:
     """What one reply may contribute (``federation.*``): every phase's replies pass its ``Screen``."""
     reorder_buffer: int = 64
     """Early replies held to aggregate in client order (``ClientOrder``; ``federation.reorder_buffer``)."""
+    link: Link | None = None
+    """Compression between the strategy and the dispatcher (``fedtune.compression.link``; ``make_link``)."""
 
 
 @dataclass
@@ -138,12 +141,14 @@ def _complete(instructions: dict[str, Instructions], plan: RoundPlan, rnd: int,
 
 
 def _counted(replies: Iterable[ClientReply], per_client: dict[str, dict[str, int]],
-             bars: RunProgress) -> Iterator[ClientReply]:
-    """Pass the replies on, adding up each client's bytes and moving the progress bar."""
+             bars: RunProgress, instructions: dict[str, Instructions]) -> Iterator[ClientReply]:
+    """Pass the replies on, adding up each client's bytes (and their dense fp32 size), moving the progress bar."""
     for reply in replies:
-        seen = per_client.setdefault(reply.client_id, {"bytes_down": 0, "bytes_up": 0})
+        seen = per_client.setdefault(reply.client_id, {"bytes_down": 0, "bytes_up": 0, "dense_fp32_bytes": 0})
         seen["bytes_down"] += reply.bytes_down
         seen["bytes_up"] += reply.bytes_up
+        if reply.client_id in instructions:
+            seen["dense_fp32_bytes"] += dense_fp32_bytes(instructions[reply.client_id], reply)
         bars.client_done(reply.client_id, reply.error)
         yield reply
 
@@ -173,8 +178,11 @@ def _play(rnd: int, ids: list[str], global_state: State, plan: RoundPlan, strate
         instructions = _complete(instructions, plan, rnd, dispatcher)
         played.sampled = played.sampled or len(instructions)
         bars.start_round(rnd, len(instructions))
-        replies: Iterable[ClientReply] = _counted(dispatcher.dispatch(rnd, phase, instructions), played.per_client,
-                                                  bars)
+        wire = plan.link.down(rnd, instructions) if plan.link is not None else instructions
+        replies: Iterable[ClientReply] = dispatcher.dispatch(rnd, phase, wire)
+        if plan.link is not None:
+            replies = plan.link.up(replies, instructions)
+        replies = _counted(replies, played.per_client, bars, instructions)
         ordered = ClientOrder(list(instructions), plan.reorder_buffer)
         if strategy.needs_all_replies or plan.policy.holds_round:
             replies = in_order(replies, list(instructions))
@@ -261,10 +269,13 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
                 record["screen"] = played.screened
             if rnd % plan.eval_every == 0 or rnd == plan.rounds:
                 record.update(model.evaluate())
+            sent = sum(c["bytes_up"] + c["bytes_down"] for c in played.per_client.values())
+            dense = sum(c["dense_fp32_bytes"] for c in played.per_client.values())
             record.update({
                 "agg_error": result.metrics.get("agg_error"), "applied": result.applied,
                 "bytes_up": sum(c["bytes_up"] for c in played.per_client.values()),
                 "bytes_down": sum(c["bytes_down"] for c in played.per_client.values()),
+                "dense_fp32_bytes": dense, "compression_ratio": dense / sent if sent else None,
                 "full_model_bytes": 2 * full_bytes * played.sampled,
                 "clients_ok": len(result.clients_ok), "clients_failed": len(played.failures),
                 **dispatcher.metrics(), "failures": played.failures, "clients": played.per_client,

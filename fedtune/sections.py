@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-WireEncoding = Literal["dense", "fp32", "bf16", "fp16", "int8", "sparse_coo", "sparse_bitmap", "fixed_u32"]
+WireEncoding = Literal["dense", "fp32", "bf16", "fp16", "int8", "sparse_coo", "sparse_bitmap", "fixed_u32", "sign",
+                       "int8_pow2", "int4_pow2"]
 """The encodings of ``fedtune.transport.encodings`` (a test checks the two lists agree)."""
 
 
@@ -213,7 +214,8 @@ class ClientConfig:
                                          "null: always gRPC")
     encoding: WireEncoding = opt("dense", "wire encoding of updates and of the server's instructions: dense "
                                  "(lossless), fp32 / bf16 / fp16, int8 (blocks with a scale each), sparse_coo, "
-                                 "sparse_bitmap, fixed_u32; the simulator encodes and decodes the same way. "
+                                 "sparse_bitmap, fixed_u32, sign / int8_pow2 / int4_pow2 (what the compress "
+                                 "transform sends; it picks them itself); the simulator encodes and decodes the same way. "
                                  "Server and nodes must agree")
     pipeline: list[str] = opt([], "update transforms applied after local training, in order, before the wire "
                                   "encoding (fedtune.client.pipeline); each keeps its own state per client. "

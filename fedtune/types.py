@@ -81,6 +81,9 @@ class ClientReply:
     rank: int | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    delta: bool = False
+    """``state`` holds a compressed delta from the instructions' state (``fedtune.compression``), not values;
+    it travels as tensor group ``delta`` and the server rebuilds the values before aggregating."""
 
     @property
     def ok(self) -> bool:

@@ -36,6 +36,7 @@ from cryptography import x509
 from rich.console import Console
 
 from fedtune.client.phases import ClientContext, run_phase
+from fedtune.compression.config import uplink_encoding
 from fedtune.config import Config, fingerprint
 from fedtune.models import apply_base_update, load_model
 from fedtune.pipeline import encode, load_dataset
@@ -169,7 +170,7 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
 
     def connect() -> FederationClient:
         new = FederationClient(c.server, c.name, fingerprint=fingerprint(cfg), backoff=backoff,
-                               heartbeat_s=cfg.federation.heartbeat_s, base_updates=held, encoding=c.encoding,
+                               heartbeat_s=cfg.federation.heartbeat_s, base_updates=held, encoding=uplink_encoding(cfg),
                                bulk=c.bulk_min_mb is not None, bulk_min_bytes=int((c.bulk_min_mb or 0) * 2**20),
                                **security)  # type: ignore[arg-type]
         try:
@@ -227,7 +228,7 @@ def run_client(cfg: Config, console: Console) -> NodeResult:
                         ack = fc.submit(reply, phase=ins.phase)
                     except ValueError as e:  # client.encoding cannot carry this update: say so instead
                         reply = ClientReply(c.name, ins.round, None, 0, error=f"cannot encode the update as "
-                                            f"{c.encoding}: {e}")
+                                            f"{uplink_encoding(cfg)}: {e}")
                         ack = fc.submit(reply, phase=ins.phase)
                     note = ack.message
                 except MessageRejected as e:  # e.g. past the deadline: the server left it out

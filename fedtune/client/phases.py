@@ -21,6 +21,7 @@ from typing import Any
 
 from fedtune.client.fit import client_seed, fit
 from fedtune.client.pipeline import Transform, make_pipeline, run_pipeline
+from fedtune.compression.link import HELD, REF_ROUND, receive_downlink
 from fedtune.config import Config
 from fedtune.models import LoadedModel
 from fedtune.types import ClientReply, Instructions, failed_reply
@@ -62,9 +63,26 @@ def finish_train(ctx: ClientContext, ins: Instructions, reply: ClientReply,
     return reply
 
 
+def received(ctx: ClientContext, ins: Instructions) -> Instructions | ClientReply:
+    """``ins`` as this client trains on it: with ``compress.downlink`` its state is (a delta from) the
+    reference the client holds, rebuilt here; a failed reply when that cannot be done."""
+    if ins.extra.get(REF_ROUND) is None:
+        return ins
+    try:
+        ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial)
+    except ValueError as exc:
+        ctx.state.pop(HELD, None)  # whatever it held is of no use now: the next round sends it in full
+        return failed_reply(ins.client_id, ins.round, f"downlink: {exc}")
+    return ins
+
+
 def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
     """Local training from the instructions' global state (``fit``, seeded by ``train_seed``), then the update
     pipeline (``finish_train``)."""
+    got = received(ctx, ins)
+    if isinstance(got, ClientReply):
+        return got
+    ins = got
     keep = ctx.keep_optimizer_state
     reply, optimizer_state = fit(ctx.lm, ctx.examples, ctx.cfg, ins, seed=train_seed(ctx, ins),
                                  optimizer_state=ctx.state.get("optimizer") if keep else None,

@@ -44,8 +44,17 @@ class Transform(Protocol):
 TransformFactory = Callable[[Any], Transform]
 """Builds a transform from the run config (its own section, e.g. ``compress.*``)."""
 
-TRANSFORMS: dict[str, TransformFactory] = {}
-"""Registered transforms by the name ``client.pipeline`` lists. None are built in yet."""
+def _compress(cfg: Any) -> Transform:
+    from fedtune.compression.feedback import (
+        CompressTransform,  # torch: only when a client builds its pipeline
+    )
+
+    return CompressTransform(cfg.compress)
+
+
+TRANSFORMS: dict[str, TransformFactory] = {"compress": _compress}
+"""Registered transforms by the name ``client.pipeline`` lists: ``compress`` (``compress.*``, with error feedback:
+``fedtune.compression``) is built in."""
 
 
 def register_transform(name: str, factory: TransformFactory) -> None:

@@ -7,12 +7,13 @@ parts: LoRA A factors are drawn on the CPU from a generator seeded by (seed, lay
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from fedtune.adapters import get_state
 from fedtune.config import Config
 from fedtune.models.registry import ModelSource, resolve
 
@@ -30,6 +31,9 @@ class LoadedModel:
     compute_dtype: torch.dtype
     task: str
     source: ModelSource
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The trainable adapter tensors as built at load time (every site builds the same from the seed), kept with
+    ``compress.downlink``: the reference a client holds before round 1, so round 1 needs no full state."""
 
 
 def pick_device(spec: str) -> torch.device:
@@ -212,4 +216,5 @@ def load_model(cfg: Config, num_labels: int | None = None) -> LoadedModel:
     base, tokenizer, source, device, quantized = load_base(cfg, num_labels)
     model = attach_adapter(base, cfg, cfg.model.task)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, quantized=quantized,
-                       compute_dtype=effective_compute_dtype(cfg, device), task=cfg.model.task, source=source)
+                       compute_dtype=effective_compute_dtype(cfg, device), task=cfg.model.task, source=source,
+                       initial=get_state(model) if cfg.compress.downlink else {})

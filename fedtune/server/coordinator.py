@@ -246,12 +246,14 @@ class RoundCoordinator:
         is new data, such as a public key: the strategy checks it); its size is bounded by ``Limits`` either way.
         """
         for d in tensors:
-            if d.group not in ("state", "mask"):
+            if d.group not in ("state", "delta", "mask"):
                 raise MessageRejected(f"unexpected tensor group {d.group!r} in an update")
             want = ins.state.get(d.name)
-            if want is None and d.group == "state" and ins.rank is None and ins.state:
+            if want is None and d.group in ("state", "delta") and ins.rank is None and ins.state:
                 raise MessageRejected(f"tensor {d.name!r} was not sent to this node")
-            if want is not None and ins.rank is None and tuple(d.tensor.shape) != tuple(want.shape):
+            if want is not None and d.group == "delta" and d.tensor.dim() == 1 and d.tensor.numel() <= want.numel():
+                pass  # random-k sends the values only; the round driver checks their count
+            elif want is not None and ins.rank is None and tuple(d.tensor.shape) != tuple(want.shape):
                 raise MessageRejected(f"tensor {d.name!r} has shape {tuple(d.tensor.shape)}, "
                                       f"expected {tuple(want.shape)}")
             yield d

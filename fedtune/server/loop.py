@@ -19,6 +19,8 @@ from typing import Any
 
 from rich.console import Console
 
+from fedtune.compression.config import uplink_encoding
+from fedtune.compression.link import make_link
 from fedtune.config import Config, fingerprint
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
@@ -71,7 +73,7 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     ``federation.silence_s`` is no longer live. Instructions go out, and updates are counted, in
     ``client.encoding``. ``security``: ``start_server`` arguments (see ``_tls``)."""
     fed = cfg.federation
-    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s, encoding=cfg.client.encoding)
+    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s, encoding=uplink_encoding(cfg))
     limit = int(fed.max_update_mb * 2**20)
     server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
                           heartbeat_interval_s=fed.heartbeat_s, max_workers=server_workers(cfg), bulk_port=cfg.server.bulk_port,
@@ -105,7 +107,7 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     strategy = with_privacy(make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)),
                             cfg)
     plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
-                     policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer)
+                     policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer, link=make_link(cfg))
     coord, server = open_transport(cfg, security)
     allowlist = security.get("allowlist_file")
     mode = "TLS" if "cert_file" in security else "plaintext"

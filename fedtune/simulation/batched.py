@@ -29,6 +29,7 @@ import torch
 from fedtune.adapters import AdapterStateError
 from fedtune.client.fit import fit
 from fedtune.client.phases import PHASES, ClientContext, finish_train, run_phase, train_phase, train_seed
+from fedtune.compression.link import REF_ROUND
 from fedtune.config import Config, ConfigError, TrainConfig, instructed_train
 from fedtune.loss import segment_answer_losses, split_loss_supported
 from fedtune.models import LoadedModel
@@ -259,7 +260,9 @@ def chunks(items: Sequence[T], size: int) -> list[list[T]]:
 def answer(ctxs: list[ClientContext], inss: list[Instructions]) -> list[ClientReply]:
     """Replies to ``inss`` (one per context, same order): a batch of train phases is trained together
     (``fit_batch``), anything else (another phase, one client) goes through ``run_phase`` one by one."""
-    batchable = len(inss) > 1 and PHASES.get("train") is train_phase and all(i.phase == "train" for i in inss)
+    # a compressed downlink (instructions relative to what a client holds) goes one by one, through train_phase
+    batchable = len(inss) > 1 and PHASES.get("train") is train_phase and all(
+        i.phase == "train" and i.extra.get(REF_ROUND) is None for i in inss)
     if not batchable:
         return [run_phase(ctx, ins) for ctx, ins in zip(ctxs, inss, strict=True)]
     keep = ctxs[0].keep_optimizer_state

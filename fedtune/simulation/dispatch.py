@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from fedtune.compression.config import uplink_encoding
 from fedtune.config import Config
 from fedtune.simulation.faults import corrupt, fault_rng, inject
 from fedtune.simulation.pools import ClientPool, VirtualClient
@@ -36,7 +37,7 @@ class SimDispatcher:
         return self.index[client_id]
 
     def dispatch(self, round: int, phase: str, instructions: dict[str, Instructions]) -> Iterator[ClientReply]:
-        sim, encoding = self.cfg.sim, self.cfg.client.encoding
+        sim, encoding, up = self.cfg.sim, self.cfg.client.encoding, uplink_encoding(self.cfg)
         rng = fault_rng(self.cfg.seed, round, phase)
         attackers = set(self.ids[len(self.ids) - sim.byzantine:]) if sim.byzantine else set()
         faults = {cid: inject(sim, rng, byzantine=cid in attackers) for cid in instructions}
@@ -60,7 +61,7 @@ class SimDispatcher:
                 continue
             if fault not in (None, "straggler") and reply.state is not None:
                 reply = corrupt(reply, fault, sim.corrupt_scale, ins.state)
-            reply, bytes_up = send_reply(reply, phase, encoding)
+            reply, bytes_up = send_reply(reply, phase, up)
             reply.bytes_up, reply.bytes_down = bytes_up, bytes_down
             yield reply
 

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from fedtune.adapters import set_state
 from fedtune.client.fit import client_seed, fit
+from fedtune.compression.link import make_link
 from fedtune.config import Config
 from fedtune.data.partition import partition_clients, render_partition_table
 from fedtune.dispatch import Dispatcher
@@ -100,7 +101,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed, train=cfg.train, eval_every=cfg.sim.eval_every,
                      policy=ReplyPolicy.from_config(cfg.federation), reorder_buffer=cfg.federation.reorder_buffer,
-                     train_overrides=overrides)
+                     train_overrides=overrides, link=make_link(cfg))
     store = ClientStore(cfg.sim.optimizer_state_on, run.path)
     pool = make_pool(cfg, lm, clients, store, model.base_updates)
     dispatcher: Dispatcher = SimDispatcher(cfg, clients, pool, store)

@@ -261,12 +261,138 @@ class FixedU32:
         return x.to(meta.dtype).reshape(meta.shape)
 
 
+def _blocks(x: torch.Tensor, bs: int) -> torch.Tensor:
+    """``x`` flattened, zero-padded to whole blocks of ``bs``, one row per block."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    return torch.nn.functional.pad(flat, (0, math.ceil(n / bs) * bs - n)).reshape(-1, bs)
+
+
+MIN_EXP, MAX_EXP = -126, 127
+
+
+def pow2_exponents(amax: torch.Tensor, levels: int) -> torch.Tensor:
+    """Per block, the smallest e in [-126, 127] with amax / 2^e <= levels (so codes fit in [-levels, levels])."""
+    mant, ex = torch.frexp(amax / levels)
+    e = torch.where(mant == 0.5, ex - 1, ex)  # amax/levels = 2^(ex-1) exactly: that power itself
+    return e.clamp(MIN_EXP, MAX_EXP).to(torch.int32)
+
+
+class Pow2Blocks:
+    """Symmetric integer codes in [-L, L] (L = 127 for 8 bits, 7 for 4 bits) with one power-of-two scale per
+    block, sent as its int8 exponent: payload = exponents[n_blocks] then codes (int8 each, or two 4-bit
+    two's-complement nibbles per byte, low nibble first).
+
+    A power-of-two scale makes every code times its scale exact in float32, so a tensor that is already
+    ``codes * 2^e`` (what the ``int8`` / ``int4`` compressors send) round-trips bit for bit: compressors and
+    the wire agree exactly on what was sent, as error feedback needs. Any other tensor is rounded to nearest.
+    """
+
+    def __init__(self, bits: int, block_size: int = 256) -> None:
+        self.bits, self.block_size = bits, block_size
+        self.levels = 2 ** (bits - 1) - 1
+
+    def quantize(self, t: torch.Tensor, block_size: int, noise: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exponents (int32, per block) and codes (int32, padded blocks) of ``t``; ``noise`` in [0, 1) of the
+        padded shape rounds stochastically (floor(x + u)) instead of to nearest."""
+        x = _blocks(t, block_size)
+        e = pow2_exponents(x.abs().amax(dim=1), self.levels)
+        y = torch.ldexp(x, -e[:, None].float())
+        q = torch.floor(y + noise) if noise is not None else torch.round(y)
+        return e, q.clamp(-self.levels, self.levels).to(torch.int32)
+
+    def dequantize(self, e: torch.Tensor, q: torch.Tensor, numel: int) -> torch.Tensor:
+        return torch.ldexp(q.float(), e[:, None].float()).reshape(-1)[:numel]
+
+    def _code_bytes(self, numel: int) -> int:
+        return numel if self.bits == 8 else math.ceil(numel / 2)
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        nb = math.ceil(t.numel() / self.block_size)
+        return Plan(num_bytes=nb + self._code_bytes(t.numel()), block_size=self.block_size)
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"int{self.bits}_pow2 encoding needs a float tensor")
+        e, q = self.quantize(t, plan.block_size)
+        codes = q.reshape(-1)[: t.numel()].to(torch.int8)
+        if self.bits == 4:
+            nib = (codes.to(torch.uint8) & 0x0F)
+            nib = torch.nn.functional.pad(nib, (0, nib.numel() % 2))
+            codes = (nib[0::2] | (nib[1::2] << 4)).view(torch.int8)
+        return memoryview(bytes(raw_bytes(e.to(torch.int8))) + bytes(raw_bytes(codes)))
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        if meta.dtype not in FLOAT_DTYPES:
+            raise MessageRejected(f"int{self.bits}_pow2 encoding is for float tensors only")
+        if not 1 <= meta.block_size <= 1 << 24:
+            raise MessageRejected(f"int{self.bits}_pow2 block_size {meta.block_size} out of range [1, 2^24]")
+        return math.ceil(meta.numel / meta.block_size) + self._code_bytes(meta.numel)
+
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
+        nb = math.ceil(meta.numel / meta.block_size)
+        e = _from_bytes(buf, torch.int8, nb).to(torch.int32)
+        if nb and int(e.min()) < MIN_EXP:
+            raise MessageRejected(f"int{self.bits}_pow2 block exponents must lie in [{MIN_EXP}, {MAX_EXP}]")
+        raw = _from_bytes(buf, torch.int8, self._code_bytes(meta.numel), offset=nb)
+        if self.bits == 8:
+            q = raw.to(torch.int32)
+        else:
+            u = raw.view(torch.uint8).to(torch.int32)
+            q = torch.stack([u & 0x0F, u >> 4], dim=1).reshape(-1)[: meta.numel]
+            q = torch.where(q >= 8, q - 16, q)
+        if meta.numel and int(q.abs().max()) > self.levels:
+            raise MessageRejected(f"int{self.bits}_pow2 codes must lie in [-{self.levels}, {self.levels}]")
+        q = torch.nn.functional.pad(q, (0, nb * meta.block_size - meta.numel)).reshape(nb, meta.block_size)
+        return self.dequantize(e, q, meta.numel).reshape(meta.shape).to(meta.dtype)
+
+
+class SignBlocks:
+    """One bit per value (1: negative) and one float32 scale per block: payload = scales[n_blocks] then the
+    sign bits (little bit order). Decodes to +-scale. The scale is the block's largest magnitude, so a tensor
+    that is already +-s per block (what the ``sign`` compressor sends) round-trips bit for bit."""
+
+    def __init__(self, block_size: int = 256) -> None:
+        self.block_size = block_size
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        nb = math.ceil(t.numel() / self.block_size)
+        return Plan(num_bytes=4 * nb + math.ceil(t.numel() / 8), block_size=self.block_size)
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError("sign encoding needs a float tensor")
+        scales = _blocks(t, plan.block_size).abs().amax(dim=1)
+        bits = np.packbits(torch.signbit(t.detach().reshape(-1).float()).numpy(), bitorder="little")
+        return memoryview(bytes(raw_bytes(scales)) + bits.tobytes())
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        if meta.dtype not in FLOAT_DTYPES:
+            raise MessageRejected("sign encoding is for float tensors only")
+        if not 1 <= meta.block_size <= 1 << 24:
+            raise MessageRejected(f"sign block_size {meta.block_size} out of range [1, 2^24]")
+        return 4 * math.ceil(meta.numel / meta.block_size) + math.ceil(meta.numel / 8)
+
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
+        nb = math.ceil(meta.numel / meta.block_size)
+        scales = _from_bytes(buf, torch.float32, nb)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise MessageRejected("sign block scales must be finite and >= 0")
+        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=math.ceil(meta.numel / 8), offset=4 * nb),
+                             bitorder="little")[: meta.numel]
+        neg = torch.from_numpy(bits.astype(bool))
+        mag = scales.repeat_interleave(meta.block_size)[: meta.numel]
+        return torch.where(neg, -mag, mag).reshape(meta.shape).to(meta.dtype)
+
+
 ENCODINGS: dict[str, Encoding] = {
     "dense": Dense(), "fp32": Dense(torch.float32), "bf16": Dense(torch.bfloat16),
     "fp16": Dense(torch.float16), "int8": Int8Blocks(), "sparse_coo": SparseCoo(),
-    "sparse_bitmap": SparseBitmap(), "fixed_u32": FixedU32(),
+    "sparse_bitmap": SparseBitmap(), "fixed_u32": FixedU32(), "sign": SignBlocks(),
+    "int8_pow2": Pow2Blocks(8), "int4_pow2": Pow2Blocks(4),
 }
-FLOAT_ONLY = {"fp32", "bf16", "fp16", "int8"}
+FLOAT_ONLY = {"fp32", "bf16", "fp16", "int8", "sign", "int8_pow2", "int4_pow2"}
 
 
 def register_encoding(name: str, encoding: Encoding, float_only: bool = False) -> None:

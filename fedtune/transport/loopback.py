@@ -34,7 +34,7 @@ def send_instructions(ins: Instructions, encoding: str) -> tuple[Instructions, i
     Raises:
         ValueError: ``encoding`` cannot carry ``ins`` (see ``encode_state``).
     """
-    if encoding == LOSSLESS:
+    if encoding == LOSSLESS and "state_encoding" not in ins.extra:
         return ins, instructions_wire_size(ins, encoding)
     frames = list(instructions_to_frames(ins, encoding))
     decoded = frames_to_instructions(frames, _LIMITS)

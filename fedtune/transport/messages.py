@@ -73,6 +73,13 @@ def _instruction_groups(instr: Instructions) -> list[tuple[str, Mapping[str, tor
     return groups
 
 
+def _encoding_of(instr: Instructions, group: str, default: EncodingSpec) -> EncodingSpec:
+    """The run's encoding, or the one the instructions name for their state (``extra["state_encoding"]``: a
+    compressed downlink delta travels in its compressor's encoding)."""
+    named = instr.extra.get("state_encoding")
+    return named if group == "state" and isinstance(named, str) else default
+
+
 def instructions_header(instr: Instructions) -> fpb.InstructionsHeader:
     """Raises: ValueError when ``train`` or ``extra`` is not JSON-serializable."""
     return fpb.InstructionsHeader(
@@ -92,7 +99,7 @@ def instructions_to_frames(
     """
     yield frame_header(instructions_header(instr).SerializeToString())
     for group, tensors in _instruction_groups(instr):
-        yield from encode_frames(tensors, encoding, group=group, chunk_size=chunk_size)
+        yield from encode_frames(tensors, _encoding_of(instr, group, encoding), group=group, chunk_size=chunk_size)
 
 
 def instructions_wire_size(
@@ -101,7 +108,8 @@ def instructions_wire_size(
     """Exact bytes of the messages ``instructions_to_frames`` yields."""
     total = fpb.InstructionsChunk(header=instructions_header(instr)).ByteSize()
     for group, tensors in _instruction_groups(instr):
-        total += encoded_size(tensors, encoding, group=group, chunk_size=chunk_size, framed=True)
+        total += encoded_size(tensors, _encoding_of(instr, group, encoding), group=group, chunk_size=chunk_size,
+                              framed=True)
     return total
 
 
@@ -153,7 +161,7 @@ def frames_to_instructions(frames: Iterable[bytes], limits: Limits | None = None
 def _reply_groups(reply: ClientReply) -> list[tuple[str, Mapping[str, torch.Tensor]]]:
     if reply.error is not None:
         return []
-    groups: list[tuple[str, Mapping[str, torch.Tensor]]] = [("state", reply.state or {})]
+    groups: list[tuple[str, Mapping[str, torch.Tensor]]] = [("delta" if reply.delta else "state", reply.state or {})]
     if reply.mask:
         groups.append(("mask", reply.mask))
     return groups
@@ -250,15 +258,19 @@ def collect_reply(header: UpdateHeader, tensors: Iterable[DecodedTensor]) -> Cli
     """Gather a decoded update into a ``ClientReply`` (for coordinators that do not stream-aggregate).
 
     Raises:
-        MessageRejected: a tensor in an unknown group (anything other than ``state`` / ``mask``).
+        MessageRejected: a tensor in an unknown group (anything other than ``state`` / ``delta`` / ``mask``),
+            or both ``state`` and ``delta``.
     """
-    groups: dict[str, dict[str, torch.Tensor]] = {"state": {}, "mask": {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {"state": {}, "delta": {}, "mask": {}}
     for d in tensors:
         if d.group not in groups:
             raise MessageRejected(f"unexpected tensor group {d.group!r} in an update")
         groups[d.group][d.name] = d.tensor
+    if groups["state"] and groups["delta"]:
+        raise MessageRejected("an update carries values (group state) or a delta (group delta), not both")
+    delta = bool(groups["delta"])
     return ClientReply(
         client_id=header.node, round=header.round,
-        state=None if header.error else groups["state"], num_examples=header.num_examples,
-        metrics=header.metrics, error=header.error, mask=groups["mask"] or None, rank=header.rank,
+        state=None if header.error else groups["delta" if delta else "state"], num_examples=header.num_examples,
+        metrics=header.metrics, error=header.error, mask=groups["mask"] or None, rank=header.rank, delta=delta,
     )

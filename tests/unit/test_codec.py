@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 
 import pytest
@@ -35,7 +36,8 @@ STATE = {
 }
 # max abs error allowed per encoding on float tensors of magnitude ~3
 TOL = {"dense": 0, "fp32": 0, "bf16": 0.05, "fp16": 0.005, "int8": 0.05, "sparse_coo": 0, "sparse_bitmap": 0,
-       "fixed_u32": 1e-4}
+       "fixed_u32": 1e-4, "int8_pow2": 0.05, "int4_pow2": 0.6,
+       "sign": 8}  # sign: +-(block max), within 2 max|x| of any value
 
 
 @pytest.mark.parametrize("encoding", sorted(ENCODINGS))
@@ -305,3 +307,33 @@ def test_sparse_tensors_cannot_decode_past_the_total_limit():
     with pytest.raises(MessageRejected, match="decodes to more than the limit"):
         decode_state(chunks, Limits(max_total_bytes=16 << 20))
     assert len(decode_state(chunks, Limits(max_total_bytes=100 << 20))) == 100
+
+
+def _payload_edit(t: torch.Tensor, encoding: str, offset: int, value: bytes) -> list[tpb.TensorChunk]:
+    c = list(encode_state({"t": t}, encoding))  # one chunk
+    data = bytearray(c[0].data)
+    data[offset:offset + len(value)] = value
+    c[0].data = bytes(data)
+    return _rehash(c)
+
+
+def test_rejects_bad_compressor_payloads():
+    t = torch.tensor([0.5, -1.0, 0.25, 2.0, 0.0])
+    _reject(_payload_edit(t, "sign", 0, struct.pack("<f", float("nan"))), "scales must be finite")
+    _reject(_payload_edit(t, "sign", 0, struct.pack("<f", -1.0)), "scales must be finite and >= 0")
+    _reject(_payload_edit(t, "int8_pow2", 0, bytes([0x80])), r"exponents must lie in \[-126, 127\]")
+    _reject(_payload_edit(t, "int8_pow2", 1, bytes([0x80])), r"codes must lie in \[-127, 127\]")  # code -128
+    _reject(_payload_edit(t, "int4_pow2", 1, bytes([0x08])), r"codes must lie in \[-7, 7\]")  # nibble -8
+    c = list(encode_state({"t": t}, "int4_pow2"))
+    c[0].meta.block_size = 0
+    _reject(c, "block_size 0 out of range")
+    c = list(encode_state({"t": t}, "sign"))
+    c[0].meta.num_bytes -= 1  # a wrong count: the payload size is recomputed from the metadata
+    _reject(c, "declares")
+    # duplicated and out-of-range sparse indices (what top-k / threshold uploads travel in)
+    dup = _payload_edit(torch.tensor([0.0, 1.0, 2.0, 0.0]), "sparse_coo", 4, struct.pack("<i", 1))
+    _reject(dup, "strictly increasing")
+    out = _payload_edit(torch.tensor([0.0, 1.0, 2.0, 0.0]), "sparse_coo", 4, struct.pack("<i", 4))
+    _reject(out, "inside the tensor")
+    neg = _payload_edit(torch.tensor([0.0, 1.0, 2.0, 0.0]), "sparse_coo", 0, struct.pack("<i", -1))
+    _reject(neg, "inside the tensor")

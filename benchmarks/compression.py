@@ -1,0 +1,197 @@
+"""Bytes versus quality: dense fp32 FedAvg against compressed updates (with error feedback) and downlink deltas.
+
+SmolLM2-135M in NF4, 8 clients holding disjoint ChatterBot categories, LoRA r=8 on q,v, batch 4 at seq 64,
+local lr 5e-3: the setting and, by default, the rounds and local steps of ``benchmarks/quality.py``. Every arm
+is fedavg; the baseline sends dense fp32 adapters both ways (what FlowerTune does), the others list
+``compress`` in ``client.pipeline`` (``compress.method`` and its setting) and send downlink deltas with the
+same method (``compress.downlink``). For each arm: the final held-out eval loss, total bytes up and down (the
+encoded messages, as ``metrics.jsonl`` counts them), the reduction against the baseline, and the change in eval
+loss. Also each compressor's CPU time per MiB of fp32 update (compress + wire encoding, one thread). Writes
+``benchmarks/results/compression.json`` and the frontier plot ``benchmarks/results/compression.png``.
+
+    nice -n 10 .venv/bin/python benchmarks/compression.py [--quick] [--rounds R --steps S] [--arms a,b]
+
+Target: at least 20x fewer total bytes than dense at an eval loss no more than 1% worse (moonshot 50x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import RESULTS, machine_info, print_table, write_json
+from quality import QUANT, base
+
+DOWN = ["client.pipeline=[compress]", "compress.downlink=true"]
+ARMS: dict[str, list[str]] = {
+    "dense fp32": ["client.encoding=dense"],
+    "int8": [*DOWN, "compress.method=int8"],
+    "int4": [*DOWN, "compress.method=int4"],
+    "sign": [*DOWN, "compress.method=sign"],
+    "topk 10%": [*DOWN, "compress.method=topk", "compress.fraction=0.1"],
+    "topk 1%": [*DOWN, "compress.method=topk", "compress.fraction=0.01"],
+    "randk 10% (up only)": ["client.pipeline=[compress]", "compress.method=randk", "compress.fraction=0.1"],
+}
+BASELINE = "dense fp32"
+
+
+def child(overrides: list[str], out: Path) -> None:
+    import torch
+    from rich.console import Console
+
+    from fedtune.config import load_config
+    from fedtune.simulation.engine import run_simulation
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [*overrides, f"out={tmp}/run"])
+        t0 = time.perf_counter()
+        result = run_simulation(cfg, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+        wall = time.perf_counter() - t0
+    rounds = [r for r in result.rounds if r.get("round", 0) >= 1]
+    keys = ("round", "eval_loss", "bytes_up", "bytes_down", "dense_fp32_bytes", "compression_ratio", "clients_ok",
+            "seconds")
+    out.write_text(json.dumps({
+        "before": result.before["eval_loss"], "after": result.after["eval_loss"], "wall_s": wall,
+        "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "dense_fp32_bytes": sum(r["dense_fp32_bytes"] for r in rounds),
+        "failed": sum(r["clients_failed"] for r in rounds),
+        "rounds": [{k: r.get(k) for k in keys} for r in rounds]}))
+
+
+def run_arm(overrides: list[str]) -> dict[str, Any]:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(overrides), "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, check=False)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"arm failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+        return dict(json.loads(out.read_text()))
+
+
+def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, float]:
+    """CPU seconds per MiB of fp32 update: compress (with the residual) then encode for the wire, one thread."""
+    import torch
+
+    from fedtune.compression.compressors import compress
+    from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
+    from fedtune.transport.codec import encode_state
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    n = mib * (1 << 20) // 4
+    acc = {f"layer{i}.lora_A.weight": torch.randn(8, n // 16, generator=gen, dtype=torch.float64) for i in range(2)}
+    settings = {"dense fp32": None, "int8": CompressConfig(method="int8"), "int4": CompressConfig(method="int4"),
+                "sign": CompressConfig(method="sign"), "topk 10%": CompressConfig(method="topk", fraction=0.1),
+                "topk 1%": CompressConfig(method="topk", fraction=0.01),
+                "randk 10% (up only)": CompressConfig(method="randk", fraction=0.1)}
+    out = {}
+    for name, c in settings.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            if c is None:
+                sum(len(x.data) for x in encode_state({k: v.float() for k, v in acc.items()}, "fp32"))
+            else:
+                sent, _ = compress(acc, c, seed=1)
+                sum(len(x.data) for x in encode_state(sent, UPLINK_ENCODING[c.method]))
+            best = min(best, time.process_time() - t0)
+        out[name] = best / mib
+    return out
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        total = (r["bytes_up"] + r["bytes_down"]) / 2**20
+        ax.scatter(total, r["after"], color="black" if name == BASELINE else "tab:blue")
+        ax.annotate(name, (total, r["after"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("total MiB sent (up + down, encoded), log scale")
+    ax.set_ylabel("final held-out eval loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 round of 1 step, the baseline and sign only")
+    ap.add_argument("--rounds", type=int, default=6, help="as benchmarks/quality.py")
+    ap.add_argument("--steps", type=int, default=4, help="local steps per client per round (as quality.py)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 scored")
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--arms", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--parallel", type=int, default=1, help="arms run at once (each in its own process)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(json.loads(args.child), Path(args.out))
+        return
+    rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
+    todo = [a for a in ARMS if not args.arms or a in args.arms.split(",")]
+    if args.quick:
+        todo = [BASELINE, "sign"]
+    load_before, t0 = os.getloadavg(), time.perf_counter()
+    cost = encoder_cost()
+    specs = {a: [*base(rounds, steps, args.clients, args.eval_batches, args.lr), *QUANT["nf4"], *ARMS[a]] for a in todo}
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for name, res in zip(specs, pool.map(run_arm, specs.values()), strict=True):
+            results[name] = {**res, "overrides": specs[name]}
+            print(f"{name}: eval loss {res['before']:.4f} -> {res['after']:.4f}, "
+                  f"{(res['bytes_up'] + res['bytes_down']) / 2**20:.2f} MiB ({res['wall_s']:.0f} s)", flush=True)
+    ref = results.get(BASELINE)
+    rows, frontier = [], {}
+    for name, r in results.items():
+        total = r["bytes_up"] + r["bytes_down"]
+        fewer = (ref["bytes_up"] + ref["bytes_down"]) / total if ref else None
+        worse = 100 * (r["after"] - ref["after"]) / ref["after"] if ref else None
+        frontier[name] = {"total_bytes": total, "x_fewer_bytes": fewer, "eval_loss_change_pct": worse,
+                          "meets_target": bool(fewer and worse is not None and fewer >= 20 and worse <= 1.0)}
+        rows.append([name, f"{r['after']:.4f}", "-" if worse is None else f"{worse:+.2f}%",
+                     f"{r['bytes_up'] / 2**20:.2f}", f"{r['bytes_down'] / 2**20:.2f}",
+                     "-" if fewer is None else f"{fewer:.1f}x", f"{1e3 * cost.get(name, float('nan')):.1f}",
+                     str(r["failed"]), f"{r['wall_s']:.0f}"])
+    load = os.getloadavg()
+    title = (f"compression: SmolLM2-135M nf4, {args.clients} clients by category, {rounds} rounds x {steps} steps, "
+             f"fedavg (load avg {load[0]:.1f})")
+    print_table(title, ["arm", "eval loss", "vs dense", "MiB up", "MiB down", "fewer bytes", "encode ms/MiB",
+                        "failed", "wall s"], rows)
+    name_json = "compression_quick.json" if args.quick else "compression.json"
+    if not args.quick:
+        plot(results, RESULTS / "compression.png", title)
+    path = write_json(name_json, {
+        "rounds": rounds, "steps": steps, "clients": args.clients, "eval_batches": args.eval_batches, "lr": args.lr,
+        "quant": "nf4", "results": results, "frontier": frontier, "encode_cpu_s_per_mib": cost,
+        "total_s": time.perf_counter() - t0, "loadavg_before": load_before, "loadavg": load,
+        "machine": machine_info(), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The ``compress.*`` config section and which combinations it refuses (torch-free: the config system reads it).
+
+Compression is a transform of the client update pipeline: list ``"compress"`` in ``client.pipeline`` (last:
+the transforms after it would see a compressed delta instead of trained values) and choose ``compress.method``.
+Uploads then travel as deltas from the global state, in the method's own wire encoding (``UPLINK_ENCODING``);
+``client.encoding`` still governs everything else.
+
+What works with what (refused combinations are config errors naming the reason):
+
+- every strategy aggregates the values the server rebuilds (global + delta), so fedavg, the server optimizers,
+  robust aggregation and ffa (which sends only B) take compressed updates as they take dense ones;
+- error feedback needs the trained tensors to mean the same thing from one round to the next: ``svd`` re-bases
+  the global factors every round (a new SVD basis) and ``flora`` / ``fedex`` fold each round's factors into the
+  base and restart them, so a residual carried over would be added to unrelated factors: refused unless
+  ``compress.error_feedback = false``; heterogeneous ranks (``strategy.client_ranks``) change a client's tensor
+  shapes between rounds: refused with compression;
+- secure aggregation (not built yet) sums masked vectors over a support every client shares: per-client supports
+  (``topk``, ``threshold``, and ``randk``, whose indices come from each client's own seed) cannot be summed that
+  way; the dense quantizers (``sign``, ``int8``, ``int4``) and a shared mask can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Method = Literal["topk", "randk", "threshold", "sign", "int8", "int4"]
+UPLINK_ENCODING: dict[str, str] = {
+    "topk": "sparse_coo", "threshold": "sparse_coo", "randk": "fp32",  # randk: the k values only
+    "sign": "sign", "int8": "int8_pow2", "int4": "int4_pow2",
+}
+"""The wire encoding each method's output travels in: lossless on what the method produces."""
+SPARSE = ("topk", "threshold", "randk")
+QUANTIZERS = ("int8", "int4")
+BLOCK = 256
+"""Values per scale of ``sign`` / ``int8`` / ``int4``: the block of their wire codecs, which must be the same for
+the codec to carry the compressor's output bit for bit."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    method: Method = _opt("topk", "what a client sends of its update (client.pipeline must list \"compress\"): "
+                          "topk (largest magnitudes), randk (random entries from a seed the server shares: "
+                          "indices not sent), threshold (magnitudes >= compress.threshold), sign (one bit each "
+                          "and a scale per block of 256), int8 / int4 (codes with a power-of-two scale per block)")
+    fraction: float = _opt(0.01, "topk / randk: fraction of each tensor's entries sent (or of all entries, "
+                                 "compress.scope=global)")
+    count: int = _opt(0, "topk / randk: entries sent per tensor (or in all, scope=global) instead of a fraction; "
+                         "0: use compress.fraction")
+    scope: Literal["tensor", "global"] = _opt("tensor", "topk: the k largest per tensor, or over all tensors")
+    threshold: float = _opt(1e-3, "threshold: entries whose magnitude (update plus residual) is at least this")
+    stochastic: bool = _opt(False, "int8 / int4: stochastic rounding (unbiased) instead of rounding to nearest")
+    error_feedback: bool = _opt(True, "keep what was not sent and add it to the next round's update")
+    downlink: bool = _opt(False, "the server sends each client the compressed delta from the state it holds "
+                                 "(same method; full state to a client that missed a round)")
+
+    def validate(self) -> list[str]:
+        p = []
+        if not 0 < self.fraction <= 1:
+            p.append(f"compress.fraction: got {self.fraction}, must be in (0, 1]")
+        if self.count < 0:
+            p.append(f"compress.count: got {self.count}, must be >= 0 (0: use compress.fraction)")
+        if not self.threshold >= 0:
+            p.append(f"compress.threshold: got {self.threshold}, must be >= 0")
+        if self.stochastic and self.method not in QUANTIZERS:
+            p.append(f"compress.stochastic: only int8 / int4 round, not compress.method={self.method}")
+        if self.scope == "global" and self.method != "topk":
+            p.append(f"compress.scope: global applies to topk only, not compress.method={self.method}")
+        if self.downlink and self.method == "randk":
+            p.append("compress.downlink: randk cannot compress the downlink (its indices come from each client's "
+                     "seed); choose another compress.method")
+        return p
+
+
+def compress_problems(cfg: Any) -> list[str]:
+    """What ``compress.*`` rules out in the rest of ``cfg`` (a ``fedtune.config.Config``), with the reason."""
+    pipeline, c, name = list(cfg.client.pipeline), cfg.compress, cfg.strategy.name
+    p = list(c.validate())
+    if ("compress" in pipeline or c.downlink) and cfg.sim.backend == "flower":
+        p.append("sim.backend: flower's records do not carry compressed deltas (client.pipeline \"compress\", "
+                 "compress.downlink); use sim.backend=inproc")
+    if "compress" not in pipeline:
+        return p
+    if pipeline[-1] != "compress":
+        p.append(f"client.pipeline: \"compress\" must come last ({pipeline}): a transform after it would see a "
+                 "compressed delta instead of the trained values")
+    if c.error_feedback and name in ("svd", "flora", "fedex"):
+        p.append(f"compress.error_feedback: strategy.name={name} re-bases or restarts the adapter factors every "
+                 "round, so a residual carried to the next round would be added to unrelated factors; set "
+                 "compress.error_feedback=false or use fedavg / ffa / a server optimizer")
+    if cfg.strategy.client_ranks is not None:
+        p.append("strategy.client_ranks: heterogeneous ranks change a client's tensor shapes between rounds; "
+                 "compression (client.pipeline \"compress\") needs the global shapes")
+    return p
+
+
+def uplink_encoding(cfg: Any) -> str:
+    """The wire encoding of updates: the compressor's own with ``compress`` in ``client.pipeline``, else
+    ``client.encoding`` (nodes send in it, the server and the simulator count in it)."""
+    return UPLINK_ENCODING[cfg.compress.method] if "compress" in cfg.client.pipeline else str(cfg.client.encoding)

@@ -1,0 +1,176 @@
+"""The server's side of compression: compressed updates back to values, compressed downlink deltas, and the
+dense fp32 bytes a run is compared against.
+
+``Link`` sits in the round driver between the strategy and the dispatcher, so the simulator and the gRPC
+server do the same thing:
+
+- ``up``: a reply holding a compressed delta (``reply.delta``) becomes values, global + delta, before the
+  strategy sees it; a delta that this method cannot have sent (random-k with the wrong count, another shape,
+  a tensor not sent) is a failed reply naming the problem.
+- ``down`` (``compress.downlink``): the server keeps one reference state R, what every client that answered the
+  last round holds. Each round it compresses G - R (G the new global) with the same method, sends that delta to
+  those clients (in the method's wire encoding, ``extra["state_encoding"]``, with a digest of the R it applies
+  to) and R <- R + sent; every other client (it missed a round, or the server restarted) gets R in full. What is
+  not sent of G stays in G - R and goes out later (error feedback on the downlink). A client rebuilds R bit for
+  bit (``receive_downlink``, which checks the digest) and trains from it; its update is read against G. Before
+  round 1 of a fresh run every client holds the adapter it built from the shared seed (``LoadedModel.initial``),
+  which is the server's starting state, so round 1 sends a delta too; a client whose initial adapter differs
+  fails that round on the digest and gets R in full the next. R in full travels ``dense`` (lossless) whatever
+  ``client.encoding`` says. R is not checkpointed: after a restart every client gets R in full once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import xxhash
+
+from fedtune.compression.compressors import compress, expand
+from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
+from fedtune.transport.messages import instructions_wire_size, reply_wire_size
+from fedtune.types import ClientReply, Instructions, State, failed_reply
+
+DELTA_FROM = "delta_from"
+"""``Instructions.extra`` key: the state is a delta from the reference of this round."""
+REF_ROUND = "ref_round"
+"""``Instructions.extra`` key: the state (full, or rebuilt from the delta) is the reference of this round."""
+HELD = "downlink"
+"""The client's state key of the reference it holds: ``{"round": tensor, "state": {...}}``."""
+
+
+def _failed(reply: ClientReply, reason: str) -> ClientReply:
+    out = failed_reply(reply.client_id, reply.round, reason)
+    out.bytes_up, out.bytes_down = reply.bytes_up, reply.bytes_down
+    return out
+
+
+def rebuild(reply: ClientReply, ins: Instructions, c: CompressConfig) -> ClientReply:
+    """``reply`` with values (``ins.state`` + its delta) when it holds a compressed delta; otherwise as it came."""
+    if not reply.ok or not reply.delta or reply.state is None:
+        return reply
+    seed = int(ins.extra.get("seed", ins.round))
+    values: State = {}
+    for name, d in reply.state.items():
+        base = ins.state.get(name)
+        if base is None:
+            return _failed(reply, f"rejected update: delta of tensor {name!r}, which was not sent")
+        try:
+            full = expand(d, base, name, c, seed)
+        except ValueError as exc:
+            return _failed(reply, f"rejected update: {exc}")
+        values[name] = (base.float() + full.float()).to(base.dtype)
+    return dataclasses.replace(reply, state=values, delta=False)
+
+
+def state_digest(state: State) -> str:
+    """xxh3-128 of the tensors' names, dtypes, shapes and bytes, in name order (hex)."""
+    h = xxhash.xxh3_128()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return str(h.hexdigest())
+
+
+def receive_downlink(held: dict[str, Any] | None, ins: Instructions,
+                     initial: State | None = None) -> tuple[Instructions, dict[str, Any] | None]:
+    """The instructions with the reference state rebuilt, and what the client holds now. ``initial``: the
+    adapter as built at load time, the client's round-0 reference.
+
+    Raises:
+        ValueError: a delta from a reference this client does not hold (it becomes a failed reply).
+    """
+    if DELTA_FROM in ins.extra:
+        frm = int(ins.extra[DELTA_FROM])
+        if held is None and frm == 0 and initial and set(ins.state) <= set(initial):
+            held = {"round": torch.tensor(0), "state": {k: initial[k] for k in ins.state}}
+        have = int(held["round"]) if held else None
+        if held is None or have != frm:
+            raise ValueError(f"the server sent a delta from its round-{frm} state, this client holds "
+                             f"{'none' if have is None else 'round ' + str(have)}")
+        ref = held["state"]
+        if set(ref) != set(ins.state) or any(ref[k].shape != ins.state[k].shape for k in ref):
+            raise ValueError("the server's delta does not match the tensors this client holds")
+        if state_digest(ref) != ins.extra.get("ref_digest"):
+            raise ValueError(f"the state this client holds as round {frm} is not the server's (digest differs)")
+        state = {k: ref[k] + ins.state[k].to(ref[k].dtype) for k in ins.state}
+    elif REF_ROUND in ins.extra:
+        state = {k: v.clone() for k, v in ins.state.items()}
+    else:
+        return ins, held
+    now = {"round": torch.tensor(int(ins.extra[REF_ROUND])), "state": state}
+    return dataclasses.replace(ins, state=state), now
+
+
+class Link:
+    """Compression between the driver and the dispatcher (see the module docstring)."""
+
+    def __init__(self, c: CompressConfig, *, uplink: bool) -> None:
+        self.c, self.uplink = c, uplink
+        self.ref: State | None = None
+        self.ref_round = 0
+        self.holders: set[str] = set()
+        self.everyone = False
+        """Every client holds ``ref`` (round 0 of a fresh run: the adapter built from the seed)."""
+
+    def down(self, rnd: int, instructions: dict[str, Instructions]) -> dict[str, Instructions]:
+        """What goes on the wire for ``instructions`` (unchanged without ``compress.downlink``)."""
+        train = [ins for ins in instructions.values() if ins.phase == "train"]
+        if not self.c.downlink or not train:
+            return instructions
+        g = train[0].state
+        if any(set(ins.state) != set(g) for ins in train):
+            return instructions  # per-client states (heterogeneous ranks...): sent as they are
+        if self.ref is None and rnd == 1:  # a fresh run: every client built the starting state itself
+            self.ref, self.ref_round, self.everyone = {k: v.detach().clone() for k, v in g.items()}, 0, True
+        old, delta = self.ref, None
+        if old is not None and set(old) == set(g) and all(old[k].shape == g[k].shape for k in g):
+            diff = {k: g[k].double() - old[k].double() for k in g}
+            delta, _ = compress(diff, self.c, seed=rnd)
+            self.ref = {k: old[k] + delta[k].to(old[k].dtype) for k in g}
+        else:
+            self.ref = {k: v.detach().clone() for k, v in g.items()}
+        digest = state_digest(old) if delta is not None and old is not None else ""
+        out = {}
+        for cid, ins in instructions.items():
+            if ins.phase != "train":
+                out[cid] = ins
+            elif delta is not None and (self.everyone or cid in self.holders):
+                assert old is not None
+                out[cid] = dataclasses.replace(ins, state=delta, extra={
+                    **ins.extra, DELTA_FROM: self.ref_round, REF_ROUND: rnd, "ref_digest": digest,
+                    "state_encoding": UPLINK_ENCODING[self.c.method]})
+            else:  # lossless whatever client.encoding says: the client must hold R bit for bit
+                out[cid] = dataclasses.replace(ins, state=self.ref, extra={**ins.extra, REF_ROUND: rnd,
+                                                                            "state_encoding": "dense"})
+        self.ref_round, self.holders, self.everyone = rnd, set(), False
+        return out
+
+    def up(self, replies: Iterable[ClientReply], instructions: dict[str, Instructions]) -> Iterator[ClientReply]:
+        """The replies with values rebuilt; notes who holds the downlink reference now."""
+        for reply in replies:
+            ins = instructions.get(reply.client_id)
+            if ins is not None and self.uplink:
+                reply = rebuild(reply, ins, self.c)
+            if reply.ok:
+                self.holders.add(reply.client_id)
+            yield reply
+
+
+def make_link(cfg: Any) -> Link | None:
+    """The run's ``Link`` (a ``fedtune.config.Config``), or None when it neither compresses uploads nor the
+    downlink."""
+    uplink = "compress" in cfg.client.pipeline
+    return Link(cfg.compress, uplink=uplink) if uplink or cfg.compress.downlink else None
+
+
+def dense_fp32_bytes(ins: Instructions, reply: ClientReply) -> int:
+    """Bytes of the same exchange with every tensor dense fp32: the instructions' global state down, the
+    reply's values up (the baseline of ``compression_ratio``)."""
+    plain = dataclasses.replace(ins, extra={k: v for k, v in ins.extra.items() if k != "state_encoding"})
+    down = instructions_wire_size(plain, "fp32")
+    up = reply_wire_size(dataclasses.replace(reply, delta=False), ins.phase, "fp32") if reply.ok else 0
+    return down + up
