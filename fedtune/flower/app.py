@@ -37,6 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 from rich.markup import escape
 
+from fedtune.compression.config import uplink_encoding
 from fedtune.config import Config, load_config
 from fedtune.server.dispatch import FederationError
 from fedtune.transport.codec import Limits
@@ -238,26 +239,16 @@ def app_config(config_file: Path, run_config: dict[str, Any]) -> Config:
 
 def run_flower_server(cfg: Config, grid: Grid, console: Console) -> Any:
     """``fedtune server``'s run with the Grid as its dispatcher: same run folder, strategy, driver, summary."""
-    from fedtune.global_model import GlobalModel
-    from fedtune.models import load_model
-    from fedtune.pipeline import encode, load_dataset
     from fedtune.report import print_summary
-    from fedtune.rounds import RoundPlan, has_checkpoint, open_run, run_rounds
-    from fedtune.server.loop import RESUMABLE_CHANGES
-    from fedtune.strategies import make_strategy, spec_of, strategy_config
+    from fedtune.rounds import run_rounds
+    from fedtune.server.loop import prepare_coordinator
 
     fed = cfg.federation
-    run, ckpt = open_run(cfg, resume=has_checkpoint(cfg), may_change=RESUMABLE_CHANGES)
-    data = load_dataset(cfg)
-    lm = load_model(cfg, num_labels=len(data.label_names) or None)
-    eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
-    model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
-    strategy = make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round))
-    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every)
+    c = prepare_coordinator(cfg)
     console.print(f"fedtune Flower App: strategy={cfg.strategy.name}, {fed.rounds} rounds, waiting for "
-                  f"{fed.min_clients} SuperNode(s); run folder {run.path}", highlight=False)
-    result = run_rounds(plan, run, model, strategy, GridDispatcher(grid, cfg, strategy, console), console,
-                        resume=ckpt)
+                  f"{fed.min_clients} SuperNode(s); run folder {c.run.path}", highlight=False)
+    result = run_rounds(c.plan, c.run, c.model, c.strategy, GridDispatcher(grid, cfg, c.strategy, console), console,
+                        resume=c.checkpoint)
     print_summary(console, f"fedtune Flower App: strategy={cfg.strategy.name}, {fed.rounds} rounds", result)
     return result
 
@@ -381,11 +372,12 @@ def make_client_app(config_file: Path) -> ClientApp:
             reply = run_phase(ctx, ins)
             node["client"] = ctx.state
         _keep_node_state(context, node)
+        up = uplink_encoding(cfg)  # client.encoding, or the compressor's own (compress in client.pipeline)
         try:
-            out = list(reply_to_frames(reply, meta.get("phase", ins.phase), cfg.client.encoding))
-        except ValueError as e:  # client.encoding cannot carry this update: say so instead
-            reply = failed_reply(ins.client_id, ins.round, f"cannot encode the update as {cfg.client.encoding}: {e}")
-            out = list(reply_to_frames(reply, ins.phase, cfg.client.encoding))
+            out = list(reply_to_frames(reply, meta.get("phase", ins.phase), up))
+        except ValueError as e:  # the encoding cannot carry this update: say so instead
+            reply = failed_reply(ins.client_id, ins.round, f"cannot encode the update as {up}: {e}")
+            out = list(reply_to_frames(reply, ins.phase, up))
         return Message(frames_to_content(out, {"held": len(node["bundles"])}), reply_to=msg)
 
     return app

@@ -14,11 +14,13 @@ restarted on the same ``out`` resumes from its last checkpoint and ends where an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from fedtune.checkpoint import Checkpoint
 from fedtune.compression.config import uplink_encoding
 from fedtune.compression.link import make_link
 from fedtune.config import Config, fingerprint
@@ -28,15 +30,16 @@ from fedtune.pipeline import encode, load_dataset
 from fedtune.privacy.dp import with_privacy
 from fedtune.report import print_summary
 from fedtune.rounds import RoundPlan, RunResult, has_checkpoint, open_run, run_rounds
+from fedtune.runs import RunDir
 from fedtune.server.coordinator import RoundCoordinator
 from fedtune.server.dispatch import FederationError, GrpcDispatcher
-from fedtune.strategies import make_strategy, spec_of, strategy_config
+from fedtune.strategies import Strategy, make_strategy, spec_of, strategy_config
 from fedtune.strategies.screen import ReplyPolicy
 from fedtune.transport import FederationServer, Limits, start_server
 from fedtune.transport.security import check_exposure
 from fedtune.transport.server import check_port_free
 
-__all__ = ["FederationError", "open_transport", "run_server"]
+__all__ = ["Coordinator", "FederationError", "open_transport", "prepare_coordinator", "run_server"]
 
 # Keys whose change does not alter what a resumed run computes (addresses, timeouts, more rounds).
 RESUMABLE_CHANGES = ("server.", "client.name", "client.server", "client.keys_dir", "client.insecure",
@@ -82,6 +85,37 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     return coord, server
 
 
+@dataclass
+class Coordinator:
+    """What a coordinator runs the round driver with, whatever reaches its clients (gRPC, Flower's Grid)."""
+
+    run: RunDir
+    checkpoint: Checkpoint | None
+    model: GlobalModel
+    strategy: Strategy
+    plan: RoundPlan
+
+
+def prepare_coordinator(cfg: Config) -> Coordinator:
+    """The run folder (resumed when it holds a checkpoint of this run), the global model with the server's
+    held-out data, the strategy (privacy wrapped around it) and the round plan of ``federation.*``.
+
+    Raises:
+        ValueError / FileNotFoundError: an incompatible run folder, missing data or model.
+    """
+    fed = cfg.federation
+    run, ckpt = open_run(cfg, resume=has_checkpoint(cfg), may_change=RESUMABLE_CHANGES)
+    data = load_dataset(cfg)
+    lm = load_model(cfg, num_labels=len(data.label_names) or None)
+    eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
+    model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
+    strategy = with_privacy(make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)),
+                            cfg)
+    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
+                     policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer, link=make_link(cfg))
+    return Coordinator(run, ckpt, model, strategy, plan)
+
+
 def run_server(cfg: Config, console: Console) -> RunResult:
     """Coordinate ``cfg.federation.rounds`` rounds over gRPC; see the module docstring.
 
@@ -99,15 +133,8 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     for warning in exposure:
         console.print(warning, style="bold red", highlight=False, markup=False)
     check_port_free(cfg.server.address)  # a port in use is said before the model loads, not after
-    run, ckpt = open_run(cfg, resume=has_checkpoint(cfg), may_change=RESUMABLE_CHANGES)
-    data = load_dataset(cfg)
-    lm = load_model(cfg, num_labels=len(data.label_names) or None)
-    eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
-    model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
-    strategy = with_privacy(make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)),
-                            cfg)
-    plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
-                     policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer, link=make_link(cfg))
+    c = prepare_coordinator(cfg)
+    run, ckpt, model, strategy, plan = c.run, c.checkpoint, c.model, c.strategy, c.plan
     coord, server = open_transport(cfg, security)
     allowlist = security.get("allowlist_file")
     mode = "TLS" if "cert_file" in security else "plaintext"
