@@ -53,7 +53,9 @@ def test_a_transform_keeps_its_state_across_rounds_and_a_resume(tmp_path: Path, 
         assert all(not torch.equal(kept[c][k], earlier[c][k]) for c in kept for k in kept[c])  # it moved on
     else:
         files = sorted(p.name for p in (tmp_path / "straight" / "client_state").iterdir())
-        assert files == [f"client-{i}.r3.pt" for i in range(3)]
+        # round 3's files, and at most the one before each (kept until a checkpoint no longer needs it)
+        assert {f"client-{i}.r3.pt" for i in range(3)} <= set(files) <= {
+            f"client-{i}.r{r}.pt" for i in range(3) for r in (2, 3)}
         kept = {f"client-{i}": torch.load(tmp_path / "straight" / "client_state" / f"client-{i}.r3.pt",
                                           weights_only=True)["pipeline"]["half_feedback"] for i in range(3)}
     assert all(float(v.abs().max()) > 0 for residual in kept.values() for v in residual.values())
