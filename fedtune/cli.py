@@ -149,6 +149,10 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{', checkpointed' if cfg.model.gradient_checkpointing else ''})", f"{info.activation_bytes / mib:,.1f} MiB")
     t.add_row("[bold]estimated training memory[/]", f"[bold]{info.total_bytes / mib:,.1f} MiB[/]")
     Console().print(t)
+    from fedtune.info import available_bytes, verdict
+
+    for line in verdict(cfg, info, *available_bytes(cfg.model.device)):
+        print(line)
     from fedtune.strategies import make_strategy
 
     strategy = make_strategy(cfg.strategy.name, cfg.strategy)
