@@ -108,10 +108,9 @@ def estimate_activations(cfg: Config, train: Any, info: ModelInfo) -> int:
 def available_bytes(device: str) -> tuple[int, str]:
     """Memory the site has for training: free memory of the CUDA device, else the RAM the kernel says is
     available (``MemAvailable``), and what it is."""
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        if torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info(torch.device("cuda" if device == "auto" else device))
-            return int(free), f"free memory of {torch.cuda.get_device_name()}"
+    if torch.cuda.is_available() and (device == "auto" or device.startswith("cuda")):
+        free, _ = torch.cuda.mem_get_info(torch.device("cuda" if device == "auto" else device))
+        return int(free), f"free memory of {torch.cuda.get_device_name()}"
     with open("/proc/meminfo") as f:
         kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     return kb * 1024, "available RAM"
