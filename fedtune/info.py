@@ -144,8 +144,9 @@ def verdict(cfg: Config, info: ModelInfo, available: int, what: str) -> list[str
 
     b, s = cfg.train.batch_size, cfg.train.seq_len
     fits = info.total_bytes <= budget
-    lines = [f"{'fits' if fits else 'does NOT fit'}: about {info.total_bytes / mib:,.0f} MiB needed, "
-             f"{available / mib:,.0f} MiB {what} (90% usable)"]
+    head = (f"{'fits' if fits else 'does NOT fit'}: about {info.total_bytes / mib:,.0f} MiB needed, "
+            f"{available / mib:,.0f} MiB {what} (90% usable)")
+    lines = [head]
     max_b = largest(lambda n: total(n, s) <= budget, 1 << 16)
     max_s = largest(lambda n: total(b, n) <= budget, 1 << 20)
     lines.append(f"largest train.batch_size at train.seq_len={s}: {max_b}; largest train.seq_len at "
