@@ -19,7 +19,7 @@ ROOT = Path(__file__).parents[2]
 def readme_trial() -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Run a real federation (gRPC)"):]
-    return re.search(r"A trial on one machine.*?```bash\n(.*?)```", section, re.S).group(1)
+    return re.search(r"A trial on one machine.*?```bash\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_the_block_is_the_one_machine_trial():
