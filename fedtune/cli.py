@@ -132,7 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedtune.info import available_bytes, batch_clients_that_fit, estimate
+    from fedtune.info import available_bytes, batch_clients_that_fit, estimate, verdict
 
     cfg = _config(args)
     info = estimate(cfg)
@@ -152,6 +152,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     free, where = available_bytes(cfg.model.device)
     t.add_row(f"sim.batch_clients that fit ({free / 2**30:,.1f} GiB {where})", f"{batch_clients_that_fit(info, free)}")
     Console().print(t)
+    for line in verdict(cfg, info, free, where):
+        print(line)
     from fedtune.strategies import make_strategy
 
     strategy = make_strategy(cfg.strategy.name, cfg.strategy)

@@ -29,6 +29,8 @@ class ModelInfo:
     grads_bytes: int
     optimizer_bytes: int
     activation_bytes: int
+    shape: tuple[int, int, int, int] = (768, 12, 12, 0)
+    """hidden size, layers, attention heads, vocabulary (what the activation estimate scales with)"""
 
     @property
     def total_bytes(self) -> int:
@@ -62,6 +64,9 @@ def estimate(cfg: Config, num_labels: int | None = None) -> ModelInfo:
     weight_bytes = 0
     params = 0
     seen: set[int] = set()
+    out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
+    if getattr(hf_cfg, "tie_word_embeddings", False) and out_emb is not None and in_emb is not None:
+        seen.add(id(out_emb.weight))  # tied to the input embeddings (not tied on the meta device): counted once
     for name, module in base.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # tied weights (embeddings and lm_head) are stored once
@@ -79,20 +84,81 @@ def estimate(cfg: Config, num_labels: int | None = None) -> ModelInfo:
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad
                     and not (cfg.adapter.method == "lora_fa" and ".lora_A." in n))
     adapter_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "vera_" in n)
-    b, s = cfg.train.batch_size, cfg.train.seq_len
-    h = getattr(hf_cfg, "hidden_size", 768)
-    layers = getattr(hf_cfg, "num_hidden_layers", 12)
-    heads = getattr(hf_cfg, "num_attention_heads", 12)
-    act_16 = 34 * s * b * h + 5 * heads * s * s * b
-    if cfg.model.gradient_checkpointing:
-        activation = layers * 2 * s * b * h + act_16
-    else:
-        activation = layers * act_16
-    vocab = getattr(hf_cfg, "vocab_size", 0)
-    activation += b * s * vocab * 4 * 2 if cfg.model.task == "causal_lm" else 0  # fp32 logits and their grad
+    shape = (getattr(hf_cfg, "hidden_size", 768), getattr(hf_cfg, "num_hidden_layers", 12),
+             getattr(hf_cfg, "num_attention_heads", 12), getattr(hf_cfg, "vocab_size", 0))
+    activation = _activations(cfg, cfg.train.batch_size, cfg.train.seq_len, shape)
     optimizer_bytes = trainable * 8 if cfg.train.optimizer == "adamw" else trainable * 2 if "8bit" in cfg.train.optimizer else 0
     return ModelInfo(params=params, trainable=trainable, weight_bytes=weight_bytes, adapter_bytes=adapter_total * 4,
-                     grads_bytes=trainable * 4, optimizer_bytes=optimizer_bytes, activation_bytes=activation)
+                     grads_bytes=trainable * 4, optimizer_bytes=optimizer_bytes, activation_bytes=activation,
+                     shape=shape)
+
+
+def _activations(cfg: Config, b: int, s: int, shape: tuple[int, int, int, int]) -> int:
+    h, layers, heads, vocab = shape
+    act_16 = 34 * s * b * h + 5 * heads * s * s * b
+    activation = layers * 2 * s * b * h + act_16 if cfg.model.gradient_checkpointing else layers * act_16
+    return activation + (b * s * vocab * 4 * 2 if cfg.model.task == "causal_lm" else 0)  # fp32 logits + grad
+
+
+def estimate_activations(cfg: Config, train: Any, info: ModelInfo) -> int:
+    """Activation bytes of ``info``'s model at ``train.batch_size`` x ``train.seq_len``."""
+    return _activations(cfg, train.batch_size, train.seq_len, info.shape)
+
+
+def available_bytes(device: str) -> tuple[int, str]:
+    """Memory the site has for training: free memory of the CUDA device, else the RAM the kernel says is
+    available (``MemAvailable``), and what it is."""
+    if torch.cuda.is_available() and (device == "auto" or device.startswith("cuda")):
+        free, _ = torch.cuda.mem_get_info(torch.device("cuda" if device == "auto" else device))
+        return int(free), f"free memory of {torch.cuda.get_device_name()}"
+    with open("/proc/meminfo") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return kb * 1024, "available RAM"
+
+
+def largest(fits: Any, limit: int) -> int:
+    """The largest n in [1, limit] with ``fits(n)`` (monotone: doubling, then bisection), 0 when 1 does not."""
+    if not fits(1):
+        return 0
+    n = 1
+    while n < limit and fits(min(limit, n * 2)):
+        n = min(limit, n * 2)
+    lo, hi = n, min(limit, n * 2)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def verdict(cfg: Config, info: ModelInfo, available: int, what: str) -> list[str]:
+    """Whether training as configured fits in ``available`` bytes (keeping 10% headroom), the largest
+    train.batch_size and train.seq_len that fit, and what to change when it does not fit."""
+    import dataclasses
+
+    budget = int(available * 0.9)
+    mib = 2**20
+
+    def total(batch: int, seq: int) -> int:
+        t = dataclasses.replace(cfg.train, batch_size=batch, seq_len=seq)
+        return estimate_activations(cfg, t, info) + info.total_bytes - info.activation_bytes
+
+    b, s = cfg.train.batch_size, cfg.train.seq_len
+    fits = info.total_bytes <= budget
+    head = (f"{'fits' if fits else 'does NOT fit'}: about {info.total_bytes / mib:,.0f} MiB needed, "
+            f"{available / mib:,.0f} MiB {what} (90% usable)")
+    lines = [head]
+    max_b = largest(lambda n: total(n, s) <= budget, 1 << 16)
+    max_s = largest(lambda n: total(b, n) <= budget, 1 << 20)
+    lines.append(f"largest train.batch_size at train.seq_len={s}: {max_b}; largest train.seq_len at "
+                 f"train.batch_size={b}: {max_s}")
+    if not fits:
+        tips = [f"train.batch_size={max_b}" if max_b else "", f"train.seq_len={max_s}" if max_s >= 8 else ""]
+        if not cfg.model.gradient_checkpointing:
+            tips.append("model.gradient_checkpointing=true")
+        if cfg.quant.mode == "none":
+            tips.append("quant.mode=nf4")
+        lines.append("to fit, set one of: " + ", ".join(t for t in tips if t))
+    return lines
 
 
 def batch_clients_that_fit(info: ModelInfo, budget_bytes: int) -> int:
@@ -100,17 +166,3 @@ def batch_clients_that_fit(info: ModelInfo, budget_bytes: int) -> int:
     per client in the batch its adapter, gradients, optimizer state and activations (0: not even one)."""
     per_client = info.adapter_bytes + info.grads_bytes + info.optimizer_bytes + info.activation_bytes
     return max(0, (budget_bytes - info.weight_bytes) // max(1, per_client))
-
-
-def available_bytes(device: str) -> tuple[int, str]:
-    """Memory free for training on ``model.device`` now, and where it was read (CUDA free memory, or the
-    system's MemAvailable)."""
-    if (device.startswith("cuda") or device == "auto") and torch.cuda.is_available():
-        index = torch.device(device if device != "auto" else "cuda").index or 0
-        return int(torch.cuda.mem_get_info(index)[0]), f"free on cuda:{index}"
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return kib * 1024, "available system memory"
-    except (OSError, StopIteration):
-        return 0, "unknown (no /proc/meminfo)"

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -98,15 +99,21 @@ COLUMNS = {
 
 def round_table(title: str, rounds: list[dict[str, Any]], columns: list[str]) -> Table:
     """One row per round record, the chosen ``COLUMNS``; missing values show as ``-``."""
-    table = Table(title=title)
-    for name in columns:
-        table.add_column(COLUMNS[name][0], justify="right")
+    rows = []
     for r in rounds:
         cells = []
         for name in columns:
             _, key, spec, div = COLUMNS[name]
             v = r.get(key)
             cells.append("-" if v is None else format(v / div if div != 1 else v, spec))
+        rows.append(cells)
+    # no vertical rules and every column at least as wide as its widest value: on a narrow terminal the
+    # headers fold, a value is never cut ("1.22e-…") or split
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    for i, name in enumerate(columns):
+        table.add_column(COLUMNS[name][0], justify="right", overflow="fold",
+                         min_width=max([len(row[i]) for row in rows], default=1))
+    for cells in rows:
         table.add_row(*cells)
     return table
 

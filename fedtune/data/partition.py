@@ -220,19 +220,25 @@ def label_entropy(parts: Sequence[Sequence[int]], labels: Sequence[Hashable]) ->
 def render_partition_table(
     parts: Sequence[Sequence[int]], labels: Sequence[Hashable], title: str = "records per client"
 ) -> Any:
-    """A ``rich.table.Table`` of clients x categories counts, with a total column and row."""
+    """A ``rich.table.Table`` of clients x categories counts, with a total column and row. With more
+    categories than clients it is transposed (a row per category), so that it stays about as wide as the
+    number of clients rather than of categories; cells fold instead of being cut."""
     from rich.table import Table
 
     cols = sorted(set(labels), key=str)
     counts = partition_table(parts, labels, cols)
-    table = Table(title=title)
-    table.add_column("client")
-    for c in cols:
-        table.add_column(str(c), justify="right")
-    table.add_column("total", justify="right", style="bold")
-    for i, row in enumerate(counts):
-        table.add_row(str(i), *(str(v) if v else "." for v in row), str(sum(row)))
-    sums = [sum(col) for col in zip(*counts)]
+    rows_are_clients = len(cols) <= len(counts)
+    names = [str(i) for i in range(len(counts))] if rows_are_clients else [str(c) for c in cols]
+    heads = [str(c) for c in cols] if rows_are_clients else [f"client {i}" for i in range(len(counts))]
+    grid = counts if rows_are_clients else [list(col) for col in zip(*counts)]
+    table = Table(title=title if rows_are_clients else f"{title} (a row per category)")
+    table.add_column("client" if rows_are_clients else "category", overflow="fold")
+    for h in heads:
+        table.add_column(h, justify="right", overflow="fold")
+    table.add_column("total", justify="right", style="bold", overflow="fold")
+    for name, row in zip(names, grid, strict=True):
+        table.add_row(name, *(str(v) if v else "." for v in row), str(sum(row)))
+    sums = [sum(col) for col in zip(*grid)]
     table.add_row("total", *(str(v) for v in sums), str(sum(sums)), style="bold")
     return table
 

@@ -67,8 +67,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     mode = cfg.sim.mode
     parts = [list(range(len(data.train_records)))] if mode == "centralized" else partition_clients(cfg, data.train_records)
     labels = [r.get("category") or "-" for r in data.train_records]
-    Console(width=max(console.width, 220), file=console.file).print(
-        render_partition_table(parts, labels, title="clients x categories"))
+    console.print(render_partition_table(parts, labels, title="clients x categories"))
     clients = [VirtualClient(f"client-{i}", i, [data.train_records[j] for j in p],
                              encode([data.train_records[j] for j in p], tok, cfg)) for i, p in enumerate(parts)]
     spec = spec_of(cfg.strategy.name)

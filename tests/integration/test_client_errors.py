@@ -34,7 +34,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Three federations' keys: the right one, one whose certificate names another host, another CA."""
     root = tmp_path_factory.mktemp("keys")
     return {"good": create_keys(root / "good", ["site-a"]),
-            "other_host": create_keys(root / "other_host", ["site-a"], ["coord.example.org"]),
+            "other_host": create_keys(root / "other_host", ["site-a"], ["coord.example.org"], loopback=False),
             "other_ca": create_keys(root / "other_ca", ["site-a"])}
 
 
