@@ -118,6 +118,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
@@ -125,6 +126,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         ax.scatter(total, r["after"], color="black" if name == BASELINE else "tab:blue")
         ax.annotate(name, (total, r["after"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("total MiB sent (up + down, encoded), log scale")
     ax.set_ylabel("final held-out eval loss")
     ax.set_title(title, fontsize=9)

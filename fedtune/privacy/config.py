@@ -70,6 +70,9 @@ def privacy_problems(cfg: Config) -> list[str]:
     if pv.secagg and cfg.client.encoding.startswith("sparse"):
         p.append(f"client.encoding: {cfg.client.encoding} cannot carry secure aggregation's masked uint32 words "
                  "(they are dense by design); use dense, bf16, int8 or fixed_u32")
+    if pv.secagg and ("compress" in cfg.client.pipeline or cfg.compress.downlink):
+        p.append("privacy.secagg: the masked upload is its own fixed-point uint32 encoding, so compress (in "
+                 "client.pipeline, or compress.downlink) cannot apply to it; remove compress or set privacy.secagg=false")
     if pv.dp == "off" and not pv.secagg:
         return p
     what = "privacy.dp" if pv.dp != "off" else "privacy.secagg"

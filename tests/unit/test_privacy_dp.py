@@ -207,3 +207,10 @@ def test_privacy_plan_gives_epsilon_or_the_noise_for_a_target(capsys: pytest.Cap
     assert epsilon(0.1, z, 100, 1e-5, "rdp") <= 4.0 < epsilon(0.1, z - 0.01, 100, 1e-5, "rdp")
     assert main(["privacy", "plan", "--clients", "10", "--rate", "2", "--rounds", "5", "--noise", "1"]) == 2
     assert "--rate: got 2.0, must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_secure_aggregation_refuses_compression_naming_both_keys() -> None:
+    for extra in (["client.pipeline=[compress]", "compress.method=sign"], ["compress.downlink=true"]):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["privacy.secagg=true", *extra])
+        assert "privacy.secagg: the masked upload" in str(err.value) and "compress" in str(err.value)
