@@ -80,7 +80,7 @@ class SecAggStrategy:
             return {c: dataclasses.replace(self._train[c], phase=phase, extra={
                 **self._train[c].extra, "secagg_inbox": {s: b.hex() for s, b in srv.inbox(c).items()},
                 "secagg_senders": srv.senders(c), "secagg_scale": self._scale,
-                "secagg_bound": self.privacy.clip_norm}) for c in srv.shared}
+                "secagg_bound": self.privacy.clip_norm, "reply_tensors": ["masked"]}) for c in srv.shared}
         return {c: Instructions(round, c, state={}, phase=phase, extra={
             "secagg_survivors": list(srv.uploaded), "secagg_dropped": srv.dropped()}) for c in srv.uploaded}
 
