@@ -22,11 +22,11 @@ from fedtune.config import Config, fingerprint
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
+from fedtune.privacy.dp import with_privacy
 from fedtune.report import print_summary
 from fedtune.rounds import RoundPlan, RunResult, has_checkpoint, open_run, run_rounds
 from fedtune.server.coordinator import RoundCoordinator
 from fedtune.server.dispatch import FederationError, GrpcDispatcher
-from fedtune.privacy.dp import with_privacy
 from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.transport import FederationServer, Limits, start_server
 

@@ -30,13 +30,13 @@ from fedtune.eval import generate_answers
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
+from fedtune.privacy.dp import with_privacy
 from fedtune.report import print_summary
 from fedtune.rounds import RoundPlan, RunResult, open_run, run_rounds
 from fedtune.runs import RunDir
 from fedtune.simulation.dispatch import SimDispatcher
 from fedtune.simulation.pools import VirtualClient, clients_per_round, make_pool
 from fedtune.simulation.store import ClientStore
-from fedtune.privacy.dp import with_privacy
 from fedtune.strategies import make_strategy, spec_of, strategy_config
 from fedtune.types import Instructions
 
