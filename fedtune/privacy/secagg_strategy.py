@@ -32,6 +32,7 @@ from fedtune.privacy.secagg import (
     threshold,
 )
 from fedtune.privacy.wire import PHASES, unblob, unflat
+from fedtune.rounds import stop_reason
 from fedtune.strategies.base import PhaseResult, Rng, RoundResult, Strategy
 from fedtune.types import ClientReply, Instructions, State
 
@@ -60,7 +61,7 @@ class SecAggStrategy:
         return self.inner.sent_keys(global_state)
 
     def stop_before(self, round: int) -> str | None:
-        return self.inner.stop_before(round)
+        return stop_reason(self.inner, round)
 
     def configure(self, round: int, client_ids: list[str], global_state: State, rng: Rng, *, phase: str = "train",
                   previous: PhaseResult | None = None) -> dict[str, Instructions]:
