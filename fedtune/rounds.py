@@ -247,7 +247,7 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
     completed: dict[str, Any] = {"round": start - 1, "state": global_state}  # the last checkpointed round
     with _save_on_interrupt(run, model, completed, console), RunProgress(console, plan.rounds, start - 1) as bars:
         for rnd in range(start, plan.rounds + 1):
-            stop = strategy.stop_before(rnd)
+            stop = stop_reason(strategy, rnd)
             if stop is not None:  # a privacy budget: the run ends with what it has
                 console.print(stop, highlight=False, markup=False)
                 notes.append(stop)
@@ -299,6 +299,13 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
     last = rounds[-1] if rounds else {}
     after = {k: v for k, v in last.items() if k in ("eval_loss", "perplexity", "accuracy")} if rounds else before
     return RunResult(history, before, after, run.path, samples_before=samples_before or [], notes=notes)
+
+
+def stop_reason(strategy: Strategy, rnd: int) -> str | None:
+    """Why the run must end before round ``rnd``: a strategy's optional ``stop_before`` (a privacy budget that
+    round would exceed; ``DPStrategy``), or None. Optional, so strategies that keep no budget need not say."""
+    stop_before = getattr(strategy, "stop_before", None)
+    return stop_before(rnd) if callable(stop_before) else None
 
 
 def _write_privacy(run: RunDir, rounds: list[dict[str, Any]], notes: list[str]) -> None:

@@ -14,6 +14,7 @@ simulator's per-client store (checkpointed), or the node's state folder.
 
 from __future__ import annotations
 
+import importlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,13 @@ def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
 PHASES: dict[str, PhaseHandler] = {"train": train_phase}
 """Handlers by phase name; ``register_phase`` adds one."""
 
+PHASE_MODULES: dict[str, str] = {
+    name: "fedtune.privacy.client"
+    for name in ("secagg_advertise", "secagg_share", "secagg_upload", "secagg_unmask")
+}
+"""Modules that register the handlers of these phases when imported, loaded on first use (by name, so this
+module does not depend on them)."""
+
 
 def register_phase(name: str, handler: PhaseHandler) -> None:
     """Answer instructions of phase ``name`` with ``handler`` on every kind of client."""
@@ -102,11 +110,11 @@ def register_phase(name: str, handler: PhaseHandler) -> None:
 def run_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
     """The reply to ``ins`` from the handler of its phase; a phase nobody handles is a failed reply."""
     handler = PHASES.get(ins.phase)
+    if handler is None and ins.phase in PHASE_MODULES:
+        importlib.import_module(PHASE_MODULES[ins.phase])
+        handler = PHASES.get(ins.phase)
     if handler is None:
         return failed_reply(ins.client_id, ins.round,
                             f"this client has no handler for phase {ins.phase[:64]!r} "
                             f"(known: {', '.join(sorted(PHASES))}); is it an older fedtune?")
     return handler(ctx, ins)
-
-
-import fedtune.privacy.client  # noqa: F401  (registers the secure-aggregation phases)

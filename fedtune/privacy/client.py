@@ -89,6 +89,7 @@ def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     inbox = {str(s): bytes.fromhex(str(b)) for s, b in dict(extra.pop("secagg_inbox")).items()}
     senders = [str(s) for s in extra.pop("secagg_senders")]
     scale, bound = float(extra.pop("secagg_scale")), float(extra.pop("secagg_bound"))
+    extra.pop("reply_tensors", None)
     reply = train_phase(ctx, dataclasses.replace(ins, phase="train", extra=extra))
     if not reply.ok or reply.state is None:
         return reply

@@ -177,17 +177,4 @@ class DPStrategy:
         self.accountant.load_state_dict(state["accountant"])
 
 
-def with_privacy(strategy: Strategy, cfg: Any) -> Strategy:
-    """``strategy`` wrapped as ``cfg.privacy`` asks: ``DPStrategy`` for ``privacy.dp=central``, inside
-    ``SecAggStrategy`` for ``privacy.secagg``; else itself."""
-    wrapped: Strategy = strategy
-    if cfg.privacy.dp == "central":
-        wrapped = DPStrategy(wrapped, cfg.privacy, cfg.seed)
-    if cfg.privacy.secagg:
-        from fedtune.privacy.secagg_strategy import SecAggStrategy
-
-        wrapped = SecAggStrategy(wrapped, cfg.privacy, cfg.seed)
-    return wrapped
-
-
-__all__ = ["ClipTransform", "DPStrategy", "clip_delta", "poisson_sample", "with_privacy"]
+__all__ = ["ClipTransform", "DPStrategy", "clip_delta", "poisson_sample"]

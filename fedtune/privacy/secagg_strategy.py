@@ -32,6 +32,7 @@ from fedtune.privacy.secagg import (
     threshold,
 )
 from fedtune.privacy.wire import PHASES, unblob, unflat
+from fedtune.rounds import stop_reason
 from fedtune.strategies.base import PhaseResult, Rng, RoundResult, Strategy
 from fedtune.types import ClientReply, Instructions, State
 
@@ -60,7 +61,7 @@ class SecAggStrategy:
         return self.inner.sent_keys(global_state)
 
     def stop_before(self, round: int) -> str | None:
-        return self.inner.stop_before(round)
+        return stop_reason(self.inner, round)
 
     def configure(self, round: int, client_ids: list[str], global_state: State, rng: Rng, *, phase: str = "train",
                   previous: PhaseResult | None = None) -> dict[str, Instructions]:
@@ -80,7 +81,7 @@ class SecAggStrategy:
             return {c: dataclasses.replace(self._train[c], phase=phase, extra={
                 **self._train[c].extra, "secagg_inbox": {s: b.hex() for s, b in srv.inbox(c).items()},
                 "secagg_senders": srv.senders(c), "secagg_scale": self._scale,
-                "secagg_bound": self.privacy.clip_norm}) for c in srv.shared}
+                "secagg_bound": self.privacy.clip_norm, "reply_tensors": ["masked"]}) for c in srv.shared}
         return {c: Instructions(round, c, state={}, phase=phase, extra={
             "secagg_survivors": list(srv.uploaded), "secagg_dropped": srv.dropped()}) for c in srv.uploaded}
 

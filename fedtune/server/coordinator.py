@@ -242,14 +242,16 @@ class RoundCoordinator:
     def _checked(ins: Instructions, tensors: Iterator[DecodedTensor]) -> Iterator[DecodedTensor]:
         """Refuse tensors the node was not sent, or (at the configured rank) of another shape.
 
-        A reply names only tensors its instructions carried, unless they carried none (a phase whose answer
-        is new data, such as a public key: the strategy checks it); its size is bounded by ``Limits`` either way.
+        A reply names only tensors its instructions carried, or named in ``extra["reply_tensors"]`` (secure
+        aggregation's masked vector), unless they carried none (a phase whose answer is new data, such as a
+        public key: the strategy checks it); its size is bounded by ``Limits`` either way.
         """
+        declared = ins.extra.get("reply_tensors") or ()
         for d in tensors:
             if d.group not in ("state", "delta", "mask"):
                 raise MessageRejected(f"unexpected tensor group {d.group!r} in an update")
             want = ins.state.get(d.name)
-            if want is None and d.group in ("state", "delta") and ins.rank is None and ins.state:
+            if want is None and d.group in ("state", "delta") and ins.rank is None and ins.state and d.name not in declared:
                 raise MessageRejected(f"tensor {d.name!r} was not sent to this node")
             if want is not None and d.group == "delta" and d.tensor.dim() == 1 and d.tensor.numel() <= want.numel():
                 pass  # random-k sends the values only; the round driver checks their count

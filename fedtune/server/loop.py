@@ -27,7 +27,7 @@ from fedtune.config import Config, fingerprint
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
-from fedtune.privacy.dp import with_privacy
+from fedtune.privacy.wrap import with_privacy
 from fedtune.report import print_summary
 from fedtune.rounds import RoundPlan, RunResult, has_checkpoint, open_run, run_rounds
 from fedtune.runs import RunDir

@@ -32,7 +32,7 @@ from fedtune.eval import generate_answers
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
 from fedtune.pipeline import encode, load_dataset
-from fedtune.privacy.dp import with_privacy
+from fedtune.privacy.wrap import with_privacy
 from fedtune.report import print_summary
 from fedtune.rounds import Model, RoundPlan, RunResult, open_run, run_rounds
 from fedtune.runs import RunDir

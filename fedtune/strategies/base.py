@@ -110,10 +110,6 @@ class Strategy(Protocol):
         """The tensors of the global state that clients are sent and send back (ffa: only B)."""
         ...
 
-    def stop_before(self, round: int) -> str | None:
-        """Why the run must end before ``round`` (a privacy budget that round would exceed), or None."""
-        ...
-
     def configure(
         self, round: int, client_ids: list[str], global_state: State, rng: Rng, *, phase: str = "train",
         previous: PhaseResult | None = None,

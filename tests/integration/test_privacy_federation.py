@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_seams import federate, rounds, simulate
+from test_seams import adapter, federate, rounds, simulate
 
 import fedtune.privacy.client as sa_client
 from fedtune.client import phases
@@ -46,3 +46,15 @@ def test_dp_in_a_simulated_run_reports_epsilon_every_round(tmp_path: Path) -> No
     rows = rounds(result)
     assert len(rows) == 2 and 0 < rows[0]["epsilon"] < rows[1]["epsilon"]
     assert json.loads((result.run_dir / "privacy.json").read_text())["epsilon"] == rows[1]["epsilon"]
+
+
+def test_secagg_over_grpc_computes_what_the_simulator_computes(tmp_path: Path) -> None:
+    opts = ("privacy.secagg=true", "privacy.clip_norm=10", "sim.partitioner=iid", "sim.rounds=1",
+            "federation.rounds=1")
+    sim = simulate(tmp_path / "sim", *opts)
+    grpc = federate(tmp_path, *opts)
+    for s, g in zip(rounds(sim), rounds(grpc), strict=True):
+        assert (g["clients_ok"], g["failures"]) == (3, {}) == (s["clients_ok"], s["failures"])
+        assert g["eval_loss"] == pytest.approx(s["eval_loss"], abs=1e-5)
+    a, b = adapter(sim.run_dir), adapter(grpc.run_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

@@ -19,8 +19,8 @@ from fedtune.client.phases import ClientContext, run_phase
 from fedtune.config import TrainConfig, load_config
 from fedtune.privacy import secagg
 from fedtune.privacy.config import PrivacyConfig
-from fedtune.privacy.dp import with_privacy
 from fedtune.privacy.secagg_strategy import SecAggStrategy
+from fedtune.privacy.wrap import with_privacy
 from fedtune.rounds import RoundPlan, run_rounds
 from fedtune.runs import RunDir
 from fedtune.strategies import StrategyConfig, make_strategy
