@@ -176,7 +176,7 @@ def test_a_supernode_killed_mid_run_is_a_recorded_failure(simulated, deployment:
     for i in range(3):
         dep.supernode(i, data)
     run = dep.tmp / "run"
-    runner = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "dep", "--stream"], check=False, env=dep.env,
+    runner = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "dep", "--stream"], env=dep.env, cwd=dep.tmp,
                               stdout=open(dep.tmp / "flwr-run.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         end = time.monotonic() + 600
