@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import shlex
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,11 +50,19 @@ from fedtune.transport.messages import (
     reply_to_frames,
 )
 from fedtune.types import ClientReply, Instructions, failed_reply, updates_from_plain, updates_to_plain
+from fedtune.untrusted import clean
 
 FRAMES = "fedtune.frames"
 """The ``stype`` of an ``Array`` holding one fedtune wire frame as raw bytes."""
 MAX_ERROR_CHARS = 500
 """How much of a node's error text the server keeps (it came from the network)."""
+
+
+def _error_text(text: object) -> str:
+    """A node's error text, bounded and with control characters shown: its end, where Python puts the
+    exception (a ClientApp's reason is a traceback)."""
+    s = str(text)
+    return clean(s if len(s) <= MAX_ERROR_CHARS else "..." + s[-MAX_ERROR_CHARS:], MAX_ERROR_CHARS + 3)
 
 
 # --- messages: fedtune frames in Flower records --------------------------------------------------------------
@@ -123,7 +132,7 @@ class GridDispatcher:
             node_id = reply.metadata.src_node_id
             if reply.has_error() or "meta" not in reply.content.config_records:  # asked again at the next poll
                 why = reply.error.reason if reply.has_error() else "no 'meta' record"
-                self.console.print(f"SuperNode {node_id} did not say who it is: {escape(str(why)[:MAX_ERROR_CHARS])}",
+                self.console.print(f"SuperNode {node_id} did not say who it is: {escape(_error_text(why))}",
                                    highlight=False)
                 continue
             self._asked.add(node_id)
@@ -195,19 +204,19 @@ class GridDispatcher:
     def _reply(self, cid: str, round: int, msg: Message, phase: str) -> ClientReply:
         """The fedtune reply inside ``msg`` from ``cid``, or a failed one saying what was wrong with it."""
         if msg.has_error():
-            return failed_reply(cid, round, f"the node's ClientApp failed: {str(msg.error.reason)[:MAX_ERROR_CHARS]}")
+            return failed_reply(cid, round, f"the node's ClientApp failed: {_error_text(msg.error.reason)}")
         try:
             frames, meta = content_frames(msg.content)
             reply = frames_to_reply(frames, self.limits)
         except MessageRejected as e:
-            return failed_reply(cid, round, f"rejected update: {e.reason[:MAX_ERROR_CHARS]}")
+            return failed_reply(cid, round, f"rejected update: {_error_text(e.reason)}")
         if self.base_log is not None and "held" in meta:
             self.base_log.rewind(cid, int(meta["held"]))
         if reply.client_id != cid or reply.round != round:
             return failed_reply(cid, round, f"rejected update: it is {reply.client_id[:64]!r}'s for round "
                                             f"{reply.round}, not {cid!r}'s for round {round}")
         if reply.error:
-            reply.error = reply.error[:MAX_ERROR_CHARS]
+            reply.error = _error_text(reply.error)
         reply.bytes_up = frames_size(frames)
         return reply
 
@@ -268,6 +277,7 @@ def make_server_app(config_file: Path) -> ServerApp:
 
 STATE_KEY = "fedtune"
 _CACHE: dict[str, Any] = {}  # per process: the loaded model and the node's examples (a ``:local:`` actor reuses them)
+_LOCK = threading.Lock()  # one message at a time per process: an actor may serve several nodes, each its own model
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -345,6 +355,10 @@ def make_client_app(config_file: Path) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        with _LOCK:
+            return _train(msg, context)
+
+    def _train(msg: Message, context: Context) -> Message:
         from fedtune.client.phases import ClientContext, run_phase
         from fedtune.models import apply_base_update
 
