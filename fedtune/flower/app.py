@@ -355,43 +355,50 @@ def make_client_app(config_file: Path) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        with _LOCK:
-            return _train(msg, context)
-
-    def _train(msg: Message, context: Context) -> Message:
-        from fedtune.client.phases import ClientContext, run_phase
-        from fedtune.models import apply_base_update
-
-        cfg = app_config(config_file, dict(context.run_config))
-        frames, meta = content_frames(msg.content)
-        ins = frames_to_instructions(frames, Limits(require_finite=False))
-        assert ins is not None, "instructions frames decode to instructions"
-        lm, examples = _load_node(cfg, dict(context.node_config))
-        node = _node_state(context)
-        bundles = [updates_from_plain(b) for b in node["bundles"]]
-        for update in bundles[_CACHE["applied"]:]:  # a fresh process: the updates this node holds
-            apply_base_update(lm.model, update, lm.quantized)
-        _CACHE["applied"] = len(bundles)
-        base_from, base_to = ins.extra.get("base_from", len(bundles)), ins.extra.get("base_to", len(bundles))
-        if len(bundles) == base_from and ins.base_update and base_to > base_from:
-            apply_base_update(lm.model, ins.base_update, lm.quantized)
-            node["bundles"].append(updates_to_plain(ins.base_update))
-            _CACHE["applied"] = len(node["bundles"])
-        if len(node["bundles"]) not in (base_from, base_to):
-            reply = failed_reply(ins.client_id, ins.round, f"base model out of sync: holds {len(node['bundles'])} "
-                                                           f"base update(s), the instructions build on {base_from}")
-        else:
-            ctx = ClientContext(_CACHE["cfg"], lm, examples, node["client"],
-                                keep_optimizer_state=_CACHE["cfg"].sim.keep_optimizer_state)
-            reply = run_phase(ctx, ins)
-            node["client"] = ctx.state
-        _keep_node_state(context, node)
-        up = uplink_encoding(cfg)  # client.encoding, or the compressor's own (compress in client.pipeline)
-        try:
-            out = list(reply_to_frames(reply, meta.get("phase", ins.phase), up))
-        except ValueError as e:  # the encoding cannot carry this update: say so instead
-            reply = failed_reply(ins.client_id, ins.round, f"cannot encode the update as {up}: {e}")
-            out = list(reply_to_frames(reply, ins.phase, up))
-        return Message(frames_to_content(out, {"held": len(node["bundles"])}), reply_to=msg)
+        return node_train(config_file, msg, context)
 
     return app
+
+
+def node_train(config_file: Path, msg: Message, context: Context) -> Message:
+    """The ClientApp's ``train``: one message at a time in this process (module-level, so that Ray pickles
+    the ClientApp by reference, not the lock)."""
+    with _LOCK:
+        return _train(config_file, msg, context)
+
+
+def _train(config_file: Path, msg: Message, context: Context) -> Message:
+    from fedtune.client.phases import ClientContext, run_phase
+    from fedtune.models import apply_base_update
+
+    cfg = app_config(config_file, dict(context.run_config))
+    frames, meta = content_frames(msg.content)
+    ins = frames_to_instructions(frames, Limits(require_finite=False))
+    assert ins is not None, "instructions frames decode to instructions"
+    lm, examples = _load_node(cfg, dict(context.node_config))
+    node = _node_state(context)
+    bundles = [updates_from_plain(b) for b in node["bundles"]]
+    for update in bundles[_CACHE["applied"]:]:  # a fresh process: the updates this node holds
+        apply_base_update(lm.model, update, lm.quantized)
+    _CACHE["applied"] = len(bundles)
+    base_from, base_to = ins.extra.get("base_from", len(bundles)), ins.extra.get("base_to", len(bundles))
+    if len(bundles) == base_from and ins.base_update and base_to > base_from:
+        apply_base_update(lm.model, ins.base_update, lm.quantized)
+        node["bundles"].append(updates_to_plain(ins.base_update))
+        _CACHE["applied"] = len(node["bundles"])
+    if len(node["bundles"]) not in (base_from, base_to):
+        reply = failed_reply(ins.client_id, ins.round, f"base model out of sync: holds {len(node['bundles'])} "
+                                                       f"base update(s), the instructions build on {base_from}")
+    else:
+        ctx = ClientContext(_CACHE["cfg"], lm, examples, node["client"],
+                            keep_optimizer_state=_CACHE["cfg"].sim.keep_optimizer_state)
+        reply = run_phase(ctx, ins)
+        node["client"] = ctx.state
+    _keep_node_state(context, node)
+    up = uplink_encoding(cfg)  # client.encoding, or the compressor's own (compress in client.pipeline)
+    try:
+        out = list(reply_to_frames(reply, meta.get("phase", ins.phase), up))
+    except ValueError as e:  # the encoding cannot carry this update: say so instead
+        reply = failed_reply(ins.client_id, ins.round, f"cannot encode the update as {up}: {e}")
+        out = list(reply_to_frames(reply, ins.phase, up))
+    return Message(frames_to_content(out, {"held": len(node["bundles"])}), reply_to=msg)
