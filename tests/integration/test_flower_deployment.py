@@ -202,7 +202,10 @@ def test_local_simulation_of_the_app_equals_the_simulator(simulated, tmp_path: P
     sim_run, _ = simulated
     dep = Deployment(tmp_path)
     app = make_app(tmp_path)
-    out = flwr_run(dep, app, "local", timeout=900)
+    try:
+        out = flwr_run(dep, app, "local", timeout=900)
+    finally:  # `flwr run` leaves its local SuperLink serving: stop it (another run would reuse it)
+        subprocess.run(["pkill", "-f", f"{dep.home}/local-superlink"], check=False)
     run = tmp_path / "run"
     assert (run / "adapter" / "adapter_model.safetensors").is_file(), out
     assert worst_difference(run, sim_run) <= 1e-6
