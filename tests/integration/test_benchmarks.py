@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.bench, pytest.mark.integration]
 BENCH = Path(__file__).parents[2] / "benchmarks"
 QUICK = {  # script -> the JSON its --quick run writes
     "local_step.py": "local_step_quick.json",
