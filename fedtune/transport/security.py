@@ -85,7 +85,7 @@ def check_exposure(address: str, *, tls: bool, authenticated: bool, insecure: bo
     if is_loopback(address):
         return []
     if not tls:
-        check_plaintext_allowed(address, insecure)
+        check_plaintext_allowed(address, insecure, side="server")
     if not authenticated and not allow_anyone:
         raise InsecureTransportError(
             f"refusing to serve {address!r} without node authentication: anyone who reaches the port could join "

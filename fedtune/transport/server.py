@@ -36,7 +36,6 @@ from fedtune.transport.codec import (
     TensorDecoder,
 )
 from fedtune.transport.errors import (
-    AuthenticationError,
     MessageRejected,
     PermissionDeniedError,
     TransportError,
@@ -118,9 +117,7 @@ def _guard(fn: _F) -> _F:
     def unary(self: FederationServicer, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
-        except TransportError as e:
-            if isinstance(e, AuthenticationError | PermissionDeniedError) and fn.__name__ in ("Challenge", "Register"):
-                log.warning("refused at registration (%s): %s", context.peer(), e.reason)  # unknown or revoked
+        except TransportError as e:  # refused registrations are logged, at a bounded rate, by ``RefusalLog``
             context.abort(e.code, e.reason)
         except Exception:
             log.exception("%s failed", fn.__name__)

@@ -190,8 +190,9 @@ def test_config_validate_reports_every_problem_with_its_key() -> None:
     bad = StrategyConfig(name="nope", fraction=0.0, min_replies=0, beta1=1.5, trim_fraction=0.7, r=0,
                          client_ranks=[4, 0], error_feedback=True)
     problems = bad.validate()
-    for key in ("name", "fraction", "min_replies", "beta1", "trim_fraction", "r", "client_ranks", "error_feedback"):
-        assert any(p.startswith(f"strategy.{key}:") for p in problems), key
+    for key in ("strategy.name", "strategy.fraction", "strategy.min_replies", "strategy.beta1",
+                "strategy.trim_fraction", "adapter.r", "strategy.client_ranks", "strategy.error_feedback"):
+        assert any(p.startswith(f"{key}:") for p in problems), key  # r is adapter.r's (the user's key)
     assert "fedavg" in next(p for p in problems if p.startswith("strategy.name"))
     assert StrategyConfig().validate() == []
     assert StrategyConfig(name="svd", r=4, svd_rank=16, client_ranks=[4, 8, 16]).validate() == []

@@ -92,7 +92,7 @@ def test_unknown_node_is_unauthenticated_and_logged(tls_server, caplog):
     _coord, server, keys = tls_server
     with pytest.raises(AuthenticationError, match="not in the server's allow-list"):
         _client(keys, server, "eve").connect()
-    assert any("refused at registration" in r.message and "'eve' is not in the server's allow-list" in r.message
+    assert any("refused" in r.getMessage() and "'eve'" in r.getMessage() and "allow-list" in r.getMessage()
                for r in caplog.records)
 
 
@@ -134,8 +134,7 @@ def test_revoked_node_is_refused_logged_and_loses_its_session(tls_server, caplog
         fc.heartbeat()
     with pytest.raises(PermissionDeniedError, match="revoked"):
         _client(keys, server, "bob").connect()
-    assert any("refused at registration" in r.message and "'bob' has been revoked" in r.message
-               for r in caplog.records)
+    assert any("refused" in r.getMessage() and "'bob' has been revoked" in r.getMessage() for r in caplog.records)
     fc.close()
 
 
