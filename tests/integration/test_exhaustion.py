@@ -13,7 +13,7 @@ import pytest
 
 from fedtune.transport.loadtest import ATTACKS, run_federation
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about a minute of real processes
 
 NODES, ROUNDS, DEADLINE_S = 3, 4, 60.0
 

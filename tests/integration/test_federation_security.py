@@ -26,7 +26,7 @@ from fedtune.transport.codec import encode_state
 from fedtune.transport.security import channel_credentials
 from tests.integration.test_federation import BASE, SCENARIO, fedtune, finish, free_port, metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about a minute of real processes
 
 
 def _flip_byte(chunks):
