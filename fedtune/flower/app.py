@@ -137,14 +137,14 @@ class GridDispatcher:
                 continue
             self._asked.add(node_id)
             meta = reply.content.config_records["meta"]
-            name, index = str(meta.get("name", ""))[:128], int(meta.get("index", -1))
+            name, index = str(meta.get("name", ""))[:128], _int(meta.get("index", -1))
             if not name or name in self.nodes:
                 self.console.print(f"SuperNode {node_id} refused: name {escape(name)!r} is empty or taken",
                                    highlight=False)
                 continue
             self.nodes[name] = _Node(node_id, name, index)
             if self.base_log is not None:
-                self.base_log.rewind(name, int(meta.get("held", 0)))
+                self.base_log.rewind(name, _int(meta.get("held", 0)))
 
     def available(self, round: int) -> list[str]:
         """The identified SuperNodes' clients in natural name order, once ``federation.min_clients`` are there.
@@ -186,10 +186,10 @@ class GridDispatcher:
         deadline = time.monotonic() + self.cfg.federation.round_timeout_s
         while pending:
             for msg in self.grid.pull_messages(list(pending)):
-                cid = pending.pop(msg.metadata.reply_to_message_id, None)
-                if cid is not None:
-                    reply = self._reply(cid, round, msg, phase)
-                    reply.bytes_down = sizes[cid]
+                got = pending.pop(msg.metadata.reply_to_message_id, None)
+                if got is not None:
+                    reply = self._reply(got, round, msg, phase)
+                    reply.bytes_down = sizes[got]
                     yield reply
             if pending and time.monotonic() > deadline:
                 for cid in pending.values():
@@ -231,6 +231,11 @@ class GridDispatcher:
 
     def close(self) -> None:
         """Nothing to release: the SuperLink ends the run when the ServerApp returns."""
+
+
+def _int(value: object) -> int:
+    """A node's integer field (it came from the network): -1 when it is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
 def _natural(name: str) -> tuple[Any, ...]:
