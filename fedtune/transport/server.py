@@ -40,7 +40,7 @@ from fedtune.transport.errors import (
     PermissionDeniedError,
     TransportError,
 )
-from fedtune.transport.guards import POLL, SHORT, UPLOAD, CallGate, Watchdog, Watched
+from fedtune.transport.guards import POLL, SHORT, STREAMS_PER_CONNECTION, UPLOAD, CallGate, Watchdog, Watched
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     NONCE_BYTES,
@@ -473,7 +473,7 @@ def start_server(
     auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
     servicer = FederationServicer(coordinator, auth, max_workers=max_workers, **servicer_kwargs)
     options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
     # Calls beyond the threads queue for one (a burst of short calls is served, not refused): long calls
     # (polls, uploads) never take the last threads (``guards.CallGate``), so queued short calls start soon.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
