@@ -82,11 +82,11 @@ def main() -> None:
     print_table(f"fedtune server: {args.nodes} concurrent nodes, {args.rounds} rounds (server exit {rc})",
                 ["round", "sampled", "acked", "aggregated", "failed", "lost", "MiB up", "round s"], table)
     print(f"server peak RSS {peak[0] / 2**20:.0f} MiB; total wall time {total:.1f} s (from the server answering); "
-          f"node errors: {nodes.error_count}")
+          f"node errors: {nodes.error_count}; calls made again, by the code that ended the try: {nodes.retried}")
     for e in nodes.errors[:5]:
         print("  ", e)
     write_json("federation_quick.json" if args.quick else "federation.json", {"nodes": args.nodes, "rounds": out, "server_exit": rc,
-                                   "node_errors": nodes.errors[:20], "node_error_count": nodes.error_count,
+                                   "node_errors": nodes.errors[:20], "node_error_count": nodes.error_count, "retried": nodes.retried,
                                    "server_peak_rss_mib": peak[0] / 2**20, "total_seconds": total,
                                    "lost_total": sum(r["lost"] for r in out), "machine": machine_info()})
 

@@ -103,8 +103,8 @@ class Coordinator(Protocol):
         """Consume one update. ``tensors`` decodes lazily and raises MessageRejected on bad input;
         raise MessageRejected yourself for a wrong round/phase. Returns a note for the node's ack."""
 
-    def status(self) -> RoundStatus:
-        """Current round and phase."""
+    def status(self, detail: bool = True) -> RoundStatus:
+        """Current round and phase; with ``detail``, what ``fedtune status`` shows (may cost O(nodes))."""
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -348,7 +348,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
     @_guard
     def Heartbeat(self, request: fpb.HeartbeatRequest, context: grpc.ServicerContext) -> fpb.HeartbeatReply:
         with self.gate.call(self._session(context).node, SHORT):
-            st = self.coordinator.status()
+            st = self.coordinator.status(detail=False)
         return fpb.HeartbeatReply(round=st.round, phase=st.phase)
 
     @_guard

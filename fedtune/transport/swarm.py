@@ -39,7 +39,10 @@ from fedtune.transport.server import GRPC_OPTIONS, SERVICE, _raw
 from fedtune.types import ClientReply
 
 _T = TypeVar("_T")
-RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+         grpc.StatusCode.CANCELLED}
+"""Codes after which a node calls again. CANCELLED: an overloaded server's upload watchdog can cut an upload
+whose first bytes its handler thread did not get to read in time (the node may upload again); counted."""
 POLL_S = 20.0
 MAX_ERRORS = 50
 """Node errors a process reports (all are counted)."""
@@ -53,6 +56,8 @@ class Tally:
     errors: list[str] = field(default_factory=list)
     error_count: int = 0
     finished: int = 0
+    retried: dict[str, int] = field(default_factory=dict)
+    """Calls made again, by the status code that ended the previous try."""
 
     def error(self, text: str) -> None:
         self.error_count += 1
@@ -81,6 +86,7 @@ class Node:
             f"/{SERVICE}/SubmitUpdate", request_serializer=_raw, response_deserializer=fpb.SubmitAck.FromString)
         self.md: tuple[tuple[str, str], ...] = ()
         self.heartbeat_s = 5.0
+        self.doing = "registering"
 
     async def run(self) -> None:
         try:
@@ -90,8 +96,10 @@ class Node:
                 await self._loop()
             finally:
                 beat.cancel()
+        except grpc.aio.AioRpcError as e:
+            self.tally.error(f"{self.name}: {self.doing}: {e.code().name}: {e.details()}"[:300])
         except Exception as e:  # noqa: BLE001 - counted and reported by the caller
-            self.tally.error(f"{self.name}: {type(e).__name__}: {e}"[:300])
+            self.tally.error(f"{self.name}: {self.doing}: {type(e).__name__}: {e}"[:300])
         finally:
             self.tally.finished += 1
             await self.channel.close()
@@ -105,6 +113,7 @@ class Node:
 
     async def _loop(self) -> None:
         while True:
+            self.doing = "polling"
             frames = await self._retry(self._instructions)
             ins = frames_to_instructions(frames)
             if ins is None:
@@ -112,6 +121,7 @@ class Node:
             if ins.phase == "stop":
                 return
             state = {k: torch.randn_like(v) * 0.01 for k, v in ins.state.items()}
+            self.doing = f"uploading round {ins.round}"
             ack = await self._retry(self._uploader(ClientReply(self.name, ins.round, state, num_examples=10), ins.phase))
             if ack.accepted:
                 self.tally.acked[ins.round] = self.tally.acked.get(ins.round, 0) + 1
@@ -143,6 +153,7 @@ class Node:
                     continue
                 if code not in RETRY or attempt + 1 == attempts:
                     raise
+                self.tally.retried[code.name] = self.tally.retried.get(code.name, 0) + 1
                 await asyncio.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)) * random.uniform(0.8, 1.2))
         raise AssertionError("unreachable")
 
@@ -153,7 +164,7 @@ async def _run_nodes(port: int, first: int, count: int, fingerprint: str, status
     def write() -> None:
         tmp = status.with_suffix(".tmp")
         tmp.write_text(json.dumps({"acked": tally.acked, "errors": tally.errors, "error_count": tally.error_count,
-                                   "finished": tally.finished}))
+                                   "finished": tally.finished, "retried": tally.retried}))
         tmp.replace(status)
 
     nodes = [Node(f"127.0.0.1:{port}", f"{prefix}-{i:04d}", fingerprint, tally) for i in range(first, first + count)]
@@ -220,6 +231,14 @@ class Swarm:
     @property
     def errors(self) -> list[str]:
         return [e for s in self._statuses() for e in s["errors"]]
+
+    @property
+    def retried(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for s in self._statuses():
+            for code, k in s["retried"].items():
+                total[code] = total.get(code, 0) + k
+        return total
 
     @property
     def error_count(self) -> int:
