@@ -57,7 +57,7 @@ class Tally:
     error_count: int = 0
     finished: int = 0
     retried: dict[str, int] = field(default_factory=dict)
-    """Calls made again, by the status code that ended the previous try."""
+    """Calls made again, by what the node was doing and the status code that ended the previous try."""
 
     def error(self, text: str) -> None:
         self.error_count += 1
@@ -153,7 +153,8 @@ class Node:
                     continue
                 if code not in RETRY or attempt + 1 == attempts:
                     raise
-                self.tally.retried[code.name] = self.tally.retried.get(code.name, 0) + 1
+                what = f"{self.doing.split(' round')[0]}: {code.name}"
+                self.tally.retried[what] = self.tally.retried.get(what, 0) + 1
                 await asyncio.sleep(min(10.0, 0.5 * 2 ** min(attempt, 5)) * random.uniform(0.8, 1.2))
         raise AssertionError("unreachable")
 
