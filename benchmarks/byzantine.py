@@ -10,7 +10,7 @@ reply bounds: ``federation.max_update_norm`` and ``max_abs_value`` off); ``fedav
 (``krum_f`` = the number of attackers), each with the default bounds too. The score is the final global
 held-out eval loss; the target is the best defended arm within 2% of the clean run's.
 
-    nice -n 10 .venv/bin/python benchmarks/byzantine.py [--model tiny-llama] [--rounds R --steps S --clients N]
+    nice -n 10 .venv/bin/python benchmarks/byzantine.py [--model tiny-llama] [--quant nf4] [--rounds R --steps S --clients N]
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def arms(attackers: int, trim: float) -> dict[str, list[str]]:
 
 
 def base(args: argparse.Namespace, attackers: int) -> list[str]:
-    model = ["model.name=smollm2-135m", "quant.mode=none", "quant.compute_dtype=bf16"] if args.model == "smollm2-135m" \
-        else ["model.name=tiny-llama", "quant.mode=none", "quant.compute_dtype=fp32"]
+    model = ["model.name=smollm2-135m", f"quant.mode={args.quant}", "quant.compute_dtype=bf16"] \
+        if args.model == "smollm2-135m" else ["model.name=tiny-llama", "quant.mode=none", "quant.compute_dtype=fp32"]
     return [*model, "adapter.r=8", "adapter.alpha=16", "adapter.target_modules=[q_proj,v_proj]",
             f"train.max_steps={args.steps}", "train.batch_size=4", "train.seq_len=64", f"train.lr={args.lr}",
             f"sim.num_clients={args.clients}", f"sim.rounds={args.rounds}", "sim.partitioner=category",
@@ -79,6 +79,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["smollm2-135m", "tiny-llama"], default="smollm2-135m")
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none", help="SmolLM2's base weights (bf16 or NF4)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=4, help="local steps per client per round")
     ap.add_argument("--clients", type=int, default=10)
@@ -124,15 +125,15 @@ def main() -> None:
     rows = [[name, f"{r['after']:.4f}" if r["after"] is not None else "nan", gap(r["after"]), r["refused"],
              r["not_applied"], f"{r['wall_s']:.0f}"] for name, r in results.items()]
     load = os.getloadavg()
-    print_table(f"byzantine: {args.model}, {args.clients} clients by category ({attackers} attacking: scale/flip x"
+    print_table(f"byzantine: {args.model} ({args.quant}), {args.clients} clients by category ({attackers} attacking: scale/flip x"
                 f"{args.scale:g}, NaN, 2^63-1 weight), {args.rounds} rounds x {args.steps} steps (load avg {load[0]:.1f})",
                 ["arm", "final eval loss", "vs clean", "refused", "rounds not applied", "wall s"], rows)
     finite = {k: v for k, v in defended.items() if v is not None and math.isfinite(v)}
     best = min(finite, key=lambda k: finite[k]) if finite else None
     targets = {"best_defended": best,
                "within_2pct_of_clean": clean is not None and best is not None and finite[best] <= 1.02 * clean}
-    path = write_json(f"byzantine_{args.model}.json", {
-        "model": args.model, "rounds": args.rounds, "steps": args.steps, "clients": args.clients,
+    path = write_json(f"byzantine_{args.model}{'_nf4' if args.quant == 'nf4' else ''}.json", {
+        "model": args.model, "quant": args.quant, "rounds": args.rounds, "steps": args.steps, "clients": args.clients,
         "attackers": attackers, "scale": args.scale, "lr": args.lr, "seed": args.seed, "results": results,
         "targets": targets, "total_s": time.perf_counter() - t0, "loadavg_before": load_before, "loadavg": load,
         "machine": machine_info(), "when": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -98,7 +98,12 @@ class RoundCoordinator:
         self.rebase: Callable[[str, int, Instructions], Instructions] | None = None
         """(node, base updates it holds, its open-round instructions) -> instructions for that base."""
         self._held: dict[str, int] = {}  # node -> base updates held, as reported at its last registration
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # polls wait on their own condition, woken only when a node's instructions may have changed: with
+        # every event waking every poll, 1,000 nodes' polls took turns at the lock on each reply and the
+        # round loop hardly got it
+        self._news = threading.Condition(lock)
         self._clients: dict[str, float] = {}  # participant -> registration time
         self._observers: set[str] = set()
         self.round, self.phase = 0, "waiting"
@@ -140,7 +145,7 @@ class RoundCoordinator:
             self._clients[node] = time.time()
             self._held[node] = base_updates
             self._observers.discard(node)
-            self._cond.notify_all()
+            self._publish_locked()
         log.info("node %s %s holding %d base update(s)", node, "registered" if first else "registered again",
                  base_updates)
 
@@ -160,7 +165,12 @@ class RoundCoordinator:
                 left = end - time.monotonic()
                 if left <= 0:
                     return None
-                self._cond.wait(left)
+                self._news.wait(left)
+
+    def _publish_locked(self) -> None:
+        """Wake every waiter: polls too (their node's instructions, or the federation's end, may be new)."""
+        self._cond.notify_all()
+        self._news.notify_all()
 
     def upload_window(self, node: str) -> float:
         """Seconds left for ``node``'s update of the open phase (to the round's deadline).
@@ -260,15 +270,17 @@ class RoundCoordinator:
                                       f"expected {tuple(want.shape)}")
             yield d
 
-    def status(self) -> RoundStatus:
+    def status(self, detail: bool = True) -> RoundStatus:
         with self._cond:
+            if not detail:  # a heartbeat's answer: every node asks every few seconds, so O(1)
+                return RoundStatus(self.round, self.phase)
             live = self._live_locked()
-            detail = {"rounds": str(self.total_rounds), "clients": ",".join(live),
-                      "waiting_for": ",".join(n for n in self._instr if n not in self._answered) if self._open
-                      else "", "rejected": str(self.rejected)}
+            info = {"rounds": str(self.total_rounds), "clients": ",".join(live),
+                    "waiting_for": ",".join(n for n in self._instr if n not in self._answered) if self._open
+                    else "", "rejected": str(self.rejected)}
             if self._open:
-                detail["deadline_in_s"] = f"{max(0.0, self._deadline - time.monotonic()):.0f}"
-            return RoundStatus(self.round, self.phase, detail)
+                info["deadline_in_s"] = f"{max(0.0, self._deadline - time.monotonic()):.0f}"
+            return RoundStatus(self.round, self.phase, info)
 
     def _stale_locked(self, node: str) -> bool:
         """The node's process re-registered holding another base than its open-round instructions assume."""
@@ -300,7 +312,7 @@ class RoundCoordinator:
                     self._instr[node] = new
                     del self._held[node]
                     log.info("node %s restarted holding %d base update(s): its instructions were rebuilt", node, held)
-                self._cond.notify_all()
+                self._publish_locked()
         return bool(todo)
     def _live_locked(self) -> list[str]:
         seen, now = self.last_seen(), time.time()
@@ -347,7 +359,7 @@ class RoundCoordinator:
             self.buffer = buffer
             self._deadline = time.monotonic() + deadline_s
             self._open = True
-            self._cond.notify_all()
+            self._publish_locked()
 
     def _fail_locked(self, node: str, rnd: int, reason: str) -> None:
         if node in self._answered:
@@ -401,7 +413,7 @@ class RoundCoordinator:
         """The federation is over: every poll from now on answers ``stop``."""
         with self._cond:
             self._done, self._open, self.phase = True, False, "done"
-            self._cond.notify_all()
+            self._publish_locked()
 
     def wait_stopped(self, timeout: float) -> list[str]:
         """Wait until every live node has been told to stop; returns those that were not."""

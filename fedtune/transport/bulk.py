@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import logging
 import select
+import selectors
 import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,6 @@ from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
 from fedtune.transport.codec import DecodedTensor, TensorDecoder
 from fedtune.transport.errors import MessageRejected, TransportError
-from fedtune.transport.guards import Watchdog
 from fedtune.untrusted import clean
 
 log = logging.getLogger(__name__)
@@ -134,13 +135,17 @@ def lane_error(body: bytes) -> LaneError:
 
 class BulkListener:
     """Accepts bulk-lane connections on ``host:port`` (0: any free port) and hands each upload to
-    ``submit(token, header_bytes, tensors, received)`` (the servicer), one thread per connection.
+    ``submit(token, header_bytes, tensors, received)`` (the servicer) on a thread of its own.
 
     ``ssl_context``: TLS with the gRPC server's certificate; None: plaintext (same rules as gRPC).
-    A connection must complete its handshake (TLS, preamble, token) within ``handshake_s``; at most
-    ``max_unauthenticated`` connections may be in that stage, and at most ``max_connections`` authenticated
-    ones open (the servicer admits one per node, and only nodes asked for an update); an authenticated
-    upload whose node sends nothing for ``idle_s`` is cut.
+    Until a connection has shown a session token it costs no thread: one thread accepts every connection
+    and runs its handshake (TLS, preamble, token) without blocking, and drops it after ``handshake_s``. At
+    most ``max_unauthenticated`` connections may be at that stage: a new one takes the place of the oldest,
+    so idle connections cannot keep a node that says who it is at once from the lane (it needs a few ms).
+    A connection with a token gets a thread, and at most ``max_unauthenticated`` may be waiting for the
+    servicer to check it; at most ``max_connections`` authenticated ones are open (the servicer admits one
+    per node, and only nodes asked for an update); an authenticated upload whose node sends nothing for
+    ``idle_s`` is cut.
     """
 
     def __init__(
@@ -150,19 +155,19 @@ class BulkListener:
     ) -> None:
         self._sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                           backlog=128)
+        self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._submit, self._ssl = submit, ssl_context
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._strangers = threading.BoundedSemaphore(max_unauthenticated)
-        self.idle_s, self.handshake_s = idle_s, handshake_s
-        self._handshakes = Watchdog(handshake_s)
+        self._checking = threading.BoundedSemaphore(max_unauthenticated)
+        self.idle_s, self.handshake_s, self.max_unauthenticated = idle_s, handshake_s, max_unauthenticated
         self.refused = 0
-        """Connections refused at accept because every unauthenticated slot was taken."""
+        """Connections dropped before they showed a token: their place was taken, or time ran out."""
         self.uploads = 0
         """Updates accepted over the lane so far."""
         self._count_lock = threading.Lock()
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, name="bulk-accept", daemon=True)
+        self._thread = threading.Thread(target=self._handshake_loop, name="bulk-handshakes", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -173,41 +178,109 @@ class BulkListener:
             pass
         self._sock.close()
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
+    def _handshake_loop(self) -> None:
+        """Accept connections and run their handshakes, all on this thread (``_Hello``)."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        pending: dict[int, _Hello] = {}  # in arrival order: the first is the oldest
+        try:
+            while not self._closed.is_set():
+                now = time.monotonic()
+                timeout = min([0.5, *(h.deadline - now for h in pending.values())])
+                for key, _ in sel.select(max(0.0, timeout)):
+                    if key.fileobj is self._sock:
+                        self._accept(sel, pending)
+                    elif (h := pending.get(key.fd)) is not None:
+                        self._step(sel, pending, h)
+                now = time.monotonic()
+                for h in [h for h in pending.values() if h.deadline <= now]:
+                    self._drop(sel, pending, h, "no session token within the handshake deadline"
+                               if not h.refused else "")
+        except (OSError, ValueError):  # the listener was closed
+            pass
+        finally:
+            for h in list(pending.values()):
+                self._drop(sel, pending, h, "")
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector, pending: dict[int, _Hello]) -> None:
+        for _ in range(64):  # a burst at a time, so that the connections already here progress too
             try:
                 conn, peer = self._sock.accept()
-            except OSError:
+            except BlockingIOError:
                 return
-            if not self._strangers.acquire(blocking=False):
-                with self._count_lock:
-                    self.refused += 1
-                    if self.refused % 1000 == 1:
-                        log.warning("bulk lane: refusing %s, too many connections without a session token "
-                                    "(%d refused so far)", peer, self.refused)
-                conn.close()
-                continue
-            threading.Thread(target=self._serve, args=(conn, peer), name="bulk-upload", daemon=True).start()
+            conn.setblocking(False)
+            if len(pending) >= self.max_unauthenticated:
+                self._drop(sel, pending, next(iter(pending.values())), "its place was taken by a newer connection")
+            sock: Any = conn
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            h = _Hello(sock, peer, time.monotonic() + self.handshake_s, tls=self._ssl is not None)
+            pending[sock.fileno()] = h
+            sel.register(sock, selectors.EVENT_READ)
 
-    def _serve(self, conn: socket.socket, peer: Any) -> None:
-        sock: Any = conn
-        box = [conn]  # the socket to time out or break: the TLS wrapper takes over the raw one's descriptor
-        held = [self._strangers]  # the slot this connection holds: unauthenticated, then authenticated
+    def _step(self, sel: selectors.BaseSelector, pending: dict[int, _Hello], h: _Hello) -> None:
+        """Advance one handshake with what has arrived; hand it to a thread once its token is read."""
+        try:
+            if h.refused:  # drain what the node still sends, so that the refusal is not lost in a reset
+                if not h.sock.recv(1 << 16):
+                    self._drop(sel, pending, h, "")
+                return
+            token = h.advance()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return
+        except MessageRejected as e:
+            self._note_drop(h.peer, e.reason)
+            h.refuse(e.code, e.reason)
+            h.deadline = min(h.deadline, time.monotonic() + LINGER_S)
+            return
+        except (OSError, ssl.SSLError) as e:  # a reset, a bad TLS hello, a connection closed early
+            self._drop(sel, pending, h, f"{e}")
+            return
+        if token is None:
+            return
+        sel.unregister(h.sock)
+        del pending[h.sock.fileno()]
+        if not self._checking.acquire(blocking=False):
+            self._note_drop(h.peer, "too many connections with a token waiting to be checked")
+            h.sock.close()
+            return
+        h.sock.setblocking(True)
+        threading.Thread(target=self._serve, args=(h.sock, h.peer, token, [h.received]), name="bulk-upload",
+                         daemon=True).start()
+
+    def _drop(self, sel: selectors.BaseSelector, pending: dict[int, _Hello], h: _Hello, why: str) -> None:
+        pending.pop(h.sock.fileno(), None)
+        try:
+            sel.unregister(h.sock)
+        except (KeyError, ValueError):
+            pass
+        _shutdown(h.sock)
+        h.sock.close()
+        if why:
+            self._note_drop(h.peer, why)
+
+    def _note_drop(self, peer: Any, why: str) -> None:
+        with self._count_lock:
+            self.refused += 1
+            n = self.refused
+        if n % 1000 == 1:  # a flood of idle connections must not flood the log
+            log.warning("bulk lane: dropped %s before it showed a session token: %s (%d dropped so far)", peer,
+                        clean(why), n)
+
+    def _serve(self, sock: Any, peer: Any, token: str, received: list[int]) -> None:
+        held = [self._checking]  # the bound this connection counts against: unchecked, then authenticated
 
         def authenticated() -> None:
             if not self._slots.acquire(blocking=False):
                 raise TransportError("server busy: too many bulk uploads open, use gRPC",
                                      grpc.StatusCode.RESOURCE_EXHAUSTED)
             held[0] = self._slots
-            self._strangers.release()
-            box[0].settimeout(self.idle_s)
+            self._checking.release()
+            sock.settimeout(self.idle_s)
 
         try:
-            with self._handshakes.watch(lambda: _shutdown(box[0]), self.handshake_s):
-                conn.settimeout(self.handshake_s)
-                if self._ssl is not None:
-                    sock = box[0] = self._ssl.wrap_socket(conn, server_side=True)
-                token, received = self._hello(sock)
+            sock.settimeout(self.handshake_s)
             ack = self._upload(sock, token, received, authenticated)
             with self._count_lock:
                 self.uploads += 1
@@ -215,7 +288,7 @@ class BulkListener:
         except TransportError as e:
             log.warning("bulk upload from %s refused: %s", peer, clean(e.reason))
             self._refuse(sock, e.code, e.reason)
-        except (OSError, ssl.SSLError) as e:  # timeouts, resets, bad TLS: nothing to answer
+        except (OSError, ssl.SSLError) as e:  # timeouts, resets: nothing to answer
             log.warning("bulk connection from %s dropped: %s", peer, clean(e))
         except Exception:
             log.exception("bulk upload from %s failed", peer)
@@ -238,23 +311,6 @@ class BulkListener:
                     break
         except (OSError, ssl.SSLError):
             pass
-
-    def _hello(self, sock: Any) -> tuple[str, list[int]]:
-        """Read the preamble and the session token: (token, bytes received)."""
-        try:
-            magic = recv_exact(sock, len(MAGIC))
-        except ConnectionError as e:
-            raise MessageRejected(f"not a fedtune bulk connection: {e}") from None
-        if magic != MAGIC:
-            raise MessageRejected("not a fedtune bulk connection (bad preamble)")
-        (n,) = struct.unpack("<H", recv_exact(sock, 2))
-        if n > MAX_TOKEN_LEN:
-            raise MessageRejected(f"session token of {n} bytes exceeds {MAX_TOKEN_LEN}")
-        try:
-            token = recv_exact(sock, n).decode(errors="replace")
-        except ConnectionError as e:
-            raise MessageRejected(f"not a fedtune bulk connection: {e}") from None
-        return token, [len(MAGIC) + 2 + n]
 
     def _upload(self, sock: Any, token: str, received: list[int],
                 authenticated: Callable[[], None]) -> fpb.SubmitAck:
@@ -305,6 +361,58 @@ class BulkListener:
                     yield out
                     del out
         return read
+
+
+class _Hello:
+    """The handshake of one bulk-lane connection, advanced without blocking as bytes arrive: the TLS
+    handshake (if any), then the preamble and the session token. A refusal is sent at once and the
+    connection kept (drained) until the node hangs up or ``LINGER_S`` pass."""
+
+    def __init__(self, sock: Any, peer: Any, deadline: float, tls: bool) -> None:
+        self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.shaken = not tls
+        self.buf = bytearray()
+        self.refused = False
+
+    @property
+    def received(self) -> int:
+        return len(self.buf)
+
+    def advance(self) -> str | None:
+        """Read what has arrived; the token once it is complete, else None.
+
+        Raises:
+            MessageRejected: not a fedtune bulk connection, or an oversize token.
+            ssl.SSLWantReadError / BlockingIOError: nothing more to read yet.
+            OSError: the connection broke or closed early.
+        """
+        if not self.shaken:
+            self.sock.do_handshake()
+            self.shaken = True
+        while True:
+            need = len(MAGIC) + 2
+            if len(self.buf) >= need:
+                (n,) = struct.unpack_from("<H", self.buf, len(MAGIC))
+                if n > MAX_TOKEN_LEN:
+                    raise MessageRejected(f"session token of {n} bytes exceeds {MAX_TOKEN_LEN}")
+                need += n
+                if len(self.buf) == need:
+                    return bytes(self.buf[len(MAGIC) + 2:]).decode(errors="replace")
+            got = self.sock.recv(need - len(self.buf))  # never past the token: the upload's bytes stay queued
+            if not got:
+                raise MessageRejected(f"not a fedtune bulk connection: it closed after {len(self.buf)} bytes")
+            self.buf += got
+            if not MAGIC.startswith(bytes(self.buf[:len(MAGIC)])):
+                raise MessageRejected("not a fedtune bulk connection (bad preamble)")
+
+    def refuse(self, code: grpc.StatusCode, reason: str) -> None:
+        """Send the ERROR record (small: it fits the socket's buffer) and half-close; the caller drains."""
+        self.refused = True
+        try:
+            self.sock.send(_RECORD.pack(ERROR, len(body := error_body(code, reason))) + body)
+            self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ssl.SSLError):
+            pass
 
 
 def _shutdown(sock: Any) -> None:

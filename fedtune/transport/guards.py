@@ -4,7 +4,10 @@ The gRPC server runs every call on one of ``max_workers`` threads. Long polls an
 seconds to minutes, so without bounds one enrolled node could hold them all (300 open polls) and leave no
 thread for the heartbeats of honest nodes, which then look lost. ``CallGate`` bounds the calls of each node
 (by kind) and keeps a reserve of threads that long calls never take, so short calls (heartbeats, status,
-registration) always find one. ``Watchdog`` cuts an upload whose node sends nothing for ``idle_s`` while
+registration) always find one. A call beyond its node's limit is held for ``hold_s`` before it is refused, and
+each connection may have ``STREAMS_PER_CONNECTION`` calls open (HTTP/2's own bound, kept by gRPC's core): a
+node that floods the server with calls then waits on its own side, and costs the server a few refusals a
+second instead of hundreds. ``Watchdog`` cuts an upload whose node sends nothing for ``idle_s`` while
 the server waits for its bytes, or that is still streaming when its round's deadline has passed: an open
 stream that sends nothing holds an upload slot, and there are only a few.
 """
@@ -30,6 +33,16 @@ PER_NODE = {POLL: 2, UPLOAD: 1, SHORT: 4}
 """Concurrent calls one node may have open, by kind. An honest node has one poll or upload at a time (its
 main loop) plus a heartbeat; the slack covers a call the node gave up on that the server has not noticed."""
 LONG = (POLL, UPLOAD)
+HOLD_S = 2.0
+"""How long a call beyond its node's limit is held before it is refused (the node's calls slow to its pace)."""
+MAX_HELD = 30
+"""Over-limit calls of one node held at a time; more are refused at once."""
+STREAMS_PER_CONNECTION = 32
+"""Concurrent calls (HTTP/2 streams) on one connection: more wait on the node's side, at no cost to the server.
+An honest node has two open (its poll or upload, and a heartbeat), ``fedtune status`` one; the slack
+covers calls that ended but whose stream gRPC frees only when Python collects the call (an exception in a
+reference cycle keeps it until the next garbage collection). At most 2 + ``MAX_HELD``, so that a flood of
+polls over one connection is all held, none refused at once."""
 
 
 def reserve_for(max_workers: int) -> int:
@@ -40,11 +53,14 @@ def reserve_for(max_workers: int) -> int:
 class CallGate:
     """Per-node and server-wide bounds on concurrent calls; see the module docstring."""
 
-    def __init__(self, max_workers: int, per_node: dict[str, int] | None = None) -> None:
+    def __init__(self, max_workers: int, per_node: dict[str, int] | None = None, hold_s: float = HOLD_S,
+                 max_held: int = MAX_HELD) -> None:
         self.long_capacity = max(1, max_workers - reserve_for(max_workers))
         self.per_node = dict(PER_NODE, **(per_node or {}))
+        self.hold_s, self.max_held = hold_s, max_held
         self._lock = threading.Lock()
         self._open: dict[tuple[str, str], int] = {}
+        self._held: dict[str, int] = {}
         self._long = 0
         self._warned = 0.0
 
@@ -53,15 +69,15 @@ class CallGate:
         """Hold one ``kind`` call of ``node`` open for the ``with`` block.
 
         Raises:
-            TransportError: RESOURCE_EXHAUSTED when the node already has its limit of such calls open, or
-                the long calls of all nodes hold every thread but the reserve (the node retries later).
+            TransportError: RESOURCE_EXHAUSTED when the node already has its limit of such calls open (after
+                ``hold_s``), or the long calls of all nodes hold every thread but the reserve (the node
+                retries later).
         """
         key, long = (node, kind), kind in LONG
         with self._lock:
             n = self._open.get(key, 0)
             if n >= self.per_node[kind]:
-                raise TransportError(f"{node!r} already has {n} {kind} call(s) open (at most "
-                                     f"{self.per_node[kind]} at a time)", grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self._refuse_over_limit(node, kind, n)
             # a node's extra calls of a kind (beyond its first) may use only half the threads: the other half
             # stays for the first calls of other nodes
             if long and (self._long >= self.long_capacity or (n and self._long >= self.long_capacity // 2)):
@@ -84,6 +100,27 @@ class CallGate:
                     self._open[key] = left
                 else:
                     del self._open[key]
+
+    def _refuse_over_limit(self, node: str, kind: str, n: int) -> None:
+        """Refuse a call beyond ``node``'s limit, after holding it ``hold_s`` (called, and returns, with the
+        lock held). The held calls take threads of the long calls' half that a node's extra calls may use,
+        so they never take the reserve or the threads of other nodes' first calls; beyond ``max_held`` (or
+        that half) the refusal is immediate."""
+        held = self._held.get(node, 0)
+        if self.hold_s > 0 and held < self.max_held and self._long < self.long_capacity // 2:
+            self._held[node], self._long = held + 1, self._long + 1
+            self._lock.release()
+            try:
+                time.sleep(self.hold_s)
+            finally:
+                self._lock.acquire()
+                self._long -= 1
+                if self._held[node] > 1:
+                    self._held[node] -= 1
+                else:
+                    del self._held[node]
+        raise TransportError(f"{node!r} already has {n} {kind} call(s) open (at most "
+                             f"{self.per_node[kind]} at a time)", grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def nodes_in_calls(self) -> set[str]:
         """Nodes with a call open now (a node in a long poll is alive even if its heartbeat is late)."""

@@ -218,16 +218,18 @@ class NodeAuth:
             self._reload()
             entry = self._allow.get(node) if self.allowlist_file is not None else None
             if self.allowlist_file is not None:
-                refused = AuthenticationError(
-                    f"node {node!r} could not authenticate: it is not in the server's allow-list, or its key "
-                    "does not match the listed one")
+                # one message for both (a function, not a local: a raised local would be kept alive by its
+                # own traceback's frame, and with it the gRPC call, until the next garbage collection)
+                def refused() -> AuthenticationError:
+                    return AuthenticationError(f"node {node!r} could not authenticate: it is not in the server's "
+                                               "allow-list, or its key does not match the listed one")
                 if entry is None or (public_key and public_key != entry.public_key):
-                    raise refused
+                    raise refused()
                 try:
                     Ed25519PublicKey.from_public_bytes(entry.public_key).verify(
                         signature, SIGN_PREFIX + nonce + node.encode())
                 except (InvalidSignature, ValueError):
-                    raise refused from None
+                    raise refused() from None
             self._used = {n: t for n, t in self._used.items() if t >= now}
             if nonce in self._used:
                 raise AuthenticationError("reused challenge nonce; request a new one")

@@ -40,7 +40,7 @@ from fedtune.transport.errors import (
     PermissionDeniedError,
     TransportError,
 )
-from fedtune.transport.guards import POLL, SHORT, UPLOAD, CallGate, Watchdog, Watched
+from fedtune.transport.guards import POLL, SHORT, STREAMS_PER_CONNECTION, UPLOAD, CallGate, Watchdog, Watched
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     NONCE_BYTES,
@@ -103,8 +103,8 @@ class Coordinator(Protocol):
         """Consume one update. ``tensors`` decodes lazily and raises MessageRejected on bad input;
         raise MessageRejected yourself for a wrong round/phase. Returns a note for the node's ack."""
 
-    def status(self) -> RoundStatus:
-        """Current round and phase."""
+    def status(self, detail: bool = True) -> RoundStatus:
+        """Current round and phase; with ``detail``, what ``fedtune status`` shows (may cost O(nodes))."""
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -348,7 +348,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
     @_guard
     def Heartbeat(self, request: fpb.HeartbeatRequest, context: grpc.ServicerContext) -> fpb.HeartbeatReply:
         with self.gate.call(self._session(context).node, SHORT):
-            st = self.coordinator.status()
+            st = self.coordinator.status(detail=False)
         return fpb.HeartbeatReply(round=st.round, phase=st.phase)
 
     @_guard
@@ -473,7 +473,7 @@ def start_server(
     auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
     servicer = FederationServicer(coordinator, auth, max_workers=max_workers, **servicer_kwargs)
     options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
     # Calls beyond the threads queue for one (a burst of short calls is served, not refused): long calls
     # (polls, uploads) never take the last threads (``guards.CallGate``), so queued short calls start soon.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,

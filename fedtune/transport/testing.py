@@ -68,5 +68,5 @@ class StaticCoordinator:
             self.replies.append(reply)
         return "thanks"
 
-    def status(self) -> RoundStatus:
-        return RoundStatus(self.round, self.phase, {"clients": str(len(self.registered))})
+    def status(self, detail: bool = True) -> RoundStatus:
+        return RoundStatus(self.round, self.phase, {"clients": str(len(self.registered))} if detail else {})

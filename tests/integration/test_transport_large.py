@@ -35,7 +35,7 @@ class DigestCoordinator:
             self.digests[d.name] = hashlib.sha256(d.tensor.numpy().tobytes()).hexdigest()
         return "ok"
 
-    def status(self) -> RoundStatus:
+    def status(self, detail: bool = True) -> RoundStatus:
         return RoundStatus(0, "train")
 
 

@@ -122,3 +122,26 @@ def test_a_restarted_node_gets_its_open_round_rebuilt_for_a_fresh_base() -> None
     assert torch.equal(delta, torch.full((8, 8), 3.0))  # rounds 1 and 2 together
     assert log.held_by("a") == log.held_by("b") == 2
     assert c.take_registrations() == {"idle": 0}
+
+
+def test_a_heartbeat_costs_the_same_with_a_thousand_nodes_and_replies_do_not_wake_polls() -> None:
+    """At 1,000 nodes every heartbeat sorted every live node under the coordinator's lock, and every reply
+    woke every waiting poll: the round loop hardly got the lock."""
+    c = _coord([f"n{i}" for i in range(1000)])
+    c.last_seen = lambda: pytest.fail("a heartbeat's status must not look at every node")
+    c.open_round(1, {"n0": Instructions(1, "n0", STATE), "n1": Instructions(1, "n1", STATE)}, 60, buffer=4)
+    assert (c.status(detail=False).round, c.status(detail=False).phase) == (1, "train")
+    woken = []
+    real_wait = c._news.wait
+
+    def counted(timeout=None):
+        woken.append(timeout)
+        return real_wait(timeout)
+    c._news.wait = counted  # type: ignore[method-assign]
+    poll = threading.Thread(target=c.next_instructions, args=("n999", 3.0))  # not sampled: waits
+    poll.start()
+    time.sleep(0.2)
+    c.submit("n0", _header("n0"), _tensors(STATE))
+    c.submit("n1", _header("n1"), _tensors(STATE))
+    poll.join()
+    assert len(woken) == 1  # one wait, to its timeout: the two replies did not wake it
