@@ -4,8 +4,8 @@ The nodes are threads in this process (``fedtune.transport.loadtest.HonestNodes`
 ``FederationClient`` speaking the real protocol and answering every round with random LoRA-shaped tensors
 (no model). The server is the real one (tiny Llama for its global adapter, plaintext on loopback, fedavg), its
 worker threads sized from ``federation.min_clients`` (``server.max_workers=0``). Per round: sampled, acked,
-aggregated, failed and lost updates and the round's wall time (round 1 includes waiting for every node to
-register); the server's peak resident memory (sampled every 0.5 s).
+aggregated, failed and lost updates and the round's wall time (from the moment enough nodes are connected);
+the server's peak resident memory (sampled every 0.5 s).
 
     .venv/bin/python benchmarks/federation.py [--nodes 1000] [--rounds 5] [--quick]
 """

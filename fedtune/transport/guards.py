@@ -25,11 +25,12 @@ from fedtune.transport.errors import MessageRejected, TransportError
 
 log = logging.getLogger(__name__)
 
-POLL, UPLOAD, SHORT = "poll", "upload", "short"
-PER_NODE = {POLL: 2, UPLOAD: 1, SHORT: 4}
+POLL, UPLOAD, SHORT, PRESENCE = "poll", "upload", "short", "presence"
+PER_NODE = {POLL: 2, UPLOAD: 1, SHORT: 4, PRESENCE: 2}
 """Concurrent calls one node may have open, by kind. An honest node has one poll or upload at a time (its
-main loop) plus a heartbeat; the slack covers a call the node gave up on that the server has not noticed."""
-LONG = (POLL, UPLOAD)
+main loop), a heartbeat and its presence stream; the slack covers a call the node gave up on that the server
+has not noticed."""
+LONG = (POLL, UPLOAD, PRESENCE)
 
 
 def reserve_for(max_workers: int) -> int:
@@ -86,9 +87,10 @@ class CallGate:
                     del self._open[key]
 
     def nodes_in_calls(self) -> set[str]:
-        """Nodes with a call open now (a node in a long poll is alive even if its heartbeat is late)."""
+        """Nodes with a call open now (a node in a long poll is alive even if its heartbeat is late). A presence
+        stream does not count: it stays open on a connection whose peer vanished without closing it."""
         with self._lock:
-            return {node for node, _ in self._open}
+            return {node for node, kind in self._open if kind != PRESENCE}
 
 
 @dataclass(eq=False)
