@@ -142,7 +142,8 @@ class FederationClient:
 
     ``key`` is the node's Ed25519 private key (object or PEM file); ``ca_file`` turns on TLS (the default
     whenever the address is not loopback: plaintext elsewhere needs ``insecure=True``). Heartbeats go out
-    every ``heartbeat_s`` until the server sends its own interval at registration. ``base_updates`` is what
+    every ``heartbeat_s`` until the server sends its own interval at registration; with them (``heartbeat``)
+    the node holds a presence stream open, whose end tells the server at once that the node is gone. ``base_updates`` is what
     every registration reports: how many base-weight updates the node's model holds (keep it current).
     Updates of at least ``bulk_min_bytes`` go over the server's bulk lane (``bulk``) when it offers one and
     ``bulk`` is on; over gRPC otherwise, or when the lane cannot be reached.
