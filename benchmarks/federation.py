@@ -5,8 +5,8 @@ the real protocol on a connection of its own and answering every round with rand
 model): thread-per-node clients (``FederationClient``) took ~2,600 threads for 1,000 nodes and did not
 finish on a 2-core machine. The server is the real one (tiny Llama for its global adapter, plaintext on loopback, fedavg), its
 worker threads sized from ``federation.min_clients`` (``server.max_workers=0``). Per round: sampled, acked,
-aggregated, failed and lost updates and the round's wall time (round 1 includes waiting for every node to
-register); the server's peak resident memory (sampled every 0.5 s).
+aggregated, failed and lost updates and the round's wall time (from the moment enough nodes are connected);
+the server's peak resident memory (sampled every 0.5 s).
 
     .venv/bin/python benchmarks/federation.py [--nodes 1000] [--rounds 5] [--processes 4] [--quick]
 """

@@ -16,6 +16,19 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+LOG_WIDTH = 200
+"""Columns of a command's output when it goes to a file or a pipe (a log): rich's 80 would wrap its lines."""
+
+
+def console() -> Any:
+    """A rich ``Console`` for a command's output: a terminal's own width; ``LOG_WIDTH`` columns when the output
+    is a file or a pipe and ``COLUMNS`` does not say otherwise."""
+    from rich.console import Console
+
+    out = Console()
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = LOG_WIDTH
+    return out
 
 
 def quiet_libraries() -> None:

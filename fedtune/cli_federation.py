@@ -27,8 +27,7 @@ def _config(args: argparse.Namespace, extra: list[str]) -> Any:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """Coordinate a federation over gRPC: wait for clients, run the rounds, write the run folder."""
-    from rich.console import Console
-
+    from fedtune.cli_common import console
     from fedtune.server import FederationError, run_server
     from fedtune.transport import InsecureTransportError
 
@@ -47,7 +46,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.overwrite or not has_checkpoint(cfg):  # a checkpoint: a restarted server resumes from it
         claim_run_folder(cfg.out, overwrite=args.overwrite)
     try:
-        run_server(cfg, Console())
+        run_server(cfg, console())
     except (FederationError, InsecureTransportError) as e:
         print(f"fedtune server: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -56,14 +55,13 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     """Join a federation as one site: train on local data when asked, send only adapter updates."""
-    from rich.console import Console
-
+    from fedtune.cli_common import console
     from fedtune.client.node import NodeMisconfigured, NodeRefused, ServerUnreachable, run_client
     from fedtune.transport import InsecureTransportError
 
     cfg = _config(args, ["client.insecure=true"] if args.insecure else [])
     try:
-        run_client(cfg, Console())
+        run_client(cfg, console())
     except NodeRefused as e:
         print(f"fedtune client: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -80,9 +78,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show a running server's round, phase and connected clients with when each was last seen."""
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
+    from fedtune.cli_common import console
     from fedtune.names import check_name
     from fedtune.server.coordinator import OBSERVER
     from fedtune.transport import Backoff, FederationClient, TransportError
@@ -104,13 +102,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     except TransportError as e:
         print(f"fedtune status: {args.address}: {e.reason}", file=sys.stderr)
         return EXIT_FAILED
-    console = Console()
+    out = console()
     d = st.detail
     # everything below came from the server: shown escaped and bounded (fedtune.untrusted)
-    console.print(f"server {shown(args.address)}: round {st.round}/{shown(d.get('rounds', '?'), 12)}, "
-                  f"phase {shown(st.phase, MAX_NAME)}"
-                  + (f", deadline in {shown(d['deadline_in_s'], 12)} s" if d.get("deadline_in_s") else "")
-                  + (f", waiting for {shown(d['waiting_for'])}" if d.get("waiting_for") else ""), highlight=False)
+    out.print(f"server {shown(args.address)}: round {st.round}/{shown(d.get('rounds', '?'), 12)}, "
+              f"phase {shown(st.phase, MAX_NAME)}"
+              + (f", deadline in {shown(d['deadline_in_s'], 12)} s" if d.get("deadline_in_s") else "")
+              + (f", waiting for {shown(d['waiting_for'])}" if d.get("waiting_for") else ""), highlight=False)
     participants = set(filter(None, d.get("clients", "").split(",")))
     table = Table(title="nodes with a session")
     for col in ("node", "role", "last seen"):
@@ -120,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue  # this very status call
         role = "client" if node in participants else "silent" if ago > 10 else "observer"
         table.add_row(shown(node, MAX_NAME), role, f"{ago:.1f} s ago ({time.strftime('%H:%M:%S', time.localtime(time.time() - ago))})")
-    console.print(table)
+    out.print(table)
     return 0
 
 

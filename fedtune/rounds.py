@@ -252,9 +252,10 @@ def run_rounds(plan: RoundPlan, run: RunDir, model: Model, strategy: Strategy, d
                 console.print(stop, highlight=False, markup=False)
                 notes.append(stop)
                 break
-            t0 = time.perf_counter()
             kept = copy.deepcopy(strategy.state_dict())  # what a refused aggregate must not leave behind
-            played = _play(rnd, dispatcher.available(rnd), global_state, plan, strategy, dispatcher, bars)
+            ids = dispatcher.available(rnd)
+            t0 = time.perf_counter()  # the round's own time: waiting for clients to connect is not in it
+            played = _play(rnd, ids, global_state, plan, strategy, dispatcher, bars)
             result = played.result
             refused = result_problem(result.state, result.base_update, plan.policy) if result.applied else None
             if refused is not None:  # the previous global model stays, and the strategy's state with it

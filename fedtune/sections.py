@@ -124,6 +124,9 @@ class FederationConfig:
                              "when it registers)")
     silence_s: float = opt(10.0, "a node not heard from for this many seconds is no longer live: it is left out of "
                            "the open round and of sampling (must exceed federation.heartbeat_s)")
+    disconnect_grace_s: float = opt(5.0, "a node whose connection closed (its process ended, its network dropped) "
+                                    "is lost this many seconds later unless it reconnects, without waiting for "
+                                    "federation.silence_s (which bounds it)")
     eval_every: int = opt(1, "evaluate the global adapter every this many rounds (and after the last), as "
                              "sim.eval_every does in simulation")
     # What one reply may contribute (fedtune.strategies.screen); the simulator applies the same bounds.
@@ -157,6 +160,8 @@ class FederationConfig:
             p.append(f"federation.clients_per_round: got {self.clients_per_round}, must be >= 0 (0: all)")
         if self.round_timeout_s <= 0:
             p.append(f"federation.round_timeout_s: got {self.round_timeout_s}, must be > 0")
+        if self.disconnect_grace_s < 0:
+            p.append(f"federation.disconnect_grace_s: got {self.disconnect_grace_s}, must be >= 0")
         for key in ("heartbeat_s", "silence_s"):
             if getattr(self, key) <= 0:
                 p.append(f"federation.{key}: got {getattr(self, key)}, must be > 0")
@@ -189,9 +194,9 @@ class ServerConfig:
     bulk_port: int | None = opt(0, "TCP port of the bulk upload lane on the server's host (large updates skip "
                                    "gRPC's copies; same TLS and node sessions): 0 any free port, null none")
     eval_data: bool = opt(True, "evaluate the global adapter on the server's own held-out data each round")
-    max_workers: int = opt(0, "threads serving node calls; each connected node holds one while it polls or "
-                              "uploads, and an eighth stay free for heartbeats. 0: 256, or 2 per "
-                              "federation.min_clients plus 64 when that is more")
+    max_workers: int = opt(0, "threads serving node calls; each connected node holds one for its presence "
+                              "stream and one while it polls or uploads, and an eighth stay free for heartbeats. "
+                              "0: 256, or 3 per federation.min_clients plus 64 when that is more")
 
     def validate(self) -> list[str]:
         p = [x for x in [address_problem("server.address", self.address, any_port=True)] if x]

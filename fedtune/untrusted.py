@@ -11,12 +11,16 @@ string is stored, logged, written to ``metrics.jsonl`` or printed it goes throug
   cells, progress-bar fields, ``console.print`` with markup on): ``[/x]`` prints as ``[/x]``, never raises
   ``MarkupError`` and never styles anything.
 
+- ``failure(exc)``: an exception for the log, its traceback as usual but every message ``clean``ed (a
+  message may quote what a peer sent), instead of ``log.exception``.
+
 Limits are chosen by the kind of field, not by what arrived: the constants below.
 """
 
 from __future__ import annotations
 
 import re
+import traceback
 
 from rich.markup import escape
 
@@ -46,3 +50,19 @@ def clean(text: object, limit: int = MAX_ERROR) -> str:
 def shown(text: object, limit: int = MAX_ERROR) -> str:
     """``clean(text, limit)`` escaped for rich markup: safe in tables, progress fields and markup prints."""
     return escape(clean(text, limit))
+
+
+MAX_CHAINED = 4
+"""Exceptions of a chain (``raise ... from``, or raised while handling another) that ``failure`` shows."""
+
+
+def failure(exc: BaseException) -> str:
+    """``exc`` as a log's traceback: the frames (this program's own code) as Python prints them, each message
+    bounded and escaped by ``clean``; the exceptions it was raised from first, at most ``MAX_CHAINED``."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain and len(chain) < MAX_CHAINED:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return "\n".join("Traceback (most recent call last):\n" + "".join(traceback.format_tb(x.__traceback__))
+                     + f"{type(x).__qualname__}: {clean(x)}" for x in reversed(chain))

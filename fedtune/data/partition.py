@@ -219,28 +219,72 @@ def label_entropy(parts: Sequence[Sequence[int]], labels: Sequence[Hashable]) ->
 
 def render_partition_table(
     parts: Sequence[Sequence[int]], labels: Sequence[Hashable], title: str = "records per client"
-) -> Any:
-    """A ``rich.table.Table`` of clients x categories counts, with a total column and row. With more
-    categories than clients it is transposed (a row per category), so that it stays about as wide as the
-    number of clients rather than of categories; cells fold instead of being cut."""
-    from rich.table import Table
-
+) -> PartitionTable:
+    """The clients x categories counts as a rich renderable, with a total column and row; see
+    ``PartitionTable`` for how it fits the console."""
     cols = sorted(set(labels), key=str)
-    counts = partition_table(parts, labels, cols)
-    rows_are_clients = len(cols) <= len(counts)
-    names = [str(i) for i in range(len(counts))] if rows_are_clients else [str(c) for c in cols]
-    heads = [str(c) for c in cols] if rows_are_clients else [f"client {i}" for i in range(len(counts))]
-    grid = counts if rows_are_clients else [list(col) for col in zip(*counts)]
-    table = Table(title=title if rows_are_clients else f"{title} (a row per category)")
-    table.add_column("client" if rows_are_clients else "category", overflow="fold")
-    for h in heads:
-        table.add_column(h, justify="right", overflow="fold")
-    table.add_column("total", justify="right", style="bold", overflow="fold")
-    for name, row in zip(names, grid, strict=True):
-        table.add_row(name, *(str(v) if v else "." for v in row), str(sum(row)))
-    sums = [sum(col) for col in zip(*grid)]
-    table.add_row("total", *(str(v) for v in sums), str(sum(sums)), style="bold")
-    return table
+    return PartitionTable(title, [str(c) for c in cols], partition_table(parts, labels, cols))
+
+
+class PartitionTable:
+    """Counts per client (rows of ``counts``) and category, plus totals, that read whole on any console. With
+    more categories than clients it is transposed (a row per category), so that it stays about as wide as the
+    number of clients rather than of categories. When no orientation fits the console it is printed as several
+    tables, each with the row names and as many columns as fit (the totals in the last), in the orientation
+    that needs fewer of them, instead of squeezing columns until their values vanish."""
+
+    def __init__(self, title: str, categories: list[str], counts: list[list[int]]) -> None:
+        self.title, self.categories, self.counts = title, categories, counts
+
+    def layout(self, transposed: bool) -> tuple[str, str, list[str], list[str], list[list[int]]]:
+        """(title, first column, row names, column heads, grid) of one orientation."""
+        clients = [str(i) for i in range(len(self.counts))]
+        if transposed:
+            return (f"{self.title} (a row per category, a column per client)", "category", self.categories, clients,
+                    [list(col) for col in zip(*self.counts)])
+        return self.title, "client", clients, self.categories, self.counts
+
+    @staticmethod
+    def chunks(first: str, names: list[str], heads: list[str], grid: list[list[int]], width: int) -> list[list[int]]:
+        """Column indices (of ``heads``, then the total) of each table, each as many as fit ``width``."""
+        from rich.cells import cell_len
+
+        sums = [sum(col) for col in zip(*grid)]
+        cells = [[h, *(str(v) for v in col), str(s)] for h, col, s in zip(heads, zip(*grid), sums)]
+        cells.append(["total", *(str(sum(row)) for row in grid), str(sum(sums))])
+        need = [max(cell_len(c) for c in col) + 3 for col in cells]  # padding and a border each
+        left = 1 + 3 + max(cell_len(n) for n in [first, *names, "total"])
+        out: list[list[int]] = [[]]
+        used = left
+        for k, w in enumerate(need):
+            if out[-1] and used + w > width:
+                out.append([])
+                used = left
+            out[-1].append(k)
+            used += w
+        return out
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.table import Table
+
+        usual = len(self.categories) > len(self.counts)  # the longer dimension down the page
+        ranked = [(len(self.chunks(*self.layout(t)[1:], options.max_width)), t != usual, t) for t in (usual, not usual)]
+        transposed = min(ranked)[2]
+        title, first, names, heads, grid = self.layout(transposed)
+        parts = self.chunks(first, names, heads, grid, options.max_width)
+        sums = [sum(col) for col in zip(*grid)]
+        rows = [[*(str(v) if v else "." for v in row), str(sum(row))] for row in grid]
+        totals = [*(str(v) for v in sums), str(sum(sums))]
+        heads = [*heads, "total"]
+        for n, cols in enumerate(parts, 1):
+            table = Table(title=title + (f", part {n} of {len(parts)}" if len(parts) > 1 else ""))
+            table.add_column(first, overflow="fold")
+            for k in cols:
+                table.add_column(heads[k], justify="right", overflow="fold", style="bold" if k == len(heads) - 1 else "")
+            for name, row in zip(names, rows, strict=True):
+                table.add_row(name, *(row[k] for k in cols))
+            table.add_row("total", *(totals[k] for k in cols), style="bold")
+            yield table
 
 
 def partition_clients(cfg: Config, records: list[Record]) -> Parts:

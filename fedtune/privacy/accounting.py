@@ -13,32 +13,49 @@ import functools
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from dp_accounting import pld, rdp
-
-# RDP orders where the Poisson-subsampled Gaussian's bound does not converge are dropped by dp-accounting
-# with a warning per order; the remaining orders give the epsilon.
-logging.getLogger("absl").setLevel(logging.ERROR)
+if TYPE_CHECKING:
+    import dp_accounting
 
 KINDS = ("pld", "rdp")
 
 
+@functools.cache
+def _dp() -> Any:
+    """``dp_accounting``, imported when an epsilon is first needed: it is the optional ``privacy`` extra, so a
+    run without ``privacy.dp`` does not need it.
+
+    Raises:
+        ImportError: dp-accounting is not installed, saying how to install it.
+    """
+    try:
+        import dp_accounting
+        import dp_accounting.pld
+        import dp_accounting.rdp
+    except ImportError:
+        raise ImportError("privacy.dp=central needs dp-accounting: pip install 'fedtune[privacy]'") from None
+    # RDP orders where the Poisson-subsampled Gaussian's bound does not converge are dropped by dp-accounting
+    # with a warning per order; the remaining orders give the epsilon.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    return dp_accounting
+
+
 def _event(rounds: list[tuple[float, float, int]]) -> dp_accounting.DpEvent:
+    dp = _dp()
     events: list[dp_accounting.DpEvent] = []
     for q, z, count in rounds:
-        gaussian = dp_accounting.GaussianDpEvent(z)
-        step = gaussian if q >= 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
-        events.append(dp_accounting.SelfComposedDpEvent(step, count))
-    return dp_accounting.ComposedDpEvent(events)
+        gaussian = dp.GaussianDpEvent(z)
+        step = gaussian if q >= 1 else dp.PoissonSampledDpEvent(q, gaussian)
+        events.append(dp.SelfComposedDpEvent(step, count))
+    return dp.ComposedDpEvent(events)
 
 
 def _accountant(kind: str) -> dp_accounting.PrivacyAccountant:
     if kind == "pld":
-        return pld.PLDAccountant()
+        return _dp().pld.PLDAccountant()
     if kind == "rdp":
-        return rdp.RdpAccountant()
+        return _dp().rdp.RdpAccountant()
     raise ValueError(f"unknown accountant {kind!r}; valid: {', '.join(KINDS)}")
 
 
@@ -75,11 +92,12 @@ def noise_for_epsilon(sample_rate: float, rounds: int, delta: float, target_epsi
     def event(z: float) -> dp_accounting.DpEvent:
         return _event([(sample_rate, z, rounds)])
 
+    dp = _dp()
     try:
-        z = dp_accounting.calibrate_dp_mechanism(
+        z = dp.calibrate_dp_mechanism(
             lambda: _accountant(kind), event, target_epsilon, delta,
-            dp_accounting.mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-3)
-    except (dp_accounting.mechanism_calibration.NoBracketIntervalFoundError, ValueError) as exc:
+            dp.mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-3)
+    except (dp.mechanism_calibration.NoBracketIntervalFoundError, ValueError) as exc:
         raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta} in {rounds} "
                          f"rounds at sample rate {sample_rate} ({exc})") from None
     return float(z)

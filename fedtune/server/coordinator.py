@@ -88,13 +88,18 @@ class RoundCoordinator:
     """Thread-safe round state; see the module docstring."""
 
     def __init__(self, fingerprint: str, total_rounds: int, *, silence_s: float = 15.0, buffer: int = 2,
-                 encoding: str = "dense") -> None:
+                 encoding: str = "dense", disconnect_grace_s: float = 5.0) -> None:
         self.fingerprint, self.total_rounds = fingerprint, total_rounds
         self.silence_s, self.buffer = silence_s, buffer
+        self.disconnect_grace_s = disconnect_grace_s
+        """A node whose connection closed is lost after this long unless it calls again (a restart)."""
         self.encoding = encoding
         """The federation's wire encoding (``client.encoding``): updates are counted in it."""
         self.last_seen: Callable[[], dict[str, float]] = dict
         """Unix time of each node's last call; the round loop points this at the servicer's."""
+        self.disconnected: Callable[[], dict[str, float]] = dict
+        """Unix time the connection of each node closed, for nodes that have not called since; the round loop
+        points this at the servicer's."""
         self.rebase: Callable[[str, int, Instructions], Instructions] | None = None
         """(node, base updates it holds, its open-round instructions) -> instructions for that base."""
         self._held: dict[str, int] = {}  # node -> base updates held, as reported at its last registration
@@ -314,10 +319,25 @@ class RoundCoordinator:
                     log.info("node %s restarted holding %d base update(s): its instructions were rebuilt", node, held)
                 self._publish_locked()
         return bool(todo)
+    def _lost_locked(self) -> dict[str, str]:
+        """Registered nodes that are gone, with why: silent for ``silence_s``, or their connection closed
+        ``disconnect_grace_s`` ago with no call since."""
+        seen, closed, now = self.last_seen(), self.disconnected(), time.time()
+        grace = min(self.disconnect_grace_s, self.silence_s)
+        lost: dict[str, str] = {}
+        for n in {**self._clients, **self._instr}:
+            registered = self._clients.get(n, 0.0)
+            t = max(seen.get(n, 0.0), registered)
+            if now - t >= self.silence_s:
+                lost[n] = f"lost: no call from the node for {now - t:.0f} s"
+            elif n in closed and closed[n] >= registered and now - closed[n] >= grace:
+                lost[n] = (f"lost: its connection closed {now - closed[n]:.0f} s ago (the process ended or the "
+                           "network dropped) and it has not reconnected (federation.disconnect_grace_s)")
+        return lost
+
     def _live_locked(self) -> list[str]:
-        seen, now = self.last_seen(), time.time()
-        live = [n for n, t in self._clients.items() if now - max(seen.get(n, 0.0), t) < self.silence_s]
-        return sorted(live, key=natural_key)
+        lost = self._lost_locked()
+        return sorted((n for n in self._clients if n not in lost), key=natural_key)
 
     def live_clients(self) -> list[str]:
         """Registered nodes heard from within ``silence_s``, in natural name order."""
@@ -401,13 +421,10 @@ class RoundCoordinator:
         yield from left
 
     def _mark_silent_locked(self) -> None:
-        seen, now = self.last_seen(), time.time()
+        lost = self._lost_locked()
         for n in self._instr:
-            if n in self._answered or n in self._receiving:
-                continue
-            t = max(seen.get(n, 0.0), self._clients.get(n, 0.0))
-            if now - t > self.silence_s:
-                self._fail_locked(n, self.round, f"lost: no call from the node for {now - t:.0f} s")
+            if n not in self._answered and n not in self._receiving and n in lost:
+                self._fail_locked(n, self.round, lost[n])
 
     def finish(self) -> None:
         """The federation is over: every poll from now on answers ``stop``."""

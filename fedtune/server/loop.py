@@ -66,8 +66,9 @@ def _tls(cfg: Config) -> dict[str, Any]:
 
 def server_workers(cfg: Config) -> int:
     """``server.max_workers``, or (0) enough for ``federation.min_clients`` nodes: one thread for each node's
-    poll or upload, one for a retry the server has not noticed ended, and the reserve for heartbeats."""
-    return cfg.server.max_workers or max(256, 2 * cfg.federation.min_clients + 64)
+    poll or upload, one for its presence stream, one for a retry the server has not noticed ended, and the
+    reserve for heartbeats."""
+    return cfg.server.max_workers or max(256, 3 * cfg.federation.min_clients + 64)
 
 
 def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordinator, FederationServer]:
@@ -76,12 +77,13 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     ``federation.silence_s`` is no longer live. Instructions go out, and updates are counted, in
     ``client.encoding``. ``security``: ``start_server`` arguments (see ``_tls``)."""
     fed = cfg.federation
-    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s, encoding=uplink_encoding(cfg))
+    coord = RoundCoordinator(fingerprint(cfg), fed.rounds, silence_s=fed.silence_s, encoding=uplink_encoding(cfg),
+                             disconnect_grace_s=fed.disconnect_grace_s)
     limit = int(fed.max_update_mb * 2**20)
     server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
                           heartbeat_interval_s=fed.heartbeat_s, max_workers=server_workers(cfg), bulk_port=cfg.server.bulk_port,
                           downlink_encoding=cfg.client.encoding, **security)
-    coord.last_seen = server.servicer.last_seen
+    coord.last_seen, coord.disconnected = server.servicer.last_seen, server.servicer.disconnected
     return coord, server
 
 

@@ -43,7 +43,7 @@ from fedtune.transport._proto import federation_pb2 as fpb
 from fedtune.transport._proto import tensor_pb2 as tpb
 from fedtune.transport.codec import DecodedTensor, TensorDecoder
 from fedtune.transport.errors import MessageRejected, TransportError
-from fedtune.untrusted import clean
+from fedtune.untrusted import clean, failure
 
 log = logging.getLogger(__name__)
 MAGIC = b"FTBULK1\n"
@@ -290,8 +290,8 @@ class BulkListener:
             self._refuse(sock, e.code, e.reason)
         except (OSError, ssl.SSLError) as e:  # timeouts, resets: nothing to answer
             log.warning("bulk connection from %s dropped: %s", peer, clean(e))
-        except Exception:
-            log.exception("bulk upload from %s failed", peer)
+        except Exception as e:  # noqa: BLE001 - logged with its traceback (untrusted.failure)
+            log.error("bulk upload from %s failed: %s", peer, failure(e))
             self._refuse(sock, grpc.StatusCode.INTERNAL, "internal server error in bulk upload")
         finally:
             sock.close()

@@ -142,7 +142,8 @@ class FederationClient:
 
     ``key`` is the node's Ed25519 private key (object or PEM file); ``ca_file`` turns on TLS (the default
     whenever the address is not loopback: plaintext elsewhere needs ``insecure=True``). Heartbeats go out
-    every ``heartbeat_s`` until the server sends its own interval at registration. ``base_updates`` is what
+    every ``heartbeat_s`` until the server sends its own interval at registration; with them (``heartbeat``)
+    the node holds a presence stream open, whose end tells the server at once that the node is gone. ``base_updates`` is what
     every registration reports: how many base-weight updates the node's model holds (keep it current).
     Updates of at least ``bulk_min_bytes`` go over the server's bulk lane (``bulk``) when it offers one and
     ``bulk`` is on; over gRPC otherwise, or when the lane cannot be reached.
@@ -177,6 +178,8 @@ class FederationClient:
         self._stub: fpb_grpc.FederationStub | None = None
         self._stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
+        self._presence_thread: threading.Thread | None = None
+        self._presence_call: grpc.Future | None = None
 
     # -- connection ---------------------------------------------------------------------------------
     def connect(self) -> Self:
@@ -208,6 +211,9 @@ class FederationClient:
             self._hb_thread = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.node}",
                                                daemon=True)
             self._hb_thread.start()
+            self._presence_thread = threading.Thread(target=self._presence_loop, name=f"presence-{self.node}",
+                                                     daemon=True)
+            self._presence_thread.start()
         return self
 
     def register(self) -> None:
@@ -233,9 +239,13 @@ class FederationClient:
 
     def close(self) -> None:
         self._stop.set()
-        if self._hb_thread is not None:
-            self._hb_thread.join(timeout=5)
-            self._hb_thread = None
+        call = self._presence_call
+        if call is not None:
+            call.cancel()
+        for thread in (self._hb_thread, self._presence_thread):
+            if thread is not None:
+                thread.join(timeout=5)
+        self._hb_thread = self._presence_thread = None
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -361,6 +371,32 @@ class FederationClient:
             return (RoundStatus(rep.round, rep.phase, dict(rep.detail)),
                     {c.node: c.seconds_since_seen for c in rep.clients})
         return self._retry(call)
+
+    def _presence_loop(self) -> None:
+        """Hold a presence stream open while the node runs, so that the server learns at once when its
+        connection closes; opened again (after a short backoff) whenever it ends while the node runs on."""
+        attempt = 0
+        while not self._stop.is_set():
+            assert self._channel is not None, "connect() first"
+            opened = time.monotonic()
+            call = self._channel.unary_stream(f"/{SERVICE}/Presence", request_serializer=_raw,
+                                              response_deserializer=_raw)(b"", metadata=self._md())
+            self._presence_call = call
+            if self._stop.is_set():  # closed while the call was being made
+                call.cancel()
+                return
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                    return  # a server without presence streams notices a lost node by its silence
+            if time.monotonic() - opened > self.heartbeat_interval_s:
+                attempt = 0
+            # an ended session is renewed by the next heartbeat or call: try again soon after
+            if self._stop.wait(min(self.backoff.delay(attempt), self.heartbeat_interval_s)):
+                return
+            attempt += 1
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):

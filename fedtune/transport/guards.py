@@ -28,20 +28,21 @@ from fedtune.transport.errors import MessageRejected, TransportError
 
 log = logging.getLogger(__name__)
 
-POLL, UPLOAD, SHORT = "poll", "upload", "short"
-PER_NODE = {POLL: 2, UPLOAD: 1, SHORT: 4}
+POLL, UPLOAD, SHORT, PRESENCE = "poll", "upload", "short", "presence"
+PER_NODE = {POLL: 2, UPLOAD: 1, SHORT: 4, PRESENCE: 2}
 """Concurrent calls one node may have open, by kind. An honest node has one poll or upload at a time (its
-main loop) plus a heartbeat; the slack covers a call the node gave up on that the server has not noticed."""
-LONG = (POLL, UPLOAD)
+main loop), a heartbeat and its presence stream; the slack covers a call the node gave up on that the server
+has not noticed."""
+LONG = (POLL, UPLOAD, PRESENCE)
 HOLD_S = 2.0
 """How long a call beyond its node's limit is held before it is refused (the node's calls slow to its pace)."""
 MAX_HELD = 30
 """Over-limit calls of one node held at a time; more are refused at once."""
 STREAMS_PER_CONNECTION = 32
 """Concurrent calls (HTTP/2 streams) on one connection: more wait on the node's side, at no cost to the server.
-An honest node has two open (its poll or upload, and a heartbeat), ``fedtune status`` one; the slack
+An honest node has three open (its poll or upload, a heartbeat and its presence stream), ``fedtune status`` one; the slack
 covers calls that ended but whose stream gRPC frees only when Python collects the call (an exception in a
-reference cycle keeps it until the next garbage collection). At most 2 + ``MAX_HELD``, so that a flood of
+reference cycle keeps it until the next garbage collection). At most 2 (a node's poll limit) + ``MAX_HELD``, so that a flood of
 polls over one connection is all held, none refused at once."""
 
 
@@ -123,9 +124,10 @@ class CallGate:
                              f"{self.per_node[kind]} at a time)", grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def nodes_in_calls(self) -> set[str]:
-        """Nodes with a call open now (a node in a long poll is alive even if its heartbeat is late)."""
+        """Nodes with a call open now (a node in a long poll is alive even if its heartbeat is late). A presence
+        stream does not count: it stays open on a connection whose peer vanished without closing it."""
         with self._lock:
-            return {node for node, _ in self._open}
+            return {node for node, kind in self._open if kind != PRESENCE}
 
 
 @dataclass(eq=False)

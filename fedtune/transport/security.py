@@ -270,6 +270,14 @@ class NodeAuth:
             s.last_seen = time.time()
             return s
 
+    def current(self, token: str) -> bool:
+        """Whether ``token`` is a live session (not expired, replaced or revoked); unlike ``session``, this
+        does not count as a call of its node."""
+        with self._lock:
+            self._reload()
+            self._expire_locked()
+            return token in self._sessions
+
     def sessions(self) -> list[Session]:
         """The sessions that have not expired."""
         with self._lock:

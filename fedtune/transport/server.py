@@ -40,7 +40,16 @@ from fedtune.transport.errors import (
     PermissionDeniedError,
     TransportError,
 )
-from fedtune.transport.guards import POLL, SHORT, STREAMS_PER_CONNECTION, UPLOAD, CallGate, Watchdog, Watched
+from fedtune.transport.guards import (
+    POLL,
+    PRESENCE,
+    SHORT,
+    STREAMS_PER_CONNECTION,
+    UPLOAD,
+    CallGate,
+    Watchdog,
+    Watched,
+)
 from fedtune.transport.messages import UpdateHeader, instructions_to_frames, parse_update_header
 from fedtune.transport.security import (
     NONCE_BYTES,
@@ -54,7 +63,7 @@ from fedtune.transport.security import (
 )
 from fedtune.transport.wire import frame_header, parse_frame, prefetch
 from fedtune.types import Instructions
-from fedtune.untrusted import MAX_NAME, clean
+from fedtune.untrusted import MAX_NAME, clean, failure
 
 log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
@@ -71,6 +80,10 @@ PUBLIC_DETAIL = ("rounds", "deadline_in_s")
 """``Status`` details every node may see; the rest (who is live, who is awaited) only the operator."""
 MAX_TOKEN = 128
 """Characters of a session token the server looks up (its own have 43)."""
+PRESENCE_CHECK_S = 5.0
+"""How often an open presence stream checks that its session is still live (not expired, replaced, revoked)."""
+FORGET_CLOSED_S = 3600.0
+"""A closed presence stream is remembered this long (then the node's silence tells as before)."""
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,8 @@ def _guard(fn: _F) -> _F:
             return fn(self, request, context)
         except TransportError as e:  # refused registrations are logged, at a bounded rate, by ``RefusalLog``
             context.abort(e.code, e.reason)
-        except Exception:
-            log.exception("%s failed", fn.__name__)
+        except Exception as e:  # noqa: BLE001 - logged with its traceback (untrusted.failure)
+            log.error("%s failed: %s", fn.__name__, failure(e))
             context.abort(grpc.StatusCode.INTERNAL, f"internal server error in {fn.__name__}")
 
     return unary  # type: ignore[return-value]
@@ -174,6 +187,9 @@ class FederationServicer(fpb_grpc.FederationServicer):
         self.upload_idle_s = upload_idle_s
         self.bulk_port = 0  # set by ``start_server`` when it opens the bulk lane
         self.refusals = RefusalLog()
+        self._presence_lock = threading.Lock()
+        self._present: dict[str, int] = {}  # node -> presence streams open
+        self._closed: dict[str, float] = {}  # node with none open -> Unix time its last one closed
 
     def _session(self, context: grpc.ServicerContext) -> Session:
         token = dict(context.invocation_metadata()).get(SESSION_METADATA_KEY)
@@ -183,6 +199,49 @@ class FederationServicer(fpb_grpc.FederationServicer):
         """Unix time of the last call of every node with a live session (for dropping silent nodes)."""
         now, busy = time.time(), self.gate.nodes_in_calls()
         return {s.node: now if s.node in busy else s.last_seen for s in self.auth.sessions()}
+
+    def disconnected(self) -> dict[str, float]:
+        """Nodes whose connection closed: Unix time their last presence stream ended, for each node with none
+        open that has made no call since (a node that registered again, or still heartbeats, is not here)."""
+        now = time.time()
+        with self._presence_lock:
+            for node in [n for n, t in self._closed.items() if now - t > FORGET_CLOSED_S]:
+                del self._closed[node]
+            closed = dict(self._closed)
+        calls = {s.node: s.last_seen for s in self.auth.sessions()}
+        return {n: t for n, t in closed.items() if calls.get(n, 0.0) <= t}
+
+    def _presence(self, node: str, opened: bool) -> None:
+        with self._presence_lock:
+            n = self._present.get(node, 0) + (1 if opened else -1)
+            if n > 0:
+                self._present[node] = n
+                self._closed.pop(node, None)
+            else:
+                self._present.pop(node, None)
+                self._closed[node] = time.time()
+
+    def Presence(self, request: fpb.PresenceRequest, context: grpc.ServicerContext) -> Iterator[fpb.PresenceReply]:
+        """Sends nothing: held open by a node until its connection closes (the process ended, the network
+        dropped), its session ends or the server stops; ``disconnected`` then lists the node."""
+        try:
+            session = self._session(context)
+            with self.gate.call(session.node, PRESENCE):
+                ended = threading.Event()
+                if not context.add_callback(ended.set):
+                    return  # the call ended already
+                self._presence(session.node, opened=True)
+                try:
+                    while not ended.wait(PRESENCE_CHECK_S) and self.auth.current(session.token):
+                        pass
+                finally:
+                    self._presence(session.node, opened=False)
+        except TransportError as e:
+            context.abort(e.code, e.reason)
+        except Exception as e:  # noqa: BLE001 - logged with its traceback (untrusted.failure)
+            log.error("Presence failed: %s", failure(e))
+            context.abort(grpc.StatusCode.INTERNAL, "internal server error in Presence")
+        yield from ()
 
     @_guard
     def Challenge(self, request: fpb.ChallengeRequest, context: grpc.ServicerContext) -> fpb.ChallengeReply:
@@ -227,8 +286,8 @@ class FederationServicer(fpb_grpc.FederationServicer):
                 yield from prefetch(instructions_to_frames(instr, self.downlink_encoding, self.chunk_size))
         except TransportError as e:
             context.abort(e.code, e.reason)
-        except Exception:
-            log.exception("GetInstructions failed")
+        except Exception as e:  # noqa: BLE001 - logged with its traceback (untrusted.failure)
+            log.error("GetInstructions failed: %s", failure(e))
             context.abort(grpc.StatusCode.INTERNAL, "internal server error in GetInstructions")
 
     @_guard
@@ -391,6 +450,8 @@ def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHan
         "Register": unary(servicer.Register, fpb.RegisterRequest),
         "Heartbeat": unary(servicer.Heartbeat, fpb.HeartbeatRequest),
         "Status": unary(servicer.Status, fpb.StatusRequest),
+        "Presence": grpc.unary_stream_rpc_method_handler(
+            parsed(servicer.Presence, fpb.PresenceRequest), _raw, fpb.PresenceReply.SerializeToString),
         "GetInstructions": grpc.unary_stream_rpc_method_handler(
             parsed(servicer.GetInstructions, fpb.InstructionsRequest), _raw, _raw),
         "SubmitUpdate": grpc.stream_unary_rpc_method_handler(

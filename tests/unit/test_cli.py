@@ -191,3 +191,15 @@ def test_eval_of_a_bare_adapter_folder_takes_its_base_model(trained_run: tuple[P
     proc = fedtune("eval", "--adapter", str(dest), "quant.mode=none", "quant.compute_dtype=fp32", *data_only)
     assert proc.returncode == 0, proc.stderr
     assert float(next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:")).split(":")[1]) > 0
+
+
+def test_a_command_writing_to_a_log_does_not_wrap_at_80_columns(monkeypatch, capsys) -> None:
+    from fedtune.cli_common import LOG_WIDTH, console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    line = "node client-0: round 1 train train_loss=4.1234 -> update for round 1 received " + "x" * 80
+    console().print(line, highlight=False)
+    assert capsys.readouterr().out == line + "\n" and len(line) < LOG_WIDTH
+    monkeypatch.setenv("COLUMNS", "60")  # the user's choice wins
+    console().print(line, highlight=False)
+    assert capsys.readouterr().out.count("\n") > 1

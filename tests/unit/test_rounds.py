@@ -113,3 +113,20 @@ def test_a_round_must_end_with_a_round_result(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="without a RoundResult"):
         run_rounds(RoundPlan(rounds=1, seed=0, train=TrainConfig()), RunDir(tmp_path), FakeModel(start()), strategy,
                    FakeDispatcher({}), QUIET)
+
+
+class SlowToGather(FakeDispatcher):
+    """Clients that take a while to connect before each round."""
+
+    def available(self, round: int) -> list[str]:
+        import time
+
+        time.sleep(0.5)
+        return super().available(round)
+
+
+def test_a_rounds_seconds_leave_out_the_wait_for_clients(tmp_path: Path) -> None:
+    clients = {c: trainer(k) for k, c in enumerate(CLIENTS)}
+    _, run = drive(tmp_path, "fedavg", SlowToGather(clients), rounds=2)
+    seconds = [r["seconds"] for r in run.read_metrics() if r["round"] >= 1]
+    assert len(seconds) == 2 and all(s < 0.4 for s in seconds), seconds

@@ -41,3 +41,22 @@ def test_clients_x_categories_is_transposed_when_categories_outnumber_clients():
 def test_few_categories_keep_a_row_per_client():
     lines = render(render_partition_table([[0, 1], [2, 3]], ["a", "b", "a", "b"]))
     assert "a row per category" not in "\n".join(lines)
+
+
+def test_a_table_wider_than_the_console_is_split_not_squeezed():
+    """30 clients and 19 categories: no orientation fits 80 columns, so the table comes in parts, each with
+    every value whole (squeezed, rich printed some columns zero characters wide and their counts vanished)."""
+    cats = [f"category-{name}" for name in ("ai", "botprofile", "computers", "conversations", "emotion", "food",
+                                            "gossip", "greetings", "health", "history", "humor", "literature",
+                                            "money", "movies", "politics", "psychology", "science", "sports", "trivia")]
+    labels = [cats[(7 * i) % len(cats)] for i in range(1200)]
+    parts = [list(range(i, 1200, 30)) for i in range(30)]
+    lines = render(render_partition_table(parts, labels, title="clients x categories"))
+    assert all(len(line) <= 80 for line in lines)
+    text = "\n".join(lines)
+    assert "part 1 of" in text and "…" not in text
+    for cat in cats:  # each category's row, name whole, in every part
+        assert sum(cat in line for line in lines) == text.count("part "), cat
+    cells = [cell.strip() for line in lines if line.startswith("│") for cell in line.strip("│").split("│")]
+    # every count, the row and column totals and the grand total, each printed once
+    assert "1200" in cells and sum(int(c) for c in cells if c.isdigit()) == 4 * 1200

@@ -96,3 +96,48 @@ def test_the_summary_prints_sample_answers_holding_markup() -> None:
     print_summary(Console(file=out, width=200), "t", result)
     text = out.getvalue()
     assert "say [/INST]" in text and "[/x] before" in text and "[bold]after" in text and "[/y] note" in text
+
+
+def test_a_logged_failure_keeps_its_frames_and_bounds_every_message() -> None:
+    from fedtune.untrusted import MAX_CHAINED, failure
+
+    def raised_from_peer() -> None:
+        try:
+            raise ValueError("peer said \x1b[2J" + "p" * (4 << 20))
+        except ValueError as e:
+            raise RuntimeError("while handling " + "q" * (1 << 20)) from e
+
+    try:
+        raised_from_peer()
+    except RuntimeError as e:
+        text = failure(e)
+    assert len(text) < 2 * MAX_ERROR + 2000 and "\x1b" not in text and "\\x1b[2J" in text
+    assert text.index("ValueError: peer said") < text.index("RuntimeError: while handling")  # the cause first
+    assert text.count("in raised_from_peer") == 2 and "more characters)" in text
+    chain = None
+    for i in range(10):  # a long chain shows its last MAX_CHAINED exceptions
+        try:
+            raise KeyError(i) from chain
+        except KeyError as e:
+            chain = e
+    assert chain is not None and failure(chain).count("Traceback") == MAX_CHAINED
+
+
+def test_the_server_logs_an_internal_error_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    from fedtune.transport import Backoff, FederationClient, TransportError, start_server
+    from fedtune.transport.testing import StaticCoordinator
+
+    class Broken(StaticCoordinator):
+        def status(self, detail=True):  # an exception whose message quotes whatever a peer sent
+            raise RuntimeError("bad value " + "v" * (1 << 20))
+
+    server = start_server(Broken(), "127.0.0.1:0", bulk_port=None)
+    try:
+        with FederationClient(f"127.0.0.1:{server.port}", "a", heartbeat=False, backoff=Backoff(max_attempts=1)) as fc, \
+                pytest.raises(TransportError, match="internal server error in Heartbeat"):
+            fc.heartbeat()
+    finally:
+        server.stop(grace=None)
+    (record,) = [r for r in caplog.records if "Heartbeat failed" in r.getMessage()]
+    assert record.exc_info is None and len(record.getMessage()) < MAX_ERROR + 2000
+    assert "RuntimeError: bad value vvv" in record.getMessage() and "in status" in record.getMessage()

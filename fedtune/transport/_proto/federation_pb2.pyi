@@ -181,3 +181,11 @@ class StatusReply(_message.Message):
     clients: _containers.RepeatedCompositeFieldContainer[ClientInfo]
     detail: _containers.ScalarMap[str, str]
     def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., clients: _Optional[_Iterable[_Union[ClientInfo, _Mapping]]] = ..., detail: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class PresenceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PresenceReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

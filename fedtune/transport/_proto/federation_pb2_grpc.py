@@ -64,6 +64,11 @@ class FederationStub:
                 request_serializer=fedtune_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
                 response_deserializer=fedtune_dot_v1_dot_federation__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Presence = channel.unary_stream(
+                '/fedtune.v1.Federation/Presence',
+                request_serializer=fedtune_dot_v1_dot_federation__pb2.PresenceRequest.SerializeToString,
+                response_deserializer=fedtune_dot_v1_dot_federation__pb2.PresenceReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -109,6 +114,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Presence(self, request, context):
+        """Held open by a registered node for as long as its process runs: the server sends nothing on it, and
+        learns from its end (the node's connection closed) that the node is gone, without waiting for silence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +154,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=fedtune_dot_v1_dot_federation__pb2.StatusRequest.FromString,
                     response_serializer=fedtune_dot_v1_dot_federation__pb2.StatusReply.SerializeToString,
+            ),
+            'Presence': grpc.unary_stream_rpc_method_handler(
+                    servicer.Presence,
+                    request_deserializer=fedtune_dot_v1_dot_federation__pb2.PresenceRequest.FromString,
+                    response_serializer=fedtune_dot_v1_dot_federation__pb2.PresenceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +323,33 @@ class Federation:
             '/fedtune.v1.Federation/Status',
             fedtune_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
             fedtune_dot_v1_dot_federation__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Presence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedtune.v1.Federation/Presence',
+            fedtune_dot_v1_dot_federation__pb2.PresenceRequest.SerializeToString,
+            fedtune_dot_v1_dot_federation__pb2.PresenceReply.FromString,
             options,
             channel_credentials,
             insecure,
