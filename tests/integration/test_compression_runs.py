@@ -66,3 +66,39 @@ def test_compressed_runs_over_grpc_match_the_simulator(tmp_path: Path) -> None:
     for name in ("client-0", "client-1", "client-2"):  # each node kept its residual and its downlink reference
         node = torch.load(tmp_path / name / "client_state.pt", weights_only=True)
         assert int(node["downlink"]["round"]) == 2 and node["pipeline"]["compress"]
+
+
+@pytest.mark.slow
+def test_a_masked_run_over_grpc_matches_the_simulator(tmp_path: Path) -> None:
+    opts = ("mask.density=0.25", "mask.explore_steps=1", "mask.refresh_every=2", "client.pipeline=[compress]",
+            "compress.method=int4", "train.lr=5e-2", "sim.partitioner=iid", "sim.rounds=3", "federation.rounds=3")
+    sim = simulate(tmp_path / "sim", *opts)
+    grpc = federate(tmp_path, *opts)
+    for s, g in zip(rounds(sim), rounds(grpc), strict=True):
+        assert (g["clients_ok"], g["failures"]) == (3, {})
+        assert (g["bytes_up"], g["bytes_down"], g["dense_fp32_bytes"]) == (
+            s["bytes_up"], s["bytes_down"], s["dense_fp32_bytes"])
+        assert g["mask_round"] == s["mask_round"] and g["mask_density"] == 0.25
+    assert [r["mask_round"] for r in rounds(sim)] == [1, 1, 3]
+    assert rounds(sim)[1]["bytes_down"] < rounds(sim)[0]["bytes_down"]  # no exploration, no mask in round 2
+    a, b = adapter(sim.run_dir), adapter(tmp_path / "server")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("client-0", "client-1", "client-2"):  # each node kept the mask of round 3
+        node = torch.load(tmp_path / name / "client_state.pt", weights_only=True)
+        assert int(node["mask"]["round"]) == 3
+
+
+@pytest.mark.slow
+def test_rank_pruned_runs_over_grpc_match_the_simulator(tmp_path: Path) -> None:
+    opts = ("strategy.name=svd", "client.pipeline=[rank_prune]", "compress.energy=0.6", "strategy.svd_energy=0.8",
+            "train.lr=5e-2", "sim.partitioner=iid", "sim.rounds=2", "federation.rounds=2")
+    sim = simulate(tmp_path / "sim", *opts)
+    grpc = federate(tmp_path, *opts)
+    dense = rounds(simulate(tmp_path / "dense", *opts[:1], *opts[5:]))
+    for s, g, d in zip(rounds(sim), rounds(grpc), dense, strict=True):
+        assert (g["clients_ok"], g["failures"]) == (3, {})
+        assert (g["bytes_up"], g["bytes_down"]) == (s["bytes_up"], s["bytes_down"])
+        assert s["bytes_up"] < d["bytes_up"]  # the pruned ranks are what travels
+    assert rounds(sim)[1]["bytes_down"] < dense[1]["bytes_down"]  # the trimmed global adapter
+    a, b = adapter(sim.run_dir), adapter(tmp_path / "server")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
