@@ -146,8 +146,10 @@ class MaskConfig:
     explore_steps: int = _opt(2, "mask: local steps of the exploration phase each sampled client runs to score "
                                  "the entries before the mask is fixed")
     refresh_every: int = _opt(0, "mask: explore again and fix a new mask every this many rounds; 0: never")
-    score: Literal["update"] = _opt("update", "mask: importance of an entry: update (its squared change over "
-                                              "the exploration steps, averaged over the explorers by examples)")
+    score: Literal["update", "grad_weight"] = _opt(
+        "update", "mask: importance of an entry, averaged over the explorers by examples: update (its squared "
+                  "change over the exploration steps) or grad_weight (|gradient x value| on one batch at the "
+                  "explored weights)")
 
     def problems(self, cfg: Any) -> list[str]:
         """Ranges, and what a mask rules out in the rest of ``cfg``, each with the reason."""

@@ -5,7 +5,7 @@ the rounds where the mask is (re)fixed, on the round driver like secure aggregat
 simulator and the gRPC server run it with the same code:
 
     mask_explore (every sampled client: ``mask.explore_steps`` local steps from the global state, replying
-    per entry (theta_k - theta_0)^2) -> the server averages the scores (weighted by examples) and keeps the
+    per entry (theta_k - theta_0)^2 or |grad * theta_k|, ``mask.score``) -> the server averages the scores (weighted by examples) and keeps the
     top ``mask.density`` of each tensor (``fix_mask``) -> train (as the wrapped strategy's, each instruction
     carrying the mask)
 
@@ -31,6 +31,8 @@ from fedtune.types import ClientReply, Instructions, State
 
 EXPLORE = "mask_explore"
 """The exploration phase's name (its client handler: ``fedtune.compression.explore``)."""
+SCORE = "mask_score"
+"""``Instructions.extra`` key of the exploration phase: the importance score clients reply (``mask.score``)."""
 MASK_ROUND = "mask_round"
 """``Instructions.extra`` key: the round whose exploration fixed the mask these instructions use."""
 
@@ -102,6 +104,7 @@ class MaskStrategy:
             raise ValueError(f"mask.density needs a one-phase averaging strategy; {inner.name!r} is not")
         self.inner, self.density = inner, float(mask.density)
         self.explore_steps, self.refresh_every = int(mask.explore_steps), int(mask.refresh_every)
+        self.score = str(mask.score)
         self.name, self.cfg, self.spec = inner.name, inner.cfg, inner.spec
         self.needs_all_replies, self.base_log = False, inner.base_log
         self.mask: State | None = None
@@ -129,7 +132,8 @@ class MaskStrategy:
                   previous: PhaseResult | None = None) -> dict[str, Instructions]:
         if phase == EXPLORE:
             self._sampled = self.inner.configure(round, client_ids, global_state, rng, phase="train")
-            return {c: dataclasses.replace(ins, phase=EXPLORE, train={**ins.train, "max_steps": self.explore_steps})
+            return {c: dataclasses.replace(ins, phase=EXPLORE, train={**ins.train, "max_steps": self.explore_steps},
+                                           extra={**ins.extra, SCORE: self.score})
                     for c, ins in self._sampled.items()}
         sampled = self._sampled or self.inner.configure(round, client_ids, global_state, rng, phase="train")
         self._sampled = {}

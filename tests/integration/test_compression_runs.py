@@ -102,3 +102,16 @@ def test_rank_pruned_runs_over_grpc_match_the_simulator(tmp_path: Path) -> None:
     assert rounds(sim)[1]["bytes_down"] < dense[1]["bytes_down"]  # the trimmed global adapter
     a, b = adapter(sim.run_dir), adapter(tmp_path / "server")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_grad_weight_scores_fix_another_mask_than_update_scores(tmp_path: Path) -> None:
+    opts = ("mask.density=0.25", "mask.explore_steps=1", "train.lr=5e-2", "sim.rounds=1")
+    runs = {s: simulate(tmp_path / s, *opts, f"mask.score={s}") for s in ("update", "grad_weight")}
+    masks = {}
+    for s, r in runs.items():
+        (row,) = rounds(r)
+        assert (row["clients_ok"], row["failures"], row["mask_density"]) == (3, {}, 0.25)
+        masks[s] = load_checkpoint(r.run_dir).strategy["mask"]
+    assert masks["update"].keys() == masks["grad_weight"].keys()
+    assert any(not torch.equal(masks["update"][k], masks["grad_weight"][k]) for k in masks["update"])
