@@ -194,11 +194,11 @@ class Link:
                                                 mask=ins.mask)
                 except ValueError as exc:
                     reply = _failed(reply, f"rejected update: {exc}")
-            if reply.ok:
+            if reply.ok and (ins is None or ins.phase == "train"):  # another phase's state is not the reference
                 self.holders.add(reply.client_id)
                 if masked and ins is not None:
                     self.mask_held[reply.client_id] = int(ins.extra[MASK_ROUND])
-            else:  # whatever it held may be gone (a restarted node): send the mask again
+            elif not reply.ok:  # whatever it held may be gone (a restarted node): send the mask again
                 self.mask_held.pop(reply.client_id, None)
             yield reply
 

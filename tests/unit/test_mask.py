@@ -235,3 +235,15 @@ def test_config_accepts_masks_with_the_averaging_strategies() -> None:
     for name in ("fedavg", "fedprox", "fedadam"):
         load_config(None, ["mask.density=0.1", f"strategy.name={name}"])
     load_config(None, ["mask.density=0.1", "strategy.name=ffa", "adapter.method=lora_fa"])
+
+
+def test_an_exploration_reply_does_not_count_as_holding_the_downlink_reference() -> None:
+    from fedtune.compression.config import CompressConfig
+
+    link = Link(CompressConfig(method="sign", downlink=True), uplink=False)
+    explore_ins = {"c0": Instructions(3, "c0", start(), phase=EXPLORE)}
+    list(link.up([ClientReply("c0", 3, start(), 1)], explore_ins))
+    assert "c0" not in link.holders  # it holds no reference: the next train round must send it in full
+    train_ins = {"c0": Instructions(3, "c0", start())}
+    list(link.up([ClientReply("c0", 3, start(), 1)], train_ins))
+    assert "c0" in link.holders
