@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import xxhash
 
-from fedtune.compression.compressors import compress, expand
 from fedtune.adapters import lora_pairs
+from fedtune.compression.compressors import compress, expand
 from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
 from fedtune.compression.mask import MASK_ROUND, gather, scatter
 from fedtune.compression.rank import MAX_RANK, trim

@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fedtune.compression.mask import MASK_ROUND
+from fedtune.compression.rank import MAX_RANK, factor_fits
 from fedtune.transport import (
     OBSERVER,
     ConfigMismatch,
@@ -42,8 +44,6 @@ from fedtune.transport import (
     collect_reply,
     reply_wire_size,
 )
-from fedtune.compression.mask import MASK_ROUND
-from fedtune.compression.rank import MAX_RANK, factor_fits
 from fedtune.types import ClientReply, Instructions, failed_reply
 from fedtune.untrusted import MAX_NAME, clean
 

@@ -13,9 +13,9 @@ import torch
 from fakes import FakeModel
 from rich.console import Console
 
-import fedtune.client.phases as phases
-import fedtune.compression.explore as explore
+from fedtune.client import phases
 from fedtune.client.phases import ClientContext, run_phase
+from fedtune.compression import explore
 from fedtune.compression.link import Link, make_link
 from fedtune.compression.mask import EXPLORE, MASK_ROUND, MaskStrategy, fix_mask, gather, scatter
 from fedtune.config import ConfigError, TrainConfig, load_config
@@ -113,7 +113,7 @@ def test_explore_fix_the_mask_send_only_its_entries_and_average_them(tmp_path: P
     scores = {k: sum(WEIGHTS[c] * step(c, 1, EXPLORE, k, v.shape).double() ** 2 for c in WEIGHTS) / 8
               for k, v in start().items()}
     mask = fix_mask(scores, 0.25)
-    (before, used), = history
+    (_, used), = history
     assert all(torch.equal(used[k], mask[k]) and int(mask[k].sum()) == 4 for k in KEYS)
     for cid, ins in disp.wire[(1, "train")].items():
         assert ins.mask is not None and all(torch.equal(ins.mask[k], mask[k]) for k in KEYS)  # decoded bitmap
