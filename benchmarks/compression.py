@@ -2,9 +2,10 @@
 
 SmolLM2-135M in NF4, 8 clients holding disjoint ChatterBot categories, LoRA r=8 on q,v, batch 4 at seq 64,
 local lr 5e-3: the setting and, by default, the rounds and local steps of ``benchmarks/quality.py``. Every arm
-is fedavg; the baseline sends dense fp32 adapters both ways (what FlowerTune does), the others list
+is fedavg (but the rank-pruning arm: svd); the baseline sends dense fp32 adapters both ways (what FlowerTune does), the others list
 ``compress`` in ``client.pipeline`` (``compress.method`` and its setting) and send downlink deltas with the
-same method (``compress.downlink``). For each arm: the final held-out eval loss, total bytes up and down (the
+same method (``compress.downlink``); the mask arms explore in round 1 (``mask.explore_steps`` local steps on
+every sampled client, scores sent up), then send only the masked entries. For each arm: the final held-out eval loss, total bytes up and down (the
 encoded messages, as ``metrics.jsonl`` counts them), the reduction against the baseline, and the change in eval
 loss. Also each compressor's CPU time per MiB of fp32 update (compress + wire encoding, one thread). Writes
 ``benchmarks/results/compression.json`` and the frontier plot ``benchmarks/results/compression.png``.
@@ -41,6 +42,14 @@ ARMS: dict[str, list[str]] = {
     "topk 10%": [*DOWN, "compress.method=topk", "compress.fraction=0.1"],
     "topk 1%": [*DOWN, "compress.method=topk", "compress.fraction=0.01"],
     "randk 10% (up only)": ["client.pipeline=[compress]", "compress.method=randk", "compress.fraction=0.1"],
+    # rank pruning needs a strategy that takes factors of any rank: svd (the clients prune their uploads, the
+    # server its global adapter, which then travels trimmed)
+    "svd + rank prune 90%": ["strategy.name=svd", "client.pipeline=[rank_prune]", "compress.energy=0.9",
+                             "strategy.svd_energy=0.9"],
+    "mask 25%": ["mask.density=0.25"],
+    "mask 10%": ["mask.density=0.1"],
+    "mask 25% + sign": [*DOWN, "compress.method=sign", "mask.density=0.25"],
+    "mask 10% + int4": [*DOWN, "compress.method=int4", "mask.density=0.1"],
 }
 BASELINE = "dense fp32"
 

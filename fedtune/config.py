@@ -22,7 +22,7 @@ from typing import Any, Literal, cast, get_args, get_origin
 import tomli_w
 
 from fedtune.client.pipeline import pipeline_problems
-from fedtune.compression.config import CompressConfig, compress_problems
+from fedtune.compression.config import CompressConfig, MaskConfig, compress_problems
 from fedtune.gossip.config import GossipConfig, gossip_problems
 from fedtune.privacy.config import PrivacyConfig, privacy_problems
 from fedtune.sections import (
@@ -149,6 +149,7 @@ class Config:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -450,7 +451,8 @@ def fingerprint(cfg: Config) -> str:
     agreed: dict[str, Any] = {"model": cfg.model.name, "quant": to_dict(cfg.quant), "adapter": to_dict(cfg.adapter),
                               "client": {"pipeline": list(cfg.client.pipeline), "encoding": cfg.client.encoding},
                               "compress": to_dict(cfg.compress)
-                              if "compress" in cfg.client.pipeline or cfg.compress.downlink else None}
+                              if {"compress", "rank_prune"} & set(cfg.client.pipeline) or cfg.compress.downlink
+                              else None}
     node_side = {"dp": cfg.privacy.dp, "clip_norm": cfg.privacy.clip_norm, "secagg": cfg.privacy.secagg}
     if cfg.privacy.dp != "off" or cfg.privacy.secagg:  # what every node must do alike (dp_clip's bound)
         agreed["privacy"] = node_side

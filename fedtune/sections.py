@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 WireEncoding = Literal["dense", "fp32", "bf16", "fp16", "int8", "sparse_coo", "sparse_bitmap", "fixed_u32", "sign",
-                       "int8_pow2", "int4_pow2"]
+                       "int8_pow2", "int4_pow2", "bitmap"]
 """The encodings of ``fedtune.transport.encodings`` (a test checks the two lists agree)."""
 
 

@@ -14,6 +14,7 @@ simulator's per-client store (checkpointed), or the node's state folder.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import zlib
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from typing import Any
 from fedtune.client.fit import client_seed, fit
 from fedtune.client.pipeline import Transform, make_pipeline, run_pipeline
 from fedtune.compression.link import HELD, REF_ROUND, receive_downlink
+from fedtune.compression.mask import EXPLORE, masked_reply, take_mask
+from fedtune.compression.rank import MAX_RANK, pad
 from fedtune.config import Config
 from fedtune.models import LoadedModel
 from fedtune.types import ClientReply, Instructions, failed_reply
@@ -59,6 +62,7 @@ def finish_train(ctx: ClientContext, ins: Instructions, reply: ClientReply,
         ctx.state["optimizer"] = optimizer_state
     if ctx.pipeline is None:
         ctx.pipeline = make_pipeline(ctx.cfg)
+    reply, ins = masked_reply(reply, ins)  # a global pruning mask: only its entries are sent
     if ctx.pipeline:
         reply, ctx.state["pipeline"] = run_pipeline(ctx.pipeline, reply, ins, ctx.state.get("pipeline", {}))
     return reply
@@ -66,7 +70,18 @@ def finish_train(ctx: ClientContext, ins: Instructions, reply: ClientReply,
 
 def received(ctx: ClientContext, ins: Instructions) -> Instructions | ClientReply:
     """``ins`` as this client trains on it: with ``compress.downlink`` its state is (a delta from) the
-    reference the client holds, rebuilt here; a failed reply when that cannot be done."""
+    reference the client holds, rebuilt here; LoRA factors trimmed to a smaller rank are padded back to the
+    adapter's (``extra["max_rank"]``); under a global pruning mask, ``ins.mask`` is the mask this client holds.
+    A failed reply when any of that cannot be done."""
+    if MAX_RANK in ins.extra:
+        try:
+            ins = dataclasses.replace(ins, state=pad(ins.state, int(ins.extra[MAX_RANK])))
+        except ValueError as exc:
+            return failed_reply(ins.client_id, ins.round, f"rank: {exc}")
+    masked = take_mask(ctx.state, ins)
+    if isinstance(masked, str):
+        return failed_reply(ins.client_id, ins.round, masked)
+    ins = masked
     if ins.extra.get(REF_ROUND) is None:
         return ins
     try:
@@ -95,8 +110,9 @@ PHASES: dict[str, PhaseHandler] = {"train": train_phase}
 """Handlers by phase name; ``register_phase`` adds one."""
 
 PHASE_MODULES: dict[str, str] = {
-    name: "fedtune.privacy.client"
-    for name in ("secagg_advertise", "secagg_share", "secagg_upload", "secagg_unmask")
+    **{name: "fedtune.privacy.client"
+       for name in ("secagg_advertise", "secagg_share", "secagg_upload", "secagg_unmask")},
+    EXPLORE: "fedtune.compression.explore",
 }
 """Modules that register the handlers of these phases when imported, loaded on first use (by name, so this
 module does not depend on them)."""

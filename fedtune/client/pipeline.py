@@ -52,9 +52,16 @@ def _compress(cfg: Any) -> Transform:
     return CompressTransform(cfg.compress)
 
 
-TRANSFORMS: dict[str, TransformFactory] = {"compress": _compress}
+def _rank_prune(cfg: Any) -> Transform:
+    from fedtune.compression.rank import RankPruneTransform
+
+    return RankPruneTransform(cfg)
+
+
+TRANSFORMS: dict[str, TransformFactory] = {"compress": _compress, "rank_prune": _rank_prune}
 """Registered transforms by the name ``client.pipeline`` lists: ``compress`` (``compress.*``, with error feedback:
-``fedtune.compression``) is built in."""
+``fedtune.compression``) and ``rank_prune`` (``compress.energy``: each LoRA layer at its energy rank) are
+built in."""
 
 
 def register_transform(name: str, factory: TransformFactory) -> None:

@@ -57,6 +57,10 @@ class CompressConfig:
     error_feedback: bool = _opt(True, "keep what was not sent and add it to the next round's update")
     downlink: bool = _opt(False, "the server sends each client the compressed delta from the state it holds "
                                  "(same method; full state to a client that missed a round)")
+    energy: float = _opt(0.9, "rank pruning (\"rank_prune\" in client.pipeline): per LoRA layer, keep the fewest "
+                              "SVD components of the client's scale * B @ A whose squared singular values hold at "
+                              "least this fraction of the layer's total")
+    min_rank: int = _opt(1, "rank pruning: keep at least this many components per layer")
 
     def validate(self) -> list[str]:
         p = []
@@ -70,6 +74,10 @@ class CompressConfig:
             p.append(f"compress.stochastic: only int8 / int4 round, not compress.method={self.method}")
         if self.scope == "global" and self.method != "topk":
             p.append(f"compress.scope: global applies to topk only, not compress.method={self.method}")
+        if not 0 < self.energy <= 1:
+            p.append(f"compress.energy: got {self.energy}, must be in (0, 1]")
+        if self.min_rank < 1:
+            p.append(f"compress.min_rank: got {self.min_rank}, must be >= 1")
         if self.downlink and self.method == "randk":
             p.append("compress.downlink: randk cannot compress the downlink (its indices come from each client's "
                      "seed); choose another compress.method")
@@ -79,7 +87,7 @@ class CompressConfig:
 def compress_problems(cfg: Any) -> list[str]:
     """What ``compress.*`` rules out in the rest of ``cfg`` (a ``fedtune.config.Config``), with the reason."""
     pipeline, c, name = list(cfg.client.pipeline), cfg.compress, cfg.strategy.name
-    p = list(c.validate())
+    p = list(c.validate()) + _rank_problems(cfg) + cfg.mask.problems(cfg)
     if ("compress" in pipeline or c.downlink) and cfg.sim.backend == "flower":
         p.append("sim.backend: flower's records do not carry compressed deltas (client.pipeline \"compress\", "
                  "compress.downlink); use sim.backend=inproc")
@@ -102,3 +110,75 @@ def uplink_encoding(cfg: Any) -> str:
     """The wire encoding of updates: the compressor's own with ``compress`` in ``client.pipeline``, else
     ``client.encoding`` (nodes send in it, the server and the simulator count in it)."""
     return UPLINK_ENCODING[cfg.compress.method] if "compress" in cfg.client.pipeline else str(cfg.client.encoding)
+
+
+def _rank_problems(cfg: Any) -> list[str]:
+    """What rank pruning (client side: ``rank_prune`` in ``client.pipeline``; server side:
+    ``strategy.svd_energy``) rules out, with the reason."""
+    from fedtune.strategies.specs import REGISTRY
+
+    pipeline, p = list(cfg.client.pipeline), []
+    spec = REGISTRY.get(cfg.strategy.name)
+    if "rank_prune" in pipeline:
+        if spec is not None and not spec.client_ranks:
+            names = ", ".join(n for n, x in REGISTRY.items() if x.client_ranks)
+            p.append(f"client.pipeline: \"rank_prune\" sends each layer at its own rank, which only a strategy "
+                     f"that aggregates factors of any rank takes ({names}), not strategy.name={cfg.strategy.name}")
+        if "compress" in pipeline:
+            p.append("client.pipeline: \"rank_prune\" and \"compress\" together: compress sends deltas of the "
+                     "global tensors' shapes, rank pruning changes them; choose one")
+        elif pipeline[-1] != "rank_prune":
+            p.append(f"client.pipeline: \"rank_prune\" must come last ({pipeline}): a transform after it would "
+                     "see factors of another rank")
+        if cfg.sim.backend == "flower":
+            p.append("sim.backend: flower's records carry tensors of the global shapes; rank_prune needs "
+                     "sim.backend=inproc")
+    if cfg.strategy.svd_energy > 0 and cfg.compress.downlink:
+        p.append("strategy.svd_energy: the pruned global adapter travels trimmed to each layer's rank, "
+                 "compress.downlink sends deltas of the full shapes; set one of them off")
+    return p
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    density: float = _opt(1.0, "global pruning mask (AutoFLIP-style): fraction of each tensor's entries clients "
+                               "train and send; 1: no mask")
+    explore_steps: int = _opt(2, "mask: local steps of the exploration phase each sampled client runs to score "
+                                 "the entries before the mask is fixed")
+    refresh_every: int = _opt(0, "mask: explore again and fix a new mask every this many rounds; 0: never")
+    score: Literal["update", "grad_weight"] = _opt(
+        "update", "mask: importance of an entry, averaged over the explorers by examples: update (its squared "
+                  "change over the exploration steps) or grad_weight (|gradient x value| on one batch at the "
+                  "explored weights)")
+
+    def problems(self, cfg: Any) -> list[str]:
+        """Ranges, and what a mask rules out in the rest of ``cfg``, each with the reason."""
+        p = []
+        if not 0 < self.density <= 1:
+            p.append(f"mask.density: got {self.density}, must be in (0, 1] (1: no mask)")
+        if self.explore_steps < 1:
+            p.append(f"mask.explore_steps: got {self.explore_steps}, must be >= 1")
+        if self.refresh_every < 0:
+            p.append(f"mask.refresh_every: got {self.refresh_every}, must be >= 0 (0: never)")
+        if self.density >= 1:
+            return p
+        from fedtune.strategies.specs import REGISTRY
+
+        spec, s = REGISTRY.get(cfg.strategy.name), cfg.strategy
+        if spec is not None and (not spec.linear or s.robust != "none"):
+            p.append(f"mask.density: strategy.name={s.name} (robust={s.robust}) cannot take masked updates: svd, "
+                     "flora and fedex combine whole factors (the product of masked factors is not a masked "
+                     "product), robust aggregators take statistics over whole replies; use fedavg, fedprox, ffa "
+                     "or a server optimizer")
+        if cfg.privacy.dp != "off" or cfg.privacy.secagg:
+            p.append("mask.density: the exploration phase sends each client's per-entry scores in the clear, which "
+                     "privacy.dp / privacy.secagg exist to prevent (a shared mask fits secure aggregation's sum, "
+                     "but fixing it privately is not built); set mask.density=1 or turn privacy off")
+        if cfg.sim.backend == "flower" or cfg.sim.batch_clients > 1 or cfg.sim.mode != "federated":
+            p.append("mask.density: the mask's phases run on the round driver with sim.backend=inproc, "
+                     "sim.batch_clients=1 and sim.mode=federated")
+        if "rank_prune" in cfg.client.pipeline:
+            p.append("mask.density: a mask fixes entries of the factors, rank pruning changes their shapes; "
+                     "remove \"rank_prune\" from client.pipeline")
+        return p
+

@@ -28,8 +28,11 @@ from typing import Any
 import torch
 import xxhash
 
+from fedtune.adapters import lora_pairs
 from fedtune.compression.compressors import compress, expand
 from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
+from fedtune.compression.mask import MASK_ROUND, gather, scatter
+from fedtune.compression.rank import MAX_RANK, trim
 from fedtune.transport.messages import instructions_wire_size, reply_wire_size
 from fedtune.types import ClientReply, Instructions, State, failed_reply
 
@@ -106,10 +109,14 @@ def receive_downlink(held: dict[str, Any] | None, ins: Instructions,
 
 
 class Link:
-    """Compression between the driver and the dispatcher (see the module docstring)."""
+    """Compression between the driver and the dispatcher (see the module docstring). ``rank_prune``: replies
+    may hold LoRA factors of a smaller rank; ``trim``: send the global factors cut to the components in use
+    (``strategy.svd_energy``); a pruning mask (``fedtune.compression.mask``) is sent once per version."""
 
-    def __init__(self, c: CompressConfig, *, uplink: bool) -> None:
-        self.c, self.uplink = c, uplink
+    def __init__(self, c: CompressConfig, *, uplink: bool, rank_prune: bool = False, trim: bool = False) -> None:
+        self.c, self.uplink, self.rank_prune, self.trim = c, uplink, rank_prune, trim
+        self.mask_held: dict[str, int] = {}
+        """The mask version (``extra["mask_round"]``) each client holds, as far as the server knows."""
         self.ref: State | None = None
         self.ref_round = 0
         self.holders: set[str] = set()
@@ -117,7 +124,30 @@ class Link:
         """Every client holds ``ref`` (round 0 of a fresh run: the adapter built from the seed)."""
 
     def down(self, rnd: int, instructions: dict[str, Instructions]) -> dict[str, Instructions]:
-        """What goes on the wire for ``instructions`` (unchanged without ``compress.downlink``)."""
+        """What goes on the wire for ``instructions``: the downlink delta (``compress.downlink``), factors
+        trimmed or allowed another rank, the mask only to clients that do not hold it."""
+        return {cid: self._shaped(cid, ins) for cid, ins in self._downlink(rnd, instructions).items()}
+
+    def _shaped(self, cid: str, ins: Instructions) -> Instructions:
+        if ins.phase != "train":
+            return ins
+        extra = dict(ins.extra)
+        state = ins.state
+        if self.trim or self.rank_prune:
+            pairs = lora_pairs(state)
+            if pairs:
+                extra[MAX_RANK] = int(state[next(iter(pairs.values()))[0]].shape[0])
+            if self.trim:
+                state = trim(state)
+        mask = ins.mask
+        if mask and MASK_ROUND in extra:
+            if self.mask_held.get(cid) == extra[MASK_ROUND]:
+                mask = None  # the client holds this version: not sent again
+            else:
+                extra["mask_encoding"] = "bitmap"
+        return dataclasses.replace(ins, state=state, mask=mask, extra=extra)
+
+    def _downlink(self, rnd: int, instructions: dict[str, Instructions]) -> dict[str, Instructions]:
         train = [ins for ins in instructions.values() if ins.phase == "train"]
         if not self.c.downlink or not train:
             return instructions
@@ -153,24 +183,44 @@ class Link:
         """The replies with values rebuilt; notes who holds the downlink reference now."""
         for reply in replies:
             ins = instructions.get(reply.client_id)
+            masked = ins is not None and bool(ins.mask) and MASK_ROUND in ins.extra and ins.phase == "train"
             if ins is not None and self.uplink:
-                reply = rebuild(reply, ins, self.c)
-            if reply.ok:
+                assert ins.mask is not None or not masked
+                reply = rebuild(reply, dataclasses.replace(ins, state=gather(ins.state, ins.mask))
+                                if masked and ins.mask is not None else ins, self.c)
+            if masked and reply.ok and ins is not None and ins.mask is not None:
+                try:
+                    reply = dataclasses.replace(reply, state=scatter(reply.state or {}, ins.state, ins.mask),
+                                                mask=ins.mask)
+                except ValueError as exc:
+                    reply = _failed(reply, f"rejected update: {exc}")
+            if reply.ok and (ins is None or ins.phase == "train"):  # another phase's state is not the reference
                 self.holders.add(reply.client_id)
+                if masked and ins is not None:
+                    self.mask_held[reply.client_id] = int(ins.extra[MASK_ROUND])
+            elif not reply.ok:  # whatever it held may be gone (a restarted node): send the mask again
+                self.mask_held.pop(reply.client_id, None)
             yield reply
 
 
 def make_link(cfg: Any) -> Link | None:
     """The run's ``Link`` (a ``fedtune.config.Config``), or None when it neither compresses uploads nor the
     downlink."""
-    uplink = "compress" in cfg.client.pipeline
-    return Link(cfg.compress, uplink=uplink) if uplink or cfg.compress.downlink else None
+    uplink, rank_prune = "compress" in cfg.client.pipeline, "rank_prune" in cfg.client.pipeline
+    trim = cfg.strategy.svd_energy > 0
+    if uplink or rank_prune or trim or cfg.compress.downlink or cfg.mask.density < 1:
+        return Link(cfg.compress, uplink=uplink, rank_prune=rank_prune, trim=trim)
+    return None
 
 
 def dense_fp32_bytes(ins: Instructions, reply: ClientReply) -> int:
     """Bytes of the same exchange with every tensor dense fp32: the instructions' global state down, the
     reply's values up (the baseline of ``compression_ratio``)."""
-    plain = dataclasses.replace(ins, extra={k: v for k, v in ins.extra.items() if k != "state_encoding"})
+    plain = dataclasses.replace(ins, mask=None, extra={k: v for k, v in ins.extra.items()
+                                                       if k not in ("state_encoding", "mask_encoding")})
     down = instructions_wire_size(plain, "fp32")
-    up = reply_wire_size(dataclasses.replace(reply, delta=False), ins.phase, "fp32") if reply.ok else 0
+    # The reply's tensors at the shapes it was sent (a pruned rank or a masked update counts in full).
+    full = {k: ins.state.get(k, v) for k, v in (reply.state or {}).items()}
+    up = reply_wire_size(dataclasses.replace(reply, state=full, delta=False, mask=None), ins.phase, "fp32") \
+        if reply.ok else 0
     return down + up

@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fedtune.compression.mask import MASK_ROUND
+from fedtune.compression.rank import MAX_RANK, factor_fits
 from fedtune.transport import (
     OBSERVER,
     ConfigMismatch,
@@ -262,14 +264,20 @@ class RoundCoordinator:
         public key: the strategy checks it); its size is bounded by ``Limits`` either way.
         """
         declared = ins.extra.get("reply_tensors") or ()
+        masked = MASK_ROUND in ins.extra  # a pruning mask: one value per entry of the mask (count checked later)
+        max_rank = ins.extra.get(MAX_RANK)
         for d in tensors:
             if d.group not in ("state", "delta", "mask"):
                 raise MessageRejected(f"unexpected tensor group {d.group!r} in an update")
             want = ins.state.get(d.name)
             if want is None and d.group in ("state", "delta") and ins.rank is None and ins.state and d.name not in declared:
                 raise MessageRejected(f"tensor {d.name!r} was not sent to this node")
-            if want is not None and d.group == "delta" and d.tensor.dim() == 1 and d.tensor.numel() <= want.numel():
-                pass  # random-k sends the values only; the round driver checks their count
+            if want is not None and (d.group == "delta" or masked) and d.tensor.dim() == 1 \
+                    and d.tensor.numel() <= want.numel():
+                pass  # random-k or a mask: the values only; the round driver checks their count
+            elif want is not None and isinstance(max_rank, int) and \
+                    factor_fits(d.name, tuple(d.tensor.shape), tuple(want.shape), max_rank):
+                pass  # a LoRA factor at a pruned (or the untrimmed) rank
             elif want is not None and ins.rank is None and tuple(d.tensor.shape) != tuple(want.shape):
                 raise MessageRejected(f"tensor {d.name!r} has shape {tuple(d.tensor.shape)}, "
                                       f"expected {tuple(want.shape)}")

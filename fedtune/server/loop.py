@@ -23,6 +23,7 @@ from rich.console import Console
 from fedtune.checkpoint import Checkpoint
 from fedtune.compression.config import uplink_encoding
 from fedtune.compression.link import make_link
+from fedtune.compression.mask import with_mask
 from fedtune.config import Config, fingerprint
 from fedtune.global_model import GlobalModel
 from fedtune.models import load_model
@@ -111,8 +112,8 @@ def prepare_coordinator(cfg: Config) -> Coordinator:
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
-    strategy = with_privacy(make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)),
-                            cfg)
+    strategy = with_mask(with_privacy(
+        make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)), cfg), cfg)
     plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
                      policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer, link=make_link(cfg))
     return Coordinator(run, ckpt, model, strategy, plan)

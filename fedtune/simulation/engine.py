@@ -25,6 +25,7 @@ from rich.console import Console
 from fedtune.adapters import set_state
 from fedtune.client.fit import client_seed, fit
 from fedtune.compression.link import make_link
+from fedtune.compression.mask import with_mask
 from fedtune.config import Config
 from fedtune.data.partition import partition_clients, render_partition_table
 from fedtune.dispatch import Dispatcher
@@ -94,8 +95,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         overrides = {"max_steps": cfg.gossip.local_steps, "epochs": None} if cfg.gossip.local_steps else {}
         what = f"gossip {cfg.gossip.topology}/{cfg.gossip.mix}"
     else:
-        strategy = with_privacy(make_strategy(cfg.strategy.name,
-                                              strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round)), cfg)
+        strategy = with_mask(with_privacy(make_strategy(
+            cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round)), cfg), cfg)
         what = f"strategy={cfg.strategy.name}"
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed, train=cfg.train, eval_every=cfg.sim.eval_every,

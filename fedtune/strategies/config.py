@@ -52,6 +52,9 @@ class StrategyConfig:
     """Clients averaged by multi-Krum; 0 means K - krum_f."""
     svd_rank: int = 0
     """Rank of the global adapter kept by ``svd``; 0 means ``r``."""
+    svd_energy: float = 0.0
+    """``svd``: per layer, keep only the fewest components (at most the global rank) whose squared singular
+    values hold this fraction of the average's energy; the rest are zero and not sent. 0: keep the rank."""
     svd_method: str = "exact"
     """``svd``: "exact" (best rank-r: QR + core SVD, or the dense layer's Gram eigendecomposition once the stacked
     factors outgrow the layer) or "randomized" (subspace iteration on the factors; approximate, faster for large K)."""
@@ -117,6 +120,13 @@ class StrategyConfig:
             p.append(f"strategy.multikrum_m: {self.multikrum_m} must be >= 0 (0 = K - krum_f)")
         if self.svd_rank < 0:
             p.append(f"strategy.svd_rank: {self.svd_rank} must be >= 0 (0 = r)")
+        if not 0 <= self.svd_energy <= 1:
+            p.append(f"strategy.svd_energy: {self.svd_energy} must be in [0, 1] (0 = keep the global rank)")
+        elif self.svd_energy > 0 and (spec is None or not spec.truncates):
+            p.append(f"strategy.svd_energy: only a truncating strategy (svd) prunes ranks, not {self.name!r}")
+        elif self.svd_energy > 0 and self.svd_method == "randomized":
+            p.append("strategy.svd_energy: needs svd_method='exact' (a randomized SVD does not know the energy "
+                     "it discards)")
         if self.svd_method not in ("exact", "randomized"):
             p.append(f"strategy.svd_method: unknown {self.svd_method!r}; valid: exact, randomized")
         elif self.svd_method == "randomized" and self.error_feedback:

@@ -227,6 +227,7 @@ class SVD(ExactStrategy):
         errors: dict[str, float] = {}
         kept: dict[str, list[lowrank.Pair]] = {}  # what the meter compares with the exact average
         residual: dict[str, lowrank.Pair] = {}
+        kept_ranks: list[int] = []
         pairs = lora_pairs(global_state)
         for prefix in ref.layers():
             terms = ref.terms(prefix)
@@ -239,6 +240,9 @@ class SVD(ExactStrategy):
                 )
             else:
                 svd = lowrank.truncated_svd(*lowrank.stack(terms), rank, keep_rest=self.cfg.error_feedback)
+            if self.cfg.svd_energy > 0:  # rank pruning: the components past the energy rank are zero
+                svd = self._energy_cut(svd, terms, rank)
+                kept_ranks.append(svd.left.shape[1])
             b, a = lowrank.split_factors(svd, scale, rank)
             ka, kb = pairs[prefix]
             state[ka], state[kb] = a.to(global_state[ka].dtype), b.to(global_state[kb].dtype)
@@ -252,7 +256,20 @@ class SVD(ExactStrategy):
         if kept:
             assert meter is not None
             errors.update(meter.errors(kept))
-        return RoundResult(state=state, agg_error_layers=errors)
+        result = RoundResult(state=state, agg_error_layers=errors)
+        if kept_ranks:
+            result.metrics["svd_rank_mean"] = sum(kept_ranks) / len(kept_ranks)
+        return result
+
+    def _energy_cut(self, svd: lowrank.TruncatedSVD, terms: list[lowrank.Pair], rank: int) -> lowrank.TruncatedSVD:
+        """``svd`` cut to the layer's energy rank (``strategy.svd_energy``); with error feedback the remainder
+        then holds the cut components too."""
+        keep = lowrank.energy_rank(svd.s, self.cfg.svd_energy, rank)
+        if keep >= svd.left.shape[1]:
+            return svd
+        if self.cfg.error_feedback:
+            return lowrank.truncated_svd(*lowrank.stack(terms), keep, keep_rest=True)
+        return lowrank.truncation(svd, keep)
 
 
 

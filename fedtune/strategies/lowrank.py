@@ -195,6 +195,28 @@ def randomized_svd(
     return TruncatedSVD(left=q @ u[:, :r], s=s, right=vh[:r], rest=None, complete=False)
 
 
+def energy_rank(s: torch.Tensor, energy: float, max_rank: int, min_rank: int = 1) -> int:
+    """The fewest leading components whose squared singular values hold at least ``energy`` of the total
+    (``sum_{i<r} s_i^2 >= energy * sum_i s_i^2``), clamped to ``[min_rank, max_rank]``; ``min_rank`` for a zero
+    matrix. ``s``: every singular value, descending (``TruncatedSVD.s`` of a complete decomposition)."""
+    sq = s.double().clamp_min(0).square()
+    total = float(sq.sum())
+    hi = max(1, min(max_rank, sq.numel()))
+    if total <= 0:
+        return max(1, min(min_rank, hi))
+    cum = torch.cumsum(sq, 0)
+    # The first index whose prefix reaches the budget; a relative tolerance so that energy=1 keeps every
+    # nonzero component despite the rounding of the cumulative sum.
+    r = int((cum < energy * total * (1 - 1e-12)).sum()) + 1
+    return max(min(min_rank, hi), min(r, hi))
+
+
+def truncation(svd: TruncatedSVD, rank: int) -> TruncatedSVD:
+    """The leading ``rank`` components of ``svd`` (its ``s`` and ``complete`` kept, no ``rest``)."""
+    return TruncatedSVD(left=svd.left[:, :rank], s=svd.s, right=svd.right[:rank], rest=None,
+                        complete=svd.complete)
+
+
 def split_factors(svd: TruncatedSVD, scale: float, rank: int) -> Pair:
     """LoRA factors ``(B, A)`` of rank ``rank`` with ``scale * B @ A`` equal to the truncation.
 

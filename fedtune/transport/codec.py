@@ -72,6 +72,8 @@ def _choose(name: str, t: torch.Tensor, encoding: EncodingSpec) -> str:
     # Masks and integer tensors keep their dtype: float encodings would change what they mean.
     if enc in FLOAT_ONLY and t.dtype not in FLOAT_DTYPES:
         return "dense"
+    if enc == "bitmap" and t.dtype != torch.bool:  # bitmap is for masks: everything else as it is
+        return "dense"
     if enc == "fixed_u32" and t.dtype not in FLOAT_DTYPES | {torch.int64, torch.uint32}:
         return "dense"
     if enc.startswith("sparse") and t.dtype == torch.uint32:  # torch has no nonzero() for uint32

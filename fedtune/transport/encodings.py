@@ -221,6 +221,34 @@ class SparseBitmap:
         return out.reshape(meta.shape)
 
 
+class Bitmap:
+    """Bool tensors (pruning masks) as one bit each, little bit order: payload = ceil(numel/8) bytes. The
+    header's ``nnz`` is the count of set bits, checked on decode, and the bits past ``numel`` must be 0.
+    Other dtypes travel dense (``codec._choose``)."""
+
+    def plan(self, t: torch.Tensor) -> Plan:
+        return Plan(num_bytes=math.ceil(t.numel() / 8), nnz=int(torch.count_nonzero(t)), value_dtype="bool")
+
+    def encode(self, t: torch.Tensor, plan: Plan) -> memoryview:
+        if t.dtype != torch.bool:
+            raise ValueError("bitmap encoding needs a bool tensor")
+        return memoryview(np.packbits(t.detach().reshape(-1).numpy(), bitorder="little").tobytes())
+
+    def expected_nbytes(self, meta: Meta) -> int:
+        if meta.dtype != torch.bool:
+            raise MessageRejected("bitmap encoding is for bool tensors only")
+        if not 0 <= meta.nnz <= meta.numel:
+            raise MessageRejected(f"bitmap: nnz {meta.nnz} outside [0, numel {meta.numel}]")
+        return math.ceil(meta.numel / 8)
+
+    def decode(self, buf: Payload, meta: Meta) -> torch.Tensor:
+        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=math.ceil(meta.numel / 8)), bitorder="little")
+        if bits[meta.numel:].any() or int(bits.sum()) != meta.nnz:
+            raise MessageRejected(f"bitmap has {int(bits.sum())} set bits (or bits past the end), "
+                                  f"header says nnz={meta.nnz}")
+        return torch.from_numpy(bits[: meta.numel].astype(bool)).reshape(meta.shape)
+
+
 class FixedU32:
     """uint32 vectors for secure aggregation. Integer tensors travel as-is (values must lie in
     [0, 2^32)); float tensors as round(x * scale) in two's complement, decoded as signed / scale."""
@@ -390,7 +418,7 @@ ENCODINGS: dict[str, Encoding] = {
     "dense": Dense(), "fp32": Dense(torch.float32), "bf16": Dense(torch.bfloat16),
     "fp16": Dense(torch.float16), "int8": Int8Blocks(), "sparse_coo": SparseCoo(),
     "sparse_bitmap": SparseBitmap(), "fixed_u32": FixedU32(), "sign": SignBlocks(),
-    "int8_pow2": Pow2Blocks(8), "int4_pow2": Pow2Blocks(4),
+    "int8_pow2": Pow2Blocks(8), "int4_pow2": Pow2Blocks(4), "bitmap": Bitmap(),
 }
 FLOAT_ONLY = {"fp32", "bf16", "fp16", "int8", "sign", "int8_pow2", "int4_pow2"}
 

@@ -75,9 +75,10 @@ def _instruction_groups(instr: Instructions) -> list[tuple[str, Mapping[str, tor
 
 def _encoding_of(instr: Instructions, group: str, default: EncodingSpec) -> EncodingSpec:
     """The run's encoding, or the one the instructions name for their state (``extra["state_encoding"]``: a
-    compressed downlink delta travels in its compressor's encoding)."""
-    named = instr.extra.get("state_encoding")
-    return named if group == "state" and isinstance(named, str) else default
+    compressed downlink delta travels in its compressor's encoding) or their mask (``extra["mask_encoding"]``:
+    a pruning mask travels as a bitmap)."""
+    named = instr.extra.get({"state": "state_encoding", "mask": "mask_encoding"}.get(group, ""))
+    return named if isinstance(named, str) else default
 
 
 def instructions_header(instr: Instructions) -> fpb.InstructionsHeader:

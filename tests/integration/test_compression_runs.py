@@ -66,3 +66,54 @@ def test_compressed_runs_over_grpc_match_the_simulator(tmp_path: Path) -> None:
     for name in ("client-0", "client-1", "client-2"):  # each node kept its residual and its downlink reference
         node = torch.load(tmp_path / name / "client_state.pt", weights_only=True)
         assert int(node["downlink"]["round"]) == 2 and node["pipeline"]["compress"]
+
+
+@pytest.mark.slow
+def test_a_masked_run_over_grpc_matches_the_simulator(tmp_path: Path) -> None:
+    opts = ("mask.density=0.25", "mask.explore_steps=1", "mask.refresh_every=2", "client.pipeline=[compress]",
+            "compress.method=int4", "train.lr=5e-2", "sim.partitioner=iid", "sim.rounds=3", "federation.rounds=3")
+    sim = simulate(tmp_path / "sim", *opts)
+    grpc = federate(tmp_path, *opts)
+    for s, g in zip(rounds(sim), rounds(grpc), strict=True):
+        assert (g["clients_ok"], g["failures"]) == (3, {})
+        assert (g["bytes_up"], g["bytes_down"], g["dense_fp32_bytes"]) == (
+            s["bytes_up"], s["bytes_down"], s["dense_fp32_bytes"])
+        assert g["mask_round"] == s["mask_round"] and g["mask_density"] == 0.25
+    assert [r["mask_round"] for r in rounds(sim)] == [1, 1, 3]
+    assert rounds(sim)[1]["bytes_down"] < rounds(sim)[0]["bytes_down"]  # no exploration, no mask in round 2
+    a, b = adapter(sim.run_dir), adapter(tmp_path / "server")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("client-0", "client-1", "client-2"):  # each node kept the mask of round 3
+        node = torch.load(tmp_path / name / "client_state.pt", weights_only=True)
+        assert int(node["mask"]["round"]) == 3
+
+
+@pytest.mark.slow
+def test_rank_pruned_runs_over_grpc_match_the_simulator(tmp_path: Path) -> None:
+    opts = ("strategy.name=svd", "client.pipeline=[rank_prune]", "compress.energy=0.6", "strategy.svd_energy=0.8",
+            "train.lr=5e-2", "sim.partitioner=iid", "sim.rounds=2", "federation.rounds=2")
+    sim = simulate(tmp_path / "sim", *opts)
+    grpc = federate(tmp_path, *opts)
+    for s, g in zip(rounds(sim), rounds(grpc), strict=True):
+        assert (g["clients_ok"], g["failures"]) == (3, {})
+        assert (g["bytes_up"], g["bytes_down"], g["dense_fp32_bytes"]) == (
+            s["bytes_up"], s["bytes_down"], s["dense_fp32_bytes"])
+        # dense_fp32_bytes counts the same exchange at the full rank: the pruned ranks are what travels
+        assert s["compression_ratio"] > 1.1
+    first, second = rounds(sim)
+    assert second["bytes_down"] < first["bytes_down"]  # round 2's global adapter goes down trimmed
+    a, b = adapter(sim.run_dir), adapter(tmp_path / "server")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_grad_weight_scores_fix_another_mask_than_update_scores(tmp_path: Path) -> None:
+    opts = ("mask.density=0.25", "mask.explore_steps=1", "train.lr=5e-2", "sim.rounds=1")
+    runs = {s: simulate(tmp_path / s, *opts, f"mask.score={s}") for s in ("update", "grad_weight")}
+    masks = {}
+    for s, r in runs.items():
+        (row,) = rounds(r)
+        assert (row["clients_ok"], row["failures"], row["mask_density"]) == (3, {}, 0.25)
+        masks[s] = load_checkpoint(r.run_dir).strategy["mask"]
+    assert masks["update"].keys() == masks["grad_weight"].keys()
+    assert any(not torch.equal(masks["update"][k], masks["grad_weight"][k]) for k in masks["update"])

@@ -36,7 +36,7 @@ STATE = {
 }
 # max abs error allowed per encoding on float tensors of magnitude ~3
 TOL = {"dense": 0, "fp32": 0, "bf16": 0.05, "fp16": 0.005, "int8": 0.05, "sparse_coo": 0, "sparse_bitmap": 0,
-       "fixed_u32": 1e-4, "int8_pow2": 0.05, "int4_pow2": 0.6,
+       "fixed_u32": 1e-4, "bitmap": 0, "int8_pow2": 0.05, "int4_pow2": 0.6,
        "sign": 8}  # sign: +-(block max), within 2 max|x| of any value
 
 
