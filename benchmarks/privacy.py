@@ -13,6 +13,12 @@
    Local training is not included: both rounds add the same training time on top.
 3. Upload bytes per client: plain float32 vector against secure aggregation's four messages (the JSON
    adverts, shares and unmask answers, and the uint32 masked vector).
+4. ``--loss``: final held-out eval loss at epsilon 1, 4 and 8 (delta 1e-5) against no DP, on the quality
+   benchmark's federation (``benchmarks/quality.py``: SmolLM2-135M, 8 clients by ChatterBot category, fedavg;
+   ``--rounds`` x ``--steps``). Every client joins every round (``privacy.sample_rate = 1``, no sampling
+   amplification: 8 clients are too few to sample), the noise multiplier for each epsilon comes from
+   ``noise_for_epsilon`` (dp-accounting's calibration, RDP accountant: PLD's calibration at q = 1 takes minutes) and updates are clipped to ``--clip``. Only this arm
+   runs with ``--loss``; it writes benchmarks/results/privacy_loss.json.
 
 Prints tables and writes benchmarks/results/privacy.json (privacy_quick.json with --quick: 10 and 50 clients,
 1M words for the masks).
@@ -30,6 +36,7 @@ from _common import machine_info, print_table, write_json
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fedtune.privacy.accounting import epsilon, noise_for_epsilon
 from fedtune.privacy.secagg import (
     SecAggClient,
     SecAggServer,
@@ -140,6 +147,32 @@ def secagg_round(n: int, dropout: float, words: int, fraction: float, seed: int 
             "bytes_up_per_client": sum(up[c] for c in srv.uploaded) / survivors, "plain_bytes_up": 4 * words}
 
 
+def loss_arms(rounds: int, steps: int, clip: float, eval_batches: int, quant: str) -> list[dict[str, Any]]:
+    """Final eval loss of fedavg without DP and with central DP at epsilon 8, 4, 1 (delta 1e-5, q = 1)."""
+    from quality import QUANT, base
+    from sim_vs_flower import run_child
+
+    common = [*base(rounds, steps, 8, eval_batches), *QUANT[quant], "strategy.name=fedavg", "sim.clients_per_round=0"]
+    rows = []
+    for target in (None, 8.0, 4.0, 1.0):
+        extra: list[str] = []
+        z = 0.0
+        if target is not None:
+            z = noise_for_epsilon(1.0, rounds, 1e-5, target, "rdp")
+            extra = ["privacy.dp=central", "client.pipeline=[dp_clip]", f"privacy.clip_norm={clip}",
+                     "privacy.sample_rate=1.0", f"privacy.noise_multiplier={z}", "privacy.delta=1e-5",
+                     "privacy.accountant=rdp"]
+        res = run_child({"kind": "inproc", "threads": 1, "overrides": [*common, *extra]})
+        row = {"target_epsilon": target, "noise_multiplier": z, "clip_norm": clip if target else None,
+               "epsilon": epsilon(1.0, z, rounds, 1e-5, "rdp") if target else None,
+               "noise_std_of_mean": z * clip / 8, "before": res["before"]["eval_loss"],
+               "after": res["after"]["eval_loss"], "wall_s": res["wall_s"]}
+        print(f"epsilon {target}: z {z:.3f}, loss {row['before']:.4f} -> {row['after']:.4f} "
+              f"({row['wall_s']:.0f} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 and 50 clients, 1M words for the masks")
@@ -148,7 +181,25 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=1 / 3,
                         help="privacy.secagg_threshold (default 1/3: 30%% dropout out of O(log n) neighbours "
                              "leaves more than a third of every neighbourhood with high probability)")
+    parser.add_argument("--loss", action="store_true", help="only the eval-loss-versus-epsilon arm (SmolLM2)")
+    parser.add_argument("--rounds", type=int, default=3, help="--loss: rounds")
+    parser.add_argument("--steps", type=int, default=2, help="--loss: local steps per round")
+    parser.add_argument("--clip", type=float, default=1.0, help="--loss: privacy.clip_norm")
+    parser.add_argument("--eval-batches", type=int, default=4, help="--loss: held-out batches of 8 scored")
+    parser.add_argument("--quant", choices=["nf4", "bf16"], default="nf4", help="--loss: quantization")
     args = parser.parse_args()
+    if args.loss:
+        rows = loss_arms(args.rounds, args.steps, args.clip, args.eval_batches, args.quant)
+        print_table(f"final eval loss against epsilon (delta 1e-5): SmolLM2-135M {args.quant}, 8 clients, fedavg, "
+                    f"{args.rounds} rounds x {args.steps} steps, clip {args.clip:g}, every client every round",
+                    ["epsilon", "noise multiplier", "noise std on the mean", "loss before", "loss after", "wall s"],
+                    [["no DP" if r["target_epsilon"] is None else f"{r['epsilon']:.2f}", f"{r['noise_multiplier']:.3f}",
+                      f"{r['noise_std_of_mean']:.4f}", f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['wall_s']:.0f}"]
+                     for r in rows])
+        path = write_json("privacy_loss.json", {"machine": machine_info(), "rounds": args.rounds, "steps": args.steps,
+                                                "clip": args.clip, "quant": args.quant, "arms": rows})
+        print(f"wrote {path}")
+        return
     words = args.words or (1_000_000 if args.quick else 10_000_000)
     mask_rows = masks(words, args.repeat)
     print_table(f"mask generation: {words:,} 32-bit words (CPU s, best of {args.repeat})",

@@ -56,8 +56,9 @@ class KeySubstitution(ValueError):
 # ------------------------------------------------------------------ fixed point, PRG, Shamir
 
 
-def fixed_point_scale(bound: float, clients: int) -> float:
-    """The scale that lets ``clients`` values each in [-bound, bound] add up in Z_2^32 without wrapping."""
+def fixed_point_scale(bound: float, clients: float) -> float:
+    """The scale that lets ``clients`` values each in [-bound, bound] add up in Z_2^32 without wrapping
+    (``clients`` may include headroom for noise: a float)."""
     return (2 ** (MODULUS_BITS - 1) - 1) / (bound * max(clients, 1))
 
 
