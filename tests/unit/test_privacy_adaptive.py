@@ -135,3 +135,15 @@ def test_refused_adaptive_settings_name_the_key() -> None:
                            "privacy.clip_count_noise=0.5"])
     with pytest.raises(ConfigError, match="privacy.clip_quantile"):
         load_config(None, ["privacy.clip_quantile=1.0"])
+
+
+def test_privacy_plan_shows_the_update_s_share_with_adaptive_clipping(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedtune.cli import main
+
+    assert main(["privacy", "plan", "--clients", "1000", "--rate", "0.1", "--rounds", "100", "--noise", "1.0",
+                 "--accountant", "rdp", "--adaptive"]) == 0
+    out = capsys.readouterr().out
+    assert "7.904" in out and "count noise 5 " in out and "noise multiplier 1.0050" in out  # 100 expected / 20
+    assert main(["privacy", "plan", "--clients", "100", "--rate", "0.1", "--rounds", "10", "--noise", "1.0",
+                 "--accountant", "rdp", "--adaptive"]) == 2  # count noise 0.5 = z / 2
+    assert "--count-noise: 0.5 must exceed" in capsys.readouterr().err
