@@ -153,6 +153,7 @@ class DPStrategy:
         """Poisson-sample ``client_ids`` with ``privacy.sample_rate``; the inner strategy instructs them all."""
         if previous is None:
             self._population = len(client_ids)
+            self.noise_split()  # an impossible split of the noise fails here, before anyone trains
             client_ids = poisson_sample(client_ids, self.privacy.sample_rate, rng)
         out = self.inner.configure(round, client_ids, global_state, rng, phase=phase, previous=previous)
         for ins in out.values():

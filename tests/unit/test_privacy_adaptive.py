@@ -103,6 +103,9 @@ def test_the_default_count_noise_is_the_expected_clients_over_20() -> None:
     strategy = adaptive(noise_multiplier=1.0, sample_rate=0.5)
     strategy.configure(1, [f"c{i}" for i in range(400)], {KEY: torch.zeros(4)}, random.Random(0))
     assert strategy.noise_split() == (pytest.approx(update_noise_multiplier(1.0, 10.0)), 10.0)
+    few = adaptive(noise_multiplier=1.0)  # 10 expected clients: default count noise 0.5 = z / 2, refused up front
+    with pytest.raises(ValueError, match="privacy.clip_count_noise: 0.5 must exceed"):
+        few.configure(1, [f"c{i}" for i in range(10)], {KEY: torch.zeros(4)}, random.Random(0))
 
 
 def test_the_bound_travels_to_the_clients_and_into_the_checkpoint() -> None:
