@@ -2,9 +2,12 @@
 
     .venv/bin/python benchmarks/privacy.py [--quick] [--words N] [--repeat N]
 
-1. Mask generation: ``fedtune.privacy.secagg.prg`` (AES-256-CTR keyed with a 256-bit derived key, OpenSSL via
-   ``cryptography``) against ChaCha20 and numpy's ``RandomState`` (what Flower's SecAgg+ seeds with a 32-bit value):
-   10M 32-bit words, best of ``--repeat`` runs, CPU time of this process (the machine may be shared).
+1. Mask generation: fedtune's keystream (AES-256-CTR keyed with a 256-bit derived key, OpenSSL via
+   ``cryptography``, written into one reused cache-sized buffer) against ChaCha20 written the same way and
+   numpy's ``RandomState`` (what Flower's SecAgg+ seeds with a 32-bit value); and masking a vector (fedtune's
+   ``add_mask`` in place against Flower's draw-then-add): 10M 32-bit words, best of ``--repeat`` interleaved
+   runs, CPU time of this process (the machine may be shared). "x Flower's" is numpy randint's time (for
+   masking: randint + add) over the row's.
 2. One round of the secure-aggregation protocol (``SecAggClient`` / ``SecAggServer``: keys, signed adverts,
    Shamir shares encrypted end to end, fixed point, masks, unmasking with the dropped clients' pair masks)
    for 10, 50 and 100 simulated clients with 0% and 30% dropping out after sharing keys (the costliest
@@ -13,6 +16,17 @@
    Local training is not included: both rounds add the same training time on top.
 3. Upload bytes per client: plain float32 vector against secure aggregation's four messages (the JSON
    adverts, shares and unmask answers, and the uint32 masked vector).
+4. ``--loss``: final held-out eval loss at epsilon 1, 4 and 8 (delta 1e-5) against no DP, on the quality
+   benchmark's federation (``benchmarks/quality.py``: SmolLM2-135M, 8 clients by ChatterBot category, fedavg;
+   ``--rounds`` x ``--steps``). Every client joins every round (``privacy.sample_rate = 1``, no sampling
+   amplification: 8 clients are too few to sample), the noise multiplier for each epsilon comes from
+   ``noise_for_epsilon`` (dp-accounting's calibration, RDP accountant: PLD's calibration at q = 1 takes minutes) and updates are clipped to ``--clip``. Only this arm
+   runs with ``--loss``; it writes benchmarks/results/privacy_loss.json.
+5. ``--e2e``: whole rounds through the round driver (``run_rounds``), the client phase handlers and the wire
+   sizes, secure aggregation against plain fedavg, 100 clients (``--clients``) with 30% of them dropping out
+   in the last phase (the upload after sharing keys; plain: the training reply), on the SmolLM2-135M adapter
+   size. Local training is a fixed update (no model): the ratio is the protocol's cost over plain's
+   bookkeeping, the worst case (real training adds the same seconds to both). Writes privacy_e2e.json.
 
 Prints tables and writes benchmarks/results/privacy.json (privacy_quick.json with --quick: 10 and 50 clients,
 1M words for the masks).
@@ -23,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,9 +45,12 @@ from _common import machine_info, print_table, write_json
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fedtune.privacy.accounting import epsilon, noise_for_epsilon
 from fedtune.privacy.secagg import (
     SecAggClient,
     SecAggServer,
+    _keystream,
+    add_mask,
     default_neighbours,
     fixed_point_scale,
     identity_public,
@@ -53,24 +71,40 @@ def cpu(fn: Any, repeat: int) -> float:
     return best
 
 
-def chacha20(key: bytes, words: int) -> np.ndarray:
+def chacha20(key: bytes, words: int) -> None:
+    """ChaCha20 written into one reused cache-sized buffer, as ``_keystream`` does with AES-256-CTR."""
     enc = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(4 * words)), dtype=np.uint32)
+    buf = bytearray(4 * 2**16 + 16)
+    zeros = memoryview(bytes(4 * 2**16))
+    for start in range(0, words, 2**16):
+        enc.update_into(zeros[:4 * min(2**16, words - start)], buf)
 
 
 def masks(words: int, repeat: int) -> list[dict[str, Any]]:
+    """CPU seconds per generator, cells interleaved so that load on the shared machine hits them alike."""
     key = bytes(range(32))
-    ours = cpu(lambda: prg(key, words), repeat)
-    rows = [{"generator": label, "seconds": cpu(fn, repeat)} for label, fn in (
-        ("numpy RandomState.randint (Flower's call)", lambda: np.random.RandomState(1234).randint(0, 2**31, size=words)),
-        ("numpy RandomState.randint uint32",
-         lambda: np.random.RandomState(1234).randint(0, 2**32, size=words, dtype=np.uint32)),
-        ("ChaCha20 (cryptography)", lambda: chacha20(key, words)))]
-    rows.append({"generator": "AES-256-CTR (fedtune prg)", "seconds": ours})
-    for r in rows:
-        r["words_per_s"] = words / r["seconds"]
-        r["x_vs_fedtune"] = r["seconds"] / ours
-    return rows
+    y = np.zeros(words, dtype=np.uint32)
+
+    def flower_mask() -> None:  # Flower's masking: draw the mask, then add it (a new array)
+        np.add(y, np.random.RandomState(1234).randint(0, 2**31, size=words), out=y, casting="unsafe")
+
+    cells = {
+        "numpy RandomState.randint (Flower's call)": lambda: np.random.RandomState(1234).randint(0, 2**31, size=words),
+        "numpy RandomState.randint uint32":
+            lambda: np.random.RandomState(1234).randint(0, 2**32, size=words, dtype=np.uint32),
+        "ChaCha20, into a reused buffer": lambda: chacha20(key, words),
+        "AES-256-CTR keystream (fedtune, into a reused buffer)": lambda: [None for _ in _keystream(key, words)],
+        "AES-256-CTR prg (fedtune, a new array)": lambda: prg(key, words),
+        "masking: randint + add (Flower)": flower_mask,
+        "masking: add_mask in place (fedtune)": lambda: add_mask(y, key),
+    }
+    best = dict.fromkeys(cells, float("inf"))
+    for _ in range(repeat):
+        for label, fn in cells.items():
+            best[label] = min(best[label], cpu(fn, 1))
+    base, masking = best["numpy RandomState.randint (Flower's call)"], best["masking: randint + add (Flower)"]
+    return [{"generator": label, "seconds": t, "words_per_s": words / t,
+             "x_flower": (masking if label.startswith("masking") else base) / t} for label, t in best.items()]
 
 
 def blob_bytes(obj: Any) -> int:
@@ -140,20 +174,205 @@ def secagg_round(n: int, dropout: float, words: int, fraction: float, seed: int 
             "bytes_up_per_client": sum(up[c] for c in srv.uploaded) / survivors, "plain_bytes_up": 4 * words}
 
 
+def loss_arms(rounds: int, steps: int, clip: float, eval_batches: int, quant: str) -> list[dict[str, Any]]:
+    """Final eval loss of fedavg without DP and with central DP at epsilon 8, 4, 1 (delta 1e-5, q = 1)."""
+    from quality import QUANT, base
+    from sim_vs_flower import run_child
+
+    common = [*base(rounds, steps, 8, eval_batches), *QUANT[quant], "strategy.name=fedavg", "sim.clients_per_round=0"]
+    rows = []
+    for target in (None, 8.0, 4.0, 1.0):
+        extra: list[str] = []
+        z = 0.0
+        if target is not None:
+            z = noise_for_epsilon(1.0, rounds, 1e-5, target, "rdp")
+            extra = ["privacy.dp=central", "client.pipeline=[dp_clip]", f"privacy.clip_norm={clip}",
+                     "privacy.sample_rate=1.0", f"privacy.noise_multiplier={z}", "privacy.delta=1e-5",
+                     "privacy.accountant=rdp"]
+        res = run_child({"kind": "inproc", "threads": 1, "overrides": [*common, *extra]})
+        row = {"target_epsilon": target, "noise_multiplier": z, "clip_norm": clip if target else None,
+               "epsilon": epsilon(1.0, z, rounds, 1e-5, "rdp") if target else None,
+               "noise_std_of_mean": z * clip / 8, "before": res["before"]["eval_loss"],
+               "after": res["after"]["eval_loss"], "wall_s": res["wall_s"]}
+        print(f"epsilon {target}: z {z:.3f}, loss {row['before']:.4f} -> {row['after']:.4f} "
+              f"({row['wall_s']:.0f} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
+class _StateModel:
+    """The round driver's model over plain tensors (no LLM): results replace the state."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.current, self.base_updates = dict(state), []
+
+    def initial_state(self) -> dict[str, Any]:
+        return dict(self.current)
+
+    def restore(self, state: dict[str, Any], base_updates: list[Any]) -> None:
+        self.current = dict(state)
+
+    def apply(self, global_state: dict[str, Any], result: Any) -> dict[str, Any]:
+        if result.applied:
+            self.current = dict(result.state)
+        return self.current
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def full_model_bytes(self) -> int:
+        return 0
+
+    def save(self, run: Any, global_state: dict[str, Any]) -> None:
+        pass
+
+
+class _Dispatcher:
+    """Clients answered in this process by their phase handlers, reply sizes from the wire codec; the clients
+    in ``drop`` fail the phase ``last``."""
+
+    def __init__(self, handle: Any, ids: list[str], drop: set[str], last: str) -> None:
+        self.handle, self.ids, self.drop, self.last = handle, ids, drop, last
+
+    def available(self, round: int) -> list[str]:
+        return list(self.ids)
+
+    def client_index(self, client_id: str) -> int:
+        return self.ids.index(client_id)
+
+    def dispatch(self, round: int, phase: str, instructions: dict[str, Any]) -> Any:
+        from fedtune.transport.loopback import send_instructions, send_reply
+        from fedtune.types import failed_reply
+
+        for cid, ins in instructions.items():
+            ins, down = send_instructions(ins, "dense")
+            if phase == self.last and cid in self.drop:
+                reply = failed_reply(cid, round, "dropped out")
+            else:
+                reply, up = send_reply(self.handle(cid, ins), phase, "dense")
+                reply.bytes_up = up
+            reply.bytes_down = down
+            yield reply
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], round: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def e2e_rounds(n: int, dropout: float, rounds: int, threshold_fraction: float) -> list[dict[str, Any]]:
+    """Seconds per round (wall, median of ``rounds``) of plain fedavg and of secure aggregation."""
+    import io
+    import tempfile
+
+    import torch
+    from rich.console import Console
+
+    import fedtune.privacy.client as sa_client
+    from fedtune.client.phases import ClientContext, run_phase
+    from fedtune.config import TrainConfig, load_config
+    from fedtune.privacy.wrap import with_privacy
+    from fedtune.rounds import RoundPlan, run_rounds
+    from fedtune.runs import RunDir
+    from fedtune.strategies import StrategyConfig, make_strategy
+    from fedtune.types import ClientReply
+
+    layers = [(f"l{i}.{m}.lora_{ab}.weight", shape) for i in range(30) for m, out in (("q", 576), ("v", 192))
+              for ab, shape in (("A", (8, 576)), ("B", (out, 8)))]
+    start = {k: torch.zeros(shape) for k, shape in layers}
+    assert sum(v.numel() for v in start.values()) == SMOLLM2_ADAPTER
+
+    def train(ctx: Any, ins: Any) -> ClientReply:  # a fixed small update (norm 0.5: under the clip bound)
+        return ClientReply(ins.client_id, ins.round, {k: v + 7e-4 for k, v in ins.state.items()}, 10)
+
+    ids = [f"site-{i:03d}" for i in range(n)]
+    drop = set(np.random.default_rng(0).choice(ids, size=round(dropout * n), replace=False).tolist())
+    rows = []
+    original = sa_client.train_phase
+    sa_client.train_phase = train
+    try:
+        for secagg in (False, True):
+            cfg = load_config(None, [f"privacy.secagg={str(secagg).lower()}", "privacy.clip_norm=10.0",
+                                     f"privacy.secagg_threshold={threshold_fraction}", "sim.clients_per_round=0"])
+            # no agg_error diagnostics in either arm: plain is then just the running weighted sum
+            strategy = with_privacy(make_strategy("fedavg", StrategyConfig(r=8, lora_alpha=16.0, compute_error=False)),
+                                    cfg)
+            ctxs = {c: ClientContext(cfg, None, [], pipeline=[]) for c in ids}  # type: ignore[arg-type]
+
+            def handle(cid: str, ins: Any, ctxs: dict[str, Any] = ctxs) -> ClientReply:
+                return train(ctxs[cid], ins) if ins.phase == "train" else run_phase(ctxs[cid], ins)
+
+            last = "secagg_upload" if secagg else "train"
+            with tempfile.TemporaryDirectory() as tmp:
+                run = RunDir(Path(tmp))
+                run_rounds(RoundPlan(rounds=rounds, seed=1, train=TrainConfig()), run, _StateModel(start),
+                           strategy, _Dispatcher(handle, ids, drop, last), Console(file=io.StringIO()))
+                records = [r for r in run.read_metrics() if r.get("round", 0) >= 1]
+            assert all(r["applied"] for r in records), [r.get("failures") for r in records]
+            seconds = sorted(r["seconds"] for r in records)
+            rows.append({"secagg": secagg, "clients": n, "dropout": dropout, "rounds": rounds,
+                         "round_s": seconds[len(seconds) // 2], "all_round_s": seconds,
+                         "clients_ok": records[-1]["clients_ok"],
+                         "bytes_up_per_survivor": records[-1]["bytes_up"] / records[-1]["clients_ok"]})
+    finally:
+        sa_client.train_phase = original
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 and 50 clients, 1M words for the masks")
     parser.add_argument("--words", type=int, default=0, help="mask words (default 10M, 1M with --quick)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per mask cell, fastest kept")
+    parser.add_argument("--repeat", type=int, default=7, help="runs per mask cell, fastest kept")
     parser.add_argument("--threshold", type=float, default=1 / 3,
                         help="privacy.secagg_threshold (default 1/3: 30%% dropout out of O(log n) neighbours "
                              "leaves more than a third of every neighbourhood with high probability)")
+    parser.add_argument("--loss", action="store_true", help="only the eval-loss-versus-epsilon arm (SmolLM2)")
+    parser.add_argument("--rounds", type=int, default=3, help="--loss: rounds")
+    parser.add_argument("--steps", type=int, default=2, help="--loss: local steps per round")
+    parser.add_argument("--clip", type=float, default=1.0, help="--loss: privacy.clip_norm")
+    parser.add_argument("--eval-batches", type=int, default=4, help="--loss: held-out batches of 8 scored")
+    parser.add_argument("--quant", choices=["nf4", "bf16"], default="nf4", help="--loss: quantization")
+    parser.add_argument("--e2e", action="store_true", help="only whole rounds through the driver: secagg vs plain")
+    parser.add_argument("--clients", type=int, default=100, help="--e2e: clients")
+    parser.add_argument("--dropout", type=float, default=0.3, help="--e2e: fraction dropping out")
     args = parser.parse_args()
+    if args.e2e:
+        rows = e2e_rounds(args.clients, args.dropout, args.rounds, args.threshold)
+        plain = rows[0]["round_s"]
+        print_table(f"whole rounds through the driver, {args.clients} clients, {args.dropout:.0%} dropping out, "
+                    f"SmolLM2-135M adapter size, fixed local update (wall s, median of {args.rounds} rounds)",
+                    ["aggregation", "round s", "x plain", "clients ok", "up KiB per survivor"],
+                    [["secagg" if r["secagg"] else "plain", f"{r['round_s']:.2f}", f"{r['round_s'] / plain:.1f}",
+                      r["clients_ok"], f"{r['bytes_up_per_survivor'] / 1024:.0f}"] for r in rows])
+        path = write_json("privacy_e2e.json", {"machine": machine_info(), "rows": rows,
+                                               "loadavg": list(__import__("os").getloadavg())})
+        print(f"wrote {path}")
+        return
+    if args.loss:
+        rows = loss_arms(args.rounds, args.steps, args.clip, args.eval_batches, args.quant)
+        print_table(f"final eval loss against epsilon (delta 1e-5): SmolLM2-135M {args.quant}, 8 clients, fedavg, "
+                    f"{args.rounds} rounds x {args.steps} steps, clip {args.clip:g}, every client every round",
+                    ["epsilon", "noise multiplier", "noise std on the mean", "loss before", "loss after", "wall s"],
+                    [["no DP" if r["target_epsilon"] is None else f"{r['epsilon']:.2f}", f"{r['noise_multiplier']:.3f}",
+                      f"{r['noise_std_of_mean']:.4f}", f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['wall_s']:.0f}"]
+                     for r in rows])
+        path = write_json("privacy_loss.json", {"machine": machine_info(), "rounds": args.rounds, "steps": args.steps,
+                                                "clip": args.clip, "quant": args.quant, "arms": rows})
+        print(f"wrote {path}")
+        return
     words = args.words or (1_000_000 if args.quick else 10_000_000)
     mask_rows = masks(words, args.repeat)
     print_table(f"mask generation: {words:,} 32-bit words (CPU s, best of {args.repeat})",
-                ["generator", "seconds", "Mwords/s", "time x fedtune"],
-                [[r["generator"], f"{r['seconds']:.3f}", f"{r['words_per_s'] / 1e6:.0f}", f"{r['x_vs_fedtune']:.2f}"]
+                ["generator", "seconds", "Mwords/s", "x Flower's"],
+                [[r["generator"], f"{r['seconds']:.4f}", f"{r['words_per_s'] / 1e6:.0f}", f"{r['x_flower']:.2f}"]
                  for r in mask_rows])
     rounds = [secagg_round(n, d, SMOLLM2_ADAPTER, args.threshold) for n in ((10, 50) if args.quick else (10, 50, 100))
               for d in (0.0, 0.3)]

@@ -3,19 +3,23 @@ every simulator pool and the Flower ClientApp run the same code.
 
 The round's secrets (key pairs, self-mask seed, the shares held for neighbours) live in the client's state
 under ``"secagg"`` between the phases of one round and are deleted when it unmasks. In ``secagg_upload``
-the client trains as in ``train`` (``fit`` and the update pipeline), clips its update to
-``privacy.clip_norm``, turns it into fixed point with the scale the server sent and masks it.
+the client trains as in ``train`` (``fit`` and the update pipeline), clips its update to the bound the
+server sent, turns it into fixed point with the server's scale, appends the count word of adaptive clipping
+(``(b - 1/2) C``) when asked, adds its share of discrete Gaussian noise under distributed DP, and masks it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedtune.client.phases import ClientContext, register_phase, train_phase
+from fedtune.privacy.distributed import client_noise
 from fedtune.privacy.dp import clip_delta
 from fedtune.privacy.secagg import Advert, SecAggClient, identity_public, quantize
 from fedtune.privacy.wire import PHASES, blob, flat, sim_identity
@@ -83,12 +87,26 @@ def share(ctx: ClientContext, ins: Instructions) -> ClientReply:
     return ClientReply(ins.client_id, ins.round, blob({to: b.hex() for to, b in sent.items()}), num_examples=1)
 
 
+def _positive(value: Any, what: str) -> float:
+    """A number from the server's instructions that must be finite and > 0; ValueError names it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"the server's {what} must be a finite number > 0, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def _public(metrics: dict[str, float]) -> dict[str, float]:
+    """The training metrics the server may see next to a masked vector: not the update's norm (it would tell
+    the server whether this client was clipped, which adaptive clipping only reveals as a noisy count)."""
+    return {k: v for k, v in metrics.items() if k != "update_norm"}
+
+
 def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     client = _client(ctx, ins)
     extra = dict(ins.extra)
     inbox = {str(s): bytes.fromhex(str(b)) for s, b in dict(extra.pop("secagg_inbox")).items()}
     senders = [str(s) for s in extra.pop("secagg_senders")]
-    scale, bound = float(extra.pop("secagg_scale")), float(extra.pop("secagg_bound"))
+    scale, bound = _positive(extra.pop("secagg_scale"), "scale"), _positive(extra.pop("secagg_bound"), "bound")
+    count, noise = bool(extra.pop("secagg_count", False)), extra.pop("secagg_noise", None)
     extra.pop("reply_tensors", None)
     reply = train_phase(ctx, dataclasses.replace(ins, phase="train", extra=extra))
     if not reply.ok or reply.state is None:
@@ -96,10 +114,17 @@ def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     keys = list(ins.state)
     clipped, norm = clip_delta({k: reply.state[k] for k in keys}, ins.state, bound)
     delta = flat(clipped, keys) - flat(ins.state, keys)
-    masked = client.masked(quantize(delta, scale), inbox, senders)
+    if count:
+        delta = np.append(delta, ((norm <= bound) - 0.5) * bound)
+    x = quantize(delta, scale)
+    if noise is not None:
+        update_std, count_std = noise
+        x += client_noise(delta.size - count, scale, _positive(update_std, "noise"),
+                          _positive(count_std, "count noise") if count else None)
+    masked = client.masked(x, inbox, senders)
     ctx.state["secagg"] = client.to_plain()
     return ClientReply(ins.client_id, ins.round, {"masked": torch.from_numpy(masked.copy())},
-                       num_examples=reply.num_examples, metrics={**reply.metrics, "update_norm": norm})
+                       num_examples=reply.num_examples, metrics=_public(reply.metrics))
 
 
 def unmask(ctx: ClientContext, ins: Instructions) -> ClientReply:

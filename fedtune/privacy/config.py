@@ -21,10 +21,23 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    dp: Literal["off", "central"] = opt(
-        "off", "client-level DP-FedAvg: off, or central (clients clip with the dp_clip transform, the server "
-        "clips again, adds Gaussian noise to the sum and accounts epsilon every round)")
-    clip_norm: float = opt(1.0, "L2 bound of each client's update (its delta from the global adapter)")
+    dp: Literal["off", "central", "distributed"] = opt(
+        "off", "client-level DP-FedAvg: off; central (clients clip with the dp_clip transform, the server "
+        "clips again, adds Gaussian noise to the sum and accounts epsilon every round); or distributed (needs "
+        "privacy.secagg: each client adds its share of discrete Gaussian noise to its fixed-point update, so "
+        "the server never holds an un-noised sum)")
+    clip_norm: float = opt(1.0, "L2 bound of each client's update (its delta from the global adapter); with "
+                                "privacy.clip=adaptive, the first round's bound")
+    clip: Literal["fixed", "adaptive"] = opt(
+        "fixed", "fixed: privacy.clip_norm every round; adaptive: the bound follows privacy.clip_quantile of the "
+                 "update norms (Andrew et al. 2021), from a noisy count of the clients it did not clip")
+    clip_quantile: float = opt(0.5, "with privacy.clip=adaptive: the fraction of updates left unclipped the "
+                                    "bound aims at")
+    clip_lr: float = opt(0.2, "with privacy.clip=adaptive: the geometric step, bound *= exp(-clip_lr * "
+                              "(unclipped fraction - clip_quantile))")
+    clip_count_noise: float = opt(0.0, "with privacy.clip=adaptive: std of the Gaussian noise on the count of "
+                                       "unclipped clients (0: the expected clients per round / 20, the paper's "
+                                       "choice); must exceed privacy.noise_multiplier / 2")
     noise_multiplier: float = opt(1.0, "Gaussian noise std on the sum of updates, in units of privacy.clip_norm")
     sample_rate: float = opt(0.1, "with privacy.dp: each client joins a round independently with this "
                                   "probability (Poisson sampling; the run's clients_per_round must be 0)")
@@ -56,6 +69,16 @@ class PrivacyConfig:
             p.append(f"privacy.secagg_neighbours: got {self.secagg_neighbours}, must be >= 0 (0: the default)")
         if not 0 < self.secagg_threshold < 1:
             p.append(f"privacy.secagg_threshold: got {self.secagg_threshold}, must be in (0, 1)")
+        if not 0 < self.clip_quantile < 1:
+            p.append(f"privacy.clip_quantile: got {self.clip_quantile}, must be in (0, 1)")
+        if not 0 < self.clip_lr <= 10:
+            p.append(f"privacy.clip_lr: got {self.clip_lr}, must be in (0, 10]")
+        if self.clip_count_noise < 0 or not math.isfinite(self.clip_count_noise):
+            p.append(f"privacy.clip_count_noise: got {self.clip_count_noise}, must be >= 0 (0: the default)")
+        elif self.clip == "adaptive" and 0 < self.clip_count_noise <= self.noise_multiplier / 2:
+            p.append(f"privacy.clip_count_noise: got {self.clip_count_noise}, must exceed privacy.noise_multiplier "
+                     f"/ 2 = {self.noise_multiplier / 2:g} (the update's noise is what remains of "
+                     "privacy.noise_multiplier after the count's; Andrew et al. 2021, Theorem 1)")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             p.append(f"privacy.target_epsilon: got {self.target_epsilon}, must be > 0 (or unset)")
         return p
@@ -66,7 +89,12 @@ def privacy_problems(cfg: Config) -> list[str]:
     pv = cfg.privacy
     p = pv.validate()
     if pv.dp == "off" and pv.target_epsilon is not None:
-        p.append("privacy.target_epsilon: needs privacy.dp=central (without DP there is no epsilon)")
+        p.append("privacy.target_epsilon: needs privacy.dp=central or distributed (without DP there is no epsilon)")
+    if pv.dp == "off" and pv.clip == "adaptive":
+        p.append("privacy.clip: adaptive needs privacy.dp=central or distributed (it is DP's clipping bound)")
+    if pv.dp == "distributed" and not pv.secagg:
+        p.append("privacy.dp: distributed needs privacy.secagg=true (without secure aggregation the server would "
+                 "see each update with only its share of the noise); set privacy.secagg=true or privacy.dp=central")
     if pv.secagg and cfg.client.encoding.startswith("sparse"):
         p.append(f"client.encoding: {cfg.client.encoding} cannot carry secure aggregation's masked uint32 words "
                  "(they are dense by design); use dense, bf16, int8 or fixed_u32")

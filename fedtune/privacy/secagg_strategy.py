@@ -8,6 +8,11 @@ and turns the unmasked sum of the clipped deltas into the round's result: throug
 (every client weighs the same: the server sees no one's example count next to its update). Which clients take
 part is the wrapped strategy's choice (its ``configure``, Poisson sampling under DP). A round that loses too
 many clients aborts: ``applied`` is False, the global state stays, the reason is in the round's failures.
+With DP (``DPStrategy`` inside) the clients clip to the DP bound of the round; with adaptive clipping each
+appends one word, ``(b - 1/2) C`` (``b = 1`` when it did not clip), so the server learns only the count of
+unclipped clients, in the same sum. With ``privacy.dp = "distributed"`` each client also adds its share of
+discrete Gaussian noise (``fedtune.privacy.distributed``) before masking, and the fixed-point scale leaves
+room for the noise.
 ``agg_error`` needs the individual updates: with secure aggregation it is not computed (``agg_error`` is null
 and ``agg_error_unavailable`` is 1 in the record).
 """
@@ -20,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fedtune.privacy import distributed
 from fedtune.privacy.config import PrivacyConfig
 from fedtune.privacy.dp import DPStrategy
 from fedtune.privacy.secagg import (
@@ -49,6 +55,9 @@ class SecAggStrategy:
         self.server: SecAggServer | None = None
         self._train: dict[str, Instructions] = {}
         self._scale = 1.0
+        self._bound = privacy.clip_norm
+        self._noise: tuple[float, float] | None = None
+        """Distributed DP's ``(z_update, count_noise)`` of the round, or None."""
 
     @property
     def linear(self) -> bool:
@@ -77,13 +86,29 @@ class SecAggStrategy:
                 "secagg_adverts": {n: a.to_plain() for n, a in srv.neighbour_adverts(c).items()},
                 "secagg_xs": xs, "secagg_t": srv.t}) for c in srv.adverts}
         if phase == PHASES[2]:
-            self._scale = fixed_point_scale(self.privacy.clip_norm, len(srv.shared))
-            return {c: dataclasses.replace(self._train[c], phase=phase, extra={
-                **self._train[c].extra, "secagg_inbox": {s: b.hex() for s, b in srv.inbox(c).items()},
-                "secagg_senders": srv.senders(c), "secagg_scale": self._scale,
-                "secagg_bound": self.privacy.clip_norm, "reply_tensors": ["masked"]}) for c in srv.shared}
+            return self._upload(srv, phase)
         return {c: Instructions(round, c, state={}, phase=phase, extra={
             "secagg_survivors": list(srv.uploaded), "secagg_dropped": srv.dropped()}) for c in srv.uploaded}
+
+    def _upload(self, srv: SecAggServer, phase: str) -> dict[str, Instructions]:
+        """The masked-upload instructions: fixed-point scale, clipping bound, and with DP the count word and
+        each client's share of the noise."""
+        dp = self.inner if isinstance(self.inner, DPStrategy) else None
+        m = len(srv.shared)
+        self._bound = dp.clip if dp is not None else self.privacy.clip_norm
+        count = dp is not None and dp.adaptive
+        self._noise = dp.noise_split() if dp is not None and self.privacy.dp == "distributed" else None
+        room = distributed.headroom(*self._noise) if self._noise else 0.0
+        self._scale = fixed_point_scale(self._bound, m + room)
+        extra: dict[str, Any] = {"secagg_scale": self._scale, "secagg_bound": self._bound, "secagg_count": count,
+                                 "reply_tensors": ["masked"]}
+        if self._noise is not None:
+            z_update, count_noise = self._noise
+            extra["secagg_noise"] = [z_update * self._bound / m ** 0.5,
+                                     count_noise * self._bound / m ** 0.5 if count else None]
+        return {c: dataclasses.replace(self._train[c], phase=phase, extra={
+            **self._train[c].extra, **extra, "secagg_inbox": {s: b.hex() for s, b in srv.inbox(c).items()},
+            "secagg_senders": srv.senders(c)}) for c in srv.shared}
 
     def aggregate(self, round: int, global_state: State, replies: Iterable[ClientReply], *,
                   phase: str = "train") -> RoundResult | PhaseResult:
@@ -136,21 +161,30 @@ class SecAggStrategy:
         if phase == PHASES[1]:
             srv.take_shares(got)
             return PhaseResult(phase, sorted(got), failures)
+        dp = self.inner if isinstance(self.inner, DPStrategy) else None
         if phase == PHASES[2]:
             words = sum(global_state[k].numel() for k in self.sent_keys(global_state))
+            words += int(dp is not None and dp.adaptive)
             for cid, y in got.items():
                 if y.size != words:
                     failures[cid] = f"masked vector of {y.size} words, expected {words}"
                 else:
                     srv.add(cid, y)
             return PhaseResult(phase, list(srv.uploaded), failures)
-        total = srv.unmask(got)
+        total = dequantize(srv.unmask(got), self._scale)
         keys = self.sent_keys(global_state)
-        summed = unflat(dequantize(total, self._scale), global_state, keys)
+        words = sum(global_state[k].numel() for k in keys)
+        summed = unflat(total[:words], global_state, keys)
         ok = list(srv.uploaded)
         self.server = None
-        if isinstance(self.inner, DPStrategy):
-            result = self.inner.release(round, global_state, summed, ok, failures, phase=self.inner.phases(round)[-1])
+        if dp is not None:
+            count = float(total[words]) / self._bound if dp.adaptive else None
+            z = None
+            if self._noise is not None:
+                z = distributed.noise_multiplier(*self._noise, self._bound, self._scale, words,
+                                                 len(srv.shared), len(ok))
+            result = dp.release(round, global_state, summed, ok, failures, phase=dp.phases(round)[-1], count=count,
+                                noise_multiplier=z)
         else:
             result = self._mean(round, global_state, summed, ok, failures)
         result.metrics["agg_error_unavailable"] = 1.0

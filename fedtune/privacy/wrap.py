@@ -10,10 +10,10 @@ from fedtune.strategies.base import Strategy
 
 
 def with_privacy(strategy: Strategy, cfg: Any) -> Strategy:
-    """``strategy`` wrapped as ``cfg.privacy`` asks: ``DPStrategy`` for ``privacy.dp=central``, inside
+    """``strategy`` wrapped as ``cfg.privacy`` asks: ``DPStrategy`` for ``privacy.dp`` (central or distributed), inside
     ``SecAggStrategy`` for ``privacy.secagg``; else itself."""
     wrapped: Strategy = strategy
-    if cfg.privacy.dp == "central":
+    if cfg.privacy.dp != "off":
         wrapped = DPStrategy(wrapped, cfg.privacy, cfg.seed)
     if cfg.privacy.secagg:
         wrapped = SecAggStrategy(wrapped, cfg.privacy, cfg.seed)

@@ -1,5 +1,6 @@
-"""Privacy in a real federation (tiny Llama): secure aggregation over gRPC with a node killed after it shared
-its keys, and DP-FedAvg's epsilon in a simulated run's records and run folder."""
+"""Privacy in a real federation (tiny Llama): secure aggregation with distributed DP and adaptive clipping over
+gRPC with a node killed after it shared its keys, and DP-FedAvg's epsilon in a simulated run's records and run
+folder."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class Killed(BaseException):
     """Ends a node's thread mid-round: its connection closes, it never answers again."""
 
 
-def test_secagg_over_grpc_survives_a_node_killed_after_sharing_keys(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secagg_with_distributed_dp_over_grpc_survives_a_node_killed_after_sharing_keys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     upload = phases.PHASES["secagg_upload"]
 
     def dies_in_upload(ctx, ins):  # type: ignore[no-untyped-def]
@@ -30,13 +31,21 @@ def test_secagg_over_grpc_survives_a_node_killed_after_sharing_keys(tmp_path: Pa
         return upload(ctx, ins)
 
     monkeypatch.setitem(phases.PHASES, "secagg_upload", dies_in_upload)
-    result = federate(tmp_path, "privacy.secagg=true", "privacy.clip_norm=10", "sim.partitioner=iid",
-                      "sim.num_clients=5", "federation.rounds=1", "federation.silence_s=15",
-                      "federation.heartbeat_s=1", names=NAMES, may_die=Killed)
+    # every client adds its share of discrete Gaussian noise; the bound adapts from the count in the masked sum
+    result = federate(tmp_path, "privacy.secagg=true", "privacy.dp=distributed", "privacy.clip=adaptive",
+                      "privacy.clip_count_noise=2", "privacy.noise_multiplier=0.5", "privacy.sample_rate=1",
+                      "privacy.accountant=rdp", "client.pipeline=[dp_clip]", "federation.clients_per_round=0",
+                      "sim.clients_per_round=0",
+                      "privacy.clip_norm=10", "sim.partitioner=iid", "sim.num_clients=5", "federation.rounds=1",
+                      "federation.silence_s=15", "federation.heartbeat_s=1", names=NAMES, may_die=Killed)
     (row,) = rounds(result)
     assert row["applied"] and row["clients_ok"] == 4, (row["failures"], row["clients_ok"])
     assert set(row["failures"]) == {"client-4"} and row["agg_error"] is None
     assert row["eval_loss"] != result.rounds[0]["eval_loss"]  # the survivors' sum moved the model
+    # client-4 was told to add noise and took its share with it: the round is charged at z sqrt(4/5)
+    assert row["dp_noise_multiplier"] == pytest.approx(0.5 * (4 / 5) ** 0.5, rel=1e-3) and row["epsilon"] > 0
+    # all 4 unclipped, 5 expected: (4 * 1/2 + N(0, 2^2)) / 5 + 1/2, within 5 sd of 0.9
+    assert row["dp_clip_norm"] == 10 and abs(row["dp_unclipped_fraction"] - 0.9) < 2.0
     assert sa_client.PHASES[-1] == "secagg_unmask"
 
 

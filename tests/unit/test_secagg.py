@@ -129,6 +129,24 @@ def test_masks_are_deterministic_per_key_and_differ_per_pair() -> None:
     assert not np.array_equal(prg(ab, 1000), prg(secagg.pair_mask_key(a, pub["c"], 1, "a", "c"), 1000))
 
 
+def test_add_mask_adds_the_keystream_in_place_across_chunks() -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(32))
+    words = 3 * 2**16 + 5  # three full chunks of the reused buffer and a partial one
+    # the keystream is AES-256-CTR's encryption of zeros, chunked or not
+    whole = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor().update(bytes(4 * words))
+    assert np.array_equal(prg(key, words), np.frombuffer(whole, dtype=np.uint32))
+    y = np.arange(words, dtype=np.uint32) * np.uint32(2654435761)
+    want = y + prg(key, words)  # wraps modulo 2^32
+    out = secagg.add_mask(y, key)
+    assert out is y and np.array_equal(y, want)
+    secagg.add_mask(y, key, -1)
+    assert np.array_equal(y, np.arange(words, dtype=np.uint32) * np.uint32(2654435761))
+    with pytest.raises(ValueError, match="32 bytes"):
+        secagg.add_mask(y, key[:16])
+
+
 def test_a_masked_vector_looks_uniform_whatever_the_update() -> None:
     """The server's view of one masked vector: for an all-zero update and a constant one, the masked words
     are uniform on Z_2^32 (chi-square over 256 buckets of the top byte) and uncorrelated with the update."""
