@@ -54,9 +54,10 @@ def main() -> None:
                 overrides = [*MODELS[model], *COMMON, f"sim.clients_per_round={sampled}", f"sim.num_clients={n}",
                              *extra]
                 res = run_child({"kind": "inproc", "overrides": overrides, "threads": 1})
-                res.update(model=model, num_clients=n, arm=arm, loadavg_after=os.getloadavg())
+                res.update(model=model, num_clients=n, arm=arm, loadavg_after=os.getloadavg(),
+                           mean_round_s=sum(res["round_s"]) / len(res["round_s"]))
                 runs.append(res)
-                print(f"{model} N={n} {arm}: rounds {[round(x, 1) for x in res['round_s']]} s, peak "
+                print(f"{f'{model} N={n} {arm}'.rstrip()}: rounds {[round(x, 1) for x in res['round_s']]} s, peak "
                       f"{res['peak_tree_bytes'] / 2**20:.0f} MiB (VmHWM {res['vmhwm_bytes'] / 2**20:.0f} MiB)",
                       flush=True)
     rows, growth = [], {}
@@ -68,7 +69,7 @@ def main() -> None:
                 extra = r["num_clients"] - base["num_clients"]
                 per = (r["vmhwm_bytes"] - base["vmhwm_bytes"]) / extra if extra else 0.0
                 rows.append([f"{model} N={r['num_clients']} {arm}".rstrip(),
-                             f"{sum(r['round_s']) / len(r['round_s']):.1f}", f"{r['round_s'][-1]:.1f}",
+                             f"{r['mean_round_s']:.1f}", f"{r['round_s'][-1]:.1f}",
                              f"{r['peak_tree_bytes'] / 2**20:.0f}", f"{r['vmhwm_bytes'] / 2**20:.0f}",
                              f"{per / 2**10:.1f}" if extra else "-"])
             last = mine[-1]
