@@ -12,7 +12,9 @@ token a target, no padding) for ``--steps`` optimizer steps of ``--batch`` x ``-
 - batched: a ``MultiLoRA`` with K slots, every slot loaded, ``train_batched`` (one forward and backward of
   the K micro-batches per step), every slot read back (``sim.batch_clients=K``).
 
-Both arms include loading and reading the states. The order of the arms alternates between K values (a
+Both arms include loading and reading the states. "CPU-time speed-up" is the sequential arm's process CPU
+time over the batched arm's: on a machine that other jobs load, it is the fairer ratio (with ``--threads 1``;
+on CUDA it counts only the host's work). The order of the arms alternates between K values (a
 load that drifts affects both). Peak memory is the arm's high-water mark, in all and above what the loaded model holds:
 CUDA ``max_memory_allocated``, CPU the process's VmHWM (reset before each arm). On CUDA, K doubles past the
 list until the batched arm runs out of memory: the largest K that fits. "batched peak / 1 client" is the
@@ -93,7 +95,7 @@ def sequential(cfg: Any, lm: Any, data: list[list[dict[str, Any]]], start_state:
     from fedtune.train import train_local
 
     base = _memory_start(lm.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = 0.0
     for k, examples in enumerate(data):
         set_state(lm.model, start_state)
@@ -102,8 +104,9 @@ def sequential(cfg: Any, lm: Any, data: list[list[dict[str, Any]]], start_state:
         get_state(lm.model)
         tokens += res.metrics["tokens"]
     _sync(lm.device)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, **_memory_peak(lm.device, base)}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            **_memory_peak(lm.device, base)}
 
 
 def batched(cfg: Any, lm: Any, data: list[list[dict[str, Any]]], start_state: dict[str, torch.Tensor]
@@ -112,7 +115,7 @@ def batched(cfg: Any, lm: Any, data: list[list[dict[str, Any]]], start_state: di
     from fedtune.simulation.multilora import MultiLoRA
 
     base = _memory_start(lm.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     multi = MultiLoRA(lm.model, len(data))
     for k in range(len(data)):
         multi.set_slot_state(k, start_state)
@@ -121,9 +124,10 @@ def batched(cfg: Any, lm: Any, data: list[list[dict[str, Any]]], start_state: di
     for k in range(len(data)):
         multi.get_slot_state(k)
     _sync(lm.device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(r.metrics["tokens"] for r in results)
-    out = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, **_memory_peak(lm.device, base)}
+    out = {"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens, "tokens_per_s": tokens / seconds,
+           **_memory_peak(lm.device, base)}
     del multi
     return out
 
@@ -174,11 +178,14 @@ def main() -> None:
         s, b = measured["sequential"], measured["batched"]
         one = next((r["sequential"]["peak_bytes"] for r in runs if r["k"] == 1), s["peak_bytes"])
         run = {"k": k, "sequential": s, "batched": b, "speedup": b["tokens_per_s"] / s["tokens_per_s"],
+               "cpu_speedup": s["cpu_seconds"] / b["cpu_seconds"],
                "memory_vs_one_client": b["peak_bytes"] / max(one, 1)}
         runs.append(run)
         print(f"K={k}: sequential {s['tokens_per_s']:.0f} tok/s, batched {b['tokens_per_s']:.0f} tok/s "
-              f"({run['speedup']:.2f}x), peak {b['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+              f"({run['speedup']:.2f}x; CPU time {run['cpu_speedup']:.2f}x), peak {b['peak_bytes'] / 2**20:.0f} MiB",
+              flush=True)
         rows.append([f"K={k}", f"{s['tokens_per_s']:.0f}", f"{b['tokens_per_s']:.0f}", f"{run['speedup']:.2f}x",
+                     f"{run['cpu_speedup']:.2f}x",
                      f"{s['peak_bytes'] / 2**20:.0f}", f"{b['peak_bytes'] / 2**20:.0f}",
                      f"+{b['peak_extra_bytes'] / 2**20:.0f}", f"{run['memory_vs_one_client']:.2f}x"])
     largest = None
@@ -199,6 +206,7 @@ def main() -> None:
     what = (f"{args.shape or args.model} {args.quant}, LoRA r={args.rank} {args.targets}, "
             f"{args.steps} steps x batch {args.batch} x seq {args.seq}, {args.device}")
     print_table(f"batched_step: {what}", ["K clients", "sequential tok/s", "batched tok/s", "speed-up",
+                                          "CPU-time speed-up",
                                           "seq peak MiB", "batched peak MiB", "batched above model MiB",
                                           "batched peak / 1 client"], rows)
     name = "batched_step_cuda.json" if cuda else "batched_step_quick.json" if args.quick else "batched_step.json"

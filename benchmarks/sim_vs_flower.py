@@ -84,6 +84,7 @@ def run_child(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
+            err += f"\n(killed after --timeout {timeout:.0f} s)"
         stop.set()
         sampler.join()
         if proc.returncode != 0 or not out.is_file():
@@ -168,6 +169,7 @@ def main() -> None:
     ap.add_argument("--with-fedtune-flower", action="store_true", help="also run fedtune's sim.backend=flower")
     ap.add_argument("--no-batched", action="store_true", help="leave out the batched arm (sim.batch_clients)")
     ap.add_argument("--no-flower", action="store_true", help="fedtune's arms only (inproc against batched)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds one arm may run before it is killed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,7 +184,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for n in sizes:
         for kind in kinds:
-            res = run_child(spec_for(kind, n, args.rounds, args.cpus))
+            res = run_child(spec_for(kind, n, args.rounds, args.cpus), timeout=args.timeout)
             res.update(kind=kind, num_clients=n, loadavg_after=os.getloadavg())
             res["mean_round_s"] = sum(res["round_s"]) / len(res["round_s"])
             res["steady_round_s"] = res["round_s"][-1]

@@ -130,9 +130,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Parameters, quantized weight memory, adapter bytes on the wire and a training-memory estimate."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from fedtune.info import available_bytes, batch_clients_that_fit, estimate, verdict
+    from fedtune.info import available_bytes, choose_batch_clients, estimate, verdict
 
     cfg = _config(args)
     info = estimate(cfg)
@@ -150,7 +151,8 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{', checkpointed' if cfg.model.gradient_checkpointing else ''})", f"{info.activation_bytes / mib:,.1f} MiB")
     t.add_row("[bold]estimated training memory[/]", f"[bold]{info.total_bytes / mib:,.1f} MiB[/]")
     free, where = available_bytes(cfg.model.device)
-    t.add_row(f"sim.batch_clients that fit ({free / 2**30:,.1f} GiB {where})", f"{batch_clients_that_fit(info, free)}")
+    k, why = choose_batch_clients(cfg, info, free, where)
+    t.add_row(f"sim.batch_clients=auto would choose ({escape(why)})", f"{k}")
     Console().print(t)
     for line in verdict(cfg, info, free, where):
         print(line)

@@ -31,6 +31,8 @@ class ModelInfo:
     activation_bytes: int
     shape: tuple[int, int, int, int] = (768, 12, 12, 0)
     """hidden size, layers, attention heads, vocabulary (what the activation estimate scales with)"""
+    batch_refusal: str | None = None
+    """why the adapter cannot train several clients in one pass (``sim.batch_clients``); None: it can"""
 
     @property
     def total_bytes(self) -> int:
@@ -57,6 +59,7 @@ def estimate(cfg: Config, num_labels: int | None = None) -> ModelInfo:
     from peft import get_peft_model
 
     from fedtune.models.loader import peft_config
+    from fedtune.simulation.multilora import unsupported
 
     base, hf_cfg = _meta_model(cfg, num_labels)
     dtype_bytes = DTYPE_BYTES[cfg.quant.compute_dtype]
@@ -90,7 +93,7 @@ def estimate(cfg: Config, num_labels: int | None = None) -> ModelInfo:
     optimizer_bytes = trainable * 8 if cfg.train.optimizer == "adamw" else trainable * 2 if "8bit" in cfg.train.optimizer else 0
     return ModelInfo(params=params, trainable=trainable, weight_bytes=weight_bytes, adapter_bytes=adapter_total * 4,
                      grads_bytes=trainable * 4, optimizer_bytes=optimizer_bytes, activation_bytes=activation,
-                     shape=shape)
+                     shape=shape, batch_refusal=unsupported(model))
 
 
 def _activations(cfg: Config, b: int, s: int, shape: tuple[int, int, int, int]) -> int:
@@ -161,8 +164,31 @@ def verdict(cfg: Config, info: ModelInfo, available: int, what: str) -> list[str
     return lines
 
 
-def batch_clients_that_fit(info: ModelInfo, budget_bytes: int) -> int:
-    """The largest ``sim.batch_clients`` whose estimate fits in ``budget_bytes``: the base weights once, and
-    per client in the batch its adapter, gradients, optimizer state and activations (0: not even one)."""
+def batch_clients_that_fit(info: ModelInfo, budget_bytes: int, workers: int = 1) -> int:
+    """The largest ``sim.batch_clients`` whose estimate fits in ``budget_bytes``: the base weights once (forked
+    workers share them), and per client in each worker's batch its adapter, gradients, optimizer state and
+    activations (0: not even one)."""
     per_client = info.adapter_bytes + info.grads_bytes + info.optimizer_bytes + info.activation_bytes
-    return max(0, (budget_bytes - info.weight_bytes) // max(1, per_client))
+    return max(0, (budget_bytes - info.weight_bytes) // max(1, per_client * workers))
+
+
+def choose_batch_clients(cfg: Config, info: ModelInfo, available: int, what: str) -> tuple[int, str]:
+    """What ``sim.batch_clients=auto`` becomes: the largest K that fits in 90% of ``available`` bytes
+    (``batch_clients_that_fit`` with ``sim.workers``), at most each worker's share of a round's clients, and
+    at least 1; with the reason, for the log and ``fedtune info``."""
+    from fedtune.simulation.pools import clients_per_round
+
+    if cfg.sim.backend != "inproc":
+        return 1, f"sim.backend={cfg.sim.backend} trains one client per call"
+    if info.batch_refusal is not None:
+        return 1, info.batch_refusal
+    workers = cfg.sim.workers
+    per_round = 1 if cfg.sim.mode == "centralized" else min(clients_per_round(cfg), cfg.sim.num_clients)
+    share = -(-per_round // workers)
+    fit = batch_clients_that_fit(info, int(available * 0.9), workers)
+    k = max(1, min(share, fit))
+    why = (f"{fit:,} fit in 90% of {available / 2**30:,.1f} GiB {what}"
+           + (f" with sim.workers={workers}" if workers > 1 else "")
+           + f"; a round's {per_round} clients" + (f" over {workers} workers" if workers > 1 else "")
+           + f" need at most {share}")
+    return k, why

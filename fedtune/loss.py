@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def _causal_lm(model: torch.nn.Module) -> Any:
@@ -84,12 +85,17 @@ def segment_answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     hidden = lm.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
-    segment = torch.repeat_interleave(torch.arange(len(rows), device=labels.device),
-                                      torch.tensor(rows, device=labels.device))
-    token_segment = segment[:, None].expand_as(targets)[keep]
-    logits = lm.lm_head(hidden[:, :-1][keep]).float()
-    per_token = F.cross_entropy(logits, targets[keep], reduction="none")
-    sums = torch.zeros(len(rows), device=per_token.device).index_add(0, token_segment, per_token)
-    counts = torch.bincount(token_segment, minlength=len(rows))
-    means = sums / counts.clamp(min=1)
-    return means + hidden.sum() * 0.0  # a segment without labels still reaches the graph
+
+    def summed(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(lm.lm_head(h).float(), t, reduction="sum")
+
+    means, start = [], 0
+    for n in rows:
+        scored = keep[start : start + n]
+        h, t = hidden[start : start + n, :-1][scored], targets[start : start + n][scored]
+        start += n
+        # one segment's vocabulary-wide logits at a time, recomputed in backward: K clients' fp32 logits at
+        # once would be most of a batch's memory (49,152 values a token for SmolLM2)
+        total = torch.utils.checkpoint.checkpoint(summed, h, t, use_reentrant=False)
+        means.append(total / max(1, t.numel()))
+    return torch.stack(means) + hidden.sum() * 0.0  # a segment without labels still reaches the graph

@@ -75,10 +75,11 @@ class SimConfig:
         "cpu", "where per-client state (kept optimizer states, update-pipeline state) lives: cpu memory, or disk "
         "(run folder, for many clients)")
     ray_address: str | None = opt(None, "Ray cluster address for backend=flower (unset: a local Ray)")
-    batch_clients: int = opt(1, "inproc: sampled clients trained together in one forward and backward pass over "
-                             "the shared base, each with its own adapter slot, optimizer, clipping and schedule "
-                             "(LoRA, rsLoRA, lora_fa; DoRA and VeRA train one by one); with sim.workers each "
-                             "worker trains batches of this many; 1: one client at a time")
+    batch_clients: int | Literal["auto"] = opt(
+        1, "inproc: sampled clients trained together in one forward and backward pass over the shared base, each "
+        "with its own adapter slot, optimizer, clipping and schedule (LoRA, rsLoRA, lora_fa; DoRA and VeRA train "
+        "one by one); with sim.workers each worker trains batches of this many; 1: one client at a time; auto: "
+        "the largest that fits in memory by fedtune info's estimate, at most a worker's share of a round")
 
     def validate(self) -> list[str]:
         p = []
@@ -102,8 +103,10 @@ class SimConfig:
             p.append(f"sim.dirichlet_alpha: got {self.dirichlet_alpha}, must be > 0")
         if self.eval_every < 1:
             p.append(f"sim.eval_every: got {self.eval_every}, must be >= 1")
-        if self.batch_clients < 1:
-            p.append(f"sim.batch_clients: got {self.batch_clients}, must be >= 1")
+        if self.batch_clients == "auto":
+            pass
+        elif not isinstance(self.batch_clients, int) or self.batch_clients < 1:
+            p.append(f"sim.batch_clients: got {self.batch_clients}, must be >= 1 or auto")
         elif self.batch_clients > 1 and self.backend != "inproc":
             p.append(f"sim.batch_clients: batching needs sim.backend=inproc, not {self.backend!r} "
                      "(set sim.batch_clients=1)")

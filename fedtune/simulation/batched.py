@@ -28,10 +28,17 @@ import torch
 
 from fedtune.adapters import AdapterStateError
 from fedtune.client.fit import fit
-from fedtune.client.phases import PHASES, ClientContext, finish_train, run_phase, train_phase, train_seed
-from fedtune.compression.link import REF_ROUND
+from fedtune.client.phases import (
+    PHASES,
+    ClientContext,
+    finish_train,
+    received,
+    run_phase,
+    train_phase,
+    train_seed,
+)
 from fedtune.config import Config, ConfigError, TrainConfig, instructed_train
-from fedtune.loss import segment_answer_losses, split_loss_supported
+from fedtune.loss import segment_answer_losses
 from fedtune.models import LoadedModel
 from fedtune.models.loader import activate_rank
 from fedtune.simulation.multilora import MultiLoRA, unsupported
@@ -203,8 +210,7 @@ def _fit_group(lm: LoadedModel, cfg: Config, jobs: list[Job], members: list[tupl
     start = time.perf_counter()
     first = jobs[members[0][0]].ins
     activate_rank(lm.model, cfg, first.rank)
-    reason = unsupported(lm.model) or (None if split_loss_supported(lm.model) else
-                                       "the model is not a plain decoder LM (per-client losses need one)")
+    reason = unsupported(lm.model)
     if reason is None and len(members) == 1:
         reason = "one client"
     if reason is not None:
@@ -252,6 +258,19 @@ def _fit_one(lm: LoadedModel, cfg: Config, job: Job, keep: bool) -> tuple[Client
                optimizer_state=job.optimizer_state if keep else None, keep_optimizer_state=keep)
 
 
+def batch_clients(cfg: Config) -> int:
+    """``sim.batch_clients`` as a number.
+
+    Raises:
+        TypeError: it is still ``auto`` (``run_simulation`` resolves that before it makes a pool).
+    """
+    k = cfg.sim.batch_clients
+    if not isinstance(k, int):
+        raise TypeError("sim.batch_clients=auto must be resolved before clients are pooled "
+                         "(fedtune.info.choose_batch_clients, as run_simulation does)")
+    return k
+
+
 def chunks(items: Sequence[T], size: int) -> list[list[T]]:
     """``items`` in consecutive groups of ``size`` (the last one shorter): the batches of ``sim.batch_clients``."""
     return [list(items[i : i + size]) for i in range(0, len(items), max(1, size))]
@@ -260,14 +279,21 @@ def chunks(items: Sequence[T], size: int) -> list[list[T]]:
 def answer(ctxs: list[ClientContext], inss: list[Instructions]) -> list[ClientReply]:
     """Replies to ``inss`` (one per context, same order): a batch of train phases is trained together
     (``fit_batch``), anything else (another phase, one client) goes through ``run_phase`` one by one."""
-    # a compressed downlink (instructions relative to what a client holds) goes one by one, through train_phase
-    batchable = len(inss) > 1 and PHASES.get("train") is train_phase and all(
-        i.phase == "train" and i.extra.get(REF_ROUND) is None for i in inss)
+    batchable = len(inss) > 1 and PHASES.get("train") is train_phase and all(i.phase == "train" for i in inss)
     if not batchable:
         return [run_phase(ctx, ins) for ctx, ins in zip(ctxs, inss, strict=True)]
+    replies: list[ClientReply | None] = [None] * len(inss)
+    todo: list[tuple[int, ClientContext, Instructions]] = []
+    for i, (ctx, ins) in enumerate(zip(ctxs, inss, strict=True)):
+        got = received(ctx, ins)  # a compressed downlink: the state rebuilt from what this client holds
+        if isinstance(got, ClientReply):
+            replies[i] = got
+        else:
+            todo.append((i, ctx, got))
     keep = ctxs[0].keep_optimizer_state
     jobs = [Job(ctx.examples, ins, train_seed(ctx, ins), ctx.state.get("optimizer") if keep else None)
-            for ctx, ins in zip(ctxs, inss, strict=True)]
-    results = fit_batch(ctxs[0].lm, ctxs[0].cfg, jobs, keep_optimizer_state=keep)
-    return [finish_train(ctx, ins, reply, opt)
-            for ctx, ins, (reply, opt) in zip(ctxs, inss, results, strict=True)]
+            for _, ctx, ins in todo]
+    results = fit_batch(ctxs[0].lm, ctxs[0].cfg, jobs, keep_optimizer_state=keep) if jobs else []
+    for (i, ctx, ins), (reply, opt) in zip(todo, results, strict=True):
+        replies[i] = finish_train(ctx, ins, reply, opt)
+    return [r for r in replies if r is not None]

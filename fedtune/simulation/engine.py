@@ -63,6 +63,8 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         cfg = dataclasses.replace(cfg, out=str(resume))
     run, ckpt = open_run(cfg, resume=resume is not None, may_change=RESUMABLE_CHANGES)
     data = load_dataset(cfg)
+    if cfg.sim.batch_clients == "auto":  # before the model loads: free memory still has room for its weights
+        cfg = _auto_batch_clients(cfg, len(data.label_names) or None, console)
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     tok = lm.tokenizer
     mode = cfg.sim.mode
@@ -114,6 +116,16 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
     print_summary(console, f"fedtune simulate: {mode}, {what}, {cfg.sim.num_clients} clients, "
                            f"{cfg.sim.rounds} rounds", result)
     return result
+
+
+def _auto_batch_clients(cfg: Config, num_labels: int | None, console: Console) -> Config:
+    """``cfg`` with ``sim.batch_clients=auto`` replaced by the number ``fedtune info`` would choose."""
+    from fedtune.info import available_bytes, choose_batch_clients, estimate
+
+    free, where = available_bytes(cfg.model.device)
+    k, why = choose_batch_clients(cfg, estimate(cfg, num_labels), free, where)
+    console.print(f"sim.batch_clients=auto: {k} ({why})", markup=False)
+    return dataclasses.replace(cfg, sim=dataclasses.replace(cfg.sim, batch_clients=k))
 
 
 def _local_only(cfg: Config, console: Console, run: RunDir, model: GlobalModel, clients: list[VirtualClient],

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fedtune.adapters import _adapter_name, check_state, param_by_key
+from fedtune.loss import split_loss_supported
 from fedtune.types import State
 
 
@@ -78,8 +79,12 @@ def _layers(model: nn.Module) -> tuple[list[_Layer], str | None]:
 
 
 def unsupported(model: nn.Module) -> str | None:
-    """Why ``model``'s active adapter cannot be trained in slots (None when it can)."""
-    return _layers(model)[1]
+    """Why ``model`` cannot train clients in slots: its active adapter is not plain LoRA, or the model is not a
+    plain decoder LM (the per-client losses need one); None when it can."""
+    reason = _layers(model)[1]
+    if reason is None and not split_loss_supported(model):
+        reason = "the model is not a plain decoder LM (per-client losses need one)"
+    return reason
 
 
 class MultiLoRA:

@@ -18,7 +18,7 @@ from fedtune.client.phases import ClientContext
 from fedtune.client.pipeline import make_pipeline
 from fedtune.config import Config
 from fedtune.models import LoadedModel
-from fedtune.simulation.batched import answer, chunks
+from fedtune.simulation.batched import answer, batch_clients, chunks
 from fedtune.simulation.store import ClientStore
 from fedtune.types import ClientReply, Instructions, LowRankUpdate
 
@@ -51,7 +51,7 @@ class InProcPool:
 
     def run(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
         # lazily: the strategy consumes each batch's replies before the next batch trains
-        for batch in chunks(items, self.cfg.sim.batch_clients):
+        for batch in chunks(items, batch_clients(self.cfg)):
             ctxs = [ClientContext(self.cfg, self.lm, self.clients[cid].examples, self.store.get(cid),
                                   keep_optimizer_state=self.cfg.sim.keep_optimizer_state, pipeline=self.pipeline)
                     for cid, _ in batch]
@@ -79,7 +79,7 @@ def make_pool(cfg: Config, lm: LoadedModel, clients: list[VirtualClient], store:
         from fedtune.simulation.flower_backend import FlowerPool
 
         return FlowerPool(cfg, clients, store=store, base_updates=base_updates)
-    batches = -(-min(clients_per_round(cfg), len(clients)) // cfg.sim.batch_clients)
+    batches = -(-min(clients_per_round(cfg), len(clients)) // batch_clients(cfg))
     workers = min(cfg.sim.workers, batches)
     if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
         log.warning("sim.workers=%d needs fork() (Linux); the clients train in this process", workers)

@@ -35,7 +35,7 @@ from fedtune.client.phases import ClientContext
 from fedtune.client.pipeline import make_pipeline
 from fedtune.config import Config
 from fedtune.models import LoadedModel, apply_base_update
-from fedtune.simulation.batched import answer, chunks
+from fedtune.simulation.batched import answer, batch_clients, chunks
 from fedtune.simulation.store import ClientStore
 from fedtune.types import ClientReply, Instructions, LowRankUpdate, failed_reply
 
@@ -133,7 +133,7 @@ class WorkerPool:
     def run(self, rnd: int, items: list[tuple[str, Instructions]]) -> Iterator[ClientReply]:
         while any(w.task is not None for w in self.workers):  # a round abandoned half-way: drop its replies
             self._collect(rnd, {})
-        todo = deque(chunks(list(enumerate(items)), self.cfg.sim.batch_clients))
+        todo = deque(chunks(list(enumerate(items)), batch_clients(self.cfg)))
         done: dict[int, tuple[ClientReply, dict[str, Any] | None]] = {}
         for i in range(len(items)):
             while i not in done:

@@ -75,5 +75,56 @@ def test_batches_in_workers_with_faults_and_resume(tmp_path: Path, one_thread) -
 def test_batching_needs_the_inproc_backend() -> None:
     with pytest.raises(ConfigError, match="sim.batch_clients: batching needs sim.backend=inproc"):
         load_config(SCENARIO, ["sim.batch_clients=2", "sim.backend=flower"])
-    with pytest.raises(ConfigError, match="sim.batch_clients: got 0"):
+    with pytest.raises(ConfigError, match="sim.batch_clients: got 0, must be >= 1 or auto"):
         load_config(SCENARIO, ["sim.batch_clients=0"])
+    with pytest.raises(ConfigError, match="sim.batch_clients: got 'most', expected an integer or one of 'auto'"):
+        load_config(SCENARIO, ["sim.batch_clients=most"])
+    assert load_config(SCENARIO, ["sim.batch_clients=auto", "sim.backend=flower"]).sim.batch_clients == "auto"
+
+
+def _memory_for(monkeypatch: pytest.MonkeyPatch, clients: int, *overrides: str) -> None:
+    """Make ``available_bytes`` report room (90% usable) for the base weights and ``clients`` clients' estimate
+    of the run's config, and a bit less than one more."""
+    from fedtune import info
+
+    cfg = load_config(SCENARIO, [*BASE, *overrides])
+    est = info.estimate(cfg)
+    per_client = est.total_bytes - est.weight_bytes
+    room = int((est.weight_bytes + clients * per_client + per_client // 2) / 0.9)
+    monkeypatch.setattr(info, "available_bytes", lambda device: (room, "mocked RAM"))
+
+
+def test_auto_batches_what_fits_and_trains_a_compressed_downlink_in_batches(
+        tmp_path: Path, one_thread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With memory for two clients, ``auto`` batches the four sampled clients two by two; a compressed
+    downlink (each client rebuilds its state from the reference it holds) is batched too, and ends where
+    one client at a time ends."""
+    down = ("compress.downlink=true", "compress.method=int8", "train.lr=5e-2")
+    one = _run(tmp_path / "one", *down)
+    _memory_for(monkeypatch, 2, *down)
+    seen: list[int] = []
+    real = batched.train_batched
+    monkeypatch.setattr(batched, "train_batched", lambda m, ex, *a, **kw: seen.append(len(ex)) or real(m, ex, *a, **kw))
+    console = Console(file=open("/dev/null", "w"), width=300, record=True)  # noqa: SIM115
+    cfg = load_config(SCENARIO, [f"out={tmp_path / 'auto'}", *BASE, *down, "sim.batch_clients=auto"])
+    auto = run_simulation(cfg, console)
+    assert "sim.batch_clients=auto: 2 (" in console.export_text()
+    assert seen == [2, 2] * 3
+    assert all(r["bytes_down"] > 0 for r in auto.rounds if r.get("round", 0) >= 1)
+    _same_run(one, auto, tmp_path / "one", tmp_path / "auto", tol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dora", "vera"])
+def test_auto_trains_dora_and_vera_one_at_a_time(tmp_path: Path, one_thread, method: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = batched.train_batched
+    monkeypatch.setattr(batched, "train_batched", lambda m, ex, *a, **kw: seen.append(len(ex)) or real(m, ex, *a, **kw))
+    console = Console(file=open("/dev/null", "w"), width=300, record=True)  # noqa: SIM115
+    cfg = load_config(SCENARIO, [f"out={tmp_path}", *BASE, f"adapter.method={method}", "sim.rounds=1",
+                                 "sim.batch_clients=auto"])
+    result = run_simulation(cfg, console)
+    assert f"sim.batch_clients=auto: 1 ({'DoRA' if method == 'dora' else 'adapter type VeraConfig'}" \
+        in console.export_text()
+    assert seen == []
+    assert [r["clients_ok"] for r in result.rounds if r.get("round", 0) >= 1] == [4]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -189,13 +190,32 @@ def test_nf4_batched_clients_train_and_match_sequential(compute: str) -> None:
         assert b.metrics["train_loss"] == pytest.approx(s.metrics["train_loss"], abs=1e-2)
 
 
-def test_info_estimates_the_batch_that_fits() -> None:
-    from fedtune.info import ModelInfo, available_bytes, batch_clients_that_fit
+def test_auto_batch_clients_is_the_largest_that_fits_capped_by_a_workers_share() -> None:
+    """``sim.batch_clients=auto`` at mocked memory sizes: base weights once, 100 bytes a client per worker."""
+    from fedtune.info import ModelInfo, available_bytes, batch_clients_that_fit, choose_batch_clients
 
     info = ModelInfo(params=0, trainable=0, weight_bytes=1000, adapter_bytes=10, grads_bytes=10,
-                     optimizer_bytes=20, activation_bytes=60)  # 100 bytes a client
+                     optimizer_bytes=20, activation_bytes=60)
     assert batch_clients_that_fit(info, 1000 + 8 * 100) == 8
     assert batch_clients_that_fit(info, 1000 + 8 * 100 - 1) == 7
+    assert batch_clients_that_fit(info, 1000 + 8 * 100, workers=2) == 4  # each worker holds its own batch
     assert batch_clients_that_fit(info, 500) == 0
+
+    def auto(available: int, *overrides: str, refusal: str | None = None) -> int:
+        cfg = load_config(None, [*TINY, "sim.num_clients=32", "sim.clients_per_round=12", *overrides])
+        k, why = choose_batch_clients(cfg, dataclasses.replace(info, batch_refusal=refusal), available, "RAM")
+        assert why
+        return k
+
+    usable = int((1000 + 5 * 100) / 0.9) + 1  # 90% of it: the weights and five clients
+    assert auto(usable) == 5
+    assert auto(10**9) == 12  # memory for thousands: a round's 12 clients
+    assert auto(10**9, "sim.workers=5") == 3  # 12 clients over 5 workers: at most 3 each
+    assert auto(usable, "sim.workers=2") == 2  # five clients' memory over two workers
+    assert auto(600) == 1  # not even one fits: one at a time, as without batching
+    assert auto(10**9, "sim.clients_per_round=0") == 32
+    assert auto(10**9, "sim.mode=centralized") == 1
+    assert auto(10**9, "sim.backend=flower") == 1
+    assert auto(10**9, refusal="DoRA rescales the base weight") == 1
     free, where = available_bytes("cpu")
     assert free > 0 and ("memory" in where or "RAM" in where)
