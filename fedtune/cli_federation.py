@@ -170,6 +170,22 @@ def cmd_flower_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gossip(args: argparse.Namespace) -> int:
+    """Run one gossip peer: train with its neighbours in gossip.peers, no server (decentralized LoRA)."""
+    from rich.console import Console
+
+    from fedtune.gossip.peer import run_peer
+    from fedtune.transport import InsecureTransportError
+
+    cfg = _config(args, ["gossip.insecure=true"] if args.insecure else [])
+    try:
+        run_peer(cfg, Console(), overwrite=args.overwrite)
+    except InsecureTransportError as e:
+        print(f"fedtune gossip: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
 def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``server``, ``client``, ``status`` and ``keys`` to ``fedtune``'s subparsers and ``commands``."""
 
@@ -191,6 +207,14 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p = subparsers.add_parser("client", help=cmd_client.__doc__, description=(cmd_client.__doc__ or "") + (
         " Connects to client.server as client.name with keys from client.keys_dir (ca.pem, nodes/<name>.key)."))
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (client.insecure=true)")
+    with_config(p)
+    p = subparsers.add_parser("gossip", help=cmd_gossip.__doc__, description=(cmd_gossip.__doc__ or "") + (
+        " This peer is gossip.name of gossip.peers (\"name@host:port\", the same list on every peer); mutual TLS "
+        "with the certificates of gossip.keys_dir (`fedtune keys DIR --nodes ... --peers`); resumes from its "
+        "checkpoint and re-joins the others when out= holds one."))
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (gossip.insecure=true)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out= folder that holds a run "
+                   "(without it, a folder with a checkpoint is resumed and any other run is refused)")
     with_config(p)
     p = subparsers.add_parser("status", help=cmd_status.__doc__, description=cmd_status.__doc__)
     p.add_argument("address", help="host:port of the server")
@@ -215,7 +239,7 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
                               + " The federation's config (file and overrides) goes into the app folder.")
     p.add_argument("app_dir", help="folder to create the app in (must not hold a pyproject.toml)")
     with_config(p)
-    commands.update(server=cmd_server, client=cmd_client, status=cmd_status, keys=cmd_keys)
+    commands.update(server=cmd_server, client=cmd_client, status=cmd_status, keys=cmd_keys, gossip=cmd_gossip)
     commands["flower-app"] = cmd_flower_app
 
 
