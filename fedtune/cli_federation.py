@@ -143,7 +143,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from fedtune.transport.keys import certificate_hosts
 
     before = certificate_hosts(out / "server.pem") if (out / "server.pem").is_file() else None
-    create_keys(out, nodes, hosts, loopback=not args.no_loopback, observers=observers)
+    create_keys(out, nodes, hosts, loopback=not args.no_loopback, observers=observers, peers=args.peers)
     after = certificate_hosts(out / "server.pem")
     cert = ("unchanged" if before is not None and set(before) == set(after)
             else "re-issued, valid" if before is not None else "valid")
@@ -152,6 +152,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
           f"(ca.key: keep offline)\n"
           + "".join(f"  node {n:<8}: sites/{n}/ (ca.pem, nodes/{n}.key): give to that site only, its "
                     f"client.keys_dir\n" for n in nodes)
+          + (f"  gossip peers: sites/<name>/ also holds peers/<name>.pem and .key and allowlist.txt (its "
+             f"gossip.keys_dir), certificates valid for {', '.join(after)}\n" if args.peers else "")
           + (f"  `fedtune status` uses nodes/{args.operator}.key (--name {args.operator})" if args.operator else ""))
     return 0
 
@@ -234,6 +236,9 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p.add_argument("--operator", default="operator",
                    help="also make a key for `fedtune status` under this name, marked observer in the allow-list: it lists "
                         "every node and cannot train ('' for none; default operator)")
+    p.add_argument("--peers", action="store_true",
+                   help="also issue each of --nodes a gossip peer certificate (mutual TLS for `fedtune gossip`), "
+                        "valid for the --server-host names too")
     p.add_argument("--revoke", metavar="NAME", help="revoke this node in OUT_DIR/allowlist.txt")
     p = subparsers.add_parser("flower-app", help=cmd_flower_app.__doc__, description=(cmd_flower_app.__doc__ or "")
                               + " The federation's config (file and overrides) goes into the app folder.")

@@ -54,6 +54,7 @@ from fedtune.strategies.config import StrategyConfig
 from fedtune.strategies.screen import ReplyPolicy
 from fedtune.strategies.specs import StrategySpec
 from fedtune.transport.gossip import Board, FetchResult, PeerLink, PeerTLS, start_peer_server
+from fedtune.transport.keys import read_allowlist
 from fedtune.transport.loopback import send_instructions, send_reply
 from fedtune.transport.security import check_plaintext_allowed
 from fedtune.types import ClientReply, Instructions, State
@@ -120,6 +121,11 @@ def peer_tls(cfg: Config, peers: Sequence[Peer], me: Peer) -> PeerTLS | None:
         raise FileNotFoundError(f"gossip.keys_dir={keys}: missing {', '.join(missing)} (make them with `fedtune keys "
                                 f"DIR --nodes {','.join(p.name for p in peers)} --peers`; gossip.name picks the "
                                 "certificate)")
+    listed = read_allowlist(tls.allowlist_file)
+    refused = [p.name for p in peers if p.name not in listed or listed[p.name].revoked]
+    if refused:
+        raise ValueError(f"gossip.peers: {', '.join(refused)} not on {tls.allowlist_file} (or revoked): this peer "
+                         "would refuse them; add them with `fedtune keys DIR --nodes ... --peers` or leave them out")
     return tls
 
 
@@ -270,7 +276,7 @@ def current_round(links: Mapping[str, PeerLink], timeout: float) -> tuple[int, b
         answers = [a for a in pool.map(lambda link: link.where(timeout), links.values()) if a is not None]
     if not answers:
         return 0, False
-    return max(int(a.round) for a in answers), all(a.done for a in answers)
+    return max(a[0] for a in answers), all(a[1] for a in answers)
 
 
 def peer_plan(cfg: Config) -> dict[str, Any]:

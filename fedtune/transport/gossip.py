@@ -126,7 +126,7 @@ class Board:
                 self._cond.wait(min(left, 0.2))
 
 
-class _Allowed:
+class AllowedPeers:
     """Names on the allow-list that are not revoked, re-read when the file changes."""
 
     def __init__(self, path: Path) -> None:
@@ -137,7 +137,8 @@ class _Allowed:
         with self._lock:
             mtime = self.path.stat().st_mtime
             if mtime != self._mtime:
-                self._names = frozenset(e.node for e in read_allowlist(self.path).values() if not e.revoked)
+                self._names = frozenset(e.node for e in read_allowlist(self.path).values()
+                                        if not e.revoked and not e.observer)
                 self._mtime = mtime
             return name in self._names
 
@@ -147,7 +148,7 @@ class GossipServicer:
 
     def __init__(self, board: Board, peers: set[str], allowlist: Path | None) -> None:
         self.board, self.peers = board, peers
-        self.allowed = _Allowed(allowlist) if allowlist is not None else None
+        self.allowed = AllowedPeers(allowlist) if allowlist is not None else None
         self.refused: list[str] = []
 
     def _caller(self, claimed: str, context: grpc.ServicerContext) -> str:
@@ -262,6 +263,7 @@ class PeerLink:
 
     def __init__(self, me: str, peer: str, address: str, tls: PeerTLS | None, limits: Limits) -> None:
         self.me, self.peer, self.address, self.limits = me, peer, address, limits
+        self.allowed = AllowedPeers(tls.allowlist_file) if tls is not None else None
         options: list[tuple[str, Any]] = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
                                           ("grpc.min_reconnect_backoff_ms", 200),
                                           ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -280,6 +282,8 @@ class PeerLink:
     def fetch(self, round: int, exchange: int, timeout: float, wait: bool = True) -> FetchResult:
         """The neighbour's adapter at (round, exchange), within ``timeout`` s. ``wait``: wait for the
         neighbour to come up (else a refused connection fails at once)."""
+        if self.allowed is not None and self.peer not in self.allowed:
+            return FetchResult(self.peer, error="not asked: it is not on the allow-list (or revoked)")
         seen = 0
 
         def counted(frames: Iterator[bytes]) -> Iterator[bytes]:
@@ -304,12 +308,14 @@ class PeerLink:
                                                 f"round {reply.round}, expected {self.peer!r} round {round}", bytes=seen)
         return FetchResult(self.peer, reply=reply, bytes=seen)
 
-    def where(self, timeout: float) -> gpb.WhereReply | None:
-        """Where the neighbour is, or None when it does not answer within ``timeout`` s."""
+    def where(self, timeout: float) -> tuple[int, bool] | None:
+        """The round the neighbour is in and whether it is done, or None when it does not answer within
+        ``timeout`` s."""
         try:
-            return self._where(gpb.WhereRequest(node=self.me), timeout=timeout)  # type: ignore[no-any-return]
+            reply = self._where(gpb.WhereRequest(node=self.me), timeout=timeout)
         except grpc.RpcError:
             return None
+        return int(reply.round), bool(reply.done)
 
     def close(self) -> None:
         self.channel.close()
