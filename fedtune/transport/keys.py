@@ -228,12 +228,7 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
     reissue = not (out / "server.pem").exists() or (
         server_hosts is not None and set(certificate_hosts(out / "server.pem")) != set(hosts))
     if reissue:
-        if not (out / "ca.key").exists():
-            raise ValueError(f"{out}/ca.key is missing (kept offline?): put it back to issue a server certificate "
-                             f"for {', '.join(hosts)}")
-        signer = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
-        if not isinstance(signer, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{out}/ca.key is not the CA key `fedtune keys` writes")
+        signer = _ca_signer(out, f"a server certificate for {', '.join(hosts)}")
         srv_key, srv_cert = create_server_cert(signer, x509.load_pem_x509_certificate((out / "ca.pem").read_bytes()),
                                                hosts)
         _write(out / "server.key", _pem_key(srv_key), private=True)
@@ -262,13 +257,19 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
     return out
 
 
-def _peer_certs(out: Path, nodes: list[str], hosts: list[str]) -> None:
-    """``peers/<node>.pem`` and ``.key`` for each of ``nodes`` (gossip peers' mutual TLS), issued by the CA."""
+def _ca_signer(out: Path, what: str) -> ec.EllipticCurvePrivateKey:
+    """The CA's private key, to issue ``what``. Raises: ValueError when it is missing or not the CA's."""
     if not (out / "ca.key").exists():
-        raise ValueError(f"{out}/ca.key is missing (kept offline?): put it back to issue the peers' certificates")
+        raise ValueError(f"{out}/ca.key is missing (kept offline?): put it back to issue {what}")
     signer = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
     if not isinstance(signer, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{out}/ca.key is not the CA key `fedtune keys` writes")
+        raise ValueError(f"{out}/ca.key is not the CA key `fedtune keys` writes")  # noqa: TRY004 (bad input)
+    return signer
+
+
+def _peer_certs(out: Path, nodes: list[str], hosts: list[str]) -> None:
+    """``peers/<node>.pem`` and ``.key`` for each of ``nodes`` (gossip peers' mutual TLS), issued by the CA."""
+    signer = _ca_signer(out, "the peers' certificates")
     ca_cert = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
     for node in nodes:
         key, cert = create_server_cert(signer, ca_cert, hosts, peer=node)
