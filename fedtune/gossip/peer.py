@@ -349,12 +349,14 @@ def run_peer(cfg: Config, console: Console, *, overwrite: bool = False) -> Any:
                               exchange=dispatcher.exchange)
         console.print(f"peer {names[me]} (node {me} of {len(peers)}) serving on port {server.port}"
                       + (" with mutual TLS" if tls is not None else " in plaintext"), highlight=False)
-        if ckpt is not None:
+        if ckpt is not None:  # re-join where the others are: the rounds in between are missed, not replayed
             now, done = current_round(links, timeout=5.0)
+            start = cfg.sim.rounds + 1 if done else min(now, cfg.sim.rounds + 1)
+            if start - 1 > ckpt.round:
+                console.print(f"re-joining at round {start}: rounds {ckpt.round + 1}..{start - 1} missed",
+                              highlight=False)
+                ckpt = dataclasses.replace(ckpt, round=start - 1)
             dispatcher.first_round = ckpt.round + 1
-            if now - 1 > ckpt.round:
-                console.print(f"re-joining at round {now}: rounds {ckpt.round + 1}..{now - 1} missed", highlight=False)
-                ckpt = dataclasses.replace(ckpt, round=min(now - 1, cfg.sim.rounds) if not done else cfg.sim.rounds)
         result = run_rounds(RoundPlan(**peer_plan(cfg)), run, model, strategy, dispatcher, console, resume=ckpt)
         round_, exchange, answered = dispatcher.last
         late = board.wait_fetched(round_, exchange, answered, cfg.gossip.round_timeout_s) if round_ else set()

@@ -32,8 +32,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedtune.transport._proto import gossip_pb2 as gpb
+from fedtune.transport.client import setup_error
 from fedtune.transport.codec import Limits
-from fedtune.transport.errors import MessageRejected
+from fedtune.transport.errors import ConnectionSetupError, MessageRejected
 from fedtune.transport.keys import read_allowlist
 from fedtune.transport.messages import frames_to_reply, reply_to_frames
 from fedtune.transport.server import GRPC_OPTIONS, check_port_free
@@ -258,12 +259,25 @@ class FetchResult:
     bytes: int = 0
 
 
+def _why(e: grpc.RpcError, setup: ConnectionSetupError | None) -> str:
+    """A failed fetch in words: a connection that cannot work (TLS, name lookup), no answer, or a refusal."""
+    if setup is not None:
+        return f"cannot connect ({setup.kind}): {clean(str(setup))}"
+    code, details = e.code(), clean(e.details() or "", 300)  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "did not answer in time"
+    if code == grpc.StatusCode.UNAVAILABLE:  # down, or (a closed socket with TLS) refusing our certificate
+        return f"did not answer in time ({details})"
+    return f"{code.name}: {details}"
+
+
 class PeerLink:
     """Calls to one neighbour ``peer`` at ``address`` as ``me``."""
 
     def __init__(self, me: str, peer: str, address: str, tls: PeerTLS | None, limits: Limits) -> None:
         self.me, self.peer, self.address, self.limits = me, peer, address, limits
         self.allowed = AllowedPeers(tls.allowlist_file) if tls is not None else None
+        self.tls = tls is not None
         options: list[tuple[str, Any]] = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
                                           ("grpc.min_reconnect_backoff_ms", 200),
                                           ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -292,17 +306,22 @@ class PeerLink:
                 seen += len(f)
                 yield f
 
-        try:
-            call = self._fetch(gpb.FetchRequest(round=round, exchange=exchange, node=self.me), timeout=timeout,
-                               wait_for_ready=wait)
-            reply = frames_to_reply(counted(call), self.limits, phase_of(exchange))
-        except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
-            why = "did not answer in time" if code == grpc.StatusCode.DEADLINE_EXCEEDED else \
-                f"{code.name}: {clean(e.details() or '')}"  # type: ignore[attr-defined]
-            return FetchResult(self.peer, error=why, bytes=seen)
-        except MessageRejected as e:
-            return FetchResult(self.peer, error=f"refused its adapter: {e.reason}", bytes=seen)
+        deadline = time.monotonic() + timeout
+        request = gpb.FetchRequest(round=round, exchange=exchange, node=self.me)
+        while True:  # a peer not up yet is waited for; one whose TLS cannot work is reported at once
+            try:
+                call = self._fetch(request, timeout=max(deadline - time.monotonic(), 0.0))
+                reply = frames_to_reply(counted(call), self.limits, phase_of(exchange))
+                break
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                setup = setup_error(e, self.address, self.tls)
+                if code == grpc.StatusCode.UNAVAILABLE and setup is None and wait and time.monotonic() < deadline - 0.2:
+                    time.sleep(0.2)
+                    continue
+                return FetchResult(self.peer, error=_why(e, setup), bytes=seen)
+            except MessageRejected as e:
+                return FetchResult(self.peer, error=f"refused its adapter: {e.reason}", bytes=seen)
         if (reply.client_id, reply.round) != (self.peer, round):
             return FetchResult(self.peer, error=f"refused its adapter: it is {clean(reply.client_id, MAX_NAME)!r} "
                                                 f"round {reply.round}, expected {self.peer!r} round {round}", bytes=seen)
