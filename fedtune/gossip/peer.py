@@ -353,8 +353,8 @@ def run_peer(cfg: Config, console: Console, *, overwrite: bool = False) -> Any:
             now, done = current_round(links, timeout=5.0)
             start = cfg.sim.rounds + 1 if done else min(now, cfg.sim.rounds + 1)
             if start - 1 > ckpt.round:
-                console.print(f"re-joining at round {start}: rounds {ckpt.round + 1}..{start - 1} missed",
-                              highlight=False)
+                console.print(f"re-joining at round {start}: its checkpoint is of round {ckpt.round}, rounds "
+                              f"{ckpt.round + 1}..{start - 1} are missed", highlight=False)
                 ckpt = dataclasses.replace(ckpt, round=start - 1)
             dispatcher.first_round = ckpt.round + 1
         result = run_rounds(RoundPlan(**peer_plan(cfg)), run, model, strategy, dispatcher, console, resume=ckpt)
