@@ -355,6 +355,7 @@ def run_peer(cfg: Config, console: Console, *, overwrite: bool = False) -> Any:
             if start - 1 > ckpt.round:
                 console.print(f"re-joining at round {start}: its checkpoint is of round {ckpt.round}, rounds "
                               f"{ckpt.round + 1}..{start - 1} are missed", highlight=False)
+                run.rewrite_metrics([r for r in run.read_metrics() if r.get("round", 0) <= ckpt.round])
                 ckpt = dataclasses.replace(ckpt, round=start - 1)
             dispatcher.first_round = ckpt.round + 1
         result = run_rounds(RoundPlan(**peer_plan(cfg)), run, model, strategy, dispatcher, console, resume=ckpt)

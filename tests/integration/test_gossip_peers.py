@@ -120,8 +120,56 @@ def test_a_peer_killed_mid_run_is_missed_by_the_others_and_re_joins_after_a_rest
     assert mine == [*range(checkpoint + 1), *range(back_at, 13)], mine
     for i in (0, 1):
         theirs = rounds(tmp_path / f"run-{i}")
-        missed = [r["round"] for r in theirs if "client-2" in r["failures"]]
+        missed = [r["round"] for r in theirs if "client-2" in r.get("failures", {})]
         back = [r["round"] for r in theirs if r["round"] > max(missed) and r["clients_ok"] == 3]
         assert missed and back, [(r["round"], r["failures"]) for r in theirs]
-        assert "did not answer in time" in theirs[missed[0] - 1]["failures"]["client-2"]
+        first = next(r for r in theirs if r["round"] == missed[0])
+        assert "did not answer in time" in first["failures"]["client-2"]
         assert theirs[-1]["round"] == 12
+
+
+def test_four_peers_in_separate_network_namespaces_gossip_over_mutual_tls(tmp_path: Path) -> None:
+    """Peers ``ft-g0..3-<pid>`` on one bridge (in namespace ``ft-gbr-<pid>``), 10.78.0.1-4/24, nothing routed
+    elsewhere; the namespaces are deleted in a ``finally``. Plaintext is refused off loopback: this is TLS."""
+    from tests.integration.test_netns import _cleanup, _ip, _netns_available
+
+    reason = _netns_available()
+    if reason:
+        pytest.skip(reason)
+    tag = str(os.getpid())
+    hub, spaces = f"ft-gbr-{tag}", [f"ft-g{i}-{tag}" for i in range(4)]
+    keys = create_keys(tmp_path / "keys", [f"client-{i}" for i in range(4)], peers=True)
+    peers = "gossip.peers=[" + ",".join(f'"client-{i}@10.78.0.{i + 1}:7700"' for i in range(4)) + "]"
+    made: list[str] = []
+    procs: dict[int, subprocess.Popen] = {}
+    try:
+        for ns in (hub, *spaces):
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", hub, "link", "set", "br0", "up")
+        for i, ns in enumerate(spaces):
+            a, b = f"ftgh{i}-{tag}"[:15], f"ftgp{i}-{tag}"[:15]
+            _ip("link", "add", a, "netns", hub, "type", "veth", "peer", "name", b, "netns", ns)
+            _ip("-n", hub, "link", "set", a, "master", "br0")
+            _ip("-n", hub, "link", "set", a, "up")
+            _ip("-n", ns, "addr", "add", f"10.78.0.{i + 1}/24", "dev", b)
+            _ip("-n", ns, "link", "set", b, "up")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
+        for i, ns in enumerate(spaces):
+            log = open(tmp_path / f"peer-{i}.log", "w")  # noqa: SIM115 (the process writes it)
+            procs[i] = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "fedtune.cli", "gossip", SCENARIO, *TINY,
+                 "sim.rounds=2", "gossip.partition=true", peers, f"gossip.name=client-{i}",
+                 f"gossip.keys_dir={keys / 'sites' / f'client-{i}'}", f"out={tmp_path / f'run-{i}'}"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        finish(tmp_path, procs, timeout=600)
+    finally:
+        _cleanup(procs.values(), made)
+    for i in range(4):
+        assert "with mutual TLS" in (tmp_path / f"peer-{i}.log").read_text()
+        rows = [r for r in rounds(tmp_path / f"run-{i}") if r["round"] >= 1]
+        assert [(r["round"], r["failures"], r["neighbours_live"]) for r in rows] == [(1, {}, 2), (2, {}, 2)]
+    leftover = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    assert tag not in leftover
