@@ -47,7 +47,7 @@ def start(tmp: Path, i: int, *args: str) -> subprocess.Popen:
     log = open(tmp / f"peer-{i}.log", "a")  # noqa: SIM115 (the process writes it)
     return subprocess.Popen([sys.executable, "-m", "fedtune.cli", "gossip", SCENARIO, *TINY, *args,
                              f"gossip.name=client-{i}", f"out={tmp / f'run-{i}'}"], stdout=log, stderr=log,
-                            env={**os.environ, "COLUMNS": "250"})
+                            env={**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"})
 
 
 def finish(tmp: Path, procs: dict[int, subprocess.Popen], timeout: float = 400) -> None:
@@ -62,6 +62,14 @@ def finish(tmp: Path, procs: dict[int, subprocess.Popen], timeout: float = 400) 
         assert code == 0, (tmp / f"peer-{i}.log").read_text()[-3000:]
 
 
+def stop(procs: dict[int, subprocess.Popen]) -> None:
+    """Kill the peers still running (a failed test leaves none behind)."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def rounds(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"round"' in x]
 
@@ -72,11 +80,14 @@ def test_four_peers_with_mutual_tls_end_with_the_simulator_s_node_adapters(tmp_p
     peers = peer_list(4)
     procs = {i: start(tmp_path, i, *common, peers, "gossip.partition=true", "gossip.join_timeout_s=300",
                       f"gossip.keys_dir={keys / 'sites' / f'client-{i}'}") for i in range(4)}
-    sim = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", SCENARIO, *TINY, *common,
-                          "sim.num_clients=4", f"out={tmp_path / 'sim'}"], capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert sim.returncode == 0, sim.stderr[-2000:]
-    finish(tmp_path, procs)
+    try:
+        sim = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", SCENARIO, *TINY, *common,
+                              "sim.num_clients=4", f"out={tmp_path / 'sim'}"], capture_output=True, text=True,
+                             timeout=600, check=False)
+        assert sim.returncode == 0, sim.stderr[-2000:]
+        finish(tmp_path, procs)
+    finally:
+        stop(procs)
     assert "with mutual TLS" in (tmp_path / "peer-0.log").read_text()
     gap = 0.0
     for i in range(4):
@@ -99,18 +110,22 @@ def test_a_peer_killed_mid_run_is_missed_by_the_others_and_re_joins_after_a_rest
               "gossip.join_timeout_s=300", "gossip.partition=true", peer_list(3)]
     procs = {i: start(tmp_path, i, *common) for i in range(3)}
     run2 = tmp_path / "run-2"
-    deadline = time.monotonic() + 300
-    while not ((run2 / "metrics.jsonl").is_file() and any(r["round"] >= 2 for r in rounds(run2))):
-        assert time.monotonic() < deadline and procs[2].poll() is None, (tmp_path / "peer-2.log").read_text()[-2000:]
-        time.sleep(0.2)
-    os.kill(procs[2].pid, signal.SIGKILL)
-    procs[2].wait()
-    killed_after = max(r["round"] for r in rounds(run2))
-    while not any("client-2" in r.get("failures", {}) for r in rounds(tmp_path / "run-0")):
-        assert time.monotonic() < deadline, (tmp_path / "peer-0.log").read_text()[-2000:]
-        time.sleep(0.2)
-    procs[2] = start(tmp_path, 2, *common)  # the same command: it resumes from its checkpoint
-    finish(tmp_path, procs)
+    deadline = time.monotonic() + 600
+    try:
+        while not ((run2 / "metrics.jsonl").is_file() and any(r["round"] >= 2 for r in rounds(run2))):
+            assert time.monotonic() < deadline and procs[2].poll() is None, \
+                (tmp_path / "peer-2.log").read_text()[-2000:]
+            time.sleep(0.2)
+        os.kill(procs[2].pid, signal.SIGKILL)
+        procs[2].wait()
+        killed_after = max(r["round"] for r in rounds(run2))
+        while not any("client-2" in r.get("failures", {}) for r in rounds(tmp_path / "run-0")):
+            assert time.monotonic() < deadline, (tmp_path / "peer-0.log").read_text()[-2000:]
+            time.sleep(0.2)
+        procs[2] = start(tmp_path, 2, *common)  # the same command: it resumes from its checkpoint
+        finish(tmp_path, procs)
+    finally:
+        stop(procs)
     log2 = (tmp_path / "peer-2.log").read_text()
     found = re.search(r"re-joining at round (\d+): its checkpoint is of round (\d+)", log2)
     assert found and f"resuming {run2}" in log2, log2[-2000:]
