@@ -141,7 +141,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from fedtune.transport.keys import certificate_hosts
 
     before = certificate_hosts(out / "server.pem") if (out / "server.pem").is_file() else None
-    create_keys(out, nodes, hosts, loopback=not args.no_loopback, observers=observers)
+    create_keys(out, nodes, hosts, loopback=not args.no_loopback, observers=observers, peers=args.peers)
     after = certificate_hosts(out / "server.pem")
     cert = ("unchanged" if before is not None and set(before) == set(after)
             else "re-issued, valid" if before is not None else "valid")
@@ -150,6 +150,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
           f"(ca.key: keep offline)\n"
           + "".join(f"  node {n:<8}: sites/{n}/ (ca.pem, nodes/{n}.key): give to that site only, its "
                     f"client.keys_dir\n" for n in nodes)
+          + (f"  gossip peers: sites/<name>/ also holds peers/<name>.pem and .key and allowlist.txt (its "
+             f"gossip.keys_dir), certificates valid for {', '.join(after)}\n" if args.peers else "")
           + (f"  `fedtune status` uses nodes/{args.operator}.key (--name {args.operator})" if args.operator else ""))
     return 0
 
@@ -165,6 +167,22 @@ def cmd_flower_app(args: argparse.Namespace) -> int:
     print(f"Flower App in {folder} ({len(files)} files; fedtune config: {folder / 'fedtune_app' / 'fedtune.toml'}).\n"
           f"Start each SuperNode with --node-config \"client-name='site-a' partition-id=0 data-path='/data/a.jsonl'\", "
           f"then: flwr run {folder} <your-superlink-connection> --stream")
+    return 0
+
+
+def cmd_gossip(args: argparse.Namespace) -> int:
+    """Run one gossip peer: train with its neighbours in gossip.peers, no server (decentralized LoRA)."""
+    from rich.console import Console
+
+    from fedtune.gossip.peer import run_peer
+    from fedtune.transport import InsecureTransportError
+
+    cfg = _config(args, ["gossip.insecure=true"] if args.insecure else [])
+    try:
+        run_peer(cfg, Console(), overwrite=args.overwrite)
+    except InsecureTransportError as e:
+        print(f"fedtune gossip: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
@@ -190,6 +208,14 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
         " Connects to client.server as client.name with keys from client.keys_dir (ca.pem, nodes/<name>.key)."))
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (client.insecure=true)")
     with_config(p)
+    p = subparsers.add_parser("gossip", help=cmd_gossip.__doc__, description=(cmd_gossip.__doc__ or "") + (
+        " This peer is gossip.name of gossip.peers (\"name@host:port\", the same list on every peer); mutual TLS "
+        "with the certificates of gossip.keys_dir (`fedtune keys DIR --nodes ... --peers`); resumes from its "
+        "checkpoint and re-joins the others when out= holds one."))
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC off loopback (gossip.insecure=true)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out= folder that holds a run "
+                   "(without it, a folder with a checkpoint is resumed and any other run is refused)")
+    with_config(p)
     p = subparsers.add_parser("status", help=cmd_status.__doc__, description=cmd_status.__doc__)
     p.add_argument("address", help="host:port of the server")
     p.add_argument("--keys-dir", help="keys folder with ca.pem and nodes/<name>.key (omit for plaintext loopback)")
@@ -208,12 +234,15 @@ def register(subparsers: Any, commands: dict[str, Callable[[argparse.Namespace],
     p.add_argument("--operator", default="operator",
                    help="also make a key for `fedtune status` under this name, marked observer in the allow-list: it lists "
                         "every node and cannot train ('' for none; default operator)")
+    p.add_argument("--peers", action="store_true",
+                   help="also issue each of --nodes a gossip peer certificate (mutual TLS for `fedtune gossip`), "
+                        "valid for the --server-host names too")
     p.add_argument("--revoke", metavar="NAME", help="revoke this node in OUT_DIR/allowlist.txt")
     p = subparsers.add_parser("flower-app", help=cmd_flower_app.__doc__, description=(cmd_flower_app.__doc__ or "")
                               + " The federation's config (file and overrides) goes into the app folder.")
     p.add_argument("app_dir", help="folder to create the app in (must not hold a pyproject.toml)")
     with_config(p)
-    commands.update(server=cmd_server, client=cmd_client, status=cmd_status, keys=cmd_keys)
+    commands.update(server=cmd_server, client=cmd_client, status=cmd_status, keys=cmd_keys, gossip=cmd_gossip)
     commands["flower-app"] = cmd_flower_app
 
 

@@ -32,6 +32,22 @@ class GossipConfig:
         "simulated nodes that leave for good: \"client-2@3\" is gone from round 3 on (it answers no more, its "
         "neighbours mix without it); sim.dropout takes nodes offline for one round")})
 
+    peers: list[str] = field(default_factory=list, metadata={"help": (
+        "real peers (`fedtune gossip`): every peer as \"name@host:port\", the same list on every peer; the sorted "
+        "names number the nodes (node i trains with the seed and data share of the simulator's client-i) and "
+        "fix the topology")})
+    name: str = opt("", "this peer's name in gossip.peers (`fedtune gossip`)")
+    listen: str = opt("", "address this peer serves on (default: the host:port of its gossip.peers entry)")
+    keys_dir: str | None = opt(None, "`fedtune keys DIR --nodes ... --peers` folder of this peer (ca.pem, "
+                               "peers/<name>.pem and .key, allowlist.txt): mutual TLS with the federation CA")
+    insecure: bool = opt(False, "peers talk plaintext without gossip.keys_dir, even off loopback (names unchecked)")
+    round_timeout_s: float = opt(60.0, "how long a peer waits for a neighbour's adapter in one exchange; a "
+                                 "neighbour that does not answer in time is left out of it")
+    join_timeout_s: float = opt(300.0, "how long a peer waits for its neighbours to start (round 1)")
+    partition: bool = opt(False, "train on this peer's share of data.* (the simulator's partition for its "
+                          "node number: trials on one machine, and runs to compare with `fedtune simulate`); "
+                          "false: all of data.* (a site's own data)")
+
     def departures(self) -> dict[str, int]:
         """``gone`` as {node: first round it is gone} (entries that do not parse are left out: see validate)."""
         out = {}

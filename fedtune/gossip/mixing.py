@@ -121,19 +121,23 @@ def mix(states: Sequence[State], q: torch.Tensor, mode: str, *, scale: float, ra
         for k in a_keys:
             if any(not torch.equal(s[k], states[0][k]) for s in states[1:]):
                 raise ValueError(f"mix=frozen_a needs the same {k} on every node (A frozen at adapter.seed)")
-    out: list[State] = []
-    for i, row in enumerate(q):
-        if row[i] == 1.0:
-            out.append(dict(states[i]))
-            continue
-        if mode == "factors":
-            out.append(_mean_rows(states, row, keys))
-        elif mode == "frozen_a":
-            new = _mean_rows(states, row, [k for k in keys if k not in a_keys])
-            out.append({k: new.get(k, states[i][k]) for k in keys})
-        else:
-            out.append(_mix_product(states, row, scale, rank, frozen))
-    return out
+    return [mix_row(states, row, i, mode, scale=scale, rank=rank, frozen=frozen) for i, row in enumerate(q)]
+
+
+def mix_row(states: Sequence[State], row: torch.Tensor, i: int, mode: str, *, scale: float, rank: int,
+            frozen: State | None = None) -> State:
+    """Node ``i``'s adapter after one exchange with weights ``row`` (row i of the mixing matrix), as ``mix``
+    computes it. Only the states with a non-zero weight are read: a real peer, which holds its own and its
+    neighbours' adapters, puts any state in the other places (its own) and gets the simulator's result."""
+    keys = list(states[0])
+    if row[i] == 1.0:
+        return dict(states[i])
+    if mode == "factors":
+        return _mean_rows(states, row, keys)
+    if mode == "frozen_a":
+        new = _mean_rows(states, row, [k for k in keys if not k.endswith(A_SUFFIX)])
+        return {k: new.get(k, states[i][k]) for k in keys}
+    return _mix_product(states, row, scale, rank, frozen)
 
 
 def _mix_product(states: Sequence[State], row: torch.Tensor, scale: float, rank: int, frozen: State | None) -> State:

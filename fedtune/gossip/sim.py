@@ -28,16 +28,24 @@ from fedtune.global_model import GlobalModel
 from fedtune.gossip.rounds import GossipRounds
 from fedtune.runs import RunDir, replace_dir
 from fedtune.strategies import strategy_config
+from fedtune.strategies.config import StrategyConfig
 from fedtune.types import ClientReply, Instructions, State, failed_reply
+
+
+def gossip_start(cfg: Config, model: GlobalModel) -> tuple[State, State | None, StrategyConfig]:
+    """What every node starts from, in the simulator and on a real peer alike: the model's initial adapter,
+    the frozen A factors shared outside it (``adapter.method = lora_fa``; None otherwise) and the strategy
+    config that supplies rank and scale."""
+    initial = model.initial_state()
+    everything = get_state(model.lm.model, trainable_only=False)
+    frozen = {k: v for k, v in everything.items() if k.endswith(A_SUFFIX) and k not in initial}
+    return initial, frozen or None, strategy_config(cfg, model.lm.quantized, 0)
 
 
 def gossip_setup(cfg: Config, model: GlobalModel, node_ids: list[str]) -> tuple[GossipRounds, GossipModel]:
     """The gossip strategy over ``node_ids`` (all starting from the model's initial adapter) and its model."""
-    initial = model.initial_state()
-    everything = get_state(model.lm.model, trainable_only=False)
-    frozen = {k: v for k, v in everything.items() if k.endswith(A_SUFFIX) and k not in initial}
-    scfg = strategy_config(cfg, model.lm.quantized, 0)
-    rounds = GossipRounds(cfg.gossip, scfg, node_ids, initial, seed=cfg.seed, frozen=frozen or None)
+    initial, frozen, scfg = gossip_start(cfg, model)
+    rounds = GossipRounds(cfg.gossip, scfg, node_ids, initial, seed=cfg.seed, frozen=frozen)
     return rounds, GossipModel(model, rounds)
 
 

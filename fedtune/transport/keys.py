@@ -14,6 +14,9 @@
       nodes/<name>.key  Ed25519 private key of the node, PKCS#8 PEM (give to that node only)
       nodes/<name>.pub  its public key, "ed25519:<base64>"
       sites/<name>/     what to give that site: ca.pem and nodes/<name>.key (its client.keys_dir)
+      peers/<name>.pem  with ``peers``: the gossip peer's TLS certificate (signed by the CA, named <name>, valid
+      peers/<name>.key  for the server hosts too) and its key; copied with allowlist.txt into sites/<name>/,
+                        which is then also that peer's gossip.keys_dir
 
 Private keys are written with mode 0600.
 """
@@ -83,9 +86,11 @@ def create_ca(common_name: str = "fedtune federation CA") -> tuple[ec.EllipticCu
 
 
 def create_server_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str],
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str], *, peer: str | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A TLS server certificate signed by the CA, valid for ``hosts`` (DNS names or IP addresses).
+    """A TLS server certificate signed by the CA, valid for ``hosts`` (DNS names or IP addresses). With
+    ``peer``, a gossip peer's certificate: named ``peer`` (subject and first name), for servers and clients
+    (mutual TLS).
 
     Raises:
         ValueError: empty ``hosts``.
@@ -93,6 +98,7 @@ def create_server_cert(
     if not hosts:
         raise ValueError("server_hosts must name at least one hostname or IP address")
     sans: list[x509.GeneralName] = []
+    hosts = [peer, *hosts] if peer is not None else hosts
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -106,7 +112,8 @@ def create_server_cert(
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH] + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if peer is not None else [])), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
@@ -195,7 +202,7 @@ def certificate_hosts(cert_file: str | Path) -> list[str]:
 
 
 def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] | None = None,
-                loopback: bool = True, observers: list[str] | None = None) -> Path:
+                loopback: bool = True, observers: list[str] | None = None, peers: bool = False) -> Path:
     """Create a CA, a server certificate and one Ed25519 key per node under ``out_dir`` (layout above),
     and for each node the folder to give that site, ``sites/<node>/`` (``ca.pem``, ``nodes/<node>.key``).
     ``observers``: keys made (or already listed) for ``fedtune status`` only, marked ``observer``.
@@ -221,12 +228,7 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
     reissue = not (out / "server.pem").exists() or (
         server_hosts is not None and set(certificate_hosts(out / "server.pem")) != set(hosts))
     if reissue:
-        if not (out / "ca.key").exists():
-            raise ValueError(f"{out}/ca.key is missing (kept offline?): put it back to issue a server certificate "
-                             f"for {', '.join(hosts)}")
-        signer = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
-        if not isinstance(signer, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{out}/ca.key is not the CA key `fedtune keys` writes")
+        signer = _ca_signer(out, f"a server certificate for {', '.join(hosts)}")
         srv_key, srv_cert = create_server_cert(signer, x509.load_pem_x509_certificate((out / "ca.pem").read_bytes()),
                                                hosts)
         _write(out / "server.key", _pem_key(srv_key), private=True)
@@ -240,9 +242,36 @@ def create_keys(out_dir: str | Path, nodes: list[str], server_hosts: list[str] |
         if node in observers:
             entries[node] = dataclasses.replace(entries[node], observer=True)
     write_allowlist(allow, list(entries.values()))
+    if peers:
+        _peer_certs(out, [n for n in nodes if n not in observers], hosts)
     for node in entries:
         if (out / "nodes" / f"{node}.key").is_file():
             site = out / "sites" / node
             _write(site / "ca.pem", (out / "ca.pem").read_bytes())
             _write(site / "nodes" / f"{node}.key", (out / "nodes" / f"{node}.key").read_bytes(), private=True)
+            if (out / "peers" / f"{node}.pem").is_file():
+                for suffix, private in ((".pem", False), (".key", True)):
+                    name = f"{node}{suffix}"
+                    _write(site / "peers" / name, (out / "peers" / name).read_bytes(), private=private)
+                _write(site / "allowlist.txt", allow.read_bytes())
     return out
+
+
+def _ca_signer(out: Path, what: str) -> ec.EllipticCurvePrivateKey:
+    """The CA's private key, to issue ``what``. Raises: ValueError when it is missing or not the CA's."""
+    if not (out / "ca.key").exists():
+        raise ValueError(f"{out}/ca.key is missing (kept offline?): put it back to issue {what}")
+    signer = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    if not isinstance(signer, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{out}/ca.key is not the CA key `fedtune keys` writes")  # noqa: TRY004 (bad input)
+    return signer
+
+
+def _peer_certs(out: Path, nodes: list[str], hosts: list[str]) -> None:
+    """``peers/<node>.pem`` and ``.key`` for each of ``nodes`` (gossip peers' mutual TLS), issued by the CA."""
+    signer = _ca_signer(out, "the peers' certificates")
+    ca_cert = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    for node in nodes:
+        key, cert = create_server_cert(signer, ca_cert, hosts, peer=node)
+        _write(out / "peers" / f"{node}.key", _pem_key(key), private=True)
+        _write(out / "peers" / f"{node}.pem", cert.public_bytes(serialization.Encoding.PEM))

@@ -241,18 +241,22 @@ def parse_update_header(data: bytes) -> UpdateHeader:
     )
 
 
-def frames_to_reply(frames: Iterable[bytes], limits: Limits | None = None) -> ClientReply:
+def frames_to_reply(frames: Iterable[bytes], limits: Limits | None = None, phase: str | None = None) -> ClientReply:
     """Decode a SubmitUpdate stream (header, then tensor chunks) into the reply the server takes in.
+    ``phase``: the phase the header must name (any when None).
 
     Raises:
-        MessageRejected: a missing or bad header, or any codec error.
+        MessageRejected: a missing or bad header, another phase, or any codec error.
     """
     it = iter(frames)
     first = next(it, None)
     header_bytes = parse_frame(first)[0] if first is not None else None
     if header_bytes is None:
         raise MessageRejected("an update stream must start with an UpdateHeader")
-    return collect_reply(parse_update_header(header_bytes), _tensors_after_header(it, limits, "update"))
+    header = parse_update_header(header_bytes)
+    if phase is not None and header.phase != phase:
+        raise MessageRejected(f"the update is for phase {clean(header.phase, MAX_PHASE_LEN)!r}, expected {phase!r}")
+    return collect_reply(header, _tensors_after_header(it, limits, "update"))
 
 
 def collect_reply(header: UpdateHeader, tensors: Iterable[DecodedTensor]) -> ClientReply:

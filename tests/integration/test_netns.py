@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,15 @@ def _netns_available() -> str | None:
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def _cleanup(procs: Iterable[subprocess.Popen], namespaces: list[str]) -> None:
+    """Kill what still runs, then delete the namespaces."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for ns in namespaces:
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def test_server_and_clients_in_separate_namespaces_over_tls(tmp_path: Path) -> None:
@@ -80,11 +90,7 @@ def test_server_and_clients_in_separate_namespaces_over_tls(tmp_path: Path) -> N
                                    "client.server=10.77.2.1:7443", f"client.keys_dir={keys}")
         finish(procs, tmp_path, timeout=600)
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+        _cleanup(procs.values(), made)
     assert "(TLS, allow-list" in (tmp_path / "server.log").read_text()
     rows = [r for r in metrics(tmp_path / "run") if r["round"] >= 1]
     assert [(r["clients_ok"], r["clients_failed"]) for r in rows] == [(2, 0), (2, 0)]
