@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" -x --timeout 600
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow and not gpu and not bench" --timeout 1800
+	$(BIN)/python -m pytest -q -m "slow and not gpu and not bench and not long" --timeout 1800
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" --timeout 1800

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.integration]
 ROOT = Path(__file__).parents[2]
 DEFAULT_BASE, LOCAL_BASE = "python:3.11-slim", "localhost/fedtune-base:bookworm"
 

@@ -143,6 +143,7 @@ def test_a_peer_killed_mid_run_is_missed_by_the_others_and_re_joins_after_a_rest
         assert theirs[-1]["round"] == 12
 
 
+@pytest.mark.long
 def test_four_peers_in_separate_network_namespaces_gossip_over_mutual_tls(tmp_path: Path) -> None:
     """Peers ``ft-g0..3-<pid>`` on one bridge (in namespace ``ft-gbr-<pid>``), 10.78.0.1-4/24, nothing routed
     elsewhere; the namespaces are deleted in a ``finally``. Plaintext is refused off loopback: this is TLS."""
