@@ -267,7 +267,7 @@ def batch_clients(cfg: Config) -> int:
     k = cfg.sim.batch_clients
     if not isinstance(k, int):
         raise TypeError("sim.batch_clients=auto must be resolved before clients are pooled "
-                         "(fedtune.info.choose_batch_clients, as run_simulation does)")
+                         "(by choose_batch_clients, as run_simulation does)")
     return k
 
 

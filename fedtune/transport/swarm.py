@@ -47,6 +47,9 @@ POLL_S = 20.0
 MAX_ERRORS = 50
 """Node errors a process reports (all are counted)."""
 
+SWARM_MODULE = "fedtune.transport.swarm"
+"""What each swarm process runs (``python -m``)."""
+
 
 @dataclass
 class Tally:
@@ -197,7 +200,7 @@ class Swarm:
             status = self.folder / f"swarm-{p}.json"
             log = open(self.folder / f"swarm-{p}.log", "w")  # noqa: SIM115 - the child writes it
             self.procs.append((subprocess.Popen(
-                [sys.executable, "-m", "fedtune.transport.swarm", str(self.port), str(first),
+                [sys.executable, "-m", SWARM_MODULE, str(self.port), str(first),
                  str(min(share, self.n - first)), self.fingerprint, str(status), self.prefix],
                 env=env, stdout=log, stderr=subprocess.STDOUT), status))
         return self
