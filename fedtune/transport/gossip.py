@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from fedtune.transport._proto import gossip_pb2 as gpb
 from fedtune.transport.client import setup_error
@@ -37,7 +36,7 @@ from fedtune.transport.codec import Limits
 from fedtune.transport.errors import ConnectionSetupError, MessageRejected
 from fedtune.transport.keys import read_allowlist
 from fedtune.transport.messages import frames_to_reply, reply_to_frames
-from fedtune.transport.server import GRPC_OPTIONS, check_port_free
+from fedtune.transport.server import GRPC_OPTIONS, _raw, check_port_free, parsed
 from fedtune.types import ClientReply, State
 from fedtune.untrusted import MAX_NAME, clean
 
@@ -187,20 +186,7 @@ class GossipServicer:
         return gpb.WhereReply(node=b.node, round=b.round, rounds=b.rounds, done=b.done)
 
 
-def _raw(b: bytes) -> bytes:
-    return b
-
-
 def _handlers(servicer: GossipServicer) -> dict[str, grpc.RpcMethodHandler]:
-    def parsed(fn: Any, req: Any) -> Any:
-        def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
-            try:
-                request = req.FromString(raw)
-            except DecodeError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, clean(f"malformed {req.__name__}: {e}"))
-            return fn(request, context)
-        return handler
-
     return {
         "Fetch": grpc.unary_stream_rpc_method_handler(parsed(servicer.Fetch, gpb.FetchRequest), _raw, _raw),
         "Where": grpc.unary_unary_rpc_method_handler(parsed(servicer.Where, gpb.WhereRequest), _raw,

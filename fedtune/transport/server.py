@@ -430,18 +430,21 @@ def _raw(b: bytes) -> bytes:
     return b
 
 
+def parsed(fn: Any, req: Any) -> Any:
+    """A handler of raw request bytes that parses them as ``req`` for ``fn``: a request that does not parse is
+    the peer's mistake (INVALID_ARGUMENT, the reason bounded), not an INTERNAL error."""
+    def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = req.FromString(raw)
+        except DecodeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, clean(f"malformed {req.__name__}: {e}"))
+        return fn(request, context)
+    return handler
+
+
 def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHandler]:
     """The generated handlers, except that the two streaming calls exchange pre-serialized frames, and that
     a request that does not parse is the peer's mistake (INVALID_ARGUMENT), not an INTERNAL error."""
-    def parsed(fn: Any, req: Any) -> Any:
-        def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
-            try:
-                request = req.FromString(raw)
-            except DecodeError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, clean(f"malformed {req.__name__}: {e}"))
-            return fn(request, context)
-        return handler
-
     def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(parsed(fn, req), _raw, lambda m: m.SerializeToString())
 
