@@ -83,7 +83,7 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     limit = int(fed.max_update_mb * 2**20)
     server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
                           heartbeat_interval_s=fed.heartbeat_s, max_workers=server_workers(cfg), bulk_port=cfg.server.bulk_port,
-                          downlink_encoding=cfg.client.encoding, **security)
+                          keepalive_s=fed.keepalive_s, downlink_encoding=cfg.client.encoding, **security)
     coord.last_seen, coord.disconnected = server.servicer.last_seen, server.servicer.disconnected
     return coord, server
 

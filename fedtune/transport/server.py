@@ -500,12 +500,23 @@ def check_port_free(address: str) -> None:
                                "(or --address)") from None
 
 
+def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """gRPC server options that ping a connection quiet for ``keepalive_s`` and close it when the ping is not
+    answered within ``keepalive_s``. gRPC's ``keepalive_timeout_ms`` alone does not close it (the ping's own
+    ``http2.ping_timeout_ms``, one minute by default, does), and by default it sends only two pings while no
+    data goes out, so an idle stream would stop being checked."""
+    ms = max(1, round(keepalive_s * 1000))
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
 def start_server(
     coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
     key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
     allow_anyone: bool = False,
     max_workers: int = 64, stream_window_bytes: int = STREAM_WINDOW_BYTES, bulk_port: int | None = 0,
-    session_idle_s: float = 600.0, session_max_s: float = 86400.0, **servicer_kwargs: Any,
+    session_idle_s: float = 600.0, session_max_s: float = 86400.0, keepalive_s: float | None = None,
+    **servicer_kwargs: Any,
 ) -> FederationServer:
     """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
     or with ``insecure=True``, in plaintext. ``allowlist_file=None`` admits any node name without a
@@ -517,7 +528,10 @@ def start_server(
     server; 4 MiB still fills a 100 ms / 300 Mbit/s path). ``bulk_port``: where the bulk upload lane
     (``bulk``) listens on the same host, with the same TLS (0: any free port; None: no lane, uploads go over
     gRPC only). A session expires after ``session_idle_s`` without a call or ``session_max_s`` after it
-    opened (the node registers again). Extra keyword arguments go to ``FederationServicer`` (``limits``,
+    opened (the node registers again). ``keepalive_s``: a connection that sends nothing for this long is
+    pinged (HTTP/2 PING) and closed when the ping is not answered within as long again, which ends its node's
+    presence stream: a peer cut off without closing its connection is noticed (None: never pinged).
+    Extra keyword arguments go to ``FederationServicer`` (``limits``,
     ``max_concurrent_uploads``, ``downlink_encoding``, ...).
 
     The port is bound exclusively (gRPC's default SO_REUSEPORT would let two servers share it and split the
@@ -538,6 +552,8 @@ def start_server(
     servicer = FederationServicer(coordinator, auth, max_workers=max_workers, **servicer_kwargs)
     options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
                ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
+    if keepalive_s is not None:
+        options += keepalive_options(keepalive_s)
     # Calls beyond the threads queue for one (a burst of short calls is served, not refused): long calls
     # (polls, uploads) never take the last threads (``guards.CallGate``), so queued short calls start soon.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
