@@ -462,6 +462,29 @@ def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHan
     }
 
 
+def concurrent_calls(max_workers: int) -> int:
+    """Calls the server holds at once (running or queued for a thread); more are refused (RESOURCE_EXHAUSTED)."""
+    return 4 * max_workers
+
+
+PENDING_CALLS_DEFAULT = 1000
+"""gRPC core's own bound on calls that arrived but that the Python server has not picked up yet."""
+
+
+def server_options(max_workers: int, stream_window_bytes: int = STREAM_WINDOW_BYTES) -> list[tuple[str, int]]:
+    """The gRPC server's channel options. The Python server picks up one arrived call at a time; when many
+    arrive at once (every node of a large federation uploads as its round opens) the others wait in gRPC
+    core, whose backlog bound (``PENDING_CALLS_DEFAULT``) refuses the rest, and a refused call reaches the
+    node as CANCELLED, not as RESOURCE_EXHAUSTED. A server sized for ``max_workers`` threads lets as many
+    calls wait as it would hold at once (``concurrent_calls``), and twice that before every new one is
+    refused; a node's calls stay bounded by ``STREAMS_PER_CONNECTION`` per connection."""
+    pending = max(PENDING_CALLS_DEFAULT, concurrent_calls(max_workers))
+    return [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
+            ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending)]
+
+
 class FederationServer:
     """A running gRPC server; ``port`` is the bound port (useful with ``address="127.0.0.1:0"``)."""
 
@@ -550,14 +573,13 @@ def start_server(
     check_port_free(address)
     auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
     servicer = FederationServicer(coordinator, auth, max_workers=max_workers, **servicer_kwargs)
-    options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
-               ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
+    options = server_options(max_workers, stream_window_bytes)
     if keepalive_s is not None:
         options += keepalive_options(keepalive_s)
     # Calls beyond the threads queue for one (a burst of short calls is served, not refused): long calls
     # (polls, uploads) never take the last threads (``guards.CallGate``), so queued short calls start soon.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         maximum_concurrent_rpcs=4 * max_workers)
+                         maximum_concurrent_rpcs=concurrent_calls(max_workers))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, method_handlers(servicer)),))
     try:
         if cert_file is not None and key_file is not None:
