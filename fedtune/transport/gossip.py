@@ -99,11 +99,6 @@ class Board:
             self._posts[(round, exchange)] = frames
             self._cond.notify_all()
 
-    def size(self, round: int, exchange: int) -> int:
-        """Bytes of the post at (round, exchange) (0 when there is none)."""
-        with self._cond:
-            return sum(len(f) for f in self._posts.get((round, exchange), []))
-
     def finish(self) -> None:
         with self._cond:
             self.done = True

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from fedtune.config import load_config
 from fedtune.gossip.config import GossipConfig
@@ -52,12 +54,15 @@ class Peers:
         self.peers = [Peer(n, f"127.0.0.1:{p}") for n, p in zip(NAMES, ports, strict=True)]
         cfg = load_config(None, [f"gossip.round_timeout_s={timeout}", f"gossip.join_timeout_s={timeout}"])
         self.rounds, self.servers, self.links, self.dispatchers = {}, [], [], {}
+        self.said = io.StringIO()
+        """What the peers print (the console of ``fedtune gossip``)."""
         for i in live:
             board = Board(NAMES[i], 5)
             self.servers.append(start_peer_server(board, self.peers[i].address, set(NAMES) - {NAMES[i]}, None))
             links = {p.name: PeerLink(NAMES[i], p.name, p.address, None, Limits()) for p in self.peers if p.name != NAMES[i]}
             self.links += links.values()
-            dispatcher = PeerDispatcher(cfg, None, self.peers, i, board, links)  # type: ignore[arg-type]
+            dispatcher = PeerDispatcher(cfg, None, self.peers, i, board, links,  # type: ignore[arg-type]
+                                        Console(file=self.said, width=300))
             self.dispatchers[i] = dispatcher
             self.rounds[i] = PeerRounds(gcfg, SCFG, NAMES, i, INITIAL, seed=0, frozen=None, exchange=dispatcher.exchange)
 
@@ -115,6 +120,10 @@ def test_a_neighbour_that_does_not_answer_is_left_out_as_in_the_simulator() -> N
         assert "client-3" in results[0].failures and "client-3" in results[2].failures
         why = results[0].failures["client-3"]  # round 1: which peer was awaited, and the key to change
         assert "client-3 did not answer in time" in why and "waited 1 s: gossip.join_timeout_s" in why, why
+        said = peers.said.getvalue()
+        assert "round 1: waiting for client-1, client-3 (up to gossip.join_timeout_s=1 s)" in said, said
+        assert ("client-3 did not answer within gossip.join_timeout_s=1 s: left out of round 1 (start it, or change "
+                "gossip.join_timeout_s)") in said, said
         assert results[1].failures == {}  # client-1's neighbours are 0 and 2
         for i in range(3):
             assert torch.allclose(peers.rounds[i].node[KB], sim.nodes[i][KB], atol=1e-6), i
