@@ -5,7 +5,8 @@ local lr 5e-3: the setting and, by default, the rounds and local steps of ``benc
 is fedavg (but the rank-pruning arm: svd); the baseline sends dense fp32 adapters both ways (what FlowerTune does), the others list
 ``compress`` in ``client.pipeline`` (``compress.method`` and its setting) and send downlink deltas with the
 same method (``compress.downlink``); the mask arms explore in round 1 (``mask.explore_steps`` local steps on
-every sampled client, scores sent up), then send only the masked entries. For each arm: the final held-out eval loss, total bytes up and down (the
+every sampled client, scores sent up; with ``mask.score=global`` round 1 trains dense instead and the mask
+comes from its aggregate), then send only the masked entries. For each arm: the final held-out eval loss, total bytes up and down (the
 encoded messages, as ``metrics.jsonl`` counts them), the reduction against the baseline, and the change in eval
 loss. Also each compressor's CPU time per MiB of fp32 update (compress + wire encoding, one thread). Writes
 ``benchmarks/results/compression.json`` and the frontier plot ``benchmarks/results/compression.png``.
@@ -50,6 +51,8 @@ ARMS: dict[str, list[str]] = {
     "mask 10%": ["mask.density=0.1"],
     "mask 25% + sign": [*DOWN, "compress.method=sign", "mask.density=0.25"],
     "mask 10% + int4": [*DOWN, "compress.method=int4", "mask.density=0.1"],
+    # no exploration phase: round 1 trains dense (here: sign), the mask comes from its aggregate (secagg's mask)
+    "mask 25% global + sign": [*DOWN, "compress.method=sign", "mask.density=0.25", "mask.score=global"],
 }
 BASELINE = "dense fp32"
 RECOMMENDED = "sign"
