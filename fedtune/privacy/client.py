@@ -4,7 +4,7 @@ every simulator pool and the Flower ClientApp run the same code.
 The round's secrets (key pairs, self-mask seed, the shares held for neighbours) live in the client's state
 under ``"secagg"`` between the phases of one round and are deleted when it unmasks. In ``secagg_upload``
 the client trains as in ``train`` (``fit`` and the update pipeline), clips its update to the bound the
-server sent, turns it into fixed point with the server's scale, appends the count word of adaptive clipping
+server sent (under a shared pruning mask, ``mask.density``, only the mask's entries: fewer words), turns it into fixed point with the server's scale, appends the count word of adaptive clipping
 (``(b - 1/2) C``) when asked, adds its share of discrete Gaussian noise under distributed DP, and masks it.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedtune.client.phases import ClientContext, register_phase, train_phase
+from fedtune.compression.mask import sent_reference
 from fedtune.privacy.distributed import client_noise
 from fedtune.privacy.dp import clip_delta
 from fedtune.privacy.secagg import Advert, SecAggClient, identity_public, quantize
@@ -111,9 +112,10 @@ def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     reply = train_phase(ctx, dataclasses.replace(ins, phase="train", extra=extra))
     if not reply.ok or reply.state is None:
         return reply
-    keys = list(ins.state)
-    clipped, norm = clip_delta({k: reply.state[k] for k in keys}, ins.state, bound)
-    delta = flat(clipped, keys) - flat(ins.state, keys)
+    ref = sent_reference(ctx.state, ins)  # under a shared pruning mask: only its entries
+    keys = list(ref)
+    clipped, norm = clip_delta({k: reply.state[k] for k in keys}, ref, bound)
+    delta = flat(clipped, keys) - flat(ref, keys)
     if count:
         delta = np.append(delta, ((norm <= bound) - 0.5) * bound)
     x = quantize(delta, scale)

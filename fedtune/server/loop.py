@@ -112,7 +112,7 @@ def prepare_coordinator(cfg: Config) -> Coordinator:
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
-    strategy = with_mask(with_privacy(
+    strategy = with_privacy(with_mask(
         make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)), cfg), cfg)
     plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
                      policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer, link=make_link(cfg))
