@@ -20,10 +20,9 @@ import torch
 
 from fedtune.client.phases import ClientContext, register_phase, train_phase
 from fedtune.privacy.distributed import client_noise
-from fedtune.privacy.dp import clip_delta
-from fedtune.privacy.secagg import Advert, SecAggClient, identity_public, quantize
-from fedtune.privacy.wire import PHASES, blob, flat, sim_identity
-from fedtune.types import ClientReply, Instructions, failed_reply
+from fedtune.privacy.secagg import Advert, SecAggClient, quantize
+from fedtune.privacy.wire import PHASES, blob, sim_identity, sim_public
+from fedtune.types import ClientReply, Instructions, State, failed_reply
 
 
 def _identity(ctx: ClientContext, cid: str) -> Any:
@@ -42,7 +41,7 @@ def _trusted(ctx: ClientContext, ids: list[str]) -> dict[str, bytes]:
     public keys, given to every site out of band, never relayed by the server), or the seed's."""
     keys = ctx.cfg.client.keys_dir
     if keys is None:
-        return {c: identity_public(sim_identity(ctx.cfg.seed, c)) for c in ids}
+        return {c: sim_public(ctx.cfg.seed, c) for c in ids}
     from fedtune.transport.keys import read_allowlist
 
     path = Path(keys) / "allowlist.txt"
@@ -100,6 +99,22 @@ def _public(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k != "update_norm"}
 
 
+def clipped_delta(values: State, reference: State, keys: list[str], bound: float) -> tuple[np.ndarray, float]:
+    """The update ``values - reference`` over ``keys`` as one float64 vector, scaled down to L2 norm ``bound``
+    when it is longer, and its norm before (not finite when the update is not).
+
+    Two concatenations, then numpy on the whole vector in one thread: torch's intra-op threads on
+    vector-sized operations stall on a busy machine, and a BLAS dot product's rounding would depend on its
+    thread count (a simulated and a real client must send the same words)."""
+    new = torch.cat([values[k].reshape(-1).float() for k in keys]).numpy()
+    delta = new.astype(np.float64)
+    delta -= torch.cat([reference[k].reshape(-1).float() for k in keys]).numpy()
+    norm = math.sqrt(float(np.einsum("i,i->", delta, delta)))
+    if norm > bound:
+        delta *= bound / norm
+    return delta, norm
+
+
 def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     client = _client(ctx, ins)
     extra = dict(ins.extra)
@@ -112,8 +127,10 @@ def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     if not reply.ok or reply.state is None:
         return reply
     keys = list(ins.state)
-    clipped, norm = clip_delta({k: reply.state[k] for k in keys}, ins.state, bound)
-    delta = flat(clipped, keys) - flat(ins.state, keys)
+    delta, norm = clipped_delta(reply.state, ins.state, keys, bound)
+    if not math.isfinite(norm):  # the server cannot screen a masked vector: the client does
+        return failed_reply(ins.client_id, ins.round, "secagg_upload: the update is not finite (NaN or Inf); "
+                            "nothing was uploaded")
     if count:
         delta = np.append(delta, ((norm <= bound) - 0.5) * bound)
     x = quantize(delta, scale)
@@ -123,7 +140,7 @@ def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
                           _positive(count_std, "count noise") if count else None)
     masked = client.masked(x, inbox, senders)
     ctx.state["secagg"] = client.to_plain()
-    return ClientReply(ins.client_id, ins.round, {"masked": torch.from_numpy(masked.copy())},
+    return ClientReply(ins.client_id, ins.round, {"masked": torch.from_numpy(masked)},
                        num_examples=reply.num_examples, metrics=_public(reply.metrics))
 
 
