@@ -64,9 +64,16 @@ def fixed_point_scale(bound: float, clients: float) -> float:
 
 
 def quantize(x: np.ndarray, scale: float) -> np.ndarray:
-    """``round(x * scale)`` as uint32 (two's complement of negative values)."""
+    """``round(x * scale)`` as uint32 (two's complement of negative values).
+
+    Raises:
+        ValueError: a value outside the signed 32-bit range (or not finite): ``scale`` does not fit ``x``.
+    """
     v = np.multiply(x, scale, dtype=np.float64)
-    return np.rint(v, out=v).astype(np.int64).astype(np.uint32)
+    np.rint(v, out=v)
+    if v.size and not (-(2**31) <= v.min() and v.max() < 2**31):  # NaN fails both comparisons
+        raise ValueError(f"fixed point: values outside the 32-bit range at scale {scale:g} (or not finite)")
+    return v.astype(np.int32).view(np.uint32)
 
 
 def dequantize(total: np.ndarray, scale: float) -> np.ndarray:
