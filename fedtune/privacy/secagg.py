@@ -261,6 +261,9 @@ class SecAggClient:
     held: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """Shares other clients gave this one: ``{from: {"b": [x, y], "s": [x, y]}}``."""
     revealed: set[str] = field(default_factory=set)
+    participants: int = 0
+    """How many clients the server named in the share phase (the Shamir x of each): the most that can share
+    distributed DP's noise, so what a client checks the noise the server asks of it against."""
 
     def advertise(self) -> Advert:
         c_pk, s_pk = _pub(self.c_sk), _pub(self.s_sk)
@@ -285,6 +288,7 @@ class SecAggClient:
         if len(peers) < t:
             raise SecAggAbort(f"{len(peers)} neighbours advertised keys, the threshold is {t}")
         self.adverts = dict(peers)
+        self.participants = len(xs)
         ids = sorted(peers)
         s_raw = self.s_sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                         serialization.NoEncryption())
@@ -357,7 +361,7 @@ class SecAggClient:
                 "s_sk": self.s_sk.private_bytes(*raw).hex(), "b": self.b.hex(),
                 "adverts": {c: a.to_plain() for c, a in self.adverts.items()},
                 "held": {c: {k: [v[0], hex(v[1])] for k, v in h.items()} for c, h in self.held.items()},
-                "revealed": sorted(self.revealed)}
+                "revealed": sorted(self.revealed), "participants": self.participants}
 
     @classmethod
     def from_plain(cls, d: Mapping[str, object], identity: Ed25519PrivateKey) -> SecAggClient:
@@ -373,7 +377,7 @@ class SecAggClient:
                    b=bytes.fromhex(text("b")),
                    adverts={c: Advert.from_plain(a) for c, a in adverts.items()},
                    held={c: {k: [int(v[0]), int(v[1], 16)] for k, v in h.items()} for c, h in held.items()},
-                   revealed={str(r) for r in revealed})
+                   revealed={str(r) for r in revealed}, participants=int(str(d.get("participants", 0))))
 
 
 # ------------------------------------------------------------------ server
