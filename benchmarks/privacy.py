@@ -200,11 +200,25 @@ def loss_arms(rounds: int, steps: int, clip: float, eval_batches: int, quant: st
     return rows
 
 
+class _Clock:
+    """CPU seconds of this process over each round: started when the driver asks for the round's clients,
+    stopped when it applies the round's result (everything in between runs in this process)."""
+
+    def __init__(self) -> None:
+        self.t0, self.laps = 0.0, []
+
+    def start(self) -> None:
+        self.t0 = time.process_time()
+
+    def stop(self) -> None:
+        self.laps.append(time.process_time() - self.t0)
+
+
 class _StateModel:
     """The round driver's model over plain tensors (no LLM): results replace the state."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.current, self.base_updates = dict(state), []
+    def __init__(self, state: dict[str, Any], clock: _Clock) -> None:
+        self.current, self.base_updates, self.clock = dict(state), [], clock
 
     def initial_state(self) -> dict[str, Any]:
         return dict(self.current)
@@ -213,6 +227,7 @@ class _StateModel:
         self.current = dict(state)
 
     def apply(self, global_state: dict[str, Any], result: Any) -> dict[str, Any]:
+        self.clock.stop()
         if result.applied:
             self.current = dict(result.state)
         return self.current
@@ -231,10 +246,11 @@ class _Dispatcher:
     """Clients answered in this process by their phase handlers, reply sizes from the wire codec; the clients
     in ``drop`` fail the phase ``last``."""
 
-    def __init__(self, handle: Any, ids: list[str], drop: set[str], last: str) -> None:
-        self.handle, self.ids, self.drop, self.last = handle, ids, drop, last
+    def __init__(self, handle: Any, ids: list[str], drop: set[str], last: str, clock: _Clock) -> None:
+        self.handle, self.ids, self.drop, self.last, self.clock = handle, ids, drop, last, clock
 
     def available(self, round: int) -> list[str]:
+        self.clock.start()
         return list(self.ids)
 
     def client_index(self, client_id: str) -> int:
@@ -268,7 +284,8 @@ class _Dispatcher:
 
 
 def e2e_rounds(n: int, dropout: float, rounds: int, threshold_fraction: float) -> list[dict[str, Any]]:
-    """Seconds per round (wall, median of ``rounds``) of plain fedavg and of secure aggregation."""
+    """Seconds per round (wall and this process's CPU, median of ``rounds``) of plain fedavg and of secure
+    aggregation, the two arms taking turns round by round."""
     import io
     import tempfile
 
@@ -294,35 +311,40 @@ def e2e_rounds(n: int, dropout: float, rounds: int, threshold_fraction: float) -
 
     ids = [f"site-{i:03d}" for i in range(n)]
     drop = set(np.random.default_rng(0).choice(ids, size=round(dropout * n), replace=False).tolist())
-    rows = []
+    arms = {}
+    for secagg in (False, True):
+        cfg = load_config(None, [f"privacy.secagg={str(secagg).lower()}", "privacy.clip_norm=10.0",
+                                 f"privacy.secagg_threshold={threshold_fraction}", "sim.clients_per_round=0"])
+        # no agg_error diagnostics in either arm: plain is then just the running weighted sum
+        strategy = with_privacy(make_strategy("fedavg", StrategyConfig(r=8, lora_alpha=16.0, compute_error=False)),
+                                cfg)
+        ctxs = {c: ClientContext(cfg, None, [], pipeline=[]) for c in ids}  # type: ignore[arg-type]
+
+        def handle(cid: str, ins: Any, ctxs: dict[str, Any] = ctxs) -> ClientReply:
+            return train(ctxs[cid], ins) if ins.phase == "train" else run_phase(ctxs[cid], ins)
+
+        arms[secagg] = (strategy, handle, "secagg_upload" if secagg else "train", _Clock(), [])
     original = sa_client.train_phase
     sa_client.train_phase = train
     try:
-        for secagg in (False, True):
-            cfg = load_config(None, [f"privacy.secagg={str(secagg).lower()}", "privacy.clip_norm=10.0",
-                                     f"privacy.secagg_threshold={threshold_fraction}", "sim.clients_per_round=0"])
-            # no agg_error diagnostics in either arm: plain is then just the running weighted sum
-            strategy = with_privacy(make_strategy("fedavg", StrategyConfig(r=8, lora_alpha=16.0, compute_error=False)),
-                                    cfg)
-            ctxs = {c: ClientContext(cfg, None, [], pipeline=[]) for c in ids}  # type: ignore[arg-type]
-
-            def handle(cid: str, ins: Any, ctxs: dict[str, Any] = ctxs) -> ClientReply:
-                return train(ctxs[cid], ins) if ins.phase == "train" else run_phase(ctxs[cid], ins)
-
-            last = "secagg_upload" if secagg else "train"
-            with tempfile.TemporaryDirectory() as tmp:
-                run = RunDir(Path(tmp))
-                run_rounds(RoundPlan(rounds=rounds, seed=1, train=TrainConfig()), run, _StateModel(start),
-                           strategy, _Dispatcher(handle, ids, drop, last), Console(file=io.StringIO()))
-                records = [r for r in run.read_metrics() if r.get("round", 0) >= 1]
-            assert all(r["applied"] for r in records), [r.get("failures") for r in records]
-            seconds = sorted(r["seconds"] for r in records)
-            rows.append({"secagg": secagg, "clients": n, "dropout": dropout, "rounds": rounds,
-                         "round_s": seconds[len(seconds) // 2], "all_round_s": seconds,
-                         "clients_ok": records[-1]["clients_ok"],
-                         "bytes_up_per_survivor": records[-1]["bytes_up"] / records[-1]["clients_ok"]})
+        for _ in range(rounds):  # the arms take turns, one round each: load on the shared machine hits both
+            for strategy, handle, last, clock, records in arms.values():
+                with tempfile.TemporaryDirectory() as tmp:
+                    run = RunDir(Path(tmp))
+                    run_rounds(RoundPlan(rounds=1, seed=1, train=TrainConfig()), run, _StateModel(start, clock),
+                               strategy, _Dispatcher(handle, ids, drop, last, clock), Console(file=io.StringIO()))
+                    records += [r for r in run.read_metrics() if r.get("round", 0) >= 1]
     finally:
         sa_client.train_phase = original
+    rows = []
+    for secagg, (_, _, _, clock, records) in arms.items():
+        assert all(r["applied"] for r in records), [r.get("failures") for r in records]
+        wall = sorted(r["seconds"] for r in records)
+        rows.append({"secagg": secagg, "clients": n, "dropout": dropout, "rounds": rounds,
+                     "round_s": wall[len(wall) // 2], "all_round_s": wall,
+                     "cpu_s": sorted(clock.laps)[len(clock.laps) // 2], "all_cpu_s": clock.laps,
+                     "clients_ok": records[-1]["clients_ok"],
+                     "bytes_up_per_survivor": records[-1]["bytes_up"] / records[-1]["clients_ok"]})
     return rows
 
 
@@ -341,17 +363,26 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=4, help="--loss: held-out batches of 8 scored")
     parser.add_argument("--quant", choices=["nf4", "bf16"], default="nf4", help="--loss: quantization")
     parser.add_argument("--e2e", action="store_true", help="only whole rounds through the driver: secagg vs plain")
-    parser.add_argument("--clients", type=int, default=100, help="--e2e: clients")
-    parser.add_argument("--dropout", type=float, default=0.3, help="--e2e: fraction dropping out")
+    parser.add_argument("--clients", default="100", help="--e2e: clients (comma-separated: one row set each)")
+    parser.add_argument("--dropout", default="0.3", help="--e2e: fractions dropping out (comma-separated)")
     args = parser.parse_args()
     if args.e2e:
-        rows = e2e_rounds(args.clients, args.dropout, args.rounds, args.threshold)
-        plain = rows[0]["round_s"]
-        print_table(f"whole rounds through the driver, {args.clients} clients, {args.dropout:.0%} dropping out, "
-                    f"SmolLM2-135M adapter size, fixed local update (wall s, median of {args.rounds} rounds)",
-                    ["aggregation", "round s", "x plain", "clients ok", "up KiB per survivor"],
-                    [["secagg" if r["secagg"] else "plain", f"{r['round_s']:.2f}", f"{r['round_s'] / plain:.1f}",
-                      r["clients_ok"], f"{r['bytes_up_per_survivor'] / 1024:.0f}"] for r in rows])
+        rows = []
+        for n in (int(c) for c in args.clients.split(",")):
+            for d in (float(x) for x in args.dropout.split(",")):
+                plain, secagg = e2e_rounds(n, d, args.rounds, args.threshold)
+                rows += [plain, secagg]
+                print(f"{n} clients, {d:.0%} dropout: CPU s {plain['cpu_s']:.2f} -> {secagg['cpu_s']:.2f} "
+                      f"({secagg['cpu_s'] / plain['cpu_s']:.2f}x), wall s {plain['round_s']:.2f} -> "
+                      f"{secagg['round_s']:.2f}", flush=True)
+        print_table(f"whole rounds through the driver, SmolLM2-135M adapter size, fixed local update "
+                    f"(median of {args.rounds} rounds per arm, the arms taking turns)",
+                    ["clients", "dropout", "aggregation", "CPU s", "x plain (CPU)", "wall s", "x plain (wall)",
+                     "clients ok", "up KiB per survivor"],
+                    [[r["clients"], f"{r['dropout']:.0%}", "secagg" if r["secagg"] else "plain", f"{r['cpu_s']:.2f}",
+                      f"{r['cpu_s'] / p['cpu_s']:.2f}", f"{r['round_s']:.2f}", f"{r['round_s'] / p['round_s']:.2f}",
+                      r["clients_ok"], f"{r['bytes_up_per_survivor'] / 1024:.0f}"]
+                     for p, r in ((rows[i - i % 2], rows[i]) for i in range(len(rows)))])
         path = write_json("privacy_e2e.json", {"machine": machine_info(), "rows": rows,
                                                "loadavg": list(__import__("os").getloadavg())})
         print(f"wrote {path}")

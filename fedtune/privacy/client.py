@@ -21,10 +21,9 @@ import torch
 from fedtune.client.phases import ClientContext, register_phase, train_phase
 from fedtune.compression.mask import sent_reference
 from fedtune.privacy.distributed import client_noise
-from fedtune.privacy.dp import clip_delta
-from fedtune.privacy.secagg import Advert, SecAggClient, identity_public, quantize
-from fedtune.privacy.wire import PHASES, blob, flat, sim_identity
-from fedtune.types import ClientReply, Instructions, failed_reply
+from fedtune.privacy.secagg import Advert, SecAggClient, quantize
+from fedtune.privacy.wire import PHASES, blob, sim_identity, sim_public
+from fedtune.types import ClientReply, Instructions, State, failed_reply
 
 
 def _identity(ctx: ClientContext, cid: str) -> Any:
@@ -43,7 +42,7 @@ def _trusted(ctx: ClientContext, ids: list[str]) -> dict[str, bytes]:
     public keys, given to every site out of band, never relayed by the server), or the seed's."""
     keys = ctx.cfg.client.keys_dir
     if keys is None:
-        return {c: identity_public(sim_identity(ctx.cfg.seed, c)) for c in ids}
+        return {c: sim_public(ctx.cfg.seed, c) for c in ids}
     from fedtune.transport.keys import read_allowlist
 
     path = Path(keys) / "allowlist.txt"
@@ -101,6 +100,59 @@ def _public(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k != "update_norm"}
 
 
+def clipped_delta(values: State, reference: State, keys: list[str], bound: float) -> tuple[np.ndarray, float]:
+    """The update ``values - reference`` over ``keys`` as one float64 vector, scaled down to L2 norm ``bound``
+    when it is longer, and its norm before (not finite when the update is not).
+
+    Two concatenations, then numpy on the whole vector in one thread: torch's intra-op threads on
+    vector-sized operations stall on a busy machine, and a BLAS dot product's rounding would depend on its
+    thread count (a simulated and a real client must send the same words)."""
+    new = torch.cat([values[k].reshape(-1).float() for k in keys]).numpy()
+    delta = new.astype(np.float64)
+    delta -= torch.cat([reference[k].reshape(-1).float() for k in keys]).numpy()
+    norm = math.sqrt(float(np.einsum("i,i->", delta, delta)))
+    if norm > bound:
+        delta *= bound / norm
+    return delta, norm
+
+
+def _noise_shares(ctx: ClientContext, noise: Any, count: bool, bound: float,
+                  participants: int) -> tuple[float, float | None] | str | None:
+    """The noise stds the server asks of this client (``[update, count]`` in value units, or None), checked
+    against this client's own floor; the refusal as text when they fall short.
+
+    Under ``privacy.dp = "distributed"`` in this client's config, its ``privacy.noise_multiplier`` is the
+    least it adds up to: with ``m`` clients each adding std ``sigma`` the sum holds ``sigma sqrt(m)``, and
+    ``m`` is at most the ``participants`` the server named, so the asked ``sigma sqrt(participants) / bound``
+    must reach the floor (an honest server asks ``z bound / sqrt(m)`` and always passes). The count word of
+    adaptive clipping must get at least ``privacy.clip_count_noise`` (when unset, more than
+    ``noise_multiplier / 2``, the least config validation allows). A server asking for no noise, or less,
+    gets a failed reply saying so, and the round goes on without this client.
+    """
+    pv = ctx.cfg.privacy
+    floor = pv.noise_multiplier if pv.dp == "distributed" else 0.0
+    if noise is None:
+        if floor > 0:
+            return (f"the server asked for no noise, but this client's privacy.dp=distributed adds noise of "
+                    f"multiplier {floor:g} at least; refusing to upload")
+        return None
+    update_std, count_std = noise
+    update = _positive(update_std, "noise")
+    asked = update * math.sqrt(max(participants, 1)) / bound
+    if asked < floor * (1 - 1e-9):
+        return (f"the server asked for noise of multiplier {asked:.4g} over its {participants} participants, "
+                f"below this client's privacy.noise_multiplier = {floor:g}; refusing to upload")
+    if not count:
+        return update, None
+    counted = _positive(count_std, "count noise")
+    count_floor = pv.clip_count_noise if pv.clip_count_noise > 0 else floor / 2
+    asked_count = counted * math.sqrt(max(participants, 1)) / bound
+    if asked_count < count_floor * (1 - 1e-9):
+        return (f"the server asked for count noise of std {asked_count:.4g}, below this client's floor "
+                f"{count_floor:g} (privacy.clip_count_noise, else privacy.noise_multiplier / 2); refusing to upload")
+    return update, counted
+
+
 def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     client = _client(ctx, ins)
     extra = dict(ins.extra)
@@ -114,18 +166,21 @@ def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
         return reply
     ref = sent_reference(ctx.state, ins)  # under a shared pruning mask: only its entries
     keys = list(ref)
-    clipped, norm = clip_delta({k: reply.state[k] for k in keys}, ref, bound)
-    delta = flat(clipped, keys) - flat(ref, keys)
+    delta, norm = clipped_delta(reply.state, ref, keys, bound)
+    if not math.isfinite(norm):  # the server cannot screen a masked vector: the client does
+        return failed_reply(ins.client_id, ins.round, "secagg_upload: the update is not finite (NaN or Inf); "
+                            "nothing was uploaded")
     if count:
         delta = np.append(delta, ((norm <= bound) - 0.5) * bound)
+    shares = _noise_shares(ctx, noise, count, bound, client.participants)
+    if isinstance(shares, str):
+        return failed_reply(ins.client_id, ins.round, f"secagg_upload: {shares}")
     x = quantize(delta, scale)
-    if noise is not None:
-        update_std, count_std = noise
-        x += client_noise(delta.size - count, scale, _positive(update_std, "noise"),
-                          _positive(count_std, "count noise") if count else None)
+    if shares is not None:
+        x += client_noise(delta.size - count, scale, *shares)
     masked = client.masked(x, inbox, senders)
     ctx.state["secagg"] = client.to_plain()
-    return ClientReply(ins.client_id, ins.round, {"masked": torch.from_numpy(masked.copy())},
+    return ClientReply(ins.client_id, ins.round, {"masked": torch.from_numpy(masked)},
                        num_examples=reply.num_examples, metrics=_public(reply.metrics))
 
 

@@ -29,6 +29,7 @@ import random
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -63,8 +64,16 @@ def fixed_point_scale(bound: float, clients: float) -> float:
 
 
 def quantize(x: np.ndarray, scale: float) -> np.ndarray:
-    """``round(x * scale)`` as uint32 (two's complement of negative values)."""
-    return np.rint(np.asarray(x, dtype=np.float64) * scale).astype(np.int64).astype(np.uint32)
+    """``round(x * scale)`` as uint32 (two's complement of negative values).
+
+    Raises:
+        ValueError: a value outside the signed 32-bit range (or not finite): ``scale`` does not fit ``x``.
+    """
+    v = np.multiply(x, scale, dtype=np.float64)
+    np.rint(v, out=v)
+    if v.size and not (-(2**31) <= v.min() and v.max() < 2**31):  # NaN fails both comparisons
+        raise ValueError(f"fixed point: values outside the 32-bit range at scale {scale:g} (or not finite)")
+    return v.astype(np.int32).view(np.uint32)
 
 
 def dequantize(total: np.ndarray, scale: float) -> np.ndarray:
@@ -72,13 +81,18 @@ def dequantize(total: np.ndarray, scale: float) -> np.ndarray:
     return total.astype(np.uint32).view(np.int32).astype(np.float64) / scale
 
 
-def _keystream(key: bytes, words: int) -> Iterator[tuple[int, np.ndarray]]:
-    """AES-256-CTR keyed with the 32-byte ``key`` (counter from 0: every key masks once), as ``(first word,
-    uint32 chunk)`` pairs of one reused cache-sized buffer: the cipher writes into it with ``update_into``
-    and the chunk is a view, so no mask-sized array is allocated or copied."""
+def _encryptor(key: bytes) -> Any:
+    """AES-256-CTR keyed with the 32-byte ``key``, counter from 0 (every key masks once)."""
     if len(key) != 32:
         raise ValueError(f"a mask key has 32 bytes, got {len(key)}")
-    enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+    return Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+
+
+def _keystream(key: bytes, words: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The keystream of ``key`` as ``(first word, uint32 chunk)`` pairs of one reused cache-sized buffer: the
+    cipher writes into it with ``update_into`` and the chunk is a view, so no mask-sized array is allocated
+    or copied."""
+    enc = _encryptor(key)
     buf = np.empty(_CHUNK_WORDS + 16, dtype=np.uint32)  # update_into wants room past the data
     view = memoryview(buf.data).cast("B")
     for start in range(0, words, _CHUNK_WORDS):
@@ -95,20 +109,31 @@ def prg(key: bytes, words: int) -> np.ndarray:
     return out
 
 
-def add_mask(y: np.ndarray, key: bytes, sign: int = 1) -> np.ndarray:
-    """``y += sign * prg(key, y.size)`` modulo 2^32, in place (``y`` is uint32), one cache-sized chunk of
-    keystream at a time.
+def add_masks(y: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> np.ndarray:
+    """``y += sum(sign * prg(key, y.size))`` over ``masks`` (``(key, sign)`` pairs) modulo 2^32, in place
+    (``y`` is uint32).
 
     AES-256-CTR (the full 256-bit HKDF output as key, never a 32-bit seed into a non-cryptographic generator)
-    with the CPU's AES instructions, written into a reused L2-sized buffer: on the build machine it makes
-    more words per second than ChaCha20 written the same way and over 5x numpy's ``RandomState``
-    (``benchmarks/privacy.py``).
+    with the CPU's AES instructions. ``y`` is walked once, one cache-sized chunk at a time, and every mask's
+    keystream for that chunk is written into one reused buffer and added while both are in cache: a client's
+    k + 1 masks (the server's self and dropped-pair masks) cost one pass over ``y``, and no mask-sized array
+    is allocated (``benchmarks/privacy.py``: over 5x numpy's ``RandomState``).
     """
-    op = np.add if sign > 0 else np.subtract
-    for start, chunk in _keystream(key, y.size):
-        seg = y[start:start + chunk.size]
-        op(seg, chunk, out=seg)
+    streams = [(_encryptor(key), np.add if sign > 0 else np.subtract) for key, sign in masks]
+    buf = np.empty(_CHUNK_WORDS + 16, dtype=np.uint32)  # update_into wants room past the data
+    view = memoryview(buf.data).cast("B")
+    for start in range(0, y.size, _CHUNK_WORDS):
+        n = min(_CHUNK_WORDS, y.size - start)
+        seg, chunk = y[start:start + n], buf[:n]
+        for enc, op in streams:
+            enc.update_into(_ZEROS[:4 * n], view)
+            op(seg, chunk, out=seg)
     return y
+
+
+def add_mask(y: np.ndarray, key: bytes, sign: int = 1) -> np.ndarray:
+    """``y += sign * prg(key, y.size)`` modulo 2^32, in place (``add_masks`` with one mask)."""
+    return add_masks(y, [(key, sign)])
 
 
 _CHUNK_WORDS = 2**16  # 256 KiB of keystream: stays in the core's L2 cache while it is added
@@ -236,6 +261,9 @@ class SecAggClient:
     held: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """Shares other clients gave this one: ``{from: {"b": [x, y], "s": [x, y]}}``."""
     revealed: set[str] = field(default_factory=set)
+    participants: int = 0
+    """How many clients the server named in the share phase (the Shamir x of each): the most that can share
+    distributed DP's noise, so what a client checks the noise the server asks of it against."""
 
     def advertise(self) -> Advert:
         c_pk, s_pk = _pub(self.c_sk), _pub(self.s_sk)
@@ -260,6 +288,7 @@ class SecAggClient:
         if len(peers) < t:
             raise SecAggAbort(f"{len(peers)} neighbours advertised keys, the threshold is {t}")
         self.adverts = dict(peers)
+        self.participants = len(xs)
         ids = sorted(peers)
         s_raw = self.s_sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                         serialization.NoEncryption())
@@ -299,13 +328,10 @@ class SecAggClient:
                 raise ValueError(f"the share from {sender[:64]!r} is addressed to another client or round")
             self.held[sender] = {"b": [int(body["b"][0]), int(body["b"][1], 16)],
                                  "s": [int(body["s"][0]), int(body["s"][1], 16)]}
-        y = add_mask(np.array(x, dtype=np.uint32), self.b)
-        for peer in senders:
-            if peer == self.cid or peer not in self.adverts:
-                continue
-            add_mask(y, pair_mask_key(self.s_sk, self.adverts[peer].s_pk, self.round, self.cid, peer),
-                     _sign(self.cid, peer))
-        return y
+        masks = [(self.b, 1)] + [
+            (pair_mask_key(self.s_sk, self.adverts[peer].s_pk, self.round, self.cid, peer), _sign(self.cid, peer))
+            for peer in senders if peer != self.cid and peer in self.adverts]
+        return add_masks(np.array(x, dtype=np.uint32), masks)
 
     def unmask(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict[str, dict[str, list[int]]]:
         """For each neighbour whose shares this client holds: the share of ``b`` if it survived, of its ``s``
@@ -335,7 +361,7 @@ class SecAggClient:
                 "s_sk": self.s_sk.private_bytes(*raw).hex(), "b": self.b.hex(),
                 "adverts": {c: a.to_plain() for c, a in self.adverts.items()},
                 "held": {c: {k: [v[0], hex(v[1])] for k, v in h.items()} for c, h in self.held.items()},
-                "revealed": sorted(self.revealed)}
+                "revealed": sorted(self.revealed), "participants": self.participants}
 
     @classmethod
     def from_plain(cls, d: Mapping[str, object], identity: Ed25519PrivateKey) -> SecAggClient:
@@ -351,7 +377,7 @@ class SecAggClient:
                    b=bytes.fromhex(text("b")),
                    adverts={c: Advert.from_plain(a) for c, a in adverts.items()},
                    held={c: {k: [int(v[0]), int(v[1], 16)] for k, v in h.items()} for c, h in held.items()},
-                   revealed={str(r) for r in revealed})
+                   revealed={str(r) for r in revealed}, participants=int(str(d.get("participants", 0))))
 
 
 # ------------------------------------------------------------------ server
@@ -442,15 +468,13 @@ class SecAggServer:
                 for kind, (x, y) in given.items():
                     if (kind == "b" and peer in alive) or (kind == "s" and peer in gone):
                         shares.setdefault((peer, kind), {})[int(x)] = int(y)
-        total = self.total.copy()
-        for u in sorted(alive):
-            add_mask(total, self._rebuild(shares, u, "b").to_bytes(32, "big"), -1)
+        masks = [(self._rebuild(shares, u, "b").to_bytes(32, "big"), -1) for u in sorted(alive)]
         for u in sorted(gone):
             s_sk = X25519PrivateKey.from_private_bytes(self._rebuild(shares, u, "s").to_bytes(32, "big"))
-            for v in self.graph[u]:
-                if v in alive:  # v added sign(v, u) * mask: take it away
-                    add_mask(total, pair_mask_key(s_sk, self.adverts[v].s_pk, self.round, u, v), -_sign(v, u))
-        return total
+            # each survivor v added sign(v, u) * mask: take it away
+            masks += [(pair_mask_key(s_sk, self.adverts[v].s_pk, self.round, u, v), -_sign(v, u))
+                      for v in self.graph[u] if v in alive]
+        return add_masks(self.total.copy(), masks)
 
     def _rebuild(self, shares: Mapping[tuple[str, str], dict[int, int]], u: str, kind: str) -> int:
         got = shares.get((u, kind), {})

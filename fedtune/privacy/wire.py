@@ -4,6 +4,7 @@ blob from the network is data, never code."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedtune.privacy.secagg import identity_public
 from fedtune.types import State
 
 MAX_BLOB = 64 * 2**20
@@ -37,10 +39,6 @@ def unblob(state: State | None) -> Any:
         raise ValueError(f"secure-aggregation message is not JSON ({exc.__class__.__name__})") from None
 
 
-def flat(state: State, keys: list[str]) -> np.ndarray:
-    return torch.cat([state[k].double().flatten() for k in keys]).numpy() if keys else np.zeros(0)
-
-
 def unflat(vector: np.ndarray, like: State, keys: list[str]) -> State:
     out, at = {}, 0
     for k in keys:
@@ -50,7 +48,14 @@ def unflat(vector: np.ndarray, like: State, keys: list[str]) -> State:
     return out
 
 
+@functools.lru_cache(maxsize=2**16)
 def sim_identity(seed: int, cid: str) -> Ed25519PrivateKey:
     """A virtual client's Ed25519 identity, derived from the run's seed: in a simulation the seed stands in
     for the keys each site would hold and the allow-list of the others' public keys."""
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"fedtune-sim-identity|{seed}|{cid}".encode()).digest())
+
+
+@functools.lru_cache(maxsize=2**16)
+def sim_public(seed: int, cid: str) -> bytes:
+    """The public key of ``sim_identity(seed, cid)`` (cached: every neighbour checks it every round)."""
+    return identity_public(sim_identity(seed, cid))

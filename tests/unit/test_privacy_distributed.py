@@ -39,11 +39,17 @@ def still(ctx: ClientContext, ins: Instructions) -> ClientReply:
     return ClientReply(ins.client_id, ins.round, {k: v.clone() for k, v in ins.state.items()}, 3)
 
 
-def drive(tmp: Path, n: int, overrides: list[str], size: int = 4000, rounds: int = 1, drop=None):
+def drive(tmp: Path, n: int, overrides: list[str], size: int = 4000, rounds: int = 1, drop=None,
+          server: list[str] | None = None, clients: dict[str, list[str]] | None = None):
+    """``n`` clients under distributed DP; ``server`` replaces the server's config overrides, ``clients``
+    gives some clients their own (else they share the server's config)."""
     cfg = load_config(None, [*DP, *overrides])
-    strategy = with_privacy(make_strategy("fedavg", StrategyConfig(r=2, lora_alpha=2.0)), cfg)
+    server_cfg = cfg if server is None else load_config(None, server)
+    strategy = with_privacy(make_strategy("fedavg", StrategyConfig(r=2, lora_alpha=2.0)), server_cfg)
     model = FakeModel({KEY: torch.zeros(size)})
-    ctxs = {f"c{i}": ClientContext(cfg, None, [], pipeline=[]) for i in range(n)}  # type: ignore[arg-type]
+    own = {c: load_config(None, [*DP, *o]) for c, o in (clients or {}).items()}
+    ctxs = {f"c{i}": ClientContext(own.get(f"c{i}", cfg), None, [], pipeline=[])  # type: ignore[arg-type]
+            for i in range(n)}
     clients = {c: (lambda ins, ctx=ctx: run_phase(ctx, ins)) for c, ctx in ctxs.items()}
     run = RunDir(tmp)
     run_rounds(RoundPlan(rounds=rounds, seed=5, train=TrainConfig()), run, model, strategy,
@@ -139,3 +145,51 @@ def test_adaptive_clipping_counts_in_the_masked_sum(tmp_path: Path, monkeypatch:
 def test_distributed_needs_secure_aggregation() -> None:
     with pytest.raises(ConfigError, match="privacy.dp: distributed needs privacy.secagg=true"):
         load_config(None, [d for d in DP if d != "privacy.secagg=true"])
+
+
+def test_clients_refuse_less_noise_than_their_own_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server configured (or tampered) to ask for noise multiplier 0.5 from clients that agreed to 1.0: every
+    client refuses with the reason, the round aborts and the model stays."""
+    monkeypatch.setattr(sa_client, "train_phase", still)
+    model, rows, _ = drive(tmp_path, 5, ["privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0"], size=50,
+                           server=[*DP, "privacy.noise_multiplier=0.5", "privacy.clip_norm=1.0"])
+    assert not rows[0]["applied"]
+    assert not model.current[KEY].any()
+    refused = [why for c, why in rows[0]["failures"].items() if c != "secagg"]
+    assert len(refused) == 5
+    assert all("noise of multiplier 0.5 over its 5 participants, below this client's privacy.noise_multiplier = 1"
+               in why for why in refused), refused
+
+
+def test_a_client_refuses_a_server_that_asks_for_no_noise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sa_client, "train_phase", still)
+    _, rows, _ = drive(tmp_path, 4, ["privacy.noise_multiplier=1.0"], size=50,
+                       server=["privacy.secagg=true", "sim.clients_per_round=0"])
+    assert not rows[0]["applied"]
+    assert all("the server asked for no noise, but this client's privacy.dp=distributed" in why
+               for c, why in rows[0]["failures"].items() if c != "secagg")
+
+
+def test_one_client_with_a_higher_floor_leaves_and_the_round_goes_on(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """c2 agreed only to multiplier 3; the server asks for 2: c2 refuses, the others' sum is unmasked as for a
+    client that dropped out after sharing keys, and the charge is for the noise of the 5 that added it."""
+    monkeypatch.setattr(sa_client, "train_phase", still)
+    _, rows, _ = drive(tmp_path, 6, ["privacy.noise_multiplier=2.0", "privacy.clip_norm=0.3"], size=200,
+                       clients={"c2": ["privacy.noise_multiplier=3.0", "privacy.clip_norm=0.3"]})
+    assert rows[0]["applied"] and rows[0]["clients_ok"] == 5
+    assert "below this client's privacy.noise_multiplier = 3" in rows[0]["failures"]["c2"]
+    assert rows[0]["dp_noise_multiplier"] == pytest.approx(2.0 * math.sqrt(5 / 6), rel=1e-3)
+
+
+def test_the_count_word_noise_has_its_own_floor() -> None:
+    cfg = load_config(None, [*DP, "privacy.noise_multiplier=0.5", "privacy.clip=adaptive",
+                             "privacy.clip_count_noise=0.3"])
+    ctx = ClientContext(cfg, None, [], pipeline=[])  # type: ignore[arg-type]
+    # 4 participants, bound 2: update std 0.6 -> multiplier 0.6 * 2 / 2 = 0.6 >= 0.5
+    assert sa_client._noise_shares(ctx, [0.6, 0.3], True, 2.0, 4) == (0.6, 0.3)  # count: 0.3 * 2 / 2 = 0.3
+    why = sa_client._noise_shares(ctx, [0.6, 0.2], True, 2.0, 4)
+    assert isinstance(why, str) and "count noise of std 0.2, below this client's floor 0.3" in why
+    assert isinstance(sa_client._noise_shares(ctx, [0.4, 0.3], True, 2.0, 4), str)  # update: 0.4 < 0.5
+    off = ClientContext(load_config(None, ["privacy.secagg=true"]), None, [], pipeline=[])  # type: ignore[arg-type]
+    assert sa_client._noise_shares(off, None, False, 2.0, 4) is None  # no DP of its own: nothing to hold to
