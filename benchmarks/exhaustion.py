@@ -64,10 +64,10 @@ def main() -> None:
             ratios.setdefault(w.attack, []).append(ratio)
         per_window.append([i, w.attack or "off", f"{w.rounds_per_minute:.1f}",
                            "" if ratio is None else f"{ratio:.2f}", f"{w.server_cpu_ms_per_round:.1f}",
-                           f"{w.attack_cpu_s:.1f}", w.failed, w.lost])
+                           f"{w.attack_cpu_s:.1f}", w.attack_opened if w.attack else "", w.failed, w.lost])
     print_table(f"windows in order ({args.window_rounds} rounds each, {args.nodes} honest nodes)",
                 ["#", "attack", "rounds/min", "ratio to neighbours", "server CPU ms/round", "attack CPU s",
-                 "failed", "lost"], per_window)
+                 "attack opened", "failed", "lost"], per_window)
 
     off = [w for w in windows if w.attack is None]
     off_cpu = statistics.median(w.server_cpu_ms_per_round for w in off)
@@ -93,7 +93,7 @@ def main() -> None:
         "load_average_after": load_after, "machine": machine_info(),
         "windows": [{"attack": w.attack, "rounds_per_minute": w.rounds_per_minute,
                      "server_cpu_ms_per_round": w.server_cpu_ms_per_round, "attack_cpu_s": w.attack_cpu_s,
-                     "wall_s": w.wall_s, "failed": w.failed, "lost": w.lost,
+                     "attack_opened": w.attack_opened, "wall_s": w.wall_s, "failed": w.failed, "lost": w.lost,
                      "round_seconds": [r["seconds"] for r in w.rounds]} for w in windows]})
 
 

@@ -365,6 +365,8 @@ class Window:
     rounds_between_marks: int
     """Rounds that ended between the marks (the window's rounds and the one under way at the first mark)."""
     wall_s: float
+    attack_opened: int = 0
+    """Calls and connections the attack had opened by the window's end (since its process started)."""
 
     @property
     def rounds_per_minute(self) -> float:
@@ -453,8 +455,8 @@ def run_interleaved(tmp: Path, nodes: int, attacks: list[str], repeats: int, win
                 atk.kill()
                 atk.wait(30)
                 atk = None
+            status = tmp / f"attack-{i}.count"
             if attack is not None:
-                status = tmp / f"attack-{i}.count"
                 atk = subprocess.Popen([sys.executable, "-m", "fedtune.transport.loadtest", attack, str(port),
                                         str(bulk_port), str(status)], cwd=ROOT,
                                        stdout=open(tmp / f"attack-{i}.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
@@ -473,7 +475,8 @@ def run_interleaved(tmp: Path, nodes: int, attacks: list[str], repeats: int, win
             acpu1 = _cpu_seconds(atk.pid) if atk is not None else 0.0
             last = tail.last
             rows = [r for r in tail.rows if first + 1 < r["round"] <= first + 1 + window_rounds]
-            w = Window(attack, rows, 0, cpu1 - cpu0, acpu1 - acpu0, last - first, t1 - t0)
+            opened = int(status.read_text() or 0) if attack is not None else 0
+            w = Window(attack, rows, 0, cpu1 - cpu0, acpu1 - acpu0, last - first, t1 - t0, opened)
             windows.append(w)
             if progress is not None:
                 progress(w)

@@ -53,4 +53,5 @@ def test_interleaved_windows_put_each_attack_between_attack_free_windows(tmp_pat
         assert (w.failed, w.lost) == (0, 0) and w.acked == 10, w
         assert w.server_cpu_s > 0 and w.rounds_between_marks >= 5
     assert windows[1].attack_cpu_s > 0 and windows[0].attack_cpu_s == windows[2].attack_cpu_s == 0
+    assert windows[1].attack_opened > 2  # more polls than the node's limit: the flood ran
     assert neighbour_ratios(windows)[1] is not None
