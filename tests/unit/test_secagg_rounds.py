@@ -153,3 +153,18 @@ def test_the_tolerated_dropouts_are_said_and_recorded(tmp_path: Path, fake_train
     _, rows = drive(tmp_path / "four", 4)
     assert rows[0]["applied"]
     assert (rows[0]["secagg_k"], rows[0]["secagg_t"], rows[0]["secagg_dropouts_tolerated"]) == (3, 2, 1)
+
+
+def test_a_client_does_not_upload_a_non_finite_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server cannot screen a masked vector, so the client does: c1's NaN update stays home with the
+    reason, and the others' mean goes on without it."""
+    def train(ctx: ClientContext, ins: Instructions) -> ClientReply:
+        bad = ins.client_id == "c1"
+        return ClientReply(ins.client_id, ins.round,
+                           {k: v + (float("nan") if bad else step(ins.client_id)) for k, v in ins.state.items()}, 7)
+    monkeypatch.setattr(sa_client, "train_phase", train)
+    model, rows = drive(tmp_path, 5, clip_norm=10.0)
+    assert rows[0]["applied"] and rows[0]["clients_ok"] == 4
+    assert "the update is not finite" in rows[0]["failures"]["c1"]
+    want = sum(step(c) for c in ("c0", "c2", "c3", "c4")) / 4
+    assert all(torch.allclose(model.current[k], start()[k] + want, atol=1e-6) for k in KEYS)
