@@ -5,7 +5,8 @@ local lr 5e-3: the setting and, by default, the rounds and local steps of ``benc
 is fedavg (but the rank-pruning arm: svd); the baseline sends dense fp32 adapters both ways (what FlowerTune does), the others list
 ``compress`` in ``client.pipeline`` (``compress.method`` and its setting) and send downlink deltas with the
 same method (``compress.downlink``); the mask arms explore in round 1 (``mask.explore_steps`` local steps on
-every sampled client, scores sent up), then send only the masked entries. For each arm: the final held-out eval loss, total bytes up and down (the
+every sampled client, scores sent up; with ``mask.score=global`` round 1 trains dense instead and the mask
+comes from its aggregate), then send only the masked entries. For each arm: the final held-out eval loss, total bytes up and down (the
 encoded messages, as ``metrics.jsonl`` counts them), the reduction against the baseline, and the change in eval
 loss. Also each compressor's CPU time per MiB of fp32 update (compress + wire encoding, one thread). Writes
 ``benchmarks/results/compression.json`` and the frontier plot ``benchmarks/results/compression.png``.
@@ -50,8 +51,12 @@ ARMS: dict[str, list[str]] = {
     "mask 10%": ["mask.density=0.1"],
     "mask 25% + sign": [*DOWN, "compress.method=sign", "mask.density=0.25"],
     "mask 10% + int4": [*DOWN, "compress.method=int4", "mask.density=0.1"],
+    # no exploration phase: round 1 trains dense (here: sign), the mask comes from its aggregate (secagg's mask)
+    "mask 25% global + sign": [*DOWN, "compress.method=sign", "mask.density=0.25", "mask.score=global"],
 }
 BASELINE = "dense fp32"
+RECOMMENDED = "sign"
+"""The README's recommended default (the best ratio within 1% of dense in the last frontier), run over gRPC."""
 
 
 def child(overrides: list[str], out: Path) -> None:
@@ -91,35 +96,145 @@ def run_arm(overrides: list[str]) -> dict[str, Any]:
         return dict(json.loads(out.read_text()))
 
 
-def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, float]:
-    """CPU seconds per MiB of fp32 update: compress (with the residual) then encode for the wire, one thread."""
+def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Per codec, CPU seconds per MiB of fp32 update, one thread, best of ``repeats``: ``encode`` (compress with
+    the residual, then the wire encoding: what a client pays) and ``decode`` (the wire chunks back to tensors,
+    then the delta expanded to full tensors: what the server pays per reply), and the encoded bytes per MiB."""
     import torch
 
-    from fedtune.compression.compressors import compress
+    from fedtune.compression.compressors import compress, expand
     from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
-    from fedtune.transport.codec import encode_state
+    from fedtune.transport.codec import decode_state, encode_state
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     n = mib * (1 << 20) // 4
     acc = {f"layer{i}.lora_A.weight": torch.randn(8, n // 16, generator=gen, dtype=torch.float64) for i in range(2)}
+    like = {k: v.float() for k, v in acc.items()}
     settings = {"dense fp32": None, "int8": CompressConfig(method="int8"), "int4": CompressConfig(method="int4"),
                 "sign": CompressConfig(method="sign"), "topk 10%": CompressConfig(method="topk", fraction=0.1),
                 "topk 1%": CompressConfig(method="topk", fraction=0.01),
                 "randk 10% (up only)": CompressConfig(method="randk", fraction=0.1)}
-    out = {}
-    for name, c in settings.items():
-        best = float("inf")
+
+    def best(fn: Any, *args: Any) -> float:
+        times = []
         for _ in range(repeats):
             t0 = time.process_time()
-            if c is None:
-                sum(len(x.data) for x in encode_state({k: v.float() for k, v in acc.items()}, "fp32"))
-            else:
-                sent, _ = compress(acc, c, seed=1)
-                sum(len(x.data) for x in encode_state(sent, UPLINK_ENCODING[c.method]))
-            best = min(best, time.process_time() - t0)
-        out[name] = best / mib
+            fn(*args)
+            times.append(time.process_time() - t0)
+        return min(times) / mib
+
+    def codec(c: CompressConfig | None) -> tuple[Any, Any]:
+        """(encode, decode) of one setting: ``encode()`` returns the wire chunks ``decode(chunks)`` reads."""
+        if c is None:
+            return (lambda: list(encode_state(like, "fp32"))), decode_state
+
+        def enc() -> list[Any]:
+            sent, _ = compress(acc, c, seed=1)
+            return list(encode_state(sent, UPLINK_ENCODING[c.method]))
+
+        def dec(chunks: list[Any]) -> None:
+            for k, v in decode_state(chunks).items():
+                expand(v, like[k], k, c, 1)
+        return enc, dec
+
+    out = {}
+    for name, c in settings.items():
+        enc, dec = codec(c)
+        chunks = enc()
+        out[name] = {"encode": best(enc), "decode": best(dec, chunks),
+                     "bytes_per_mib": sum(len(x.data) for x in chunks) / mib}
     return out
+
+
+def grpc_run(overrides: list[str], tmp: Path, rounds: int) -> dict[str, Any]:
+    """``overrides`` over real processes on loopback: one ``fedtune server`` and a ``fedtune client`` per
+    simulated client, each node on exactly the records the simulator gives the virtual client of its name.
+    Returns the server's total bytes and dense fp32 bytes (its ``metrics.jsonl``) and the final eval loss."""
+    import socket
+    import subprocess
+
+    from fedtune.config import load_config
+    from fedtune.data.partition import partition_clients
+    from fedtune.pipeline import load_dataset
+
+    cfg = load_config(None, overrides)
+    train = load_dataset(cfg).train_records
+    names = []
+    for i, part in enumerate(partition_clients(cfg, train)):
+        names.append(f"client-{i}")
+        (tmp / f"client-{i}.jsonl").write_text("".join(json.dumps(train[j]) + "\n" for j in part))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = [*overrides, f"federation.rounds={rounds}", f"federation.min_clients={len(names)}",
+              f"federation.clients_per_round={len(names)}", "federation.round_timeout_s=1800",
+              "federation.wait_timeout_s=1800", "client.max_backoff_s=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def start(*args: str, log: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "fedtune.cli_federation", *args], cwd=ROOT, env=env,
+                                stdout=open(tmp / log, "w"), stderr=subprocess.STDOUT)
+
+    t0 = time.perf_counter()
+    procs = {"server": start("server", *common, f"out={tmp / 'server'}", f"server.address=127.0.0.1:{port}",
+                             log="server.log")}
+    for name in names:
+        procs[name] = start("client", *common, f"client.name={name}", f"client.server=127.0.0.1:{port}",
+                            f"data.path={tmp / (name + '.jsonl')}", "data.eval_fraction=0", "data.max_records=none",
+                            f"out={tmp / name}", log=f"{name}.log")
+    try:
+        codes = {n: p.wait(timeout=3600) for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    if any(codes.values()):
+        logs = "\n".join(f"--- {n}\n{(tmp / (n + '.log')).read_text()[-2000:]}" for n in procs)
+        raise RuntimeError(f"gRPC run failed {codes}:\n{logs}")
+    rows = [json.loads(x) for x in (tmp / "server" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("round", 0) >= 1]
+    return {"bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
+            "dense_fp32_bytes": sum(r["dense_fp32_bytes"] for r in rows), "after": rows[-1]["eval_loss"],
+            "failed": sum(r["clients_failed"] for r in rows), "wall_s": time.perf_counter() - t0}
+
+
+def grpc_compare(args: argparse.Namespace) -> None:
+    """Dense and the recommended compressor, each simulated and over real gRPC processes (``--grpc``)."""
+    arms = [BASELINE, RECOMMENDED]
+    rows: list[list[str]] = []
+    out: dict[str, dict[str, Any]] = {}
+    for name in arms:
+        spec = [*base(args.rounds, args.steps, args.clients, args.eval_batches, args.lr), *QUANT["nf4"], *ARMS[name]]
+        sim = run_arm(spec)
+        with tempfile.TemporaryDirectory() as tmp:
+            grpc = grpc_run(spec, Path(tmp), args.rounds)
+        out[name] = {"simulated": sim, "grpc": grpc, "overrides": spec}
+        print(f"{name}: simulated {(sim['bytes_up'] + sim['bytes_down']) / 2**20:.3f} MiB, gRPC "
+              f"{(grpc['bytes_up'] + grpc['bytes_down']) / 2**20:.3f} MiB ({grpc['wall_s']:.0f} s)", flush=True)
+    total = {n: {w: r[w]["bytes_up"] + r[w]["bytes_down"] for w in ("simulated", "grpc")} for n, r in out.items()}
+    for name in arms:
+        for where in ("simulated", "grpc"):
+            r = out[name][where]
+            rows.append([name, where, f"{r['bytes_up']:,}", f"{r['bytes_down']:,}", f"{total[name][where]:,}",
+                         f"{total[BASELINE][where] / total[name][where]:.2f}x",
+                         f"{r['dense_fp32_bytes'] / total[name][where]:.2f}x", f"{r['after']:.4f}", str(r["failed"])])
+    title = (f"compression over gRPC: SmolLM2-135M nf4, {args.clients} real nodes on loopback, {args.rounds} rounds "
+             f"x {args.steps} steps (load avg {os.getloadavg()[0]:.1f})")
+    print_table(title, ["arm", "run", "bytes up", "bytes down", "total", "fewer than dense", "vs dense fp32",
+                        "eval loss", "failed"], rows)
+    path = write_json("compression_grpc.json", {
+        "rounds": args.rounds, "steps": args.steps, "clients": args.clients, "results": out,
+        "ratio": {w: total[BASELINE][w] / total[RECOMMENDED][w] for w in ("simulated", "grpc")},
+        "machine": machine_info(), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+    print(f"wrote {path}")
+
+
+def print_codecs(cost: dict[str, dict[str, float]]) -> None:
+    print_table(f"encoder CPU cost, one thread, 4 MiB fp32 update (load avg {os.getloadavg()[0]:.1f})",
+                ["codec", "encode MiB/s", "decode MiB/s", "encode ms/MiB", "decode ms/MiB", "bytes per MiB"],
+                [[n, f"{1 / c['encode']:.0f}", f"{1 / c['decode']:.0f}", f"{1e3 * c['encode']:.1f}",
+                  f"{1e3 * c['decode']:.1f}", f"{c['bytes_per_mib']:,.0f}"] for n, c in cost.items()])
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
@@ -155,18 +270,29 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--arms", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--parallel", type=int, default=1, help="arms run at once (each in its own process)")
+    ap.add_argument("--grpc", action="store_true", help="dense and the recommended compressor (sign), each "
+                    "simulated and over real `fedtune server` / `fedtune client` processes on loopback (one node "
+                    "per client: use --clients 3 --rounds 2 --steps 1)")
+    ap.add_argument("--codecs", action="store_true", help="only the encode / decode CPU cost table")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child), Path(args.out))
         return
+    if args.grpc:
+        grpc_compare(args)
+        return
+    load_before, t0 = os.getloadavg(), time.perf_counter()
+    cost = encoder_cost()
+    print_codecs(cost)
+    if args.codecs:
+        print(f"wrote {write_json('compression_codecs.json', {'cpu_s_per_mib': cost, 'machine': machine_info()})}")
+        return
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     todo = [a for a in ARMS if not args.arms or a in args.arms.split(",")]
     if args.quick:
         todo = [BASELINE, "sign"]
-    load_before, t0 = os.getloadavg(), time.perf_counter()
-    cost = encoder_cost()
     specs = {a: [*base(rounds, steps, args.clients, args.eval_batches, args.lr), *QUANT["nf4"], *ARMS[a]] for a in todo}
     from concurrent.futures import ThreadPoolExecutor
 
@@ -186,7 +312,8 @@ def main() -> None:
                           "meets_target": bool(fewer and worse is not None and fewer >= 20 and worse <= 1.0)}
         rows.append([name, f"{r['after']:.4f}", "-" if worse is None else f"{worse:+.2f}%",
                      f"{r['bytes_up'] / 2**20:.2f}", f"{r['bytes_down'] / 2**20:.2f}",
-                     "-" if fewer is None else f"{fewer:.1f}x", f"{1e3 * cost.get(name, float('nan')):.1f}",
+                     "-" if fewer is None else f"{fewer:.1f}x",
+                     f"{1e3 * cost[name]['encode']:.1f}" if name in cost else "-",
                      str(r["failed"]), f"{r['wall_s']:.0f}"])
     load = os.getloadavg()
     title = (f"compression: SmolLM2-135M nf4, {args.clients} clients by category, {rounds} rounds x {steps} steps, "

@@ -14,6 +14,7 @@ the server's peak resident memory (sampled every 0.5 s).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import tempfile
 import threading
@@ -82,11 +83,14 @@ def main() -> None:
     print_table(f"fedtune server: {args.nodes} concurrent nodes, {args.rounds} rounds (server exit {rc})",
                 ["round", "sampled", "acked", "aggregated", "failed", "lost", "MiB up", "round s"], table)
     print(f"server peak RSS {peak[0] / 2**20:.0f} MiB; total wall time {total:.1f} s (from the server answering); "
-          f"node errors: {nodes.error_count}; calls made again, by the code that ended the try: {nodes.retried}")
+          f"node errors: {nodes.error_count}; calls made again: {sum(nodes.retried.values())} (by what the node "
+          f"was doing and the code that ended the try: {nodes.retried}); load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for e in nodes.errors[:5]:
         print("  ", e)
     write_json("federation_quick.json" if args.quick else "federation.json", {"nodes": args.nodes, "rounds": out, "server_exit": rc,
                                    "node_errors": nodes.errors[:20], "node_error_count": nodes.error_count, "retried": nodes.retried,
+                                   "retried_total": sum(nodes.retried.values()),
                                    "server_peak_rss_mib": peak[0] / 2**20, "total_seconds": total,
                                    "lost_total": sum(r["lost"] for r in out), "machine": machine_info()})
 

@@ -3,10 +3,16 @@
 Every arm runs the simulator on the same non-IID split (ChatterBot, whole categories per node) with the same
 local steps per node per round, so the total local steps are equal: ``fedavg`` (a server averaging every node's
 adapter each round) and gossip with ``factors``, ``frozen_a`` (``adapter.method=lora_fa``) and ``product`` mixing
-on ``ring``, ``exponential`` and ``one_peer_exp`` graphs, plus the best-guess arm again with 20% of the nodes
-dropping out each round (``sim.dropout=0.2``). Scored: the eval loss of the average adapter (the server's
-global adapter for fedavg), the mean and spread of the nodes' own eval losses, bytes per node per round (sent
-+ received), and the consensus distance per round (JSON, and a plot under benchmarks/results/).
+on the graphs of ``--topologies`` (arms grouped by graph, in that order), plus ``product`` on the first graph
+again with 20% of the nodes dropping out each round (``sim.dropout=0.2``, right after the first group, scored
+every round: its curve). Scored: the eval loss of the average adapter (the server's global adapter for
+fedavg), the mean and spread of the nodes' own eval losses, bytes per node per round (sent + received) and
+their ratio to fedavg's, and the consensus distance per round (JSON, and a plot under benchmarks/results/).
+The target line compares fedavg with the best gossip arm that moved at most fedavg's bytes.
+
+Scoring every node costs n + 1 evaluations, so the arms other than the dropping one are scored only before
+the first and after the last round (``--eval-every``). ``--budget-min`` stops starting arms after that many
+minutes and says which were left out (the JSON is written after every arm).
 
     .venv/bin/python benchmarks/gossip.py                        # SmolLM2-135M NF4, 16 nodes
     .venv/bin/python benchmarks/gossip.py --model tiny-llama --nodes 8 --rounds 4 --steps 2   # minutes on a CPU
@@ -39,13 +45,19 @@ def base(args: argparse.Namespace) -> list[str]:
             f"eval.max_batches={args.eval_batches}", f"seed={args.seed}"]
 
 
-def arms(topologies: list[str], modes: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {"server fedavg": ["strategy.name=fedavg"]}
-    for mode in modes:
-        for topo in topologies:
+DROP = "20% drop"
+
+
+def arms(topologies: list[str], modes: list[str], eval_every: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"server fedavg": ["strategy.name=fedavg", f"sim.eval_every={eval_every}"]}
+    for topo in topologies:
+        for mode in modes:
             extra = ["adapter.method=lora_fa"] if mode == "frozen_a" else []
-            out[f"gossip {mode} {topo}"] = ["sim.mode=gossip", f"gossip.mix={mode}", f"gossip.topology={topo}", *extra]
-    out[f"gossip {modes[-1]} {topologies[0]} 20% drop"] = [*out[f"gossip {modes[-1]} {topologies[0]}"], "sim.dropout=0.2"]
+            out[f"gossip {mode} {topo}"] = ["sim.mode=gossip", f"gossip.mix={mode}", f"gossip.topology={topo}",
+                                            *extra, f"sim.eval_every={eval_every}"]
+        if topo == topologies[0]:
+            out[f"gossip {modes[-1]} {topo} {DROP}"] = [*out[f"gossip {modes[-1]} {topo}"], "sim.dropout=0.2",
+                                                     "sim.eval_every=1"]
     return out
 
 
@@ -99,29 +111,58 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--topologies", default="ring,exponential,one_peer_exp")
+    ap.add_argument("--topologies", default="one_peer_exp,ring,exponential")
     ap.add_argument("--modes", default="factors,frozen_a,product")
+    ap.add_argument("--eval-every", type=int, default=0, help="score the arms every this many rounds (0: only "
+                    "after the last; the dropping arm every round)")
+    ap.add_argument("--budget-min", type=float, default=0, help="start no arm after this many minutes (0: no limit)")
     ap.add_argument("--json", default="gossip.json")
     args = ap.parse_args()
-    plan = arms(args.topologies.split(","), args.modes.split(","))
+    plan = arms(args.topologies.split(","), args.modes.split(","), args.eval_every or args.rounds)
     results: dict[str, dict[str, Any]] = {}
     work = Path(tempfile.mkdtemp(prefix="fedtune-gossip-bench-"))  # run folders: deleted at the end
+    start = time.perf_counter()
+    left_out: list[str] = []
     for name, extra in plan.items():
+        if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
+            left_out.append(name)
+            continue
         results[name] = run_arm([*base(args), *extra], work / name.replace(" ", "_").replace("%", "pct"))
         r = results[name]
         print(f"{name}: eval_loss {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f} in {r['seconds']:.0f} s",
               flush=True)
-        write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results})  # so far
+        write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results,
+                               "left_out": [n for n in plan if n not in results]})  # so far
     ref = results["server fedavg"]["eval_loss"]
+    ref_bytes = results["server fedavg"]["bytes_per_node_round"]
     rows = [[name, f"{r['eval_loss']:.4f}", f"{100 * (r['eval_loss'] - ref) / ref:+.2f}%",
              f"{r['node_loss_mean']:.4f} +- {r['node_loss_std']:.4f}", f"{r['bytes_per_node_round'] / 2**10:.1f}",
+             f"{r['bytes_per_node_round'] / ref_bytes:.2f}x",
              "-" if r["consensus_per_round"][-1] is None else f"{r['consensus_per_round'][-1]:.2e}",
              f"{r['seconds']:.0f}"] for name, r in results.items()]
     print_table(f"gossip vs server fedavg: {args.model}, {args.nodes} nodes, {args.rounds} rounds x {args.steps} steps",
                 ["arm", "eval loss (avg adapter)", "vs fedavg", "node loss mean +- std", "KiB/node/round",
-                 "consensus (last)", "s"], rows)
+                 "bytes vs fedavg", "consensus (last)", "s"], rows)
+    for name, r in results.items():
+        print(f"{name}: consensus distance per round " + ", ".join(
+            "-" if c is None else f"{c:.3e}" for c in r["consensus_per_round"]))
+        if DROP in name:
+            print(f"{name}: eval loss per round {r['eval_loss_before']:.4f} -> " + " -> ".join(
+                "-" if x is None else f"{x:.4f}" for x in r["eval_loss_per_round"]) + ", nodes live per round "
+                + ", ".join(f"{x:.0f}" for x in r["nodes_live_per_round"]))
+    cheap = {n: r for n, r in results.items() if n.startswith("gossip") and DROP not in n
+             and r["bytes_per_node_round"] <= 1.01 * ref_bytes}  # headers aside, at most fedavg's bytes
+    if cheap:
+        best = min(cheap, key=lambda n: cheap[n]["eval_loss"])
+        gap = 100 * (cheap[best]["eval_loss"] - ref) / ref
+        print(f"target (best gossip arm at <= fedavg's bytes within 2% of fedavg's eval loss): {best} {gap:+.2f}% "
+              f"at {cheap[best]['bytes_per_node_round'] / ref_bytes:.2f}x fedavg's bytes: "
+              + ("met" if gap <= 2.0 else "not met"))
+    if left_out:
+        print(f"left out (--budget-min {args.budget_min:g}): {', '.join(left_out)}")
     plot(results, RESULTS / "gossip_consensus.png")
-    path = write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results})
+    path = write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results,
+                                  "left_out": left_out})
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path} and {RESULTS / 'gossip_consensus.png'}")
 

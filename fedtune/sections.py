@@ -130,6 +130,12 @@ class FederationConfig:
     disconnect_grace_s: float = opt(5.0, "a node whose connection closed (its process ended, its network dropped) "
                                     "is lost this many seconds later unless it reconnects, without waiting for "
                                     "federation.silence_s (which bounds it)")
+    keepalive_s: float | None = opt(10.0, "the server pings a node's connection after this many seconds without a "
+                                    "byte from it and closes the connection when the ping is not answered within "
+                                    "as long again, so a node cut off without its connection closing (network cut, "
+                                    "machine off) is lost at most twice this plus federation.disconnect_grace_s "
+                                    "later; a live node's gRPC library answers even while it trains. null: no "
+                                    "pings (federation.silence_s alone)")
     eval_every: int = opt(1, "evaluate the global adapter every this many rounds (and after the last), as "
                              "sim.eval_every does in simulation")
     # What one reply may contribute (fedtune.strategies.screen); the simulator applies the same bounds.
@@ -165,6 +171,8 @@ class FederationConfig:
             p.append(f"federation.round_timeout_s: got {self.round_timeout_s}, must be > 0")
         if self.disconnect_grace_s < 0:
             p.append(f"federation.disconnect_grace_s: got {self.disconnect_grace_s}, must be >= 0")
+        if self.keepalive_s is not None and not self.keepalive_s > 0:
+            p.append(f"federation.keepalive_s: got {self.keepalive_s}, must be > 0 (or null: no pings)")
         for key in ("heartbeat_s", "silence_s"):
             if getattr(self, key) <= 0:
                 p.append(f"federation.{key}: got {getattr(self, key)}, must be > 0")

@@ -14,9 +14,11 @@ What works with what (refused combinations are config errors naming the reason):
   base and restart them, so a residual carried over would be added to unrelated factors: refused unless
   ``compress.error_feedback = false``; heterogeneous ranks (``strategy.client_ranks``) change a client's tensor
   shapes between rounds: refused with compression;
-- secure aggregation (not built yet) sums masked vectors over a support every client shares: per-client supports
+- secure aggregation sums fixed-point vectors over a support every client shares: per-client supports
   (``topk``, ``threshold``, and ``randk``, whose indices come from each client's own seed) cannot be summed that
-  way; the dense quantizers (``sign``, ``int8``, ``int4``) and a shared mask can.
+  way (and the indices would show the server where each client's update is large); the quantizers' codes would
+  be re-encoded as secure aggregation's 32-bit words, saving nothing. A shared global mask (``mask.density`` with
+  ``mask.score = "global"``) can: each client's vector holds only the mask's entries.
 """
 
 from __future__ import annotations
@@ -146,10 +148,12 @@ class MaskConfig:
     explore_steps: int = _opt(2, "mask: local steps of the exploration phase each sampled client runs to score "
                                  "the entries before the mask is fixed")
     refresh_every: int = _opt(0, "mask: explore again and fix a new mask every this many rounds; 0: never")
-    score: Literal["update", "grad_weight"] = _opt(
+    score: Literal["update", "grad_weight", "global"] = _opt(
         "update", "mask: importance of an entry, averaged over the explorers by examples: update (its squared "
                   "change over the exploration steps) or grad_weight (|gradient x value| on one batch at the "
-                  "explored weights)")
+                  "explored weights); or global: no exploration phase, the round that fixes the mask trains dense "
+                  "and the score is the squared change of the global adapter over it (the server needs only the "
+                  "aggregate: the score secure aggregation allows)")
 
     def problems(self, cfg: Any) -> list[str]:
         """Ranges, and what a mask rules out in the rest of ``cfg``, each with the reason."""
@@ -170,10 +174,14 @@ class MaskConfig:
                      "flora and fedex combine whole factors (the product of masked factors is not a masked "
                      "product), robust aggregators take statistics over whole replies; use fedavg, fedprox, ffa "
                      "or a server optimizer")
-        if cfg.privacy.dp != "off" or cfg.privacy.secagg:
-            p.append("mask.density: the exploration phase sends each client's per-entry scores in the clear, which "
-                     "privacy.dp / privacy.secagg exist to prevent (a shared mask fits secure aggregation's sum, "
-                     "but fixing it privately is not built); set mask.density=1 or turn privacy off")
+        if cfg.privacy.dp != "off":
+            p.append("mask.density: privacy.dp with a mask is not built (DP's clipping and noise cover the whole "
+                     "adapter, and the exploration phase would send each client's per-entry scores in the clear); "
+                     "set mask.density=1 or privacy.dp=off")
+        elif cfg.privacy.secagg and self.score != "global":
+            p.append(f"mask.score: {self.score} sends each client's per-entry scores to the server in the clear, "
+                     "which privacy.secagg exists to prevent; set mask.score=global (the mask is fixed from the "
+                     "securely summed update of a dense round)")
         if cfg.sim.backend == "flower" or cfg.sim.batch_clients > 1 or cfg.sim.mode != "federated":
             p.append("mask.density: the mask's phases run on the round driver with sim.backend=inproc, "
                      "sim.batch_clients=1 and sim.mode=federated")

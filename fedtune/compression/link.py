@@ -40,6 +40,8 @@ DELTA_FROM = "delta_from"
 """``Instructions.extra`` key: the state is a delta from the reference of this round."""
 REF_ROUND = "ref_round"
 """``Instructions.extra`` key: the state (full, or rebuilt from the delta) is the reference of this round."""
+TRAINING = ("train", "secagg_upload")
+"""Phases whose clients train from the instructions' state (and may be sent a pruning mask)."""
 HELD = "downlink"
 """The client's state key of the reference it holds: ``{"round": tensor, "state": {...}}``."""
 
@@ -129,7 +131,7 @@ class Link:
         return {cid: self._shaped(cid, ins) for cid, ins in self._downlink(rnd, instructions).items()}
 
     def _shaped(self, cid: str, ins: Instructions) -> Instructions:
-        if ins.phase != "train":
+        if ins.phase not in TRAINING:
             return ins
         extra = dict(ins.extra)
         state = ins.state
@@ -183,7 +185,8 @@ class Link:
         """The replies with values rebuilt; notes who holds the downlink reference now."""
         for reply in replies:
             ins = instructions.get(reply.client_id)
-            masked = ins is not None and bool(ins.mask) and MASK_ROUND in ins.extra and ins.phase == "train"
+            carries = ins is not None and bool(ins.mask) and MASK_ROUND in ins.extra and ins.phase in TRAINING
+            masked = carries and ins is not None and ins.phase == "train"  # secagg_upload: a sum of masked words
             if ins is not None and self.uplink:
                 assert ins.mask is not None or not masked
                 reply = rebuild(reply, dataclasses.replace(ins, state=gather(ins.state, ins.mask))
@@ -196,8 +199,8 @@ class Link:
                     reply = _failed(reply, f"rejected update: {exc}")
             if reply.ok and (ins is None or ins.phase == "train"):  # another phase's state is not the reference
                 self.holders.add(reply.client_id)
-                if masked and ins is not None:
-                    self.mask_held[reply.client_id] = int(ins.extra[MASK_ROUND])
+            if reply.ok and carries and ins is not None:
+                self.mask_held[reply.client_id] = int(ins.extra[MASK_ROUND])
             elif not reply.ok:  # whatever it held may be gone (a restarted node): send the mask again
                 self.mask_held.pop(reply.client_id, None)
             yield reply
@@ -221,6 +224,9 @@ def dense_fp32_bytes(ins: Instructions, reply: ClientReply) -> int:
     down = instructions_wire_size(plain, "fp32")
     # The reply's tensors at the shapes it was sent (a pruned rank or a masked update counts in full).
     full = {k: ins.state.get(k, v) for k, v in (reply.state or {}).items()}
+    if ins.phase == "secagg_upload" and ins.mask and "masked" in full:  # its words at the mask's entries only
+        left_out = sum(m.numel() - int(m.sum()) for m in ins.mask.values())
+        full["masked"] = torch.zeros(full["masked"].numel() + left_out, dtype=torch.uint32)
     up = reply_wire_size(dataclasses.replace(reply, state=full, delta=False, mask=None), ins.phase, "fp32") \
         if reply.ok else 0
     return down + up

@@ -9,7 +9,11 @@ simulator and the gRPC server run it with the same code:
     top ``mask.density`` of each tensor (``fix_mask``) -> train (as the wrapped strategy's, each instruction
     carrying the mask)
 
-then ``train`` alone until ``mask.refresh_every`` rounds have passed. The wire layer (``link.Link``) sends a
+then ``train`` alone until ``mask.refresh_every`` rounds have passed. With ``mask.score = "global"`` there is no
+exploration phase: the round that (re)fixes the mask trains dense, and the mask is the top ``mask.density`` of
+each tensor by the squared change of the global adapter over that round; the next rounds use it. The server
+needs only the aggregate, so this is the mask secure aggregation takes (``SecAggStrategy`` wraps a
+``MaskStrategy``; each client's masked vector holds only the mask's entries, ``sent_reference``). The wire layer (``link.Link``) sends a
 client the mask only when it does not hold this version (a bitmap, counted in ``bytes_down``; ``extra
 ["mask_round"]`` names the version), and reads the reply's values, one per unmasked entry in order
 (``gather``), back to full tensors (``scatter``) with the reply's ``mask`` set, so the wrapped strategy's masked
@@ -110,6 +114,8 @@ class MaskStrategy:
         self.mask: State | None = None
         self.mask_round = 0
         self._sampled: dict[str, Instructions] = {}
+        self._fixing = 0
+        """With ``mask.score = "global"``: the round whose dense result fixes the next mask (0: none)."""
 
     @property
     def linear(self) -> bool:
@@ -119,7 +125,7 @@ class MaskStrategy:
         return self.mask is None or (self.refresh_every > 0 and round - self.mask_round >= self.refresh_every)
 
     def phases(self, round: int) -> Sequence[str]:
-        return (EXPLORE, "train") if self._explores(round) else ("train",)
+        return (EXPLORE, "train") if self._explores(round) and self.score != "global" else ("train",)
 
     def sent_keys(self, global_state: State) -> list[str]:
         return self.inner.sent_keys(global_state)
@@ -137,6 +143,9 @@ class MaskStrategy:
                     for c, ins in self._sampled.items()}
         sampled = self._sampled or self.inner.configure(round, client_ids, global_state, rng, phase="train")
         self._sampled = {}
+        if self.score == "global" and self._explores(round):  # dense: this round's result fixes the mask
+            self._fixing = round
+            return sampled
         if self.mask is None:  # no explorer answered: this round trains dense
             return sampled
         return {c: dataclasses.replace(ins, mask={k: self.mask[k] for k in ins.state if k in self.mask},
@@ -148,6 +157,12 @@ class MaskStrategy:
         if phase == EXPLORE:
             return self._explored(round, global_state, replies)
         result = self.inner.aggregate(round, global_state, replies, phase=phase)
+        if isinstance(result, RoundResult) and self._fixing == round:
+            self._fixing = 0
+            if result.applied:
+                keys = [k for k in self.sent_keys(global_state) if k in result.state]
+                moved = {k: (result.state[k].double() - global_state[k].double()).square() for k in keys}
+                self.mask, self.mask_round = fix_mask(moved, self.density), round
         if isinstance(result, RoundResult) and self.mask is not None:
             kept = sum(int(m.sum()) for m in self.mask.values())
             result.metrics["mask_density"] = kept / max(1, sum(m.numel() for m in self.mask.values()))
@@ -202,6 +217,8 @@ def take_mask(state: dict[str, Any], ins: Instructions) -> Instructions | str:
     """
     rnd = ins.extra.get(MASK_ROUND)
     if rnd is None:
+        if state.pop(HELD_MASK, None) is not None:  # a dense round (a refresh of mask.score=global)
+            state.get("pipeline", {}).pop("compress", None)  # the residual held the old mask's entries
         return ins
     if ins.mask:
         problem = mask_problem(ins.mask, ins.state)
@@ -218,6 +235,22 @@ def take_mask(state: dict[str, Any], ins: Instructions) -> Instructions | str:
         return f"mask: the server trains with the mask of round {int(rnd)}, this client holds {have}"
     problem = mask_problem(held["mask"], ins.state)
     return f"mask: {problem}" if problem is not None else dataclasses.replace(ins, mask=held["mask"])
+
+
+def sent_reference(state: dict[str, Any], ins: Instructions) -> State:
+    """The global values a client's update to ``ins`` is a delta from, as it sends them: under a mask (the one
+    ``take_mask`` left in the client's ``state``) only its entries (``gather``), else ``ins.state``.
+
+    Raises:
+        ValueError: the instructions use a mask version this client does not hold.
+    """
+    rnd = ins.extra.get(MASK_ROUND)
+    if rnd is None:
+        return ins.state
+    held = state.get(HELD_MASK)
+    if held is None or int(held["round"]) != int(rnd):
+        raise ValueError(f"mask: the server uses the mask of round {int(rnd)}, this client holds another")
+    return gather(ins.state, held["mask"])
 
 
 def masked_reply(reply: ClientReply, ins: Instructions) -> tuple[ClientReply, Instructions]:

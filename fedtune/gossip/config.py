@@ -26,6 +26,9 @@ class GossipConfig:
         "factors: DeCAF)")
     local_steps: int | None = opt(None, "local optimizer steps per node per round (unset: train.max_steps)")
     exchanges_per_round: int = opt(1, "mixing exchanges with the neighbours after each round's local steps")
+    max_staleness: int = opt(0, "bounded staleness: a neighbour that does not answer in an exchange is mixed with "
+                             "the latest adapter this node received from it if that is at most this many rounds "
+                             "old (else left out, the row re-normalised); 0: synchronous, never a stale adapter")
     degree: int = opt(4, "neighbours per node for topology=k_regular (nodes x degree must be even)")
     p: float = opt(0.3, "edge probability for topology=erdos_renyi (redrawn with the run seed until connected)")
     gone: list[str] = field(default_factory=list, metadata={"help": (
@@ -62,6 +65,8 @@ class GossipConfig:
         p = []
         if self.local_steps is not None and self.local_steps < 1:
             p.append(f"gossip.local_steps: got {self.local_steps}, must be >= 1 (or unset for train.max_steps)")
+        if self.max_staleness < 0:
+            p.append(f"gossip.max_staleness: got {self.max_staleness}, must be >= 0 (0: synchronous rounds)")
         if self.exchanges_per_round < 1:
             p.append(f"gossip.exchanges_per_round: got {self.exchanges_per_round}, must be >= 1")
         if self.topology == "k_regular" and not (1 <= self.degree < nodes and nodes * self.degree % 2 == 0):

@@ -17,6 +17,13 @@ its adapter (its row is the unit row). Every row stays stochastic; with symmetri
 restricted to the live nodes stays symmetric, hence doubly stochastic, and the rule needs only what each
 node knows itself (which neighbours answered), as real peers do.
 
+Bounded staleness (``with_stale``, ``gossip.max_staleness = s > 0``): every node keeps the latest adapter it
+received from each neighbour with its (round, exchange) stamp. When neighbour j is missing from an exchange
+of round k, node i mixes j's kept adapter with the weight ``Q_ij`` if its round is at least ``k - s``;
+otherwise j is left out as above. The simulator and real peers apply this same rule (a peer's kept adapters
+are what it fetched, the simulator's what each node would have fetched), and it needs nothing beyond what
+node i holds. A stale entry costs no bytes; rows stay stochastic, the matrix is no longer symmetric.
+
 Mixing modes (``mix``), for LoRA ``dW = s B A`` (s = alpha/r):
 
 - ``factors``: average A and B separately (Dec-LoRA). Cheap, but ``(sum Q B)(sum Q A)`` is not
@@ -77,6 +84,24 @@ def drop_missing(q: torch.Tensor, live: Sequence[bool]) -> torch.Tensor:
     out += torch.diag(moved)
     out[dead] = torch.eye(q.shape[0], dtype=q.dtype)[dead]
     return out
+
+
+Seen = dict[int, tuple[int, int, State]]
+"""One node's kept adapters for bounded staleness: {neighbour: (round, exchange, adapter)}."""
+
+
+def with_stale(q: torch.Tensor, i: int, states: Sequence[State], live: Sequence[bool], seen: Seen, round: int,
+               exchange: int, max_staleness: int) -> tuple[torch.Tensor, list[State], dict[int, int]]:
+    """Node ``i``'s row and the states it mixes in exchange ``exchange`` of ``round`` under bounded staleness
+    (see the module docstring), updating ``seen`` with the live neighbours' adapters; also {neighbour: round
+    of the stale adapter used}. ``states[j]`` is read only for live j."""
+    view, alive, stale = list(states), list(live), {}
+    for j in (j for j in range(q.shape[0]) if j != i and q[i, j] > 0):
+        if live[j]:
+            seen[j] = (round, exchange, states[j])
+        elif j in seen and round - seen[j][0] <= max_staleness:
+            view[j], alive[j], stale[j] = seen[j][2], True, seen[j][0]
+    return drop_missing(q, alive)[i], view, stale
 
 
 def spectral_gap(q: torch.Tensor) -> float:

@@ -38,7 +38,7 @@ from fedtune.compression.config import uplink_encoding
 from fedtune.compression.link import make_link
 from fedtune.config import Config
 from fedtune.gossip.config import GossipConfig, gossip_problems
-from fedtune.gossip.mixing import drop_missing, mix_row, mixing_matrix
+from fedtune.gossip.mixing import Seen, mix_row, mixing_matrix, with_stale
 from fedtune.gossip.topology import make_topology
 from fedtune.names import name_problem
 from fedtune.strategies.base import (
@@ -145,6 +145,8 @@ class PeerRounds:
         self.node: State = dict(initial)
         self.topology = make_topology(gcfg.topology, len(names), seed=seed, degree=gcfg.degree, p=gcfg.p)
         self.rank, self.scale, self.frozen, self.exchange = scfg.r, lora_scale(scfg, scfg.r), frozen, exchange
+        self.seen: Seen = {}
+        """Bounded staleness: the latest adapter fetched from each neighbour (``mixing.with_stale``)."""
 
     @property
     def linear(self) -> bool:
@@ -172,6 +174,7 @@ class PeerRounds:
         assert state is not None
         n, i, e = len(self.names), self.me, self.gcfg.exchanges_per_round
         answered: set[str] = set()
+        used: dict[str, int] = {}
         for t in range(e):
             graph = self.topology((round - 1) * e + t)
             neighbours = [self.names[j] for j in sorted(graph.neighbours[i])]
@@ -186,10 +189,16 @@ class PeerRounds:
                 j = self.names.index(got.peer)
                 states[j], live[j] = got.reply.state, True
                 answered.add(got.peer)
-            row = drop_missing(mixing_matrix(graph, self.gcfg.weights), live)[i]
-            state = mix_row(states, row, i, self.gcfg.mix, scale=self.scale, rank=self.rank, frozen=self.frozen)
+            q, most = mixing_matrix(graph, self.gcfg.weights), self.gcfg.max_staleness
+            row, view, stale = with_stale(q, i, states, live, self.seen if most > 0 else {}, round, t, most)
+            for j, r in stale.items():
+                used[self.names[j]] = r
+                failures[self.names[j]] += (f"; mixed its round-{r} adapter instead (age {round - r} <= "
+                                            f"gossip.max_staleness={most})")
+            state = mix_row(view, row, i, self.gcfg.mix, scale=self.scale, rank=self.rank, frozen=self.frozen)
         self.node = state
-        metrics = {"neighbours_live": float(len(answered)), "neighbours_missing": float(len(failures))}
+        metrics = {"neighbours_live": float(len(answered)), "neighbours_missing": float(len(failures)),
+                   "neighbours_stale": float(len(used))}
         return finish(RoundResult(state=state, metrics=metrics), [self.names[i], *sorted(answered)], failures)
 
     def _problem(self, reply: ClientReply | None, mine: State) -> str | None:
@@ -207,20 +216,31 @@ class PeerRounds:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"node": dict(self.node)}
+        return {"node": dict(self.node), "seen": {self.names[j]: {"round": r, "exchange": t, "state": dict(st)}
+                                                  for j, (r, t, st) in self.seen.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.node = dict(state["node"])
+        self.seen = {self.names.index(j): (int(v["round"]), int(v["exchange"]), dict(v["state"]))
+                     for j, v in state.get("seen", {}).items() if j in self.names}
 
 
 class PeerDispatcher:
-    """Dispatch to this one node (``run_phase``, as the simulator's pools), and the neighbour exchanges."""
+    """Dispatch to this one node (``run_phase``, as the simulator's pools), and the neighbour exchanges.
+
+    Bytes: ``bytes_up`` is what this peer's server handed to its neighbours' fetches since the last round's
+    record (``Board.bytes_served``; an exchange ends when the neighbours that answered have fetched this
+    peer's adapter, or after ``gossip.round_timeout_s``), ``bytes_down`` what its fetches received: the
+    encoded frames, so on the same run they equal the simulator's per-node counts."""
 
     def __init__(self, cfg: Config, ctx: ClientContext, peers: Sequence[Peer], me: int, board: Board,
-                 links: Mapping[str, PeerLink]) -> None:
+                 links: Mapping[str, PeerLink], console: Console | None = None) -> None:
         self.cfg, self.ctx, self.peers, self.me, self.board, self.links = cfg, ctx, list(peers), me, board, links
+        self.console = console
         self.first_round = 1
-        self.sent = self.received = 0
+        self.received = 0
+        self._reported = 0
+        """``board.bytes_served`` at the last round's record."""
         self.last: tuple[int, int, set[str]] = (0, 0, set())
         """The last (round, exchange) posted and the neighbours that answered in it."""
 
@@ -232,32 +252,52 @@ class PeerDispatcher:
         return self.me
 
     def dispatch(self, round: int, phase: str, instructions: dict[str, Instructions]) -> Iterator[ClientReply]:
-        self.sent = self.received = 0
         for ins in instructions.values():  # through the wire as the simulator's, so encodings agree
             received, _ = send_instructions(ins, self.cfg.client.encoding)
             reply, _ = send_reply(run_phase(self.ctx, received), phase, uplink_encoding(self.cfg))
+            reply.bytes_up = reply.bytes_down = 0  # nothing crossed a network: the exchanges' bytes are metrics()
             yield reply
+
+    def _timeout(self, round: int) -> tuple[float, str]:
+        g = self.cfg.gossip
+        if round == self.first_round:
+            return g.join_timeout_s, "gossip.join_timeout_s"
+        return g.round_timeout_s, "gossip.round_timeout_s"
 
     def exchange(self, round: int, exchange: int, state: State, examples: int,
                  neighbours: Sequence[str]) -> list[FetchResult]:
-        """Post this node's adapter at (round, exchange) and fetch the neighbours' (in parallel)."""
+        """Post this node's adapter at (round, exchange), fetch the neighbours' (in parallel), and wait until
+        the neighbours that answered have fetched this one's (so the round's bytes are all counted)."""
         self.board.post(round, exchange, state, examples)
-        g = self.cfg.gossip
-        timeout = g.join_timeout_s if round == self.first_round else g.round_timeout_s
+        timeout, key = self._timeout(round)
+        if self.console is not None and round == self.first_round and exchange == 0 and neighbours:
+            self.console.print(f"round {round}: waiting for {', '.join(neighbours)} (up to {key}={timeout:g} s)",
+                               highlight=False)
         if not neighbours:
             results: list[FetchResult] = []
         else:
             with ThreadPoolExecutor(len(neighbours)) as pool:
                 results = list(pool.map(lambda n: self.links[n].fetch(round, exchange, timeout), neighbours))
+        for r in results:
+            if r.error is not None and r.error.startswith("did not answer in time"):
+                r.error = (f"{r.peer} {r.error} (waited {timeout:g} s: {key}; is it started, at "
+                           f"{self.links[r.peer].address}?)")
+                if self.console is not None and round == self.first_round:
+                    self.console.print(f"{r.peer} did not answer within {key}={timeout:g} s: left out of round "
+                                       f"{round} (start it, or change {key})", highlight=False)
         self.received += sum(r.bytes for r in results)
         answered = {r.peer for r in results if r.reply is not None}
-        self.sent += self.board.size(round, exchange) * len(answered)
+        self.board.wait_fetched(round, exchange, answered, self.cfg.gossip.round_timeout_s)
         self.last = (round, exchange, answered)
         return results
 
     def metrics(self) -> dict[str, Any]:
-        # the round's bytes are the exchanges' (the round driver's per-reply counts see no network here)
-        return {"bytes_up": self.sent, "bytes_down": self.received, "bytes_per_node": self.sent}
+        # the round's bytes are the exchanges' (the round driver's per-reply counts see no network here);
+        # fetches that came after the last round's record count in this one
+        served = self.board.bytes_served
+        up, self._reported = served - self._reported, served
+        down, self.received = self.received, 0
+        return {"bytes_up": up, "bytes_down": down, "bytes_per_node": up}
 
     def state_dict(self) -> dict[str, Any]:
         return {self.peers[self.me].name: dict(self.ctx.state)}
@@ -318,6 +358,7 @@ def run_peer(cfg: Config, console: Console, *, overwrite: bool = False) -> Any:
     from fedtune.gossip.sim import gossip_start
     from fedtune.models import load_model
     from fedtune.pipeline import encode, load_dataset
+    from fedtune.report import print_summary
     from fedtune.rounds import RoundPlan, has_checkpoint, open_run, run_rounds
     from fedtune.runs import claim_run_folder
     from fedtune.strategies import spec_of
@@ -344,7 +385,7 @@ def run_peer(cfg: Config, console: Console, *, overwrite: bool = False) -> Any:
         initial, frozen, scfg = gossip_start(cfg, model)
         ctx = ClientContext(cfg, lm, encode(records, lm.tokenizer, cfg),
                             keep_optimizer_state=cfg.sim.keep_optimizer_state)
-        dispatcher = PeerDispatcher(cfg, ctx, peers, me, board, links)
+        dispatcher = PeerDispatcher(cfg, ctx, peers, me, board, links, console)
         strategy = PeerRounds(cfg.gossip, scfg, names, me, initial, seed=cfg.seed, frozen=frozen,
                               exchange=dispatcher.exchange)
         console.print(f"peer {names[me]} (node {me} of {len(peers)}) serving on port {server.port}"
@@ -363,6 +404,9 @@ def run_peer(cfg: Config, console: Console, *, overwrite: bool = False) -> Any:
         late = board.wait_fetched(round_, exchange, answered, cfg.gossip.round_timeout_s) if round_ else set()
         if late:
             console.print(f"{', '.join(sorted(late))} did not fetch the last adapter", highlight=False)
+        g = cfg.gossip
+        print_summary(console, f"fedtune gossip: peer {names[me]} of {len(peers)}, {g.topology}/{g.mix}, "
+                               f"{cfg.sim.rounds} rounds", result)
         return result
     finally:
         board.finish()

@@ -13,6 +13,11 @@
        of the products it mixed, as a server's aggregation error is its gap to the clients' average) and the
        spectral gap as metrics.
 
+With ``gossip.max_staleness = s > 0`` (bounded staleness, ``mixing.with_stale``) each node keeps the latest
+adapter it received from each neighbour, and a missing neighbour's kept adapter at most s rounds old is
+mixed instead of being left out; ``stale_mixes`` counts those uses in a round, ``stale_age_max`` their
+largest age in rounds, and ``last_stale`` says which ({node: {neighbour: round of its adapter}}).
+
 The average adapter is the same mix with every node weighted 1/n: the mean of A and B (``factors``), the
 mean of B (``frozen_a``, exactly the mean update), or the best rank-r factors of the mean product
 (``product``). Exchange t of round k (t = 0..E-1) uses the graph ``topology((k - 1) E + t)``, so a
@@ -28,12 +33,15 @@ import torch
 
 from fedtune.gossip.config import GossipConfig
 from fedtune.gossip.mixing import (
+    Seen,
     consensus_distance,
     drop_missing,
     mix,
+    mix_row,
     mixing_error,
     mixing_matrix,
     spectral_gap,
+    with_stale,
 )
 from fedtune.gossip.topology import make_topology
 from fedtune.strategies.base import (
@@ -72,6 +80,10 @@ class GossipRounds:
         self.topology = make_topology(gcfg.topology, len(self.ids), seed=seed, degree=gcfg.degree, p=gcfg.p)
         self.rank, self.scale = scfg.r, lora_scale(scfg, scfg.r)
         self.frozen = frozen
+        self.seen: list[Seen] = [{} for _ in self.ids]
+        """Bounded staleness: each node's latest adapter from each neighbour (``mixing.with_stale``)."""
+        self.last_stale: dict[str, dict[str, int]] = {}
+        """The last round's stale uses: {node: {neighbour: round of the adapter it mixed}}."""
 
     @property
     def linear(self) -> bool:
@@ -112,11 +124,15 @@ class GossipRounds:
             i = self.index[reply.client_id]
             states[i], live[i] = reply.state, True
             ok.append(reply.client_id)
-        errors = []
-        for q in self.matrices(round, live):
-            mixed = mix(states, q, self.gcfg.mix, scale=self.scale, rank=self.rank, frozen=self.frozen)
-            errors.append(mixing_error(states, mixed, q, scale=self.scale, frozen=self.frozen))
-            states = mixed
+        errors: list[float] = []
+        stale_metrics: dict[str, float] = {}
+        if self.gcfg.max_staleness > 0:
+            states, errors, stale_metrics = self._mix_stale(round, states, live)
+        else:
+            for q in self.matrices(round, live):
+                mixed = mix(states, q, self.gcfg.mix, scale=self.scale, rank=self.rank, frozen=self.frozen)
+                errors.append(mixing_error(states, mixed, q, scale=self.scale, frozen=self.frozen))
+                states = mixed
         self.nodes = states
         full = mixing_matrix(self.topology((round - 1) * self.gcfg.exchanges_per_round), self.gcfg.weights)
         metrics = {
@@ -125,11 +141,38 @@ class GossipRounds:
             "agg_error": sum(errors) / len(errors),  # the round table's column: the same gap as a server's
             "spectral_gap": spectral_gap(full),
             "nodes_live": float(sum(live)),
+            **stale_metrics,
         }
         return finish(RoundResult(state=self.average(), metrics=metrics), ok, failures)
 
+    def _mix_stale(self, round: int, states: list[State], live: list[bool]) -> tuple[list[State], list[float],
+                                                                                   dict[str, float]]:
+        """The round's exchanges under bounded staleness, node by node (``mixing.with_stale``)."""
+        e, n, s = self.gcfg.exchanges_per_round, len(states), self.gcfg.max_staleness
+        errors: list[float] = []
+        self.last_stale = {}
+        for t in range(e):
+            q = mixing_matrix(self.topology((round - 1) * e + t), self.gcfg.weights)
+            mixed = list(states)
+            for i in (i for i in range(n) if live[i]):
+                row, view, stale = with_stale(q, i, states, live, self.seen[i], round, t, s)
+                mixed[i] = mix_row(view, row, i, self.gcfg.mix, scale=self.scale, rank=self.rank, frozen=self.frozen)
+                for j, r in stale.items():
+                    self.last_stale.setdefault(self.ids[i], {})[self.ids[j]] = r
+                if row[i] != 1.0:
+                    only = torch.eye(n, dtype=q.dtype)
+                    only[i] = row
+                    errors.append(mixing_error(view, mixed, only, scale=self.scale, frozen=self.frozen))
+            states = mixed
+        ages = [round - r for uses in self.last_stale.values() for r in uses.values()]
+        return states, errors or [0.0], {"stale_mixes": float(len(ages)), "stale_age_max": float(max(ages, default=0))}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"nodes": {cid: dict(s) for cid, s in zip(self.ids, self.nodes, strict=True)}}
+        out: dict[str, Any] = {"nodes": {cid: dict(s) for cid, s in zip(self.ids, self.nodes, strict=True)}}
+        if self.gcfg.max_staleness > 0:
+            out["seen"] = {self.ids[i]: {self.ids[j]: {"round": r, "exchange": t, "state": dict(st)}
+                                         for j, (r, t, st) in seen.items()} for i, seen in enumerate(self.seen)}
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         nodes = state["nodes"]
@@ -137,3 +180,6 @@ class GossipRounds:
         if missing:
             raise ValueError(f"the checkpoint holds no adapter for gossip node(s) {', '.join(missing)}")
         self.nodes = [dict(nodes[c]) for c in self.ids]
+        kept = state.get("seen", {})
+        self.seen = [{self.index[j]: (int(v["round"]), int(v["exchange"]), dict(v["state"]))
+                      for j, v in kept.get(c, {}).items()} for c in self.ids]

@@ -6,10 +6,11 @@ What differs from a federated simulation is wrapped around the simulator's parts
   node's own adapter, swapped onto the one shared base (``node_eval_loss_mean`` / ``_std`` / ``_min`` /
   ``_max``), and saves the average as ``adapter/`` and each node's adapter as ``nodes/<node>/``.
 - ``GossipDispatcher`` around the ``SimDispatcher``: the nodes' local steps run on the simulator's pools with
-  its fault injection (``sim.dropout``: a node offline for the round); the bytes of each reply become what
-  that node sends to (``bytes_up``) and receives from (``bytes_down``) its live neighbours in the round's
-  exchanges: its adapter, encoded with ``client.encoding`` as the simulator's wire measured it, once per live
-  neighbour per exchange. Nothing goes to or from a server. A node in ``gossip.gone`` is not asked from its
+  its fault injection (``sim.dropout``: a node offline for the round); each reply's bytes become what that
+  node sends to (``bytes_up``) and receives from (``bytes_down``) its live neighbours in the round's
+  exchanges: per exchange and live neighbour, the frames a real peer's fetch moves
+  (``fedtune.transport.gossip.exchange_bytes``: header and dense tensor chunks), so ``fedtune gossip`` peers
+  named like the nodes count the same bytes. Nothing goes to or from a server. A node in ``gossip.gone`` is not asked from its
   round of departure on: it answers with a failed reply, as a node that stopped answering would.
 """
 
@@ -29,6 +30,7 @@ from fedtune.gossip.rounds import GossipRounds
 from fedtune.runs import RunDir, replace_dir
 from fedtune.strategies import strategy_config
 from fedtune.strategies.config import StrategyConfig
+from fedtune.transport.gossip import exchange_bytes
 from fedtune.types import ClientReply, Instructions, State, failed_reply
 
 
@@ -131,12 +133,15 @@ class GossipDispatcher:
                     for c in instructions if c in gone]
         index, n = self.rounds.index, len(self.rounds.ids)
         live = [False] * n
-        size = [0] * n
+        trained: dict[int, ClientReply] = {}
         for r in replies:
-            if r.ok:
-                live[index[r.client_id]], size[index[r.client_id]] = True, r.bytes_up
+            if r.ok and r.state is not None:
+                live[index[r.client_id]] = True
+                trained[index[r.client_id]] = r
         up, down = [0] * n, [0] * n
-        for q in self.rounds.matrices(round, live):
+        for t, q in enumerate(self.rounds.matrices(round, live)):
+            size = {i: exchange_bytes(r.client_id, round, t, r.state, r.num_examples)  # type: ignore[arg-type]
+                    for i, r in trained.items()}  # dense frames: the size does not depend on the values
             for j, i in (q > 0).nonzero().tolist():  # j takes i's adapter
                 if i != j:
                     up[i] += size[i]

@@ -4,7 +4,7 @@ every simulator pool and the Flower ClientApp run the same code.
 The round's secrets (key pairs, self-mask seed, the shares held for neighbours) live in the client's state
 under ``"secagg"`` between the phases of one round and are deleted when it unmasks. In ``secagg_upload``
 the client trains as in ``train`` (``fit`` and the update pipeline), clips its update to the bound the
-server sent, turns it into fixed point with the server's scale, appends the count word of adaptive clipping
+server sent (under a shared pruning mask, ``mask.density``, only the mask's entries: fewer words), turns it into fixed point with the server's scale, appends the count word of adaptive clipping
 (``(b - 1/2) C``) when asked, adds its share of discrete Gaussian noise under distributed DP, and masks it.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedtune.client.phases import ClientContext, register_phase, train_phase
+from fedtune.compression.mask import sent_reference
 from fedtune.privacy.distributed import client_noise
 from fedtune.privacy.secagg import Advert, SecAggClient, quantize
 from fedtune.privacy.wire import PHASES, blob, sim_identity, sim_public
@@ -171,8 +172,9 @@ def upload(ctx: ClientContext, ins: Instructions) -> ClientReply:
     reply = train_phase(ctx, dataclasses.replace(ins, phase="train", extra=extra))
     if not reply.ok or reply.state is None:
         return reply
-    keys = list(ins.state)
-    delta, norm = clipped_delta(reply.state, ins.state, keys, bound)
+    ref = sent_reference(ctx.state, ins)  # under a shared pruning mask: only its entries
+    keys = list(ref)
+    delta, norm = clipped_delta(reply.state, ref, keys, bound)
     if not math.isfinite(norm):  # the server cannot screen a masked vector: the client does
         return failed_reply(ins.client_id, ins.round, "secagg_upload: the update is not finite (NaN or Inf); "
                             "nothing was uploaded")

@@ -99,8 +99,12 @@ def privacy_problems(cfg: Config) -> list[str]:
         p.append(f"client.encoding: {cfg.client.encoding} cannot carry secure aggregation's masked uint32 words "
                  "(they are dense by design); use dense, bf16, int8 or fixed_u32")
     if pv.secagg and ("compress" in cfg.client.pipeline or cfg.compress.downlink):
-        p.append("privacy.secagg: the masked upload is its own fixed-point uint32 encoding, so compress (in "
-                 "client.pipeline, or compress.downlink) cannot apply to it; remove compress or set privacy.secagg=false")
+        p.append("privacy.secagg: compress cannot apply to the masked upload: per-client top-k, threshold and "
+                 "random-k send supports that differ from client to client, which secure aggregation cannot sum "
+                 "(and the indices would show where each update is large); sign / int8 / int4 codes would be "
+                 "re-encoded as its fixed-point uint32 words anyway. Remove compress from client.pipeline (and "
+                 "compress.downlink) or set privacy.secagg=false; a shared mask works: mask.density < 1 with "
+                 "mask.score=global")
     if pv.dp == "off" and not pv.secagg:
         return p
     what = "privacy.dp" if pv.dp != "off" else "privacy.secagg"

@@ -13,6 +13,9 @@ appends one word, ``(b - 1/2) C`` (``b = 1`` when it did not clip), so the serve
 unclipped clients, in the same sum. With ``privacy.dp = "distributed"`` each client also adds its share of
 discrete Gaussian noise (``fedtune.privacy.distributed``) before masking, and the fixed-point scale leaves
 room for the noise.
+Under a shared pruning mask (``inner`` a ``MaskStrategy`` with ``mask.score = "global"``) each client's vector
+holds only the mask's entries (``_support``); the unmasked sum is scattered back, zero outside the mask, so
+those entries keep their global values.
 ``agg_error`` needs the individual updates: with secure aggregation it is not computed (``agg_error`` is null
 and ``agg_error_unavailable`` is 1 in the record).
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fedtune.compression.mask import MASK_ROUND, gather, scatter
 from fedtune.privacy import distributed
 from fedtune.privacy.config import PrivacyConfig
 from fedtune.privacy.dp import DPStrategy
@@ -185,7 +189,7 @@ class SecAggStrategy:
             return PhaseResult(phase, sorted(got), failures)
         dp = self.inner if isinstance(self.inner, DPStrategy) else None
         if phase == PHASES[2]:
-            words = sum(global_state[k].numel() for k in self.sent_keys(global_state))
+            words = sum(v.numel() for v in self._support(global_state)[0].values())
             words += int(dp is not None and dp.adaptive)
             for cid, y in got.items():
                 if y.size != words:
@@ -194,9 +198,12 @@ class SecAggStrategy:
                     srv.add(cid, y)
             return PhaseResult(phase, list(srv.uploaded), failures)
         total = dequantize(srv.unmask(got), self._scale)
-        keys = self.sent_keys(global_state)
-        words = sum(global_state[k].numel() for k in keys)
-        summed = unflat(total[:words], global_state, keys)
+        support, mask = self._support(global_state)
+        keys = list(support)
+        words = sum(v.numel() for v in support.values())
+        summed = unflat(total[:words], support, keys)
+        if mask:
+            summed = scatter(summed, {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in keys}, mask)
         ok = list(srv.uploaded)
         self.server = None
         if dp is not None:
@@ -214,6 +221,14 @@ class SecAggStrategy:
         result.metrics.update({"secagg_k": float(srv.k), "secagg_t": float(srv.t),
                                "secagg_dropouts_tolerated": float(srv.k - srv.t)})
         return result
+
+    def _support(self, global_state: State) -> tuple[State, State | None]:
+        """What each client's vector holds, tensor by tensor (the global tensors sent, or under the round's shared
+        pruning mask only its entries), and that mask."""
+        sent = {k: global_state[k] for k in self.sent_keys(global_state)}
+        ins = next(iter(self._train.values()), None)
+        mask = ins.mask if ins is not None and ins.mask and MASK_ROUND in ins.extra else None
+        return (gather(sent, mask), mask) if mask else (sent, None)
 
     def _mean(self, round: int, global_state: State, summed: State, ok: list[str],
               failures: dict[str, str]) -> RoundResult:

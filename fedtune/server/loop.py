@@ -83,7 +83,7 @@ def open_transport(cfg: Config, security: dict[str, Any]) -> tuple[RoundCoordina
     limit = int(fed.max_update_mb * 2**20)
     server = start_server(coord, cfg.server.address, limits=Limits(max_tensor_bytes=limit, max_total_bytes=limit),
                           heartbeat_interval_s=fed.heartbeat_s, max_workers=server_workers(cfg), bulk_port=cfg.server.bulk_port,
-                          downlink_encoding=cfg.client.encoding, **security)
+                          keepalive_s=fed.keepalive_s, downlink_encoding=cfg.client.encoding, **security)
     coord.last_seen, coord.disconnected = server.servicer.last_seen, server.servicer.disconnected
     return coord, server
 
@@ -112,7 +112,7 @@ def prepare_coordinator(cfg: Config) -> Coordinator:
     lm = load_model(cfg, num_labels=len(data.label_names) or None)
     eval_examples = encode(data.eval_records, lm.tokenizer, cfg, for_training=False) if cfg.server.eval_data else []
     model = GlobalModel(cfg, lm, eval_examples, frozen_in_state=spec_of(cfg.strategy.name).frozen_in_state)
-    strategy = with_mask(with_privacy(
+    strategy = with_privacy(with_mask(
         make_strategy(cfg.strategy.name, strategy_config(cfg, lm.quantized, fed.clients_per_round)), cfg), cfg)
     plan = RoundPlan(rounds=fed.rounds, seed=cfg.seed, train=cfg.train, eval_every=fed.eval_every,
                      policy=ReplyPolicy.from_config(fed), reorder_buffer=fed.reorder_buffer, link=make_link(cfg))

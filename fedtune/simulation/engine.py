@@ -97,7 +97,7 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         overrides = {"max_steps": cfg.gossip.local_steps, "epochs": None} if cfg.gossip.local_steps else {}
         what = f"gossip {cfg.gossip.topology}/{cfg.gossip.mix}"
     else:
-        strategy = with_mask(with_privacy(make_strategy(
+        strategy = with_privacy(with_mask(make_strategy(
             cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round)), cfg), cfg)
         what = f"strategy={cfg.strategy.name}"
         if cfg.privacy.secagg:

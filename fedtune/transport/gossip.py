@@ -50,6 +50,18 @@ def phase_of(exchange: int) -> str:
     return f"gossip/{exchange}"
 
 
+def exchange_frames(node: str, round: int, exchange: int, state: State, num_examples: int) -> list[bytes]:
+    """``node``'s adapter at (round, exchange) as it goes to a neighbour: an update header with phase
+    ``gossip/<exchange>`` and the dense tensor chunks. The simulator counts the bytes of the same frames."""
+    reply = ClientReply(client_id=node, round=round, state=state, num_examples=num_examples)
+    return list(reply_to_frames(reply, phase_of(exchange), "dense"))
+
+
+def exchange_bytes(node: str, round: int, exchange: int, state: State, num_examples: int) -> int:
+    """The size of ``exchange_frames`` (what one neighbour's fetch of this adapter moves)."""
+    return sum(len(f) for f in exchange_frames(node, round, exchange, state, num_examples))
+
+
 @dataclass(frozen=True)
 class PeerTLS:
     """A peer's side of mutual TLS: the federation CA, its own certificate and key, and the allow-list."""
@@ -68,6 +80,8 @@ class Board:
         self.round, self.done = 0, False
         self._posts: dict[tuple[int, int], list[bytes]] = {}
         self._fetched: dict[tuple[int, int], set[str]] = {}
+        self.bytes_served = 0
+        """Bytes of posts handed to neighbours' fetches so far (whole or in part), over the whole run."""
         self._cond = threading.Condition()
 
     def enter(self, round: int) -> None:
@@ -80,16 +94,10 @@ class Board:
 
     def post(self, round: int, exchange: int, state: State, num_examples: int) -> None:
         """Offer ``state`` as this peer's adapter at (round, exchange), encoded once for every neighbour."""
-        reply = ClientReply(client_id=self.node, round=round, state=state, num_examples=num_examples)
-        frames = list(reply_to_frames(reply, phase_of(exchange), "dense"))
+        frames = exchange_frames(self.node, round, exchange, state, num_examples)
         with self._cond:
             self._posts[(round, exchange)] = frames
             self._cond.notify_all()
-
-    def size(self, round: int, exchange: int) -> int:
-        """Bytes of the post at (round, exchange) (0 when there is none)."""
-        with self._cond:
-            return sum(len(f) for f in self._posts.get((round, exchange), []))
 
     def finish(self) -> None:
         with self._cond:
@@ -103,7 +111,6 @@ class Board:
             while True:
                 frames = self._posts.get((round, exchange))
                 if frames is not None:
-                    self._fetched.setdefault((round, exchange), set()).add(caller)
                     return frames
                 if round < self.round - KEEP_ROUNDS + 1 or (round <= self.round and self.done):
                     return f"{self.node} is in round {self.round}: round {round} is gone"
@@ -113,6 +120,14 @@ class Board:
                 if left <= 0:
                     return f"{self.node} did not reach round {round} exchange {exchange} in time"
                 self._cond.wait(left)
+
+    def served(self, round: int, exchange: int, caller: str, nbytes: int, whole: bool) -> None:
+        """``caller``'s fetch of (round, exchange) moved ``nbytes`` (``whole``: all of the post)."""
+        with self._cond:
+            self.bytes_served += nbytes
+            if whole:
+                self._fetched.setdefault((round, exchange), set()).add(caller)
+            self._cond.notify_all()
 
     def wait_fetched(self, round: int, exchange: int, callers: set[str], timeout: float) -> set[str]:
         """Wait until every one of ``callers`` fetched (round, exchange), or ``timeout``; who did not."""
@@ -178,7 +193,13 @@ class GossipServicer:
         if isinstance(frames, str):
             context.abort(grpc.StatusCode.NOT_FOUND, frames)
             return
-        yield from frames
+        sent = 0
+        try:
+            for frame in frames:
+                yield frame
+                sent += len(frame)
+        finally:  # counted as handed to gRPC, also when the caller goes away in the middle
+            self.board.served(request.round, request.exchange, caller, sent, whole=sent == sum(map(len, frames)))
 
     def Where(self, request: gpb.WhereRequest, context: grpc.ServicerContext) -> gpb.WhereReply:
         self._caller(request.node, context)

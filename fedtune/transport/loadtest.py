@@ -94,6 +94,18 @@ class HonestNodes:
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(f"{self.prefix}-{i:04d}",), daemon=True)
                         for i in range(self.n)]
+        self._clients: list[FederationClient] = []
+        self.stopped = threading.Event()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Close every node's client (its calls end, its retries stop) and wait for the threads; what fails
+        from now on is not counted as an error."""
+        self.stopped.set()
+        with self._lock:
+            clients = list(self._clients)
+        for fc in clients:
+            fc.close()
+        self.join(timeout)
 
     def start(self) -> HonestNodes:
         for t in self.threads:
@@ -107,15 +119,21 @@ class HonestNodes:
 
     def _run(self, name: str) -> None:
         try:
-            with FederationClient(f"127.0.0.1:{self.port}", name, fingerprint=self.fingerprint,
+            fc = FederationClient(f"127.0.0.1:{self.port}", name, fingerprint=self.fingerprint,
                                   backoff=Backoff(initial_s=0.5, max_s=2.0, max_attempts=120),
-                                  bulk_min_bytes=self.bulk_min_bytes) as fc:
-                while (ins := fc.wait_for_instructions(poll_s=20)) is not None and ins.phase != "stop":
+                                  bulk_min_bytes=self.bulk_min_bytes)
+            with self._lock:
+                self._clients.append(fc)
+            with fc:
+                while (not self.stopped.is_set() and (ins := fc.wait_for_instructions(poll_s=20)) is not None
+                       and ins.phase != "stop"):
                     state = {k: torch.randn_like(v) * 0.01 for k, v in ins.state.items()}
                     if fc.submit(ClientReply(name, ins.round, state, num_examples=10)).accepted:
                         with self._lock:
                             self.acked[ins.round] = self.acked.get(ins.round, 0) + 1
         except Exception as e:  # noqa: BLE001 - reported by the caller
+            if self.stopped.is_set():
+                return
             with self._lock:
                 self.errors.append(f"{name}: {type(e).__name__}: {e}")
 
@@ -305,6 +323,170 @@ def run_federation(tmp: Path, nodes: int, rounds: int, attack: str | None = None
             server.wait()
     opened = int(status.read_text() or 0) if status.exists() else 0
     return FederationRun(attack, metrics(out), dict(honest.acked), honest.errors, code, opened, attack_cpu)
+
+
+class MetricsTail:
+    """The rounds (>= 1) of a growing metrics.jsonl, read incrementally (only whole lines)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._offset, self._partial = 0, b""
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.rows
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        self.rows += [r for r in (json.loads(x) for x in lines if x.strip()) if r["round"] >= 1]
+        return self.rows
+
+    @property
+    def last(self) -> int:
+        """The last round written (0 before the first)."""
+        return int(self.rows[-1]["round"]) if self.rows else 0
+
+
+@dataclass
+class Window:
+    """``rounds`` consecutive honest rounds with ``attack`` on (or None: off), measured on one server."""
+
+    attack: str | None
+    rounds: list[dict[str, Any]]
+    acked: int
+    """Updates the honest nodes saw acknowledged in these rounds (filled in when the run ends)."""
+    server_cpu_s: float
+    """CPU time of the server process (user + system, ``/proc``) between the window's two marks."""
+    attack_cpu_s: float
+    rounds_between_marks: int
+    """Rounds that ended between the marks (the window's rounds and the one under way at the first mark)."""
+    wall_s: float
+
+    @property
+    def rounds_per_minute(self) -> float:
+        return rounds_per_minute(self.rounds)
+
+    @property
+    def server_cpu_ms_per_round(self) -> float:
+        return 1000.0 * self.server_cpu_s / max(1, self.rounds_between_marks)
+
+    @property
+    def failed(self) -> int:
+        return sum(int(r["clients_failed"]) for r in self.rounds)
+
+    @property
+    def lost(self) -> int:
+        return self.acked - sum(int(r["clients_ok"]) for r in self.rounds)
+
+
+def neighbour_ratios(windows: list[Window]) -> list[float | None]:
+    """For each attack window, its round rate over the mean rate of the attack-off windows next to it (the one
+    before and the one after; one when the other is missing); None for the attack-off windows (and an attack
+    window without a measured neighbour). A slow drift of the machine's load moves both sides alike."""
+    out: list[float | None] = []
+    for i, w in enumerate(windows):
+        near = [windows[j].rounds_per_minute for j in (i - 1, i + 1)
+                if 0 <= j < len(windows) and windows[j].attack is None]
+        base = sum(near) / len(near) if near else 0.0
+        out.append(w.rounds_per_minute / base if w.attack is not None and base > 0 else None)
+    return out
+
+
+def window_plan(attacks: list[str], repeats: int) -> list[str | None]:
+    """Off, then ``repeats`` times each attack followed by off: every attack window has an attack-off window on
+    each side (A B A C A D A B A ...)."""
+    plan: list[str | None] = [None]
+    for _ in range(repeats):
+        for a in attacks:
+            plan += [a, None]
+    return plan
+
+
+def run_interleaved(tmp: Path, nodes: int, attacks: list[str], repeats: int, window_rounds: int, *,
+                    settle_s: float = 5.0, timeout_s: float = 600.0, round_timeout_s: float = 60.0,
+                    progress: Callable[[Window], None] | None = None) -> list[Window]:
+    """One server and one set of honest nodes; the attacks switched on and off in turn (``window_plan``), each
+    window ``window_rounds`` rounds long. An attack runs in a process of its own, started before its window
+    (its imports and its taking hold are not measured) and killed after it (the server sees its connections
+    close); each window starts ``settle_s`` after the switch, at the next round boundary: the round under way
+    at that mark is not counted. Returns the windows in order.
+
+    Raises:
+        RuntimeError: the server stopped, an attack did not start, or a window did not finish in ``timeout_s``.
+    """
+    from fedtune.config import fingerprint, load_config  # the config, not the model: cheap
+
+    for a in attacks:
+        if a not in ATTACKS:
+            raise ValueError(f"unknown attack {a!r}; valid: {', '.join(ATTACKS)}")
+    port = free_port()
+    out = tmp / "run-interleaved"
+    overrides = server_overrides(port, out, 1_000_000, nodes, round_timeout_s)
+    fp = fingerprint(load_config(None, overrides))
+    server = start_server_process(overrides, tmp / "server-interleaved.log")
+    honest = HonestNodes(port, nodes, fp)
+    tail = MetricsTail(out / "metrics.jsonl")
+    atk: subprocess.Popen[bytes] | None = None
+    windows: list[Window] = []
+
+    def wait_for_round(n: int) -> None:
+        end = time.monotonic() + timeout_s
+        tail.poll()
+        while tail.last < n:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with {server.returncode} (see {tmp}/server-interleaved.log)")
+            if time.monotonic() > end:
+                raise RuntimeError(f"round {n} did not end within {timeout_s:.0f} s")
+            time.sleep(0.05)
+            tail.poll()
+
+    try:
+        bulk_port = wait_until_serving(port, server, timeout_s)
+        honest.start()
+        wait_for_round(2)  # the nodes are in, round 1's wait for them is over
+        for i, attack in enumerate(window_plan(attacks, repeats)):
+            if atk is not None:
+                atk.kill()
+                atk.wait(30)
+                atk = None
+            if attack is not None:
+                status = tmp / f"attack-{i}.count"
+                atk = subprocess.Popen([sys.executable, "-m", "fedtune.transport.loadtest", attack, str(port),
+                                        str(bulk_port), str(status)], cwd=ROOT,
+                                       stdout=open(tmp / f"attack-{i}.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+                end = time.monotonic() + timeout_s
+                while not status.exists() and atk.poll() is None and time.monotonic() < end:
+                    time.sleep(0.2)  # the process imports torch before it attacks
+                if not status.exists():
+                    raise RuntimeError(f"the {attack} attack did not start (see {tmp}/attack-{i}.log)")
+            time.sleep(settle_s)
+            tail.poll()
+            first = tail.last
+            cpu0, t0 = _cpu_seconds(server.pid), time.monotonic()
+            acpu0 = _cpu_seconds(atk.pid) if atk is not None else 0.0
+            wait_for_round(first + 1 + window_rounds)
+            cpu1, t1 = _cpu_seconds(server.pid), time.monotonic()
+            acpu1 = _cpu_seconds(atk.pid) if atk is not None else 0.0
+            last = tail.last
+            rows = [r for r in tail.rows if first + 1 < r["round"] <= first + 1 + window_rounds]
+            w = Window(attack, rows, 0, cpu1 - cpu0, acpu1 - acpu0, last - first, t1 - t0)
+            windows.append(w)
+            if progress is not None:
+                progress(w)
+    finally:
+        if atk is not None:
+            atk.kill()
+            atk.wait(30)
+        server.kill()
+        server.wait()
+        honest.stop()
+    for w in windows:  # counted once every acknowledgement is in
+        w.acked = sum(honest.acked.get(r["round"], 0) for r in w.rounds)
+    return windows
 
 
 def _cpu_seconds(pid: int) -> float:

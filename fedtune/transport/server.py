@@ -462,6 +462,29 @@ def method_handlers(servicer: FederationServicer) -> dict[str, grpc.RpcMethodHan
     }
 
 
+def concurrent_calls(max_workers: int) -> int:
+    """Calls the server holds at once (running or queued for a thread); more are refused (RESOURCE_EXHAUSTED)."""
+    return 4 * max_workers
+
+
+PENDING_CALLS_DEFAULT = 1000
+"""gRPC core's own bound on calls that arrived but that the Python server has not picked up yet."""
+
+
+def server_options(max_workers: int, stream_window_bytes: int = STREAM_WINDOW_BYTES) -> list[tuple[str, int]]:
+    """The gRPC server's channel options. The Python server picks up one arrived call at a time; when many
+    arrive at once (every node of a large federation uploads as its round opens) the others wait in gRPC
+    core, whose backlog bound (``PENDING_CALLS_DEFAULT``) refuses the rest, and a refused call reaches the
+    node as CANCELLED, not as RESOURCE_EXHAUSTED. A server sized for ``max_workers`` threads lets as many
+    calls wait as it would hold at once (``concurrent_calls``), and twice that before every new one is
+    refused; a node's calls stay bounded by ``STREAMS_PER_CONNECTION`` per connection."""
+    pending = max(PENDING_CALLS_DEFAULT, concurrent_calls(max_workers))
+    return [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
+            ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending)]
+
+
 class FederationServer:
     """A running gRPC server; ``port`` is the bound port (useful with ``address="127.0.0.1:0"``)."""
 
@@ -500,12 +523,23 @@ def check_port_free(address: str) -> None:
                                "(or --address)") from None
 
 
+def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """gRPC server options that ping a connection quiet for ``keepalive_s`` and close it when the ping is not
+    answered within ``keepalive_s``. gRPC's ``keepalive_timeout_ms`` alone does not close it (the ping's own
+    ``http2.ping_timeout_ms``, one minute by default, does), and by default it sends only two pings while no
+    data goes out, so an idle stream would stop being checked."""
+    ms = max(1, round(keepalive_s * 1000))
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
 def start_server(
     coordinator: Coordinator, address: str = "127.0.0.1:0", *, cert_file: str | Path | None = None,
     key_file: str | Path | None = None, insecure: bool = False, allowlist_file: str | Path | None = None,
     allow_anyone: bool = False,
     max_workers: int = 64, stream_window_bytes: int = STREAM_WINDOW_BYTES, bulk_port: int | None = 0,
-    session_idle_s: float = 600.0, session_max_s: float = 86400.0, **servicer_kwargs: Any,
+    session_idle_s: float = 600.0, session_max_s: float = 86400.0, keepalive_s: float | None = None,
+    **servicer_kwargs: Any,
 ) -> FederationServer:
     """Start serving ``coordinator`` on ``address`` with TLS (``cert_file`` + ``key_file``) or, on loopback
     or with ``insecure=True``, in plaintext. ``allowlist_file=None`` admits any node name without a
@@ -517,7 +551,10 @@ def start_server(
     server; 4 MiB still fills a 100 ms / 300 Mbit/s path). ``bulk_port``: where the bulk upload lane
     (``bulk``) listens on the same host, with the same TLS (0: any free port; None: no lane, uploads go over
     gRPC only). A session expires after ``session_idle_s`` without a call or ``session_max_s`` after it
-    opened (the node registers again). Extra keyword arguments go to ``FederationServicer`` (``limits``,
+    opened (the node registers again). ``keepalive_s``: a connection that sends nothing for this long is
+    pinged (HTTP/2 PING) and closed when the ping is not answered within as long again, which ends its node's
+    presence stream: a peer cut off without closing its connection is noticed (None: never pinged).
+    Extra keyword arguments go to ``FederationServicer`` (``limits``,
     ``max_concurrent_uploads``, ``downlink_encoding``, ...).
 
     The port is bound exclusively (gRPC's default SO_REUSEPORT would let two servers share it and split the
@@ -536,12 +573,13 @@ def start_server(
     check_port_free(address)
     auth = NodeAuth(allowlist_file, session_idle_s=session_idle_s, session_max_s=session_max_s)
     servicer = FederationServicer(coordinator, auth, max_workers=max_workers, **servicer_kwargs)
-    options = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes),
-               ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
+    options = server_options(max_workers, stream_window_bytes)
+    if keepalive_s is not None:
+        options += keepalive_options(keepalive_s)
     # Calls beyond the threads queue for one (a burst of short calls is served, not refused): long calls
     # (polls, uploads) never take the last threads (``guards.CallGate``), so queued short calls start soon.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         maximum_concurrent_rpcs=4 * max_workers)
+                         maximum_concurrent_rpcs=concurrent_calls(max_workers))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, method_handlers(servicer)),))
     try:
         if cert_file is not None and key_file is not None:

@@ -41,8 +41,9 @@ from fedtune.types import ClientReply
 _T = TypeVar("_T")
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
          grpc.StatusCode.CANCELLED}
-"""Codes after which a node calls again. CANCELLED: an overloaded server's upload watchdog can cut an upload
-whose first bytes its handler thread did not get to read in time (the node may upload again); counted."""
+"""Codes after which a node calls again (counted in ``Tally.retried``). CANCELLED is how a node sees a call
+that gRPC core refused before the server picked it up (its backlog of arrived calls was full: see
+``server.server_options``), and an upload the server's watchdog cut."""
 POLL_S = 20.0
 MAX_ERRORS = 50
 """Node errors a process reports (all are counted)."""

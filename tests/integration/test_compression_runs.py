@@ -117,3 +117,25 @@ def test_grad_weight_scores_fix_another_mask_than_update_scores(tmp_path: Path) 
         masks[s] = load_checkpoint(r.run_dir).strategy["mask"]
     assert masks["update"].keys() == masks["grad_weight"].keys()
     assert any(not torch.equal(masks["update"][k], masks["grad_weight"][k]) for k in masks["update"])
+
+
+@pytest.mark.slow
+def test_a_shared_mask_under_secure_aggregation_over_grpc_matches_the_simulator(tmp_path: Path) -> None:
+    opts = ("privacy.secagg=true", "privacy.clip_norm=10", "mask.density=0.25", "mask.score=global",
+            "train.lr=5e-2", "sim.partitioner=iid", "sim.rounds=2", "federation.rounds=2")
+    sim, grpc = simulate(tmp_path / "sim", *opts), federate(tmp_path, *opts)
+    pairs = list(zip(rounds(sim), rounds(grpc), strict=True))
+    assert all((g["clients_ok"], g["failures"]) == (3, {}) == (s["clients_ok"], s["failures"]) for s, g in pairs)
+    # the key-exchange messages hold fresh random numbers as JSON (a share's digits vary): a few bytes differ
+    assert all(abs(g[k] - s[k]) <= 64 for s, g in pairs for k in ("bytes_up", "bytes_down", "dense_fp32_bytes"))
+    assert all(g["eval_loss"] == pytest.approx(s["eval_loss"], abs=1e-5) for s, g in pairs)
+    first, second = rounds(grpc)
+    # round 1 trains dense and fixes the mask; round 2's masked vectors hold a quarter of the words
+    assert second["mask_density"] == 0.25 and second["mask_round"] == 1
+    assert second["bytes_up"] < 0.5 * first["bytes_up"]
+    assert second["compression_ratio"] > first["compression_ratio"]  # the global adapter still goes down dense
+    a, b = adapter(sim.run_dir), adapter(tmp_path / "server")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    for name in ("client-0", "client-1", "client-2"):  # each node holds the mask, and no round secrets
+        node = torch.load(tmp_path / name / "client_state.pt", weights_only=True)
+        assert int(node["mask"]["round"]) == 1 and "secagg" not in node

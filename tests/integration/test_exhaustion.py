@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.transport.loadtest import ATTACKS, run_federation
+from fedtune.transport.loadtest import ATTACKS, neighbour_ratios, run_federation, run_interleaved
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about a minute of real processes
 
@@ -39,3 +39,18 @@ def test_honest_rounds_go_on_under_every_exhaustion_attack(tmp_path: Path) -> No
     _check(attacked, "under attack")
     print(f"honest rounds/min: {free.rounds_per_minute:.1f} attack-free, {attacked.rounds_per_minute:.1f} under "
           f"all three attacks (ratio {attacked.rounds_per_minute / free.rounds_per_minute:.2f})")
+
+
+def test_interleaved_windows_put_each_attack_between_attack_free_windows(tmp_path: Path) -> None:
+    """``benchmarks/exhaustion.py``'s measurement: one server and its honest nodes throughout, the attack
+    switched on and off; every window is whole rounds, none shared, none with a failed or lost update."""
+    windows = run_interleaved(tmp_path, 2, ["poll_flood"], repeats=1, window_rounds=5, settle_s=2.0,
+                              timeout_s=300, round_timeout_s=DEADLINE_S)
+    assert [w.attack for w in windows] == [None, "poll_flood", None]
+    rounds = [r["round"] for w in windows for r in w.rounds]
+    assert all(len(w.rounds) == 5 for w in windows) and rounds == sorted(set(rounds))
+    for w in windows:
+        assert (w.failed, w.lost) == (0, 0) and w.acked == 10, w
+        assert w.server_cpu_s > 0 and w.rounds_between_marks >= 5
+    assert windows[1].attack_cpu_s > 0 and windows[0].attack_cpu_s == windows[2].attack_cpu_s == 0
+    assert neighbour_ratios(windows)[1] is not None

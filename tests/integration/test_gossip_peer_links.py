@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from fedtune.config import load_config
 from fedtune.gossip.config import GossipConfig
@@ -51,24 +53,30 @@ class Peers:
         ports = free_ports(len(NAMES))
         self.peers = [Peer(n, f"127.0.0.1:{p}") for n, p in zip(NAMES, ports, strict=True)]
         cfg = load_config(None, [f"gossip.round_timeout_s={timeout}", f"gossip.join_timeout_s={timeout}"])
-        self.rounds, self.servers, self.links = {}, [], []
+        self.rounds, self.servers, self.links, self.dispatchers = {}, [], [], {}
+        self.said = io.StringIO()
+        """What the peers print (the console of ``fedtune gossip``)."""
         for i in live:
             board = Board(NAMES[i], 5)
             self.servers.append(start_peer_server(board, self.peers[i].address, set(NAMES) - {NAMES[i]}, None))
             links = {p.name: PeerLink(NAMES[i], p.name, p.address, None, Limits()) for p in self.peers if p.name != NAMES[i]}
             self.links += links.values()
-            dispatcher = PeerDispatcher(cfg, None, self.peers, i, board, links)  # type: ignore[arg-type]
+            dispatcher = PeerDispatcher(cfg, None, self.peers, i, board, links,  # type: ignore[arg-type]
+                                        Console(file=self.said, width=300))
+            self.dispatchers[i] = dispatcher
             self.rounds[i] = PeerRounds(gcfg, SCFG, NAMES, i, INITIAL, seed=0, frozen=None, exchange=dispatcher.exchange)
 
-    def round(self, rnd: int, states: dict[int, dict[str, torch.Tensor]]) -> dict[int, object]:
-        """Every live peer aggregates its trained state in its own thread, as separate processes would."""
+    def round(self, rnd: int, states: dict[int, dict[str, torch.Tensor]], only: list[int] | None = None) -> dict[int, object]:
+        """Every live peer (or those in ``only``) aggregates its trained state in its own thread, as separate
+        processes would."""
         results: dict[int, object] = {}
 
         def one(i: int) -> None:
+            self.dispatchers[i].available(rnd)
             reply = ClientReply(NAMES[i], rnd, states[i], num_examples=3)
             results[i] = self.rounds[i].aggregate(rnd, INITIAL, [reply])
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in self.rounds]
+        threads = [threading.Thread(target=one, args=(i,)) for i in (self.rounds if only is None else only)]
         for t in threads:
             t.start()
         for t in threads:
@@ -110,10 +118,73 @@ def test_a_neighbour_that_does_not_answer_is_left_out_as_in_the_simulator() -> N
         sim.aggregate(1, INITIAL, [*replies, failed_reply(NAMES[3], 1, "offline")])
         results = peers.round(1, states)
         assert "client-3" in results[0].failures and "client-3" in results[2].failures
-        assert "did not answer in time" in results[0].failures["client-3"]
+        why = results[0].failures["client-3"]  # round 1: which peer was awaited, and the key to change
+        assert "client-3 did not answer in time" in why and "waited 1 s: gossip.join_timeout_s" in why, why
+        said = peers.said.getvalue()
+        assert "round 1: waiting for client-1, client-3 (up to gossip.join_timeout_s=1 s)" in said, said
+        assert ("client-3 did not answer within gossip.join_timeout_s=1 s: left out of round 1 (start it, or change "
+                "gossip.join_timeout_s)") in said, said
         assert results[1].failures == {}  # client-1's neighbours are 0 and 2
         for i in range(3):
             assert torch.allclose(peers.rounds[i].node[KB], sim.nodes[i][KB], atol=1e-6), i
+    finally:
+        peers.close()
+
+
+def test_peers_count_the_bytes_they_serve_and_receive_as_the_simulator_counts_its_nodes() -> None:
+    from fedtune.gossip.sim import GossipDispatcher
+
+    class Trained:  # the simulator's pools, answering with the trained adapters
+        def __init__(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+            self.states = states
+
+        def dispatch(self, rnd, phase, instructions):
+            for cid in instructions:
+                yield ClientReply(cid, rnd, self.states[NAMES.index(cid)], num_examples=3, bytes_up=1)
+
+    gcfg = GossipConfig(topology="one_peer_exp", mix="factors", exchanges_per_round=2)
+    sim = GossipRounds(gcfg, SCFG, NAMES, INITIAL, seed=0)
+    peers = Peers(gcfg, live=[0, 1, 2, 3])
+    try:
+        for rnd in (1, 2):
+            states = {i: trained(10 * rnd + i) for i in range(4)}
+            counted = GossipDispatcher(Trained(states), sim)  # type: ignore[arg-type]
+            replies = {r.client_id: r for r in counted.dispatch(rnd, "train", dict.fromkeys(NAMES))}
+            sim.aggregate(rnd, INITIAL, replies.values())
+            peers.round(rnd, states)
+            for i in range(4):
+                got = peers.dispatchers[i].metrics()
+                assert (got["bytes_up"], got["bytes_down"]) == (replies[NAMES[i]].bytes_up,
+                                                                replies[NAMES[i]].bytes_down), (rnd, i)
+                # one neighbour per exchange: two adapters of 2x6 + 5x2 fp32 values and their headers
+                assert 2 * 22 * 4 < got["bytes_up"] < 2 * 22 * 4 + 600
+    finally:
+        peers.close()
+
+
+@pytest.mark.parametrize("mix", ["factors", "product"])
+def test_with_bounded_staleness_a_slow_peer_s_last_adapter_is_mixed_as_the_simulator_mixes_it(mix: str) -> None:
+    gcfg = GossipConfig(topology="ring", mix=mix, max_staleness=1)
+    sim = GossipRounds(gcfg, SCFG, NAMES, INITIAL, seed=0)
+    peers = Peers(gcfg, live=[0, 1, 2, 3], timeout=1.0)
+    try:
+        for rnd in (1, 2, 3):  # client-3 takes part in round 1 only, then is too slow
+            on = [0, 1, 2, 3] if rnd == 1 else [0, 1, 2]
+            states = {i: trained(10 * rnd + i) for i in range(4)}
+            sim.aggregate(rnd, INITIAL, [ClientReply(NAMES[i], rnd, states[i], num_examples=3) if i in on
+                                         else failed_reply(NAMES[i], rnd, "too slow") for i in range(4)])
+            results = peers.round(rnd, states, only=on)
+            for i in on:
+                assert torch.allclose(peers.rounds[i].node[KB], sim.nodes[i][KB], atol=1e-6), (rnd, i)
+                assert torch.allclose(peers.rounds[i].node[KA], sim.nodes[i][KA], atol=1e-6), (rnd, i)
+            if rnd == 2:  # its round-1 adapter, 1 round old: mixed, and the stamp said
+                assert sim.last_stale == {"client-0": {"client-3": 1}, "client-2": {"client-3": 1}}
+                assert "mixed its round-1 adapter instead (age 1 <= gossip.max_staleness=1)" in \
+                    results[0].failures["client-3"]
+                assert results[0].metrics["neighbours_stale"] == 1 and results[1].failures == {}
+            if rnd == 3:  # 2 rounds old: left out
+                assert sim.last_stale == {} and results[0].metrics["neighbours_stale"] == 0
+                assert "mixed its" not in results[0].failures["client-3"]
     finally:
         peers.close()
 

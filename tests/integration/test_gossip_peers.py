@@ -98,7 +98,13 @@ def test_four_peers_with_mutual_tls_end_with_the_simulator_s_node_adapters(tmp_p
             assert torch.allclose(mine[k], theirs[k], atol=1e-6, rtol=0), (i, k)
         last = rounds(tmp_path / f"run-{i}")[-1]
         assert last["round"] == 2 and last["failures"] == {} and last["neighbours_live"] == 2
-        assert last["bytes_up"] > 0 and last["bytes_down"] > 0
+        # the bytes the peer served and fetched are what the simulator counts for its node, every round
+        for mine_r, sim_r in zip(rounds(tmp_path / f"run-{i}")[1:], rounds(tmp_path / "sim")[1:], strict=True):
+            node = sim_r["clients"][f"client-{i}"]
+            assert (mine_r["bytes_up"], mine_r["bytes_down"]) == (node["bytes_up"], node["bytes_down"]), mine_r["round"]
+            assert node["bytes_up"] > 2 * 2 * sum(t.numel() * 4 for t in mine.values())  # 2 neighbours x 2 exchanges
+        log = (tmp_path / f"peer-{i}.log").read_text()
+        assert f"fedtune gossip: peer client-{i} of 4, ring/factors, 2 rounds" in log and "eval_loss:" in log
         gap = max(gap, *(float((mine[k] - theirs[k]).abs().max()) for k in mine))
     nodes = [load_file(str(tmp_path / f"run-{i}" / "adapter" / "adapter_model.safetensors")) for i in (0, 2)]
     assert any(not torch.equal(nodes[0][k], nodes[1][k]) for k in nodes[0]), "a ring of 4: nodes 0 and 2 differ"

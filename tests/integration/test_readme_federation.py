@@ -24,7 +24,8 @@ def readme_trial() -> str:
 
 def test_the_block_is_the_one_machine_trial():
     lines = readme_trial().splitlines()
-    assert lines[0].startswith("fedtune keys keys --nodes site-a,site-b --server-host coord.example.org")
+    assert lines[0].startswith("source .venv/bin/activate")
+    assert lines[1].startswith("fedtune keys keys --nodes site-a,site-b --server-host coord.example.org")
     assert any("client.keys_dir=keys/sites/site-a" in line for line in lines)
 
 
@@ -34,8 +35,15 @@ def test_readme_federation_runs_verbatim_on_loopback(tmp_path: Path):
             pytest.skip("127.0.0.1:7070 (server/server.toml's address) is in use on this machine")
     for kit in ("server", "client"):
         shutil.copytree(ROOT / kit, tmp_path / kit)
+    # the block activates the clone's .venv: this one's, or a stand-in that puts this interpreter first on PATH
+    venv = Path(sys.prefix)
+    if (venv / "bin" / "activate").is_file():
+        (tmp_path / ".venv").symlink_to(venv)
+    else:
+        (tmp_path / ".venv" / "bin").mkdir(parents=True)
+        (tmp_path / ".venv" / "bin" / "activate").write_text(f'PATH="{Path(sys.executable).parent}:$PATH"\n')
     (tmp_path / "trial.sh").write_text("set -e\n" + readme_trial())
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", "trial.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1500, check=False)
     out = proc.stdout + proc.stderr

@@ -89,7 +89,7 @@ def test_gossip_config_mistakes_are_named_at_once():
 
 
 class _Pool:
-    """A dispatcher whose node i answers with an update of 100 (i + 1) bytes."""
+    """A dispatcher whose nodes answer with their instructions' adapter."""
 
     def __init__(self) -> None:
         self.asked: list[str] = []
@@ -97,7 +97,7 @@ class _Pool:
     def dispatch(self, round, phase, instructions):
         for cid, ins in instructions.items():
             self.asked.append(cid)
-            yield ClientReply(cid, round, ins.state, 1, bytes_up=100 * (int(cid.split("-")[1]) + 1), bytes_down=7)
+            yield ClientReply(cid, round, ins.state, 1, bytes_up=100, bytes_down=7)
 
     def metrics(self):
         return {}
@@ -105,6 +105,7 @@ class _Pool:
 
 def test_exchange_bytes_by_hand_on_one_peer_exp_with_a_node_gone():
     from fedtune.gossip.sim import GossipDispatcher
+    from fedtune.transport.gossip import exchange_bytes
 
     g = GossipRounds(GossipConfig(topology="one_peer_exp", exchanges_per_round=2), StrategyConfig(r=2), IDS,
                      {KB: torch.zeros(5, 2)}, seed=0)
@@ -112,10 +113,13 @@ def test_exchange_bytes_by_hand_on_one_peer_exp_with_a_node_gone():
     dispatcher = GossipDispatcher(pool, g, {"client-3": 1})  # type: ignore[arg-type]
     replies = {r.client_id: r for r in dispatcher.dispatch(1, "train", g.configure(1, IDS, g.nodes[0], random.Random(0)))}
     assert pool.asked == IDS[:3] and "gossip.gone" in (replies["client-3"].error or "")
-    # exchange 0 pairs 0-1 and 2-3, exchange 1 pairs 0-2 and 1-3; node 3 is gone, so: 0<->1, then 0<->2
-    assert [replies[c].bytes_up for c in IDS] == [200, 200, 300, 0]
-    assert [replies[c].bytes_down for c in IDS] == [200 + 300, 100, 100, 0]
-    assert dispatcher.metrics() == {"bytes_per_node": 700 / 4, "bytes_total": 700}
+    # exchange 0 pairs 0-1 and 2-3, exchange 1 pairs 0-2 and 1-3; node 3 is gone, so: 0<->1, then 0<->2;
+    # each fetch moves the frames a real peer serves (header and dense tensors), not the reply's upload size
+    e0, e1 = (exchange_bytes("client-0", 1, t, {KB: torch.zeros(5, 2)}, 1) for t in (0, 1))
+    assert e0 > 5 * 2 * 4
+    assert [replies[c].bytes_up for c in IDS] == [e0 + e1, e0, e1, 0]
+    assert [replies[c].bytes_down for c in IDS] == [e0 + e1, e0, e1, 0]
+    assert dispatcher.metrics() == {"bytes_per_node": 2 * (e0 + e1) / 4, "bytes_total": 2 * (e0 + e1)}
 
 
 def test_gone_entries_must_name_a_node_and_a_round():
@@ -123,3 +127,37 @@ def test_gone_entries_must_name_a_node_and_a_round():
         load_config(None, ["sim.mode=gossip", "sim.num_clients=4", "gossip.gone=[client-1@2, client-9@2]"])
     cfg = load_config(None, ["sim.mode=gossip", "sim.num_clients=4", "gossip.gone=[client-1@2]"])
     assert cfg.gossip.departures() == {"client-1": 2}
+
+
+def test_bounded_staleness_mixes_a_missing_neighbour_s_last_adapter_up_to_the_bound_then_leaves_it_out():
+    g = rounds(max_staleness=1)
+    sync = rounds()
+    third = 1 / 3  # ring of 4: 1/3 to itself and each neighbour
+    r1 = [trained(i) for i in range(4)]
+    for h in (g, sync):
+        h.aggregate(1, h.nodes[0], [ClientReply(c, 1, s, num_examples=3) for c, s in zip(IDS, r1, strict=True)])
+    assert g.last_stale == {} and all(torch.equal(a[KB], b[KB]) for a, b in zip(g.nodes, sync.nodes, strict=True))
+    # round 2: client-3 is slow; its neighbours 0 and 2 mix its round-1 adapter (what they fetched then)
+    r2 = [trained(10 + i) for i in range(4)]
+    replies = [ClientReply(c, 2, s, num_examples=3) for c, s in zip(IDS[:3], r2[:3], strict=True)]
+    result = g.aggregate(2, g.nodes[0], [*replies, failed_reply("client-3", 2, "too slow")])
+    assert g.last_stale == {"client-0": {"client-3": 1}, "client-2": {"client-3": 1}}
+    assert result.metrics["stale_mixes"] == 2 and result.metrics["stale_age_max"] == 1
+    assert torch.allclose(g.nodes[0][KB], third * (r2[0][KB] + r2[1][KB] + r1[3][KB]), atol=1e-6)
+    assert torch.allclose(g.nodes[1][KB], third * (r2[0][KB] + r2[1][KB] + r2[2][KB]), atol=1e-6)
+    assert torch.allclose(g.nodes[3][KB], third * (r1[2][KB] + r1[3][KB] + r1[0][KB]), atol=1e-6)  # kept its mix
+    # round 3: still missing; its kept adapter is 2 rounds old > 1: left out, the row re-normalised
+    r3 = [trained(20 + i) for i in range(4)]
+    replies = [ClientReply(c, 3, s, num_examples=3) for c, s in zip(IDS[:3], r3[:3], strict=True)]
+    result = g.aggregate(3, g.nodes[0], [*replies, failed_reply("client-3", 3, "too slow")])
+    assert g.last_stale == {} and result.metrics["stale_mixes"] == 0
+    assert torch.allclose(g.nodes[0][KB], 2 * third * r3[0][KB] + third * r3[1][KB], atol=1e-6)
+    # the kept adapters are part of the checkpoint: a resumed run mixes the same
+    again = rounds(max_staleness=1)
+    again.load_state_dict(g.state_dict())
+    assert again.seen[0][3][0] == 1 and torch.equal(again.seen[0][3][2][KB], r1[3][KB])
+
+
+def test_max_staleness_must_not_be_negative():
+    with pytest.raises(ConfigError, match="gossip.max_staleness: got -1, must be >= 0"):
+        load_config(None, ["sim.mode=gossip", "gossip.max_staleness=-1"])

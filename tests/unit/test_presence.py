@@ -8,12 +8,17 @@ silence limit of five minutes that no test here waits for.
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
+from fedtune.config import ConfigError, fingerprint, load_config
+from fedtune.server import open_transport
 from fedtune.server.coordinator import RoundCoordinator
 from fedtune.transport import Backoff, FederationClient, start_server
 from fedtune.transport._proto import federation_pb2 as fpb
@@ -110,3 +115,94 @@ def test_presence_needs_a_session_and_is_bounded_per_node(federation) -> None:
         assert gate.nodes_in_calls() == set()  # an open presence stream is no sign of life by itself
         with pytest.raises(TransportError, match="already has 2 presence call"), gate.call("a", PRESENCE):
             pass
+
+
+class StallingProxy:
+    """A TCP relay to ``target`` that can stop relaying without closing anything: what a network cut or a
+    machine switched off looks like to the server (no FIN, no RST; the bytes it sends go nowhere)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.stalled, self.closed = target, threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.target)
+            self.sockets += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._relay, args=(a, b), daemon=True).start()
+
+    def _relay(self, a: socket.socket, b: socket.socket) -> None:
+        a.settimeout(0.05)
+        while not self.closed.is_set():
+            if self.stalled.is_set():
+                time.sleep(0.05)  # nothing is read or forwarded, and both connections stay open
+                continue
+            try:
+                data = a.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            b.sendall(data)
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in [self.listener, *self.sockets]:
+            s.close()
+
+
+@pytest.fixture
+def pinging_server(tmp_path: Path):
+    """``fedtune server``'s transport with ``federation.keepalive_s=0.5``; nodes heartbeat every 30 s (never,
+    within a test), so nothing but the pings and their answers crosses a connection while the node waits."""
+    cfg = load_config(None, ["server.address=127.0.0.1:0", "server.bulk_port=null", f"out={tmp_path}",
+                             "federation.keepalive_s=0.5", "federation.heartbeat_s=30", f"federation.silence_s={SILENCE_S}",
+                             "federation.disconnect_grace_s=0.5"])
+    coord, server = open_transport(cfg, {})
+    proxy = StallingProxy(("127.0.0.1", server.port))
+    fc = FederationClient(f"127.0.0.1:{proxy.port}", "a", fingerprint=fingerprint(cfg),
+                          backoff=Backoff(max_attempts=2)).connect()
+    wait_until(lambda: "a" in server.servicer._present)
+    yield coord, server, proxy
+    proxy.close()
+    fc.close()
+    server.stop(grace=None)
+
+
+def test_a_node_cut_off_without_its_connection_closing_is_lost_after_the_keepalive(pinging_server) -> None:
+    """Network cut: the server's ping goes unanswered, gRPC closes the connection after the keepalive
+    timeout, and the node is lost ``disconnect_grace_s`` later, not after ``silence_s`` (300 s)."""
+    coord, _, proxy = pinging_server
+    open_round(coord, ["a"], deadline_s=60)
+    start = time.monotonic()
+    proxy.stalled.set()
+    (reply,) = list(coord.replies())
+    took = time.monotonic() - start
+    assert reply.client_id == "a" and reply.error is not None
+    assert reply.error.startswith("lost: its connection closed"), reply.error
+    assert 1.0 <= took < 6, f"noticed after {took:.1f} s (keepalive 0.5 s + 0.5 s, grace 0.5 s)"
+
+
+def test_a_quiet_node_that_answers_the_pings_stays(pinging_server) -> None:
+    """The pings do not end a live connection on which nothing else is sent."""
+    coord, server, _ = pinging_server
+    time.sleep(2.5)  # five keepalive periods without a call
+    assert coord.live_clients() == ["a"] and "a" in server.servicer._present
+    assert server.servicer.disconnected() == {}
+
+
+def test_keepalive_is_validated() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["federation.keepalive_s=0"])
+    assert err.value.problems == ["federation.keepalive_s: got 0.0, must be > 0 (or null: no pings)"]
+    assert load_config(None, ["federation.keepalive_s=null"]).federation.keepalive_s is None
