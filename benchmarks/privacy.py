@@ -23,10 +23,12 @@
    ``noise_for_epsilon`` (dp-accounting's calibration, RDP accountant: PLD's calibration at q = 1 takes minutes) and updates are clipped to ``--clip``. Only this arm
    runs with ``--loss``; it writes benchmarks/results/privacy_loss.json.
 5. ``--e2e``: whole rounds through the round driver (``run_rounds``), the client phase handlers and the wire
-   sizes, secure aggregation against plain fedavg, 100 clients (``--clients``) with 30% of them dropping out
-   in the last phase (the upload after sharing keys; plain: the training reply), on the SmolLM2-135M adapter
-   size. Local training is a fixed update (no model): the ratio is the protocol's cost over plain's
-   bookkeeping, the worst case (real training adds the same seconds to both). Writes privacy_e2e.json.
+   sizes, secure aggregation against plain fedavg, for each of ``--clients`` (comma-separated, default 100)
+   and ``--dropout`` (fractions dropping out in the last phase: the upload after sharing keys; plain: the
+   training reply; default 0.3), on the SmolLM2-135M adapter size. Local training is a fixed update (no
+   model): the ratio is the protocol's cost over plain's bookkeeping, the worst case (real training adds the
+   same seconds to both). The arms take turns round by round; each round's CPU seconds of this process (all
+   clients and the server run in it) and wall seconds, median of ``--rounds``. Writes privacy_e2e.json.
 
 Prints tables and writes benchmarks/results/privacy.json (privacy_quick.json with --quick: 10 and 50 clients,
 1M words for the masks).

@@ -100,16 +100,24 @@ def _public(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k != "update_norm"}
 
 
+def _values(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().numpy().reshape(-1)
+
+
 def clipped_delta(values: State, reference: State, keys: list[str], bound: float) -> tuple[np.ndarray, float]:
     """The update ``values - reference`` over ``keys`` as one float64 vector, scaled down to L2 norm ``bound``
     when it is longer, and its norm before (not finite when the update is not).
 
-    Two concatenations, then numpy on the whole vector in one thread: torch's intra-op threads on
-    vector-sized operations stall on a busy machine, and a BLAS dot product's rounding would depend on its
-    thread count (a simulated and a real client must send the same words)."""
-    new = torch.cat([values[k].reshape(-1).float() for k in keys]).numpy()
-    delta = new.astype(np.float64)
-    delta -= torch.cat([reference[k].reshape(-1).float() for k in keys]).numpy()
+    Each tensor's difference is written straight into the vector, then numpy works on the whole vector in
+    one thread: torch's intra-op threads on vector-sized operations stall on a busy machine, and a BLAS dot
+    product's rounding would depend on its thread count (a simulated and a real client must send the same
+    words)."""
+    sizes = [reference[k].numel() for k in keys]
+    delta = np.empty(sum(sizes), dtype=np.float64)
+    at = 0
+    for k, n in zip(keys, sizes, strict=True):
+        np.subtract(_values(values[k]), _values(reference[k]), out=delta[at:at + n], dtype=np.float64)
+        at += n
     norm = math.sqrt(float(np.einsum("i,i->", delta, delta)))
     if norm > bound:
         delta *= bound / norm

@@ -47,6 +47,27 @@ from fedtune.strategies.base import PhaseResult, Rng, RoundResult, Strategy
 from fedtune.types import ClientReply, Instructions, State
 
 
+def tolerance(n: int, privacy: PrivacyConfig) -> tuple[int, int, int]:
+    """``(k, t, dropouts)`` of a round that ``n`` clients start: each shares its secrets with ``k``
+    neighbours, any ``t`` of them rebuild one, so up to ``k - t`` of a client's neighbours may drop out (a
+    client does not count its own share: with 3 clients, k = 2 and t = 2 tolerate none)."""
+    k = privacy.secagg_neighbours or default_neighbours(n)
+    k = min(k + k % 2, max(n - 1, 1))
+    t = threshold(k, privacy.secagg_threshold)
+    return k, t, max(k - t, 0)
+
+
+def tolerance_note(n: int, privacy: PrivacyConfig) -> str:
+    """The startup line: how many dropouts secure aggregation with ``n`` clients a round survives."""
+    k, t, dropouts = tolerance(n, privacy)
+    note = (f"secure aggregation with {n} clients a round: {k} neighbours each, threshold t = {t}, so a round "
+            f"survives up to {dropouts} dropout(s) among any client's neighbours")
+    if dropouts == 0:
+        note += (" - none: one client lost after sharing keys aborts the round (add clients or lower "
+                 "privacy.secagg_threshold; t is at least 2)")
+    return note
+
+
 class SecAggStrategy:
     """``inner`` (linear, or a ``DPStrategy``) aggregated by secure aggregation; see the module docstring."""
 
@@ -129,7 +150,9 @@ class SecAggStrategy:
         try:
             return self._take(round, global_state, phase, got, failures)
         except SecAggAbort as exc:
-            failures["secagg"] = f"secure aggregation aborted: {exc}"
+            srv = self.server
+            tolerated = f" (k = {srv.k}, t = {srv.t}: up to {srv.k - srv.t} dropouts tolerated)" if srv else ""
+            failures["secagg"] = f"secure aggregation aborted: {exc}{tolerated}"
             return RoundResult(state=global_state, applied=False, failures=failures, clients_failed=list(failures),
                                metrics={"secagg_aborted": 1.0, "agg_error_unavailable": 1.0})
 
@@ -155,9 +178,8 @@ class SecAggStrategy:
     def _take(self, round: int, global_state: State, phase: str, got: dict[str, Any],
               failures: dict[str, str]) -> RoundResult | PhaseResult:
         if phase == PHASES[0]:
-            k = self.privacy.secagg_neighbours or default_neighbours(len(got))
-            k = min(k + k % 2, max(len(got) - 1, 1))
-            self.server = SecAggServer(round, threshold(k, self.privacy.secagg_threshold), k, self.seed * 7919 + round)
+            k, t, _ = tolerance(len(got), self.privacy)
+            self.server = SecAggServer(round, t, k, self.seed * 7919 + round)
             self.server.take_adverts(got.values())
             return PhaseResult(phase, sorted(got), failures)
         srv = self.server
@@ -196,6 +218,8 @@ class SecAggStrategy:
             result = self._mean(round, global_state, summed, ok, failures)
         result.metrics["agg_error_unavailable"] = 1.0
         result.metrics["secagg_dropped"] = float(len(self._train) - len(ok))
+        result.metrics.update({"secagg_k": float(srv.k), "secagg_t": float(srv.t),
+                               "secagg_dropouts_tolerated": float(srv.k - srv.t)})
         return result
 
     def _support(self, global_state: State) -> tuple[State, State | None]:

@@ -144,6 +144,10 @@ def run_server(cfg: Config, console: Console) -> RunResult:
     console.print(f"fedtune server listening on {cfg.server.address.rsplit(':', 1)[0]}:{server.port} ({mode}, "
                   f"{'allow-list ' + str(allowlist) if allowlist else 'no node authentication'}); "
                   f"waiting for {fed.min_clients} client(s)", highlight=False)
+    if cfg.privacy.secagg:
+        from fedtune.privacy.secagg_strategy import tolerance_note
+
+        console.print(tolerance_note(fed.min_clients, cfg.privacy), markup=False, highlight=False)
     dispatcher = GrpcDispatcher(coord, server, strategy, min_clients=fed.min_clients,
                                 wait_timeout_s=fed.wait_timeout_s, round_timeout_s=fed.round_timeout_s,
                                 encoding=cfg.client.encoding, console=console)

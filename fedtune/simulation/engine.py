@@ -100,6 +100,12 @@ def run_simulation(cfg: Config, console: Console, resume: Path | None = None) ->
         strategy = with_privacy(with_mask(make_strategy(
             cfg.strategy.name, strategy_config(cfg, lm.quantized, cfg.sim.clients_per_round)), cfg), cfg)
         what = f"strategy={cfg.strategy.name}"
+        if cfg.privacy.secagg:
+            from fedtune.privacy.secagg_strategy import tolerance_note
+
+            n = clients_per_round(cfg)
+            expected = max(1, round(cfg.privacy.sample_rate * n)) if cfg.privacy.dp != "off" else n
+            console.print(tolerance_note(expected, cfg.privacy), markup=False, highlight=False)
     samples_before = ckpt.samples_before if ckpt is not None else answers()
     plan = RoundPlan(rounds=cfg.sim.rounds, seed=cfg.seed, train=cfg.train, eval_every=cfg.sim.eval_every,
                      policy=ReplyPolicy.from_config(cfg.federation), reorder_buffer=cfg.federation.reorder_buffer,

@@ -136,3 +136,35 @@ def test_only_linear_strategies_accept_secure_aggregation() -> None:
     with pytest.raises(ConfigError, match="client.encoding: sparse_coo cannot carry"):
         load_config(None, ["privacy.secagg=true", "client.encoding=sparse_coo"])
     assert PrivacyConfig().secagg is False
+
+
+def test_the_tolerated_dropouts_are_said_and_recorded(tmp_path: Path, fake_training: None) -> None:
+    """With 3 clients (k = 2, t = 2: a client does not count its own share) one dropout aborts the round, and
+    the startup note and the abort both say so; a larger round records how many it tolerates."""
+    from fedtune.privacy.secagg_strategy import tolerance, tolerance_note
+
+    pv = PrivacyConfig(secagg=True)
+    assert tolerance(3, pv) == (2, 2, 0)
+    assert "survives up to 0 dropout(s)" in tolerance_note(3, pv) and "aborts the round" in tolerance_note(3, pv)
+    assert tolerance(100, PrivacyConfig(secagg=True, secagg_threshold=1 / 3)) == (16, 6, 10)
+    assert "aborts" not in tolerance_note(100, pv)
+    _, rows = drive(tmp_path / "three", 3, drop={(1, "secagg_upload"): {"c0"}})
+    assert not rows[0]["applied"] and "(k = 2, t = 2: up to 0 dropouts tolerated)" in rows[0]["failures"]["secagg"]
+    _, rows = drive(tmp_path / "four", 4)
+    assert rows[0]["applied"]
+    assert (rows[0]["secagg_k"], rows[0]["secagg_t"], rows[0]["secagg_dropouts_tolerated"]) == (3, 2, 1)
+
+
+def test_a_client_does_not_upload_a_non_finite_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server cannot screen a masked vector, so the client does: c1's NaN update stays home with the
+    reason, and the others' mean goes on without it."""
+    def train(ctx: ClientContext, ins: Instructions) -> ClientReply:
+        bad = ins.client_id == "c1"
+        return ClientReply(ins.client_id, ins.round,
+                           {k: v + (float("nan") if bad else step(ins.client_id)) for k, v in ins.state.items()}, 7)
+    monkeypatch.setattr(sa_client, "train_phase", train)
+    model, rows = drive(tmp_path, 5, clip_norm=10.0)
+    assert rows[0]["applied"] and rows[0]["clients_ok"] == 4
+    assert "the update is not finite" in rows[0]["failures"]["c1"]
+    want = sum(step(c) for c in ("c0", "c2", "c3", "c4")) / 4
+    assert all(torch.allclose(model.current[k], start()[k] + want, atol=1e-6) for k in KEYS)
