@@ -213,4 +213,4 @@ def test_secure_aggregation_refuses_compression_naming_both_keys() -> None:
     for extra in (["client.pipeline=[compress]", "compress.method=sign"], ["compress.downlink=true"]):
         with pytest.raises(ConfigError) as err:
             load_config(None, ["privacy.secagg=true", *extra])
-        assert "privacy.secagg: the masked upload" in str(err.value) and "compress" in str(err.value)
+        assert "privacy.secagg: compress cannot apply to the masked upload" in str(err.value) and "compress" in str(err.value)
