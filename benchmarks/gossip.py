@@ -21,10 +21,14 @@ minutes and says which were left out (the JSON is written after every arm).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +43,8 @@ def base(args: argparse.Namespace) -> list[str]:
     quant = ["quant.mode=nf4", "quant.compute_dtype=bf16"] if args.model != "tiny-llama" else [
         "quant.mode=none", "quant.compute_dtype=fp32"]
     return [f"model.name={args.model}", *quant, "adapter.r=8", "adapter.alpha=16",
-            "adapter.target_modules=[q_proj,v_proj]", f"train.max_steps={args.steps}", "train.batch_size=4",
-            "train.seq_len=64", f"train.lr={args.lr}", f"sim.num_clients={args.nodes}", f"sim.rounds={args.rounds}",
+            "adapter.target_modules=[q_proj,v_proj]", f"train.max_steps={args.steps}",
+            f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", f"train.lr={args.lr}", f"sim.num_clients={args.nodes}", f"sim.rounds={args.rounds}",
             "sim.partitioner=category", "sim.categories_per_client=1", "eval.samples=0", "eval.batch_size=8",
             f"eval.max_batches={args.eval_batches}", f"seed={args.seed}"]
 
@@ -85,6 +89,17 @@ def run_arm(overrides: list[str], out: Path) -> dict[str, Any]:
     }
 
 
+def run_child(overrides: list[str], out: Path) -> dict[str, Any]:
+    """``run_arm`` in its own process (one thread): ``--parallel`` arms at once."""
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, __file__, "--child", json.dumps(overrides), "--out", str(out)],
+                              stdout=f, stderr=f, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False).returncode
+    if code != 0:
+        raise RuntimeError(f"arm {out.name} failed ({code}):\n{log.read_text()[-3000:]}")
+    return json.loads(Path(f"{out}.json").read_text())
+
+
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -116,23 +131,38 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=0, help="score the arms every this many rounds (0: only "
                     "after the last; the dropping arm every round)")
     ap.add_argument("--budget-min", type=float, default=0, help="start no arm after this many minutes (0: no limit)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--parallel", type=int, default=1, help="arms run at once, each in its own process")
     ap.add_argument("--json", default="gossip.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        Path(f"{args.out}.json").write_text(json.dumps(run_arm(json.loads(args.child), Path(args.out))))
+        return
     plan = arms(args.topologies.split(","), args.modes.split(","), args.eval_every or args.rounds)
     results: dict[str, dict[str, Any]] = {}
     work = Path(tempfile.mkdtemp(prefix="fedtune-gossip-bench-"))  # run folders: deleted at the end
     start = time.perf_counter()
     left_out: list[str] = []
-    for name, extra in plan.items():
+
+    def one(name: str) -> None:
         if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
             left_out.append(name)
-            continue
-        results[name] = run_arm([*base(args), *extra], work / name.replace(" ", "_").replace("%", "pct"))
+            return
+        out = work / name.replace(" ", "_").replace("%", "pct")
+        extra = [*base(args), *plan[name]]
+        results[name] = run_arm(extra, out) if args.parallel == 1 else run_child(extra, out)
         r = results[name]
         print(f"{name}: eval_loss {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f} in {r['seconds']:.0f} s",
               flush=True)
         write_json(args.json, {"args": vars(args), "machine": machine_info(), "arms": results,
                                "left_out": [n for n in plan if n not in results]})  # so far
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(one, plan))
+    results = {n: results[n] for n in plan if n in results}
     ref = results["server fedavg"]["eval_loss"]
     ref_bytes = results["server fedavg"]["bytes_per_node_round"]
     rows = [[name, f"{r['eval_loss']:.4f}", f"{100 * (r['eval_loss'] - ref) / ref:+.2f}%",

@@ -297,7 +297,9 @@ class PeerDispatcher:
         served = self.board.bytes_served
         up, self._reported = served - self._reported, served
         down, self.received = self.received, 0
-        return {"bytes_up": up, "bytes_down": down, "bytes_per_node": up}
+        # exchanges are dense: no compression ratio (the local reply's would compare unlike things)
+        return {"bytes_up": up, "bytes_down": down, "bytes_per_node": up, "dense_fp32_bytes": None,
+                "compression_ratio": None}
 
     def state_dict(self) -> dict[str, Any]:
         return {self.peers[self.me].name: dict(self.ctx.state)}
