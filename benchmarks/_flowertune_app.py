@@ -5,10 +5,19 @@ Every ``train`` call builds the model from scratch (4-bit ``from_pretrained``, `
 ``FedAvg`` over ``ArrayRecord``s. Only the local steps reuse fedtune's loop (``train_local``) so that both sides
 do the same arithmetic per step and the comparison measures the architecture, not the optimizer code. The data
 partition is cached per process, as FlowerTune caches its ``FederatedDataset``.
+
+``cache-model`` in the train config (the benchmark's ``flowertune-cached`` arm) keeps the built model in the
+actor's process from one call to the next, as a user who profiled FlowerTune might: every call still loads the
+global LoRA arrays into it (all of them, so nothing of the last client's training survives) and trains with a
+fresh optimizer, so the arithmetic is the per-call build's. Every call appends its seconds (partition, model
+build, training) as one JSON line to the file named by ``FEDTUNE_ANCHOR_TIMES``, if set: where the anchor's
+time goes.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any
 
@@ -19,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 _DATA: dict[str, Any] = {}
+_MODEL: dict[str, Any] = {}
 
 
 def get_model(cfg: Any) -> Any:
@@ -68,20 +78,35 @@ def train(msg: Message, context: Context) -> Message:
     from fedtune.train import train_local
 
     pid = int(context.node_config["partition-id"])
-    overrides = list(msg.content["config"]["overrides"])
+    config = msg.content["config"]
+    overrides = list(config["overrides"])
+    t0 = time.perf_counter()
     cfg, examples, pad_id = partition(overrides, pid)
-    model = get_model(cfg)
+    t1 = time.perf_counter()
+    key = "\n".join(overrides)
+    model = _MODEL.get(key) if bool(config.get("cache-model", False)) else None
+    if model is None:
+        model = get_model(cfg)
+        if bool(config.get("cache-model", False)):
+            _MODEL[key] = model
     set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
+    t2 = time.perf_counter()
     result = train_local(model, examples, cfg.train, device=torch.device("cpu"), compute_dtype=torch.bfloat16,
                          pad_id=pad_id, seed=cfg.seed * 1000 + pid)
     state = get_peft_model_state_dict(model)
+    t3 = time.perf_counter()
+    if os.environ.get("FEDTUNE_ANCHOR_TIMES"):
+        with open(os.environ["FEDTUNE_ANCHOR_TIMES"], "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "partition": pid, "data_s": t1 - t0, "build_s": t2 - t1,
+                                "train_s": t3 - t2, "threads": torch.get_num_threads(), "end": time.time()}) + "\n")
     reply = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
                         "metrics": MetricRecord({"num-examples": len(examples),
                                                  "train_loss": float(result.metrics.get("loss", 0.0))})})
     return Message(reply, reply_to=msg)
 
 
-def server(overrides: list[str], rounds: int, num_clients: int, marks: list[float]) -> ServerApp:
+def server(overrides: list[str], rounds: int, num_clients: int, marks: list[float], *,
+           cache_model: bool = False) -> ServerApp:
     """flwr's FedAvg over all clients; ``marks`` gets a timestamp before round 1 and after every round."""
     app = ServerApp()
 
@@ -101,6 +126,6 @@ def server(overrides: list[str], rounds: int, num_clients: int, marks: list[floa
             return None
 
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=tick,
-                       train_config=ConfigRecord({"overrides": overrides}))
+                       train_config=ConfigRecord({"overrides": overrides, "cache-model": cache_model}))
 
     return app
