@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -281,13 +280,17 @@ def test_only_allow_listed_peers_with_the_federation_s_certificates_are_answered
 
 
 def test_bad_peer_addresses_a_taken_port_and_missing_keys_end_at_once_with_one_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedtune.models.loader
     from fedtune.cli import main
 
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bad input must end before any model loads")
+
+    monkeypatch.setattr(fedtune.models.loader, "load_base", no_model, raising=True)
+
     def gossip(*args: str) -> tuple[int, str]:
-        t0 = time.monotonic()
         code = main(["gossip", *args])
-        assert time.monotonic() - t0 < 10, "bad input must end before any model loads"
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1, err
         return code, err
