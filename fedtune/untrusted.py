@@ -49,7 +49,11 @@ def clean(text: object, limit: int = MAX_ERROR) -> str:
 
 def shown(text: object, limit: int = MAX_ERROR) -> str:
     """``clean(text, limit)`` escaped for rich markup: safe in tables, progress fields and markup prints."""
-    return escape(clean(text, limit))
+    # rich drops one backslash before a "[" that opens no tag ("\\[" renders "["), which escape() leaves alone
+    return _LONE_BRACKET.sub(r"\\\g<0>", escape(clean(text, limit)))
+
+
+_LONE_BRACKET = re.compile(r"(?<=\\)\[(?![a-z#/@][^[]*?\])")
 
 
 MAX_CHAINED = 4
