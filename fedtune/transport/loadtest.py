@@ -278,6 +278,21 @@ class FederationRun:
         return rounds_per_minute(self.rounds)
 
 
+def spawn_attack(attack: str, port: int, bulk_port: int | None, status: Path, log: Path,
+                 timeout_s: float) -> subprocess.Popen[bytes]:
+    """``attack`` in its own process (its threads must not slow the honest nodes: one GIL), returned once it
+    has written ``status`` to say it started."""
+    atk = subprocess.Popen([sys.executable, "-m", "fedtune.transport.loadtest", attack, str(port),
+                            str(bulk_port), str(status)], cwd=ROOT,
+                           stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    end = time.monotonic() + timeout_s
+    while not status.exists() and atk.poll() is None and time.monotonic() < end:
+        time.sleep(0.2)  # the process imports torch before it attacks
+    if not status.exists():
+        raise RuntimeError(f"the {attack} attack did not start (see {log})")
+    return atk
+
+
 def run_federation(tmp: Path, nodes: int, rounds: int, attack: str | None = None, *, bulk: bool = True,
                    timeout_s: float = 600.0, round_timeout_s: float = 120.0) -> FederationRun:
     """Start a server process, the honest nodes and the attack (once the server answers); wait for the run.
@@ -298,14 +313,7 @@ def run_federation(tmp: Path, nodes: int, rounds: int, attack: str | None = None
     try:
         bulk_port = wait_until_serving(port, server, timeout_s)
         if attack is not None:  # its own process: its threads must not slow the honest ones (one GIL)
-            atk = subprocess.Popen([sys.executable, "-m", "fedtune.transport.loadtest", attack, str(port),
-                                    str(bulk_port), str(status)], cwd=ROOT,
-                                   stdout=open(tmp / f"attack-{attack}.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-            end = time.monotonic() + timeout_s
-            while not status.exists() and atk.poll() is None and time.monotonic() < end:
-                time.sleep(0.2)  # the process imports torch before it attacks
-            if not status.exists():
-                raise RuntimeError(f"the {attack} attack did not start (see {tmp}/attack-{attack}.log)")
+            atk = spawn_attack(attack, port, bulk_port, status, tmp / f"attack-{attack}.log", timeout_s)
             time.sleep(3.0)  # let it take hold
         honest.start()
         try:
@@ -457,14 +465,7 @@ def run_interleaved(tmp: Path, nodes: int, attacks: list[str], repeats: int, win
                 atk = None
             status = tmp / f"attack-{i}.count"
             if attack is not None:
-                atk = subprocess.Popen([sys.executable, "-m", "fedtune.transport.loadtest", attack, str(port),
-                                        str(bulk_port), str(status)], cwd=ROOT,
-                                       stdout=open(tmp / f"attack-{i}.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-                end = time.monotonic() + timeout_s
-                while not status.exists() and atk.poll() is None and time.monotonic() < end:
-                    time.sleep(0.2)  # the process imports torch before it attacks
-                if not status.exists():
-                    raise RuntimeError(f"the {attack} attack did not start (see {tmp}/attack-{i}.log)")
+                atk = spawn_attack(attack, port, bulk_port, status, tmp / f"attack-{i}.log", timeout_s)
             time.sleep(settle_s)
             tail.poll()
             first = tail.last
