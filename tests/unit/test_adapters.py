@@ -107,12 +107,14 @@ torch.save(adapters.get_state(lm.model, trainable_only=False), sys.argv[1])
 
 
 def test_frozen_a_identical_across_processes(tiny_overrides: list[str], tmp_path: Path) -> None:
-    outs = []
-    for i in range(2):
-        out = tmp_path / f"state{i}.pt"
-        subprocess.run([sys.executable, "-c", FROZEN_A_SCRIPT, str(out), *tiny_overrides, "adapter.method=lora_fa",
-                        "adapter.seed=7"], check=True, capture_output=True)
-        outs.append(torch.load(out))
+    paths = [tmp_path / f"state{i}.pt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", FROZEN_A_SCRIPT, str(out), *tiny_overrides,
+                               "adapter.method=lora_fa", "adapter.seed=7"], stderr=subprocess.PIPE)
+             for out in paths]  # the two processes run side by side: neither can see the other's state
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode(errors="replace")
+    outs = [torch.load(out, weights_only=True) for out in paths]
     assert outs[0].keys() == outs[1].keys()
     a_keys = [k for k in outs[0] if ".lora_A." in k]
     assert a_keys and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

@@ -1,11 +1,17 @@
-"""The ``fedtune`` console entry point, run as a user runs it: a subprocess of ``.venv/bin/fedtune``."""
+"""The ``fedtune`` console entry point: the first commands run as a user runs them (a subprocess of
+``.venv/bin/fedtune``); the later ones call the same ``main`` in this process, which spares each a fresh import of
+torch, transformers and peft (about 12 s of CPU each) and checks the same exit code and output."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,26 @@ def fedtune(*args: str, cwd: Path | None = None, timeout: float = 240) -> subpro
     env.pop("FEDTUNE_DEBUG", None)
     return subprocess.run([str(FEDTUNE), *args], check=False, capture_output=True, text=True, timeout=timeout,
                           cwd=cwd, env=env)
+
+
+def fedtune_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fedtune ARGS`` through ``fedtune.cli.main`` in this process: its exit code and what it printed. The
+    library log levels and warning filters a command sets are put back after it."""
+    from fedtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    names = ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "httpx")
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        with warnings.catch_warnings(), redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    return subprocess.CompletedProcess(["fedtune", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +124,7 @@ def test_export_merge_gives_a_full_model(trained_run: tuple[Path, list[str]], tm
     run, overrides = trained_run
     dest = tmp_path / "merged"
     # --merge before the positionals: argparse cannot take overrides after an optional flag (see below)
-    proc = fedtune("export", "--merge", str(run), str(dest), *overrides)
+    proc = fedtune_here("export", "--merge", str(run), str(dest), *overrides)
     assert proc.returncode == 0, proc.stderr
     model = AutoModelForCausalLM.from_pretrained(str(dest))
     assert not any("lora" in name for name, _ in model.named_parameters())
@@ -108,41 +134,42 @@ def test_export_merge_gives_a_full_model(trained_run: tuple[Path, list[str]], tm
 
 def test_export_merge_flag_after_positionals(trained_run: tuple[Path, list[str]], tmp_path: Path) -> None:
     run, overrides = trained_run
-    proc = fedtune("export", str(run), str(tmp_path / "merged"), "--merge", *overrides)
+    proc = fedtune_here("export", str(run), str(tmp_path / "merged"), "--merge", *overrides)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_export_adapter_copy(trained_run: tuple[Path, list[str]], tmp_path: Path) -> None:
     run, _ = trained_run
     dest = tmp_path / "exported"
-    proc = fedtune("export", str(run), str(dest))
+    proc = fedtune_here("export", str(run), str(dest))
     assert proc.returncode == 0, proc.stderr
     assert (dest / "adapter_config.json").is_file() and (dest / "adapter_model.safetensors").is_file()
 
 
 def test_info_prints_trainable_parameters(tiny_overrides: list[str]) -> None:
-    proc = fedtune("info", *tiny_overrides)
+    proc = fedtune_here("info", *tiny_overrides)
     assert proc.returncode == 0, proc.stderr
     assert "trainable parameters" in proc.stdout
 
 
 def test_eval_of_an_adapter_prints_eval_loss(trained_run: tuple[Path, list[str]]) -> None:
     run, overrides = trained_run
-    proc = fedtune("eval", "--adapter", str(run), *overrides)
+    proc = fedtune_here("eval", "--adapter", str(run), *overrides)
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:"))
     assert float(line.split(":")[1]) > 0
 
 
-def test_nf4_adapter_trains_after_an_evaluation(tmp_path: Path) -> None:
+def test_nf4_adapter_trains_after_an_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fedtune train evaluates and samples before training; the NF4 adapter must still learn (every B moves)."""
     from safetensors.torch import load_file
 
     rows = [{"prompt": f"What is {i} times two?", "response": f"{i} times two is {2 * i}."} for i in range(20)]
     (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    proc = subprocess.run([str(FEDTUNE), "train", "data.path=mine.jsonl", "model.name=tiny-llama", "quant.mode=nf4",
-                           "train.max_steps=2", "train.batch_size=2", "train.seq_len=48", "eval.max_new_tokens=2",
-                           "out=run1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user in that folder types them
+    proc = fedtune_here("train", "data.path=mine.jsonl", "model.name=tiny-llama", "quant.mode=nf4",
+                        "train.max_steps=2", "train.batch_size=2", "train.seq_len=48", "eval.max_new_tokens=2",
+                        "out=run1")
     assert proc.returncode == 0, proc.stderr
     state = load_file(str(tmp_path / "run1" / "adapter" / "adapter_model.safetensors"))
     frozen = [k for k, v in state.items() if "lora_B" in k and not v.any()]
@@ -152,12 +179,12 @@ def test_nf4_adapter_trains_after_an_evaluation(tmp_path: Path) -> None:
 def test_eval_of_a_run_reads_its_config(trained_run: tuple[Path, list[str]]) -> None:
     """No overrides: the run's config.toml gives model, data fields and split, so the loss is the run's own."""
     run, _ = trained_run
-    proc = fedtune("eval", "--adapter", str(run))
+    proc = fedtune_here("eval", "--adapter", str(run))
     assert proc.returncode == 0, proc.stderr
     got = float(next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:")).split(":")[1])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert got == pytest.approx([r for r in records if "eval_loss" in r][-1]["eval_loss"], rel=1e-4)
-    proc = fedtune("eval", "--adapter", str(run), "eval.batch_size=1", "eval.max_batches=1")  # overrides on top
+    proc = fedtune_here("eval", "--adapter", str(run), "eval.batch_size=1", "eval.max_batches=1")  # overrides on top
     assert proc.returncode == 0, proc.stderr
 
 
@@ -171,7 +198,7 @@ def test_export_merge_of_a_run_reads_its_config_and_says_the_dtype(trained_run: 
 
     run, _ = trained_run
     dest = tmp_path / "merged"
-    proc = fedtune("export", str(run), str(dest), "--merge")
+    proc = fedtune_here("export", str(run), str(dest), "--merge")
     assert proc.returncode == 0, proc.stderr
     assert f"merged model (tiny-llama) saved to {dest} in float32" in " ".join(proc.stdout.split())
     merged = AutoModelForCausalLM.from_pretrained(str(dest))
@@ -186,9 +213,9 @@ def test_eval_of_a_bare_adapter_folder_takes_its_base_model(trained_run: tuple[P
                                                            tmp_path: Path) -> None:
     run, overrides = trained_run
     dest = tmp_path / "exported"
-    assert fedtune("export", str(run), str(dest)).returncode == 0
+    assert fedtune_here("export", str(run), str(dest)).returncode == 0
     data_only = [o for o in overrides if o.startswith(("data.", "train.seq_len", "eval."))]
-    proc = fedtune("eval", "--adapter", str(dest), "quant.mode=none", "quant.compute_dtype=fp32", *data_only)
+    proc = fedtune_here("eval", "--adapter", str(dest), "quant.mode=none", "quant.compute_dtype=fp32", *data_only)
     assert proc.returncode == 0, proc.stderr
     assert float(next(line for line in proc.stdout.splitlines() if line.startswith("eval_loss:")).split(":")[1]) > 0
 
