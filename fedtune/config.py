@@ -126,7 +126,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = opt(8, "examples per evaluation batch")
-    max_batches: int | None = opt(None, "evaluate on at most this many batches (unset: the whole held-out set)")
+    max_batches: int | None = opt(None, "evaluate on at most this many batches of examples spread evenly over the held-out "
+                                  "set (unset: the whole held-out set)")
     samples: int = opt(1, "number of held-out prompts to answer with generation, before and after training")
     max_new_tokens: int = opt(32, "tokens generated per sample answer")
 

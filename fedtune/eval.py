@@ -26,10 +26,17 @@ def evaluate(
 ) -> dict[str, float]:
     """Token-weighted mean loss over answer tokens (``eval_loss``, ``perplexity``); ``accuracy`` for classifiers.
 
+    ``max_batches`` bounds the work to that many batches of examples spread evenly over ``examples`` (every
+    ``len / (max_batches * batch_size)``-th), so that the score keeps the set's mix of categories.
     Returns an empty dict when there is nothing to evaluate.
     """
     if not examples:
         return {}
+    if max_batches is not None and max_batches * batch_size < len(examples):
+        # Evenly spaced over the set, not its first batches: a held-out set kept in category order (the
+        # stratified split keeps the input order) would otherwise be scored on its first category alone.
+        k = max_batches * batch_size
+        examples = [examples[i * len(examples) // k] for i in range(k)]
     was_training = model.training
     model.eval()
     total_loss, total_tokens, correct, seen = 0.0, 0, 0, 0
