@@ -12,6 +12,7 @@ import torch
 from fakes import FakeDispatcher, FakeModel
 from rich.console import Console
 
+from fedtune import rounds as round_driver
 from fedtune.client import phases
 from fedtune.client.phases import ClientContext, run_phase
 from fedtune.compression.link import make_link
@@ -90,6 +91,9 @@ def drive(tmp: Path, rounds: int, *overrides: str):  # type: ignore[no-untyped-d
 @pytest.fixture
 def faked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(phases, "fit", fake_fit)
+    # the run's plot.png is not what these tests check (test_simulation / test_federation do), and drawing it
+    # (matplotlib's import and two figures a run) took most of their time
+    monkeypatch.setattr(round_driver, "write_plot", lambda history, path: None)
 
 
 def test_secure_aggregation_of_a_shared_mask_equals_the_plain_masked_run(tmp_path: Path, faked: None) -> None:
