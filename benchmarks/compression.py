@@ -12,6 +12,7 @@ loss. Also each compressor's CPU time per MiB of fp32 update (compress + wire en
 ``benchmarks/results/compression.json`` and the frontier plot ``benchmarks/results/compression.png``.
 
     nice -n 10 .venv/bin/python benchmarks/compression.py [--quick] [--rounds R --steps S] [--arms a,b]
+        [--json part.json] [--merge other.json]
 
 Target: at least 20x fewer total bytes than dense at an eval loss no more than 1% worse (moonshot 50x).
 """
@@ -53,6 +54,13 @@ ARMS: dict[str, list[str]] = {
     "mask 10% + int4": [*DOWN, "compress.method=int4", "mask.density=0.1"],
     # no exploration phase: round 1 trains dense (here: sign), the mask comes from its aggregate (secagg's mask)
     "mask 25% global + sign": [*DOWN, "compress.method=sign", "mask.density=0.25", "mask.score=global"],
+    # compress.pack: one wire tensor per message instead of one per LoRA factor (120 here, ~130 bytes of header
+    # each); compress.block: values per sign scale
+    "sign packed": [*DOWN, "compress.method=sign", "compress.pack=true"],
+    "sign/128 packed": [*DOWN, "compress.method=sign", "compress.pack=true", "compress.block=128"],
+    "sign/64 packed": [*DOWN, "compress.method=sign", "compress.pack=true", "compress.block=64"],
+    "mask 25% global + sign packed": [*DOWN, "compress.method=sign", "compress.pack=true", "mask.density=0.25",
+                                      "mask.score=global"],
 }
 BASELINE = "dense fp32"
 RECOMMENDED = "sign"
@@ -268,7 +276,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 scored")
     ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--arms", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--arms", default="", help="comma-separated subset (default: all; none: only --merge)")
+    ap.add_argument("--json", default="", help="results file under benchmarks/results (default compression.json)")
+    ap.add_argument("--merge", default="", help="comma-separated results files of earlier runs with the same "
+                    "rounds, steps, clients, eval batches and lr, whose arms join the table and the plot (the "
+                    "runs are deterministic: one thread per arm, seeded)")
     ap.add_argument("--parallel", type=int, default=1, help="arms run at once (each in its own process)")
     ap.add_argument("--grpc", action="store_true", help="dense and the recommended compressor (sign), each "
                     "simulated and over real `fedtune server` / `fedtune client` processes on loopback (one node "
@@ -286,22 +298,33 @@ def main() -> None:
     load_before, t0 = os.getloadavg(), time.perf_counter()
     cost = encoder_cost()
     print_codecs(cost)
+    merged: dict[str, dict[str, Any]] = {}
+    for name in filter(None, args.merge.split(",")):
+        old = json.loads((RESULTS / name).read_text())
+        sizes = ("rounds", "steps", "clients", "eval_batches", "lr")
+        if [old.get(k) for k in sizes] != [args.rounds, args.steps, args.clients, args.eval_batches, args.lr]:
+            raise SystemExit(f"--merge {name}: {dict(zip(sizes, [old.get(k) for k in sizes], strict=True))}, not "
+                             "this run's sizes")
+        merged.update(old["results"])
     if args.codecs:
         print(f"wrote {write_json('compression_codecs.json', {'cpu_s_per_mib': cost, 'machine': machine_info()})}")
         return
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     todo = [a for a in ARMS if not args.arms or a in args.arms.split(",")]
+    if args.merge:
+        todo = [a for a in todo if a not in merged]
     if args.quick:
         todo = [BASELINE, "sign"]
     specs = {a: [*base(rounds, steps, args.clients, args.eval_batches, args.lr), *QUANT["nf4"], *ARMS[a]] for a in todo}
     from concurrent.futures import ThreadPoolExecutor
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = dict(merged)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for name, res in zip(specs, pool.map(run_arm, specs.values()), strict=True):
             results[name] = {**res, "overrides": specs[name]}
             print(f"{name}: eval loss {res['before']:.4f} -> {res['after']:.4f}, "
                   f"{(res['bytes_up'] + res['bytes_down']) / 2**20:.2f} MiB ({res['wall_s']:.0f} s)", flush=True)
+    results = {a: results[a] for a in ARMS if a in results}
     ref = results.get(BASELINE)
     rows, frontier = [], {}
     for name, r in results.items():
@@ -320,7 +343,7 @@ def main() -> None:
              f"fedavg (load avg {load[0]:.1f})")
     print_table(title, ["arm", "eval loss", "vs dense", "MiB up", "MiB down", "fewer bytes", "encode ms/MiB",
                         "failed", "wall s"], rows)
-    name_json = "compression_quick.json" if args.quick else "compression.json"
+    name_json = args.json or ("compression_quick.json" if args.quick else "compression.json")
     if not args.quick:
         plot(results, RESULTS / "compression.png", title)
     path = write_json(name_json, {

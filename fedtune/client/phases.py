@@ -78,18 +78,14 @@ def received(ctx: ClientContext, ins: Instructions) -> Instructions | ClientRepl
             ins = dataclasses.replace(ins, state=pad(ins.state, int(ins.extra[MAX_RANK])))
         except ValueError as exc:
             return failed_reply(ins.client_id, ins.round, f"rank: {exc}")
+    if ins.extra.get(REF_ROUND) is not None:  # first: a packed delta (compress.pack) names no tensor of the mask
+        try:
+            ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial)
+        except ValueError as exc:
+            ctx.state.pop(HELD, None)  # whatever it held is of no use now: the next round sends it in full
+            return failed_reply(ins.client_id, ins.round, f"downlink: {exc}")
     masked = take_mask(ctx.state, ins)
-    if isinstance(masked, str):
-        return failed_reply(ins.client_id, ins.round, masked)
-    ins = masked
-    if ins.extra.get(REF_ROUND) is None:
-        return ins
-    try:
-        ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial)
-    except ValueError as exc:
-        ctx.state.pop(HELD, None)  # whatever it held is of no use now: the next round sends it in full
-        return failed_reply(ins.client_id, ins.round, f"downlink: {exc}")
-    return ins
+    return failed_reply(ins.client_id, ins.round, masked) if isinstance(masked, str) else masked
 
 
 def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:
