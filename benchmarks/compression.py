@@ -111,7 +111,7 @@ def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
     import torch
 
     from fedtune.compression.compressors import compress, expand
-    from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
+    from fedtune.compression.config import CompressConfig, wire_encoding
     from fedtune.transport.codec import decode_state, encode_state
 
     torch.set_num_threads(1)
@@ -120,7 +120,8 @@ def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
     acc = {f"layer{i}.lora_A.weight": torch.randn(8, n // 16, generator=gen, dtype=torch.float64) for i in range(2)}
     like = {k: v.float() for k, v in acc.items()}
     settings = {"dense fp32": None, "int8": CompressConfig(method="int8"), "int4": CompressConfig(method="int4"),
-                "sign": CompressConfig(method="sign"), "topk 10%": CompressConfig(method="topk", fraction=0.1),
+                "sign": CompressConfig(method="sign"), "sign/128": CompressConfig(method="sign", block=128),
+                "sign/64": CompressConfig(method="sign", block=64), "topk 10%": CompressConfig(method="topk", fraction=0.1),
                 "topk 1%": CompressConfig(method="topk", fraction=0.01),
                 "randk 10% (up only)": CompressConfig(method="randk", fraction=0.1)}
 
@@ -139,7 +140,7 @@ def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
 
         def enc() -> list[Any]:
             sent, _ = compress(acc, c, seed=1)
-            return list(encode_state(sent, UPLINK_ENCODING[c.method]))
+            return list(encode_state(sent, wire_encoding(c)))
 
         def dec(chunks: list[Any]) -> None:
             for k, v in decode_state(chunks).items():
@@ -257,6 +258,12 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         total = (r["bytes_up"] + r["bytes_down"]) / 2**20
         ax.scatter(total, r["after"], color="black" if name == BASELINE else "tab:blue")
         ax.annotate(name, (total, r["after"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ref = results.get(BASELINE)
+    if ref:  # the target: at least 20x fewer bytes than dense at an eval loss at most 1% worse
+        ax.axhline(1.01 * ref["after"], color="tab:red", linestyle="--", linewidth=0.8, label="dense + 1%")
+        ax.axvline((ref["bytes_up"] + ref["bytes_down"]) / 2**20 / 20, color="tab:red", linestyle=":",
+                   linewidth=0.8, label="20x fewer bytes")
+        ax.legend(fontsize=8, loc="center right")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("total MiB sent (up + down, encoded), log scale")
@@ -336,11 +343,11 @@ def main() -> None:
         rows.append([name, f"{r['after']:.4f}", "-" if worse is None else f"{worse:+.2f}%",
                      f"{r['bytes_up'] / 2**20:.2f}", f"{r['bytes_down'] / 2**20:.2f}",
                      "-" if fewer is None else f"{fewer:.1f}x",
-                     f"{1e3 * cost[name]['encode']:.1f}" if name in cost else "-",
+                     f"{1e3 * cost[codec]['encode']:.1f}" if (codec := name.removesuffix(" packed")) in cost else "-",
                      str(r["failed"]), f"{r['wall_s']:.0f}"])
     load = os.getloadavg()
     title = (f"compression: SmolLM2-135M nf4, {args.clients} clients by category, {rounds} rounds x {steps} steps, "
-             f"fedavg (load avg {load[0]:.1f})")
+             f"fedavg ({'merged from ' + str(len(args.merge.split(','))) + ' run(s)' if args.merge else f'load avg {load[0]:.1f}'})")
     print_table(title, ["arm", "eval loss", "vs dense", "MiB up", "MiB down", "fewer bytes", "encode ms/MiB",
                         "failed", "wall s"], rows)
     name_json = args.json or ("compression_quick.json" if args.quick else "compression.json")
