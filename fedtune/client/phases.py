@@ -24,7 +24,7 @@ from typing import Any
 from fedtune.client.fit import client_seed, fit
 from fedtune.client.pipeline import Transform, make_pipeline, run_pipeline
 from fedtune.compression.link import HELD, REF_ROUND, receive_downlink
-from fedtune.compression.mask import EXPLORE, masked_reply, take_mask
+from fedtune.compression.mask import EXPLORE, mask_of, masked_reply, take_mask
 from fedtune.compression.rank import MAX_RANK, pad
 from fedtune.config import Config
 from fedtune.models import LoadedModel
@@ -80,7 +80,7 @@ def received(ctx: ClientContext, ins: Instructions) -> Instructions | ClientRepl
             return failed_reply(ins.client_id, ins.round, f"rank: {exc}")
     if ins.extra.get(REF_ROUND) is not None:  # first: a packed delta (compress.pack) names no tensor of the mask
         try:
-            ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial)
+            ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial, mask_of(ctx.state, ins))
         except ValueError as exc:
             ctx.state.pop(HELD, None)  # whatever it held is of no use now: the next round sends it in full
             return failed_reply(ins.client_id, ins.round, f"downlink: {exc}")

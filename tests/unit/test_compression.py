@@ -4,6 +4,7 @@ carrying exactly what was sent, random-k's shared indices, and the server rebuil
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -346,3 +347,50 @@ def test_server_and_nodes_must_agree_on_compression() -> None:
     sign = fingerprint(load_config(None, ["client.pipeline=[compress]", "compress.method=sign"]))
     assert sign != plain != fingerprint(load_config(None, ["compress.downlink=true"]))
     assert sign != fingerprint(load_config(None, ["client.pipeline=[compress]", "compress.method=int4"]))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_under_a_mask_the_downlink_sends_only_the_masks_entries(pack: bool) -> None:
+    """A global pruning mask: the global changes only at its entries, so the downlink delta holds only them (in
+    gather's order, packed or not); the client rebuilds the server's reference bit for bit, and every other
+    entry keeps the value it had before the mask."""
+    from fedtune.compression.link import Link, receive_downlink
+    from fedtune.compression.mask import MASK_ROUND
+    from fedtune.transport.loopback import send_instructions
+
+    c = CompressConfig(method="sign", downlink=True, pack=pack)
+    link, g = Link(c, uplink=False), _state(0, 1.0)
+    mask = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(1)) < 0.25 for k, v in g.items()}
+    held: dict[str, Any] = {"a": None, "b": None}
+    sent: dict[int, int] = {}
+    for rnd in (1, 2, 3, 4):  # round 1: the clients' own start; 2: a dense round; 3 and 4 under the mask
+        step = {k: 0.01 * _state(10 + rnd, 1.0)[k] for k in g}
+        if rnd == 2:
+            g = {k: v + step[k] for k, v in g.items()}
+        elif rnd > 2:  # only the mask's entries move
+            g = {k: torch.where(mask[k], v + step[k], v) for k, v in g.items()}
+        ins = _instructions(rnd, g, ["a", "b"])
+        if rnd > 2:
+            ins = {cid: dataclasses.replace(i, mask=dict(mask), extra={**i.extra, MASK_ROUND: 3}) for cid, i in ins.items()}
+        wire = link.down(rnd, ins)
+        for cid in ("a", "b"):
+            got, _ = send_instructions(wire[cid], "dense")
+            assert bool(got.extra.get("delta_masked")) == (rnd > 2)
+            sent[rnd] = sum(v.numel() for v in got.state.values())
+            back, held[cid] = receive_downlink(held[cid], got, _state(0, 1.0), mask if rnd > 2 else None)
+            assert all(torch.equal(back.state[k], link.ref[k]) for k in g), (rnd, cid)
+        list(link.up([ClientReply(cid, rnd, {}, 1) for cid in ("a", "b")], {}))
+        if rnd == 2:
+            before = {k: v.clone() for k, v in link.ref.items()}
+    assert sent[2] == sum(v.numel() for v in g.values())  # values sent: every entry, then the mask's only
+    assert sent[3] == sent[4] == sum(int(m.sum()) for m in mask.values())
+    for k in g:  # outside the mask the reference is round 2's, bit for bit (its residual waits in G - R)
+        assert torch.equal(link.ref[k][~mask[k]], before[k][~mask[k]])
+        assert not mask[k].any() or not torch.equal(link.ref[k][mask[k]], before[k][mask[k]])
+    # a client without the mask (or with another one) cannot rebuild the delta: a failed round, R in full next
+    bad = dataclasses.replace(wire["a"], extra={**wire["a"].extra, "delta_from": 4})
+    with pytest.raises(ValueError, match="a delta of its mask's entries, and this client holds no mask of round 3"):
+        receive_downlink(held["a"], bad, None, None)
+    other = {k: torch.ones_like(m) for k, m in mask.items()}
+    with pytest.raises(ValueError, match="does not match the tensors|packed delta of shape"):
+        receive_downlink(held["a"], bad, None, other)
