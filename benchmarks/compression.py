@@ -12,6 +12,7 @@ loss. Also each compressor's CPU time per MiB of fp32 update (compress + wire en
 ``benchmarks/results/compression.json`` and the frontier plot ``benchmarks/results/compression.png``.
 
     nice -n 10 .venv/bin/python benchmarks/compression.py [--quick] [--rounds R --steps S] [--arms a,b]
+        [--json part.json] [--merge other.json]
 
 Target: at least 20x fewer total bytes than dense at an eval loss no more than 1% worse (moonshot 50x).
 """
@@ -53,6 +54,13 @@ ARMS: dict[str, list[str]] = {
     "mask 10% + int4": [*DOWN, "compress.method=int4", "mask.density=0.1"],
     # no exploration phase: round 1 trains dense (here: sign), the mask comes from its aggregate (secagg's mask)
     "mask 25% global + sign": [*DOWN, "compress.method=sign", "mask.density=0.25", "mask.score=global"],
+    # compress.pack: one wire tensor per message instead of one per LoRA factor (120 here, ~130 bytes of header
+    # each); compress.block: values per sign scale
+    "sign packed": [*DOWN, "compress.method=sign", "compress.pack=true"],
+    "sign/128 packed": [*DOWN, "compress.method=sign", "compress.pack=true", "compress.block=128"],
+    "sign/64 packed": [*DOWN, "compress.method=sign", "compress.pack=true", "compress.block=64"],
+    "mask 25% global + sign packed": [*DOWN, "compress.method=sign", "compress.pack=true", "mask.density=0.25",
+                                      "mask.score=global"],
 }
 BASELINE = "dense fp32"
 RECOMMENDED = "sign"
@@ -103,7 +111,7 @@ def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
     import torch
 
     from fedtune.compression.compressors import compress, expand
-    from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
+    from fedtune.compression.config import CompressConfig, wire_encoding
     from fedtune.transport.codec import decode_state, encode_state
 
     torch.set_num_threads(1)
@@ -112,7 +120,8 @@ def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
     acc = {f"layer{i}.lora_A.weight": torch.randn(8, n // 16, generator=gen, dtype=torch.float64) for i in range(2)}
     like = {k: v.float() for k, v in acc.items()}
     settings = {"dense fp32": None, "int8": CompressConfig(method="int8"), "int4": CompressConfig(method="int4"),
-                "sign": CompressConfig(method="sign"), "topk 10%": CompressConfig(method="topk", fraction=0.1),
+                "sign": CompressConfig(method="sign"), "sign/128": CompressConfig(method="sign", block=128),
+                "sign/64": CompressConfig(method="sign", block=64), "topk 10%": CompressConfig(method="topk", fraction=0.1),
                 "topk 1%": CompressConfig(method="topk", fraction=0.01),
                 "randk 10% (up only)": CompressConfig(method="randk", fraction=0.1)}
 
@@ -131,7 +140,7 @@ def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
 
         def enc() -> list[Any]:
             sent, _ = compress(acc, c, seed=1)
-            return list(encode_state(sent, UPLINK_ENCODING[c.method]))
+            return list(encode_state(sent, wire_encoding(c)))
 
         def dec(chunks: list[Any]) -> None:
             for k, v in decode_state(chunks).items():
@@ -249,6 +258,12 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         total = (r["bytes_up"] + r["bytes_down"]) / 2**20
         ax.scatter(total, r["after"], color="black" if name == BASELINE else "tab:blue")
         ax.annotate(name, (total, r["after"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ref = results.get(BASELINE)
+    if ref:  # the target: at least 20x fewer bytes than dense at an eval loss at most 1% worse
+        ax.axhline(1.01 * ref["after"], color="tab:red", linestyle="--", linewidth=0.8, label="dense + 1%")
+        ax.axvline((ref["bytes_up"] + ref["bytes_down"]) / 2**20 / 20, color="tab:red", linestyle=":",
+                   linewidth=0.8, label="20x fewer bytes")
+        ax.legend(fontsize=8, loc="center right")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("total MiB sent (up + down, encoded), log scale")
@@ -268,7 +283,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 scored")
     ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--arms", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--arms", default="", help="comma-separated subset (default: all; none: only --merge)")
+    ap.add_argument("--json", default="", help="results file under benchmarks/results (default compression.json)")
+    ap.add_argument("--merge", default="", help="comma-separated results files of earlier runs with the same "
+                    "rounds, steps, clients, eval batches and lr, whose arms join the table and the plot (the "
+                    "runs are deterministic: one thread per arm, seeded)")
     ap.add_argument("--parallel", type=int, default=1, help="arms run at once (each in its own process)")
     ap.add_argument("--grpc", action="store_true", help="dense and the recommended compressor (sign), each "
                     "simulated and over real `fedtune server` / `fedtune client` processes on loopback (one node "
@@ -286,22 +305,33 @@ def main() -> None:
     load_before, t0 = os.getloadavg(), time.perf_counter()
     cost = encoder_cost()
     print_codecs(cost)
+    merged: dict[str, dict[str, Any]] = {}
+    for name in filter(None, args.merge.split(",")):
+        old = json.loads((RESULTS / name).read_text())
+        sizes = ("rounds", "steps", "clients", "eval_batches", "lr")
+        if [old.get(k) for k in sizes] != [args.rounds, args.steps, args.clients, args.eval_batches, args.lr]:
+            raise SystemExit(f"--merge {name}: {dict(zip(sizes, [old.get(k) for k in sizes], strict=True))}, not "
+                             "this run's sizes")
+        merged.update(old["results"])
     if args.codecs:
         print(f"wrote {write_json('compression_codecs.json', {'cpu_s_per_mib': cost, 'machine': machine_info()})}")
         return
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     todo = [a for a in ARMS if not args.arms or a in args.arms.split(",")]
+    if args.merge:
+        todo = [a for a in todo if a not in merged]
     if args.quick:
         todo = [BASELINE, "sign"]
     specs = {a: [*base(rounds, steps, args.clients, args.eval_batches, args.lr), *QUANT["nf4"], *ARMS[a]] for a in todo}
     from concurrent.futures import ThreadPoolExecutor
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = dict(merged)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for name, res in zip(specs, pool.map(run_arm, specs.values()), strict=True):
             results[name] = {**res, "overrides": specs[name]}
             print(f"{name}: eval loss {res['before']:.4f} -> {res['after']:.4f}, "
                   f"{(res['bytes_up'] + res['bytes_down']) / 2**20:.2f} MiB ({res['wall_s']:.0f} s)", flush=True)
+    results = {a: results[a] for a in ARMS if a in results}
     ref = results.get(BASELINE)
     rows, frontier = [], {}
     for name, r in results.items():
@@ -313,14 +343,14 @@ def main() -> None:
         rows.append([name, f"{r['after']:.4f}", "-" if worse is None else f"{worse:+.2f}%",
                      f"{r['bytes_up'] / 2**20:.2f}", f"{r['bytes_down'] / 2**20:.2f}",
                      "-" if fewer is None else f"{fewer:.1f}x",
-                     f"{1e3 * cost[name]['encode']:.1f}" if name in cost else "-",
+                     f"{1e3 * cost[codec]['encode']:.1f}" if (codec := name.removesuffix(" packed")) in cost else "-",
                      str(r["failed"]), f"{r['wall_s']:.0f}"])
     load = os.getloadavg()
     title = (f"compression: SmolLM2-135M nf4, {args.clients} clients by category, {rounds} rounds x {steps} steps, "
-             f"fedavg (load avg {load[0]:.1f})")
+             f"fedavg ({'merged from ' + str(len(args.merge.split(','))) + ' run(s)' if args.merge else f'load avg {load[0]:.1f}'})")
     print_table(title, ["arm", "eval loss", "vs dense", "MiB up", "MiB down", "fewer bytes", "encode ms/MiB",
                         "failed", "wall s"], rows)
-    name_json = "compression_quick.json" if args.quick else "compression.json"
+    name_json = args.json or ("compression_quick.json" if args.quick else "compression.json")
     if not args.quick:
         plot(results, RESULTS / "compression.png", title)
     path = write_json(name_json, {

@@ -24,7 +24,7 @@ from typing import Any
 from fedtune.client.fit import client_seed, fit
 from fedtune.client.pipeline import Transform, make_pipeline, run_pipeline
 from fedtune.compression.link import HELD, REF_ROUND, receive_downlink
-from fedtune.compression.mask import EXPLORE, masked_reply, take_mask
+from fedtune.compression.mask import EXPLORE, mask_of, masked_reply, take_mask
 from fedtune.compression.rank import MAX_RANK, pad
 from fedtune.config import Config
 from fedtune.models import LoadedModel
@@ -78,18 +78,14 @@ def received(ctx: ClientContext, ins: Instructions) -> Instructions | ClientRepl
             ins = dataclasses.replace(ins, state=pad(ins.state, int(ins.extra[MAX_RANK])))
         except ValueError as exc:
             return failed_reply(ins.client_id, ins.round, f"rank: {exc}")
+    if ins.extra.get(REF_ROUND) is not None:  # first: a packed delta (compress.pack) names no tensor of the mask
+        try:
+            ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial, mask_of(ctx.state, ins))
+        except ValueError as exc:
+            ctx.state.pop(HELD, None)  # whatever it held is of no use now: the next round sends it in full
+            return failed_reply(ins.client_id, ins.round, f"downlink: {exc}")
     masked = take_mask(ctx.state, ins)
-    if isinstance(masked, str):
-        return failed_reply(ins.client_id, ins.round, masked)
-    ins = masked
-    if ins.extra.get(REF_ROUND) is None:
-        return ins
-    try:
-        ins, ctx.state[HELD] = receive_downlink(ctx.state.get(HELD), ins, ctx.lm.initial)
-    except ValueError as exc:
-        ctx.state.pop(HELD, None)  # whatever it held is of no use now: the next round sends it in full
-        return failed_reply(ins.client_id, ins.round, f"downlink: {exc}")
-    return ins
+    return failed_reply(ins.client_id, ins.round, masked) if isinstance(masked, str) else masked
 
 
 def train_phase(ctx: ClientContext, ins: Instructions) -> ClientReply:

@@ -2,15 +2,19 @@
 
 Each takes ``{name: tensor}`` in float64 (the update plus the residual) and returns what is sent in float32
 and the same thing at full shape (what the receiver rebuilds). What is sent is a fixed point of the method's
-wire encoding (``fedtune.compression.config.UPLINK_ENCODING``): top-k / threshold are copies of float32
-entries (``sparse_coo``), sign is +-s per block of 256 (``sign``), int8 / int4 are integer codes times a
+wire encoding (``fedtune.compression.config.wire_encoding``): top-k / threshold are copies of float32
+entries (``sparse_coo``), sign is +-s per block of ``compress.block`` (``sign``, ``sign_b<block>``), int8 / int4 are integer codes times a
 power-of-two scale per block (``int8_pow2`` / ``int4_pow2``, the codec's own quantizer). So the receiver
 decodes bit for bit what the sender subtracted from its residual. Random-k sends only the k values; the
 indices come from a seed both sides know (the client's seed of the round and the tensor's name).
+
+With ``compress.pack`` every tensor is compressed and sent as one flat vector (``PACKED``: the tensors in name
+order, each flattened), ``compress_state`` / ``expand_state``; the receiver cuts it back by the shapes it holds.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -55,15 +59,15 @@ def _topk_global(acc: State, k: int) -> State:
     return out
 
 
-def _sign(x: torch.Tensor) -> torch.Tensor:
-    """+-s per block of 256, s the block's mean magnitude (EF-signSGD's scaled sign)."""
+def _sign(x: torch.Tensor, block: int) -> torch.Tensor:
+    """+-s per block of ``block`` values, s the block's mean magnitude (EF-signSGD's scaled sign)."""
     flat = x.reshape(-1)
     n = flat.numel()
-    padded = torch.nn.functional.pad(flat.abs(), (0, -n % BLOCK)).reshape(-1, BLOCK)
-    counts = torch.full((padded.shape[0],), float(BLOCK), dtype=padded.dtype)
-    if n % BLOCK:
-        counts[-1] = n % BLOCK
-    s = (padded.sum(dim=1) / counts).float().repeat_interleave(BLOCK)[:n]
+    padded = torch.nn.functional.pad(flat.abs(), (0, -n % block)).reshape(-1, block)
+    counts = torch.full((padded.shape[0],), float(block), dtype=padded.dtype)
+    if n % block:
+        counts[-1] = n % block
+    s = (padded.sum(dim=1) / counts).float().repeat_interleave(block)[:n]
     return torch.where(torch.signbit(flat), -s, s).reshape(x.shape)
 
 
@@ -102,11 +106,66 @@ def compress(acc: State, c: CompressConfig, seed: int) -> tuple[State, State]:
             full[name] = _keep(x, idx)
             continue
         elif c.method == "sign":
-            full[name] = _sign(x)
+            full[name] = _sign(x, c.block)
         else:
             full[name] = _quantize(x, _QUANT[c.method], gen)
         sent[name] = full[name]
     return sent, full
+
+
+PACKED = "packed"
+"""The one wire tensor of a packed delta (``compress.pack``)."""
+
+
+def _layout(state: State) -> list[tuple[str, torch.Size]]:
+    return [(n, state[n].shape) for n in sorted(state)]
+
+
+def unpack(flat: torch.Tensor, like: State) -> State:
+    """``flat`` cut into ``like``'s tensors (name order, each flattened): what ``PACKED`` holds.
+
+    Raises:
+        ValueError: ``flat`` is not a 1-D vector of exactly ``like``'s count of values.
+    """
+    layout = _layout(like)
+    total = sum(math.prod(shape) for _, shape in layout)
+    if flat.dim() != 1 or flat.numel() != total:
+        raise ValueError(f"packed delta of shape {tuple(flat.shape)}, expected ({total},): one value per entry of "
+                         f"the {len(layout)} tensors")
+    parts = flat.split([math.prod(shape) for _, shape in layout]) if layout else []
+    return {n: part.reshape(shape) for (n, shape), part in zip(layout, parts, strict=True)}
+
+
+def compress_state(acc: State, c: CompressConfig, seed: int) -> tuple[State, State]:
+    """``compress``, or with ``compress.pack`` the tensors compressed as one flat vector: what is sent
+    (``{PACKED: vector}``) and that back at each tensor's shape."""
+    if not c.pack:
+        return compress(acc, c, seed)
+    layout = _layout(acc)
+    flat = torch.cat([acc[n].reshape(-1) for n, _ in layout]) if layout else torch.zeros(0, dtype=torch.float64)
+    sent, full = compress({PACKED: flat}, c, seed)
+    return sent, unpack(full[PACKED], acc)
+
+
+def expand_state(sent: State, like: State, c: CompressConfig, seed: int) -> State:
+    """Each tensor of ``sent`` (a delta ``compress_state`` made) at the shape of its tensor in ``like``.
+
+    Raises:
+        ValueError: a tensor ``like`` does not hold, a shape or count this method cannot have sent, or with
+            ``compress.pack`` anything but one packed vector of all of ``like``'s values.
+    """
+    if c.pack:
+        if set(sent) != {PACKED}:
+            raise ValueError(f"compress.pack: expected one packed delta {PACKED!r}, got tensors {sorted(sent)[:3]}")
+        total = sum(t.numel() for t in like.values())
+        return unpack(expand(sent[PACKED], torch.zeros(total), PACKED, c, seed), like)
+    out = {}
+    for name, d in sent.items():
+        base = like.get(name)
+        if base is None:
+            raise ValueError(f"delta of tensor {name!r}, which was not sent")
+        out[name] = expand(d, base, name, c, seed)
+    return out
 
 
 def expand(sent: torch.Tensor, like: torch.Tensor, name: str, c: CompressConfig, seed: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Compression is a transform of the client update pipeline: list ``"compress"`` in ``client.pipeline`` (last:
 the transforms after it would see a compressed delta instead of trained values) and choose ``compress.method``.
-Uploads then travel as deltas from the global state, in the method's own wire encoding (``UPLINK_ENCODING``);
+Uploads then travel as deltas from the global state, in the method's own wire encoding (``wire_encoding``);
 ``client.encoding`` still governs everything else.
 
 What works with what (refused combinations are config errors naming the reason):
@@ -35,8 +35,21 @@ UPLINK_ENCODING: dict[str, str] = {
 SPARSE = ("topk", "threshold", "randk")
 QUANTIZERS = ("int8", "int4")
 BLOCK = 256
-"""Values per scale of ``sign`` / ``int8`` / ``int4``: the block of their wire codecs, which must be the same for
-the codec to carry the compressor's output bit for bit."""
+"""Values per scale of ``int8`` / ``int4``, and of ``sign`` by default (``compress.block``): the block of their wire
+codecs, which must be the same for the codec to carry the compressor's output bit for bit."""
+SIGN_BLOCKS = tuple(2**i for i in range(5, 11))
+"""The block sizes ``sign`` takes (``compress.block``): powers of two from 32 to 1024, each a wire encoding
+(``sign`` for 256, else ``sign_b<block>``)."""
+
+
+def sign_encoding(block: int) -> str:
+    """The wire encoding of ``sign`` with ``block`` values per scale."""
+    return "sign" if block == BLOCK else f"sign_b{block}"
+
+
+def wire_encoding(c: CompressConfig) -> str:
+    """The wire encoding ``c``'s output travels in (its method's, ``sign`` at its block size)."""
+    return sign_encoding(c.block) if c.method == "sign" else UPLINK_ENCODING[c.method]
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -63,6 +76,12 @@ class CompressConfig:
                               "SVD components of the client's scale * B @ A whose squared singular values hold at "
                               "least this fraction of the layer's total")
     min_rank: int = _opt(1, "rank pruning: keep at least this many components per layer")
+    pack: bool = _opt(False, "send a compressed delta (up, and down with compress.downlink) as one flat tensor of "
+                             "every tensor in name order instead of one wire tensor each: a LoRA adapter has many "
+                             "small tensors, and each wire tensor's header (name, shape, digest: about 130 bytes) "
+                             "is a fifth of a sign-compressed q_proj factor's message")
+    block: int = _opt(BLOCK, "sign: values per scale (a power of two from 32 to 1024); smaller blocks follow the "
+                             "update's magnitudes more closely at 4 bytes more per block")
 
     def validate(self) -> list[str]:
         p = []
@@ -80,6 +99,12 @@ class CompressConfig:
             p.append(f"compress.energy: got {self.energy}, must be in (0, 1]")
         if self.min_rank < 1:
             p.append(f"compress.min_rank: got {self.min_rank}, must be >= 1")
+        if self.block not in SIGN_BLOCKS:
+            p.append(f"compress.block: got {self.block}, must be a power of two from {SIGN_BLOCKS[0]} to "
+                     f"{SIGN_BLOCKS[-1]}")
+        elif self.block != BLOCK and self.method != "sign":
+            p.append(f"compress.block: only sign takes a block size (int8 / int4 use {BLOCK}), not "
+                     f"compress.method={self.method}")
         if self.downlink and self.method == "randk":
             p.append("compress.downlink: randk cannot compress the downlink (its indices come from each client's "
                      "seed); choose another compress.method")
@@ -111,7 +136,7 @@ def compress_problems(cfg: Any) -> list[str]:
 def uplink_encoding(cfg: Any) -> str:
     """The wire encoding of updates: the compressor's own with ``compress`` in ``client.pipeline``, else
     ``client.encoding`` (nodes send in it, the server and the simulator count in it)."""
-    return UPLINK_ENCODING[cfg.compress.method] if "compress" in cfg.client.pipeline else str(cfg.client.encoding)
+    return wire_encoding(cfg.compress) if "compress" in cfg.client.pipeline else str(cfg.client.encoding)
 
 
 def _rank_problems(cfg: Any) -> list[str]:

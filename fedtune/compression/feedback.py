@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from fedtune.compression.compressors import compress
+from fedtune.compression.compressors import compress_state
 from fedtune.compression.config import CompressConfig
 from fedtune.types import ClientReply, Instructions, State
 
@@ -41,6 +41,9 @@ class CompressTransform:
                     raise ValueError(f"the error-feedback residual of {name!r} has shape {tuple(old.shape)}, "
                                      f"the update {tuple(t.shape)}")
                 acc[name] += old
-        sent, full = compress(acc, self.c, int(ins.extra.get("seed", ins.round)))
+        if self.c.pack and set(acc) != set(ins.state):
+            raise ValueError(f"compress.pack sends every tensor the server sent; the update has {len(acc)} of "
+                             f"{len(ins.state)}")
+        sent, full = compress_state(acc, self.c, int(ins.extra.get("seed", ins.round)))
         residual = {n: acc[n] - full[n].double() for n in acc} if self.c.error_feedback else {}
         return dataclasses.replace(reply, state=sent, delta=True), residual

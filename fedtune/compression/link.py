@@ -29,9 +29,9 @@ import torch
 import xxhash
 
 from fedtune.adapters import lora_pairs
-from fedtune.compression.compressors import compress, expand
-from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
-from fedtune.compression.mask import MASK_ROUND, gather, scatter
+from fedtune.compression.compressors import PACKED, compress_state, expand_state, unpack
+from fedtune.compression.config import CompressConfig, wire_encoding
+from fedtune.compression.mask import MASK_ROUND, gather, mask_problem, scatter
 from fedtune.compression.rank import MAX_RANK, trim
 from fedtune.transport.messages import instructions_wire_size, reply_wire_size
 from fedtune.types import ClientReply, Instructions, State, failed_reply
@@ -42,6 +42,9 @@ REF_ROUND = "ref_round"
 """``Instructions.extra`` key: the state (full, or rebuilt from the delta) is the reference of this round."""
 TRAINING = ("train", "secagg_upload")
 """Phases whose clients train from the instructions' state (and may be sent a pruning mask)."""
+MASKED_DELTA = "delta_masked"
+"""``Instructions.extra`` key: the downlink delta holds only the entries of the pruning mask the instructions
+train with (``mask_round``), in ``gather``'s order; every other entry of the reference is unchanged."""
 HELD = "downlink"
 """The client's state key of the reference it holds: ``{"round": tensor, "state": {...}}``."""
 
@@ -56,17 +59,11 @@ def rebuild(reply: ClientReply, ins: Instructions, c: CompressConfig) -> ClientR
     """``reply`` with values (``ins.state`` + its delta) when it holds a compressed delta; otherwise as it came."""
     if not reply.ok or not reply.delta or reply.state is None:
         return reply
-    seed = int(ins.extra.get("seed", ins.round))
-    values: State = {}
-    for name, d in reply.state.items():
-        base = ins.state.get(name)
-        if base is None:
-            return _failed(reply, f"rejected update: delta of tensor {name!r}, which was not sent")
-        try:
-            full = expand(d, base, name, c, seed)
-        except ValueError as exc:
-            return _failed(reply, f"rejected update: {exc}")
-        values[name] = (base.float() + full.float()).to(base.dtype)
+    try:
+        full = expand_state(reply.state, ins.state, c, int(ins.extra.get("seed", ins.round)))
+    except ValueError as exc:
+        return _failed(reply, f"rejected update: {exc}")
+    values = {name: (ins.state[name].float() + d.float()).to(ins.state[name].dtype) for name, d in full.items()}
     return dataclasses.replace(reply, state=values, delta=False)
 
 
@@ -80,28 +77,45 @@ def state_digest(state: State) -> str:
     return str(h.hexdigest())
 
 
-def receive_downlink(held: dict[str, Any] | None, ins: Instructions,
-                     initial: State | None = None) -> tuple[Instructions, dict[str, Any] | None]:
+def receive_downlink(held: dict[str, Any] | None, ins: Instructions, initial: State | None = None,
+                     mask: State | None = None) -> tuple[Instructions, dict[str, Any] | None]:
     """The instructions with the reference state rebuilt, and what the client holds now. ``initial``: the
-    adapter as built at load time, the client's round-0 reference.
+    adapter as built at load time, the client's round-0 reference; ``mask``: the pruning mask the instructions
+    train with (a delta of only its entries, ``MASKED_DELTA``).
 
     Raises:
-        ValueError: a delta from a reference this client does not hold (it becomes a failed reply).
+        ValueError: a delta from a reference this client does not hold, or that does not fit it (it becomes a
+            failed reply).
     """
     if DELTA_FROM in ins.extra:
         frm = int(ins.extra[DELTA_FROM])
-        if held is None and frm == 0 and initial and set(ins.state) <= set(initial):
-            held = {"round": torch.tensor(0), "state": {k: initial[k] for k in ins.state}}
+        packed = bool(ins.extra.get(PACKED))  # compress.pack: one flat vector of the held tensors in name order
+        names = set(initial or {}) if packed else set(ins.state)
+        if held is None and frm == 0 and initial and names <= set(initial):
+            held = {"round": torch.tensor(0), "state": {k: initial[k] for k in names}}
         have = int(held["round"]) if held else None
         if held is None or have != frm:
             raise ValueError(f"the server sent a delta from its round-{frm} state, this client holds "
                              f"{'none' if have is None else 'round ' + str(have)}")
         ref = held["state"]
-        if set(ref) != set(ins.state) or any(ref[k].shape != ins.state[k].shape for k in ref):
+        masked = bool(ins.extra.get(MASKED_DELTA))
+        if masked and (mask is None or mask_problem(mask, ref) is not None):
+            raise ValueError("the server sent a delta of its mask's entries, and this client holds no mask of "
+                             f"round {ins.extra.get(MASK_ROUND)} that fits its tensors")
+        like = gather(ref, mask) if masked and mask is not None else ref
+        if packed:
+            if set(ins.state) != {PACKED}:
+                raise ValueError(f"the server's packed delta holds tensors {sorted(ins.state)[:3]}, not {PACKED!r}")
+            delta = unpack(ins.state[PACKED], like)
+        elif set(like) != set(ins.state) or any(like[k].shape != ins.state[k].shape for k in like):
             raise ValueError("the server's delta does not match the tensors this client holds")
+        else:
+            delta = ins.state
+        if masked and mask is not None:
+            delta = scatter(delta, {k: torch.zeros_like(v) for k, v in ref.items()}, mask)
         if state_digest(ref) != ins.extra.get("ref_digest"):
             raise ValueError(f"the state this client holds as round {frm} is not the server's (digest differs)")
-        state = {k: ref[k] + ins.state[k].to(ref[k].dtype) for k in ins.state}
+        state = {k: ref[k] + delta[k].to(ref[k].dtype) for k in ref}
     elif REF_ROUND in ins.extra:
         state = {k: v.clone() for k, v in ins.state.items()}
     else:
@@ -135,6 +149,8 @@ class Link:
             return ins
         extra = dict(ins.extra)
         state = ins.state
+        if self.uplink and self.c.pack and ins.phase == "train":
+            extra["reply_tensors"] = [PACKED]  # the reply's one tensor, which the instructions do not carry
         if self.trim or self.rank_prune:
             pairs = lora_pairs(state)
             if pairs:
@@ -159,10 +175,19 @@ class Link:
         if self.ref is None and rnd == 1:  # a fresh run: every client built the starting state itself
             self.ref, self.ref_round, self.everyone = {k: v.detach().clone() for k, v in g.items()}, 0, True
         old, delta = self.ref, None
+        # Under a pruning mask the global changes only at its entries: send G - R there only (the rest of G - R,
+        # from before the mask, waits for a round without one). Every client trains with the same mask.
+        masks = [ins.mask for ins in train if ins.mask and MASK_ROUND in ins.extra]
+        mask = masks[0] if masks and len(masks) == len(train) and all(
+            m.keys() == masks[0].keys() and all(torch.equal(m[k], masks[0][k]) for k in m) for m in masks) else None
         if old is not None and set(old) == set(g) and all(old[k].shape == g[k].shape for k in g):
             diff = {k: g[k].double() - old[k].double() for k in g}
-            delta, _ = compress(diff, self.c, seed=rnd)
-            self.ref = {k: old[k] + delta[k].to(old[k].dtype) for k in g}
+            if mask is not None:
+                delta, kept = compress_state(gather(diff, mask), self.c, seed=rnd)
+                full = scatter(kept, {k: torch.zeros_like(v) for k, v in diff.items()}, mask)
+            else:
+                delta, full = compress_state(diff, self.c, seed=rnd)
+            self.ref = {k: old[k] + full[k].to(old[k].dtype) for k in g}
         else:
             self.ref = {k: v.detach().clone() for k, v in g.items()}
         digest = state_digest(old) if delta is not None and old is not None else ""
@@ -174,7 +199,8 @@ class Link:
                 assert old is not None
                 out[cid] = dataclasses.replace(ins, state=delta, extra={
                     **ins.extra, DELTA_FROM: self.ref_round, REF_ROUND: rnd, "ref_digest": digest,
-                    "state_encoding": UPLINK_ENCODING[self.c.method]})
+                    "state_encoding": wire_encoding(self.c), **({PACKED: 1} if self.c.pack else {}),
+                    **({MASKED_DELTA: 1} if mask is not None else {})})
             else:  # lossless whatever client.encoding says: the client must hold R bit for bit
                 out[cid] = dataclasses.replace(ins, state=self.ref, extra={**ins.extra, REF_ROUND: rnd,
                                                                             "state_encoding": "dense"})

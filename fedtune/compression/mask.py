@@ -237,6 +237,16 @@ def take_mask(state: dict[str, Any], ins: Instructions) -> Instructions | str:
     return f"mask: {problem}" if problem is not None else dataclasses.replace(ins, mask=held["mask"])
 
 
+def mask_of(state: dict[str, Any], ins: Instructions) -> State | None:
+    """The mask ``ins`` trains with: the one it carries, else the one this client holds of its version (None:
+    neither)."""
+    if ins.mask:
+        return ins.mask
+    held = state.get(HELD_MASK)
+    rnd = ins.extra.get(MASK_ROUND)
+    return held["mask"] if held is not None and rnd is not None and int(held["round"]) == int(rnd) else None
+
+
 def sent_reference(state: dict[str, Any], ins: Instructions) -> State:
     """The global values a client's update to ``ins`` is a delta from, as it sends them: under a mask (the one
     ``take_mask`` left in the client's ``state``) only its entries (``gather``), else ``ins.state``.

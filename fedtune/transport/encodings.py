@@ -420,7 +420,11 @@ ENCODINGS: dict[str, Encoding] = {
     "sparse_bitmap": SparseBitmap(), "fixed_u32": FixedU32(), "sign": SignBlocks(),
     "int8_pow2": Pow2Blocks(8), "int4_pow2": Pow2Blocks(4), "bitmap": Bitmap(),
 }
-FLOAT_ONLY = {"fp32", "bf16", "fp16", "int8", "sign", "int8_pow2", "int4_pow2"}
+# sign at the other block sizes of compress.block (the decoder reads the block size from the metadata whatever
+# the name; the name picks the sender's)
+SIGN_SIZES = {f"sign_b{2**i}": SignBlocks(2**i) for i in range(5, 11) if 2**i != 256}
+ENCODINGS.update(SIGN_SIZES)
+FLOAT_ONLY = {"fp32", "bf16", "fp16", "int8", "sign", "int8_pow2", "int4_pow2", *SIGN_SIZES}
 
 
 def register_encoding(name: str, encoding: Encoding, float_only: bool = False) -> None:

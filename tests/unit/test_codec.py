@@ -37,7 +37,7 @@ STATE = {
 # max abs error allowed per encoding on float tensors of magnitude ~3
 TOL = {"dense": 0, "fp32": 0, "bf16": 0.05, "fp16": 0.005, "int8": 0.05, "sparse_coo": 0, "sparse_bitmap": 0,
        "fixed_u32": 1e-4, "bitmap": 0, "int8_pow2": 0.05, "int4_pow2": 0.6,
-       "sign": 8}  # sign: +-(block max), within 2 max|x| of any value
+       "sign": 8, **{f"sign_b{2**i}": 8 for i in range(5, 11)}}  # sign: +-(block max), within 2 max|x| of any value
 
 
 @pytest.mark.parametrize("encoding", sorted(ENCODINGS))
@@ -321,6 +321,11 @@ def test_rejects_bad_compressor_payloads():
     t = torch.tensor([0.5, -1.0, 0.25, 2.0, 0.0])
     _reject(_payload_edit(t, "sign", 0, struct.pack("<f", float("nan"))), "scales must be finite")
     _reject(_payload_edit(t, "sign", 0, struct.pack("<f", -1.0)), "scales must be finite and >= 0")
+    for enc in ("sign_b32", "sign_b1024"):  # sign at compress.block's other sizes: the same checks
+        _reject(_payload_edit(t, enc, 0, struct.pack("<f", float("inf"))), "scales must be finite")
+        c = list(encode_state({"t": t}, enc))
+        c[0].meta.block_size = 1 << 25
+        _reject(c, r"sign block_size 33554432 out of range \[1, 2\^24\]")
     _reject(_payload_edit(t, "int8_pow2", 0, bytes([0x80])), r"exponents must lie in \[-126, 127\]")
     _reject(_payload_edit(t, "int8_pow2", 1, bytes([0x80])), r"codes must lie in \[-127, 127\]")  # code -128
     _reject(_payload_edit(t, "int4_pow2", 1, bytes([0x08])), r"codes must lie in \[-7, 7\]")  # nibble -8

@@ -4,6 +4,7 @@ carrying exactly what was sent, random-k's shared indices, and the server rebuil
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -11,17 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune.compression.compressors import compress, k_of, randk_indices
-from fedtune.compression.config import UPLINK_ENCODING, CompressConfig
+from fedtune.compression.config import CompressConfig, wire_encoding
 from fedtune.compression.feedback import CompressTransform
 from fedtune.compression.link import rebuild
 from fedtune.transport.codec import decode_state, encode_state
+from fedtune.transport.messages import reply_wire_size
 from fedtune.types import ClientReply, Instructions
 
 METHODS = ["topk", "randk", "threshold", "sign", "int8", "int4"]
 SETTINGS = [CompressConfig(method=m) for m in METHODS] + [
     CompressConfig(method="topk", scope="global", fraction=0.1), CompressConfig(method="topk", count=3),
     CompressConfig(method="int8", stochastic=True), CompressConfig(method="int4", stochastic=True),
-    CompressConfig(method="threshold", threshold=0.5)]
+    CompressConfig(method="threshold", threshold=0.5), CompressConfig(method="sign", block=32),
+    CompressConfig(method="sign", block=1024), CompressConfig(method="sign", pack=True, block=64),
+    CompressConfig(method="topk", pack=True, fraction=0.05), CompressConfig(method="randk", pack=True, fraction=0.2),
+    CompressConfig(method="int4", pack=True)]
 EXACT = {"topk", "randk", "threshold"}  # entries copied: sent + residual is the accumulator bit for bit
 
 
@@ -42,10 +47,21 @@ def test_sent_plus_new_residual_is_update_plus_old_residual(seed: int, scale: fl
     old64 = {k: v.double() for k, v in old.items()}
     out, residual = CompressTransform(c).apply(reply, ins, old64)
     assert out.delta and out.state is not None
+    got = out.state
+    if c.pack:  # one vector of the tensors in name order, cut back here by their shapes
+        assert list(got) == ["packed"] and got["packed"].dim() == 1
+        got = dict(zip(sorted(start), got["packed"].split([start[k].numel() for k in sorted(start)])
+                       if c.method != "randk" else [got["packed"]] * len(start), strict=True))
     for name in start:
         acc = trained[name].double() - start[name].double() + old64[name]
-        sent = out.state[name]
-        if c.method == "randk":
+        sent = got[name].reshape(acc.shape) if c.pack and c.method != "randk" else got[name]
+        if c.method == "randk" and c.pack:
+            total = sum(v.numel() for v in start.values())
+            full = torch.zeros(total, dtype=torch.float32)
+            full[randk_indices(total, k_of(total, c), seed, "packed")] = sent
+            at = sum(start[k].numel() for k in sorted(start) if k < name)
+            sent = full[at:at + acc.numel()].reshape(acc.shape)
+        elif c.method == "randk":
             full = torch.zeros(acc.numel(), dtype=torch.float32)
             full[randk_indices(acc.numel(), k_of(acc.numel(), c), seed, name)] = sent
             sent = full.reshape(acc.shape)
@@ -60,7 +76,7 @@ def test_sent_plus_new_residual_is_update_plus_old_residual(seed: int, scale: fl
 def test_the_wire_carries_exactly_what_was_sent(c: CompressConfig) -> None:
     acc = {k: v.double() for k, v in _state(3, 0.02).items()}
     sent, _ = compress(acc, c, seed=7)
-    back = decode_state(encode_state(sent, UPLINK_ENCODING[c.method]))
+    back = decode_state(encode_state(sent, wire_encoding(c)))
     assert all(torch.equal(back[k], sent[k]) for k in sent), c
 
 
@@ -88,6 +104,19 @@ def test_sign_sends_the_block_mean_magnitude_and_int8_a_power_of_two_scale() -> 
     sent, _ = compress({"y": y}, CompressConfig(method="int4"), seed=0)
     # max 1 / 7 -> scale 2^-2: codes 4 and round(1.2) = 1
     assert sent["y"].tolist() == [1.0, 0.25]
+
+
+def test_sign_takes_one_scale_per_block_of_compress_block_and_pays_4_bytes_a_block() -> None:
+    x = torch.cat([torch.full((32,), 0.5), torch.full((32,), -2.0), torch.tensor([1.0, -3.0])]).double()
+    x[0] = -1.5  # first block: mean |x| = (1.5 + 31 * 0.5) / 32
+    c = CompressConfig(method="sign", block=32)
+    sent, _ = compress({"x": x}, c, seed=0)
+    s0 = (1.5 + 31 * 0.5) / 32
+    assert sent["x"].tolist() == [-s0] + [s0] * 31 + [-2.0] * 32 + [2.0, -2.0]  # the last, short block: 2 values
+    assert wire_encoding(c) == "sign_b32" and wire_encoding(CompressConfig(method="sign")) == "sign"
+    sizes = {b: len(next(iter(encode_state({"x": torch.ones(4096)}, wire_encoding(CompressConfig(
+        method="sign", block=b))))).data) for b in (32, 256, 1024)}
+    assert sizes == {32: 512 + 4 * 128, 256: 512 + 4 * 16, 1024: 512 + 4 * 4}  # 1 bit a value, 4 bytes a block
 
 
 def test_stochastic_rounding_is_unbiased() -> None:
@@ -132,6 +161,49 @@ def test_the_server_refuses_a_delta_it_cannot_read() -> None:
     assert "shape (4,), expected (3,)" in (rebuild(shaped, ins, CompressConfig(method="sign")).error or "")
 
 
+@pytest.mark.parametrize("method", ["sign", "topk", "randk"])
+def test_a_packed_delta_is_one_tensor_the_server_cuts_back_into_the_clients_values(method: str) -> None:
+    c, plain = CompressConfig(method=method, fraction=0.2, pack=True), CompressConfig(method=method, fraction=0.2)
+    start = {f"l{i}.{m}.lora_{f}.weight": torch.randn(4, 64, generator=torch.Generator().manual_seed(i))
+             for i in range(20) for m in ("q", "v") for f in ("A", "B")}
+    trained = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in start.items()}
+    ins = Instructions(round=1, client_id="c", state=start, extra={"seed": 3})
+    out, residual = CompressTransform(c).apply(ClientReply("c", 1, trained, 5), ins, {})
+    assert out.state is not None and list(out.state) == ["packed"]
+    values = rebuild(out, ins, c)
+    assert values.ok and values.state is not None and set(values.state) == set(start)
+    for k in start:  # the server's values plus the client's residual are what it trained, to float32 rounding
+        assert torch.allclose(values.state[k].double() + residual[k], trained[k].double(), atol=1e-6), k
+    # the bytes: one wire tensor's header instead of 80 (the payload differs only in sign's block boundaries)
+    sizes = {name: reply_wire_size(dataclasses.replace(o, state=o.state), "train", wire_encoding(cc))
+             for name, (o, cc) in {"packed": (out, c), "plain": (CompressTransform(plain).apply(
+                 ClientReply("c", 1, trained, 5), ins, {})[0], plain)}.items()}
+    assert sizes["plain"] - sizes["packed"] > 79 * 60, sizes  # a header here: 18-byte name, shape, digest...
+    if method == "sign":  # 20,480 values: 1 bit each and 80 blocks' scales, plus one header
+        assert 2560 + 4 * 80 < sizes["packed"] < 2560 + 4 * 80 + 150, sizes
+
+
+def test_the_server_refuses_a_packed_delta_it_cannot_cut() -> None:
+    c = CompressConfig(method="sign", pack=True)
+    start = _state(0, 1.0)  # 1200 + 68 + 3 values
+    ins = Instructions(round=1, client_id="c", state=start, extra={"seed": 5})
+
+    def why(state: dict[str, torch.Tensor]) -> str:
+        out = rebuild(dataclasses.replace(ClientReply("c", 1, state, 1), delta=True), ins, c)
+        assert not out.ok
+        return out.error or ""
+    assert "tensor 'packed': shape (1270,), expected (1271,)" in why({"packed": torch.zeros(1270)})
+    assert "tensor 'packed': shape (1271, 1), expected (1271,)" in why({"packed": torch.zeros(1271, 1)})
+    assert "randk sent 9 values" in (rebuild(dataclasses.replace(ClientReply("c", 1, {"packed": torch.zeros(9)}, 1),
+                                                                 delta=True), ins,
+                                             CompressConfig(method="randk", pack=True)).error or "")
+    assert "expected one packed delta 'packed', got tensors ['a.lora_A.weight']" in why(
+        {"a.lora_A.weight": torch.zeros(4, 300)})
+    assert "got tensors ['b.bias', 'packed']" in why({"packed": torch.zeros(1271), "b.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match="compress.pack sends every tensor the server sent; the update has 2 of 3"):
+        CompressTransform(c).apply(ClientReply("c", 1, {k: v for k, v in start.items() if k != "b.bias"}, 1), ins, {})
+
+
 def test_without_error_feedback_no_residual_is_kept() -> None:
     start, trained = _state(0, 1.0), _state(1, 1.0)
     ins = Instructions(round=1, client_id="c", state=start)
@@ -152,12 +224,13 @@ def _instructions(rnd: int, state: dict[str, torch.Tensor], ids: list[str]) -> d
     return {cid: Instructions(round=rnd, client_id=cid, state=state, extra={"seed": 1}) for cid in ids}
 
 
-@pytest.mark.parametrize("method", ["topk", "sign", "int8", "int4", "threshold"])
-def test_downlink_deltas_rebuild_the_servers_reference_on_the_client(method: str) -> None:
+@pytest.mark.parametrize(("method", "pack"), [("topk", False), ("sign", False), ("int8", False), ("int4", False),
+                                             ("threshold", False), ("sign", True), ("topk", True)])
+def test_downlink_deltas_rebuild_the_servers_reference_on_the_client(method: str, pack: bool) -> None:
     from fedtune.compression.link import Link, receive_downlink
     from fedtune.transport.loopback import send_instructions
 
-    c = CompressConfig(method=method, fraction=0.05, threshold=0.05, downlink=True)
+    c = CompressConfig(method=method, fraction=0.05, threshold=0.05, downlink=True, pack=pack)
     link, held = Link(c, uplink=False), {"a": None, "b": None, "c": None}
     g = _state(0, 1.0)
     initial = {"a": g, "b": g, "c": {k: v + 1e-3 for k, v in g.items()}}  # c built another adapter
@@ -209,6 +282,28 @@ def test_a_delta_from_a_reference_the_client_does_not_hold_is_refused() -> None:
         receive_downlink(tampered, delta)
 
 
+def test_a_packed_downlink_delta_that_does_not_fit_the_held_tensors_is_refused() -> None:
+    from fedtune.compression.link import Link, receive_downlink
+
+    link = Link(CompressConfig(method="sign", downlink=True, pack=True), uplink=False)
+    g = _state(0, 1.0)
+    first = link.down(1, _instructions(1, g, ["a"]))["a"]
+    assert list(first.state) == ["packed"] and first.extra["packed"] == 1
+    _, held = receive_downlink(None, first, g)
+    assert held is not None and all(torch.equal(held["state"][k], link.ref[k]) for k in g)
+    for bad, why in [({"packed": torch.zeros(5)}, r"packed delta of shape \(5,\), expected \(1271,\)"),
+                     ({"a.lora_A.weight": torch.zeros(4, 300)}, "packed delta holds tensors"),
+                     ({"packed": torch.zeros(1271)}, None)]:
+        forged = dataclasses.replace(first, state=bad)
+        if why is None:  # the right count against another reference: the digest still decides
+            assert receive_downlink(None, forged, g)[0].state is not None
+            with pytest.raises(ValueError, match="digest differs"):
+                receive_downlink(None, forged, {k: v + 1 for k, v in g.items()})
+        else:
+            with pytest.raises(ValueError, match=why):
+                receive_downlink(None, forged, g)
+
+
 def test_config_refuses_combinations_that_cannot_work_and_says_why() -> None:
     from fedtune.config import ConfigError, load_config
 
@@ -233,11 +328,15 @@ def test_config_refuses_combinations_that_cannot_work_and_says_why() -> None:
                                                                     "compress.stochastic=true")
     assert "compress.scope: global applies to topk only" in problems(on, "compress.method=sign", "compress.scope=global")
     assert "compress.fraction: got 0.0" in problems(on, "compress.fraction=0")
+    assert "compress.block: got 100, must be a power of two from 32 to 1024" in problems(on, "compress.method=sign",
+                                                                                         "compress.block=100")
+    assert "compress.block: only sign takes a block size" in problems(on, "compress.method=int8", "compress.block=64")
     assert "sim.backend: flower's records do not carry compressed deltas" in problems(on, "sim.backend=flower")
     cfg = load_config(None, [on, "compress.method=int4"])
     from fedtune.compression.config import uplink_encoding
 
     assert uplink_encoding(cfg) == "int4_pow2" and uplink_encoding(load_config(None, [])) == "dense"
+    assert uplink_encoding(load_config(None, [on, "compress.method=sign", "compress.block=64"])) == "sign_b64"
 
 
 def test_server_and_nodes_must_agree_on_compression() -> None:
@@ -248,3 +347,50 @@ def test_server_and_nodes_must_agree_on_compression() -> None:
     sign = fingerprint(load_config(None, ["client.pipeline=[compress]", "compress.method=sign"]))
     assert sign != plain != fingerprint(load_config(None, ["compress.downlink=true"]))
     assert sign != fingerprint(load_config(None, ["client.pipeline=[compress]", "compress.method=int4"]))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_under_a_mask_the_downlink_sends_only_the_masks_entries(pack: bool) -> None:
+    """A global pruning mask: the global changes only at its entries, so the downlink delta holds only them (in
+    gather's order, packed or not); the client rebuilds the server's reference bit for bit, and every other
+    entry keeps the value it had before the mask."""
+    from fedtune.compression.link import Link, receive_downlink
+    from fedtune.compression.mask import MASK_ROUND
+    from fedtune.transport.loopback import send_instructions
+
+    c = CompressConfig(method="sign", downlink=True, pack=pack)
+    link, g = Link(c, uplink=False), _state(0, 1.0)
+    mask = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(1)) < 0.25 for k, v in g.items()}
+    held: dict[str, Any] = {"a": None, "b": None}
+    sent: dict[int, int] = {}
+    for rnd in (1, 2, 3, 4):  # round 1: the clients' own start; 2: a dense round; 3 and 4 under the mask
+        step = {k: 0.01 * _state(10 + rnd, 1.0)[k] for k in g}
+        if rnd == 2:
+            g = {k: v + step[k] for k, v in g.items()}
+        elif rnd > 2:  # only the mask's entries move
+            g = {k: torch.where(mask[k], v + step[k], v) for k, v in g.items()}
+        ins = _instructions(rnd, g, ["a", "b"])
+        if rnd > 2:
+            ins = {cid: dataclasses.replace(i, mask=dict(mask), extra={**i.extra, MASK_ROUND: 3}) for cid, i in ins.items()}
+        wire = link.down(rnd, ins)
+        for cid in ("a", "b"):
+            got, _ = send_instructions(wire[cid], "dense")
+            assert bool(got.extra.get("delta_masked")) == (rnd > 2)
+            sent[rnd] = sum(v.numel() for v in got.state.values())
+            back, held[cid] = receive_downlink(held[cid], got, _state(0, 1.0), mask if rnd > 2 else None)
+            assert all(torch.equal(back.state[k], link.ref[k]) for k in g), (rnd, cid)
+        list(link.up([ClientReply(cid, rnd, {}, 1) for cid in ("a", "b")], {}))
+        if rnd == 2:
+            before = {k: v.clone() for k, v in link.ref.items()}
+    assert sent[2] == sum(v.numel() for v in g.values())  # values sent: every entry, then the mask's only
+    assert sent[3] == sent[4] == sum(int(m.sum()) for m in mask.values())
+    for k in g:  # outside the mask the reference is round 2's, bit for bit (its residual waits in G - R)
+        assert torch.equal(link.ref[k][~mask[k]], before[k][~mask[k]])
+        assert not mask[k].any() or not torch.equal(link.ref[k][mask[k]], before[k][mask[k]])
+    # a client without the mask (or with another one) cannot rebuild the delta: a failed round, R in full next
+    bad = dataclasses.replace(wire["a"], extra={**wire["a"].extra, "delta_from": 4})
+    with pytest.raises(ValueError, match="a delta of its mask's entries, and this client holds no mask of round 3"):
+        receive_downlink(held["a"], bad, None, None)
+    other = {k: torch.ones_like(m) for k, m in mask.items()}
+    with pytest.raises(ValueError, match="does not match the tensors|packed delta of shape"):
+        receive_downlink(held["a"], bad, None, other)

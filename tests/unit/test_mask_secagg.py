@@ -12,6 +12,7 @@ import torch
 from fakes import FakeDispatcher, FakeModel
 from rich.console import Console
 
+from fedtune import rounds as round_driver
 from fedtune.client import phases
 from fedtune.client.phases import ClientContext, run_phase
 from fedtune.compression.link import make_link
@@ -22,7 +23,7 @@ from fedtune.rounds import RoundPlan, run_rounds
 from fedtune.runs import RunDir
 from fedtune.strategies import StrategyConfig, make_strategy
 from fedtune.transport.loopback import send_instructions, send_reply
-from fedtune.types import ClientReply, Instructions
+from fedtune.types import ClientReply, Instructions, failed_reply
 
 KEYS = ("m.q.lora_A.weight", "m.q.lora_B.weight")
 CLIENTS = ("c0", "c1", "c2", "c3")
@@ -46,8 +47,8 @@ def fake_fit(lm, examples, cfg, ins, *, seed, optimizer_state=None, keep_optimiz
 class Wire(FakeDispatcher):
     """The clients' real phase handlers behind the loopback wire; keeps what was sent each way."""
 
-    def __init__(self, cfg) -> None:  # type: ignore[no-untyped-def]
-        super().__init__({})
+    def __init__(self, cfg, drop=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__({}, drop=drop)
         self.clients = {c: ClientContext(cfg, None, [], pipeline=[]) for c in CLIENTS}  # type: ignore[misc]
         self.down: dict[tuple[int, str], dict[str, Instructions]] = {}
         self.up: dict[tuple[int, str], dict[str, ClientReply]] = {}
@@ -55,6 +56,9 @@ class Wire(FakeDispatcher):
 
     def dispatch(self, round, phase, instructions):  # type: ignore[no-untyped-def]
         for cid, ins in instructions.items():
+            if cid in self.drop.get((round, phase), set()):
+                yield failed_reply(cid, round, "lost: the test dropped it")
+                continue
             got, down = send_instructions(ins, "fp32")
             self.down.setdefault((round, phase), {})[cid] = got
             back, up = send_reply(run_phase(self.clients[cid], got), phase, "fp32")
@@ -76,10 +80,10 @@ class History(FakeModel):
         return self.after[-1]
 
 
-def drive(tmp: Path, rounds: int, *overrides: str):  # type: ignore[no-untyped-def]
+def drive(tmp: Path, rounds: int, *overrides: str, drop=None):  # type: ignore[no-untyped-def]
     cfg = load_config(None, ["mask.density=0.25", "mask.score=global", "privacy.clip_norm=10", *overrides])
     strategy = with_privacy(with_mask(make_strategy("fedavg", StrategyConfig(r=2, lora_alpha=2.0)), cfg), cfg)
-    model, wire, run = History(start()), Wire(cfg), RunDir(tmp)
+    model, wire, run = History(start()), Wire(cfg, drop), RunDir(tmp)
     run_rounds(RoundPlan(rounds=rounds, seed=3, train=TrainConfig(), link=make_link(cfg)), run, model, strategy,
                wire, QUIET)
     inner = strategy if isinstance(strategy, MaskStrategy) else getattr(strategy, "inner", None)
@@ -90,6 +94,9 @@ def drive(tmp: Path, rounds: int, *overrides: str):  # type: ignore[no-untyped-d
 @pytest.fixture
 def faked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(phases, "fit", fake_fit)
+    # the run's plot.png is not what these tests check (test_simulation / test_federation do), and drawing it
+    # (matplotlib's import and two figures a run) took most of their time
+    monkeypatch.setattr(round_driver, "write_plot", lambda history, path: None)
 
 
 def test_secure_aggregation_of_a_shared_mask_equals_the_plain_masked_run(tmp_path: Path, faked: None) -> None:
@@ -117,6 +124,24 @@ def test_secure_aggregation_of_a_shared_mask_equals_the_plain_masked_run(tmp_pat
     assert wire.bytes_up[(2, UPLOAD)] <= wire.bytes_up[(1, UPLOAD)] - 4 * (32 - kept) * 4  # 4 bytes a word
     assert [r["clients_ok"] for r in rows] == [4, 4, 4] and rows[2]["mask_density"] == 0.25
     assert [r["mask_density"] for r in plain_rows[1:]] == [0.25, 0.25]
+
+
+@pytest.mark.parametrize("phase", ["secagg_upload", "secagg_unmask"])
+def test_a_dropout_in_a_masked_round_leaves_the_plain_masked_mean_of_what_was_summed(
+        tmp_path: Path, faked: None, phase: str) -> None:
+    """c1 is lost in round 2 (a masked one): before its masked vector arrives, the survivors' masked mean is the
+    plain run's without c1 that round; at unmask its vector is already in the sum, as if it had stayed."""
+    model, _, strategy, rows = drive(tmp_path / "secagg", 3, "privacy.secagg=true", drop={(2, phase): {"c1"}})
+    plain, _, plain_mask, _ = drive(tmp_path / "plain", 3,
+                                    drop={(2, "train"): {"c1"}} if phase == "secagg_upload" else None)
+    assert strategy.mask is not None and plain_mask.mask is not None
+    assert all(torch.equal(strategy.mask[k], plain_mask.mask[k]) for k in KEYS)
+    for ours, theirs in zip(model.after, plain.after, strict=True):
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in KEYS)
+    assert not all(torch.allclose(model.after[1][k], model.after[0][k]) for k in KEYS)  # round 2 moved it
+    counted = 3 if phase == "secagg_upload" else 4  # at unmask c1's masked vector is in the sum
+    assert [r["clients_ok"] for r in rows] == [4, counted, 4] and set(rows[1]["failures"]) == {"c1"}
+    assert rows[1]["applied"] and rows[1]["mask_density"] == 0.25
 
 
 def test_a_refresh_trains_dense_again_and_fixes_a_new_mask(tmp_path: Path, faked: None) -> None:
