@@ -16,19 +16,27 @@
    Local training is not included: both rounds add the same training time on top.
 3. Upload bytes per client: plain float32 vector against secure aggregation's four messages (the JSON
    adverts, shares and unmask answers, and the uint32 masked vector).
-4. ``--loss``: final held-out eval loss at epsilon 1, 4 and 8 (delta 1e-5) against no DP, on the quality
-   benchmark's federation (``benchmarks/quality.py``: SmolLM2-135M, 8 clients by ChatterBot category, fedavg;
-   ``--rounds`` x ``--steps``). Every client joins every round (``privacy.sample_rate = 1``, no sampling
-   amplification: 8 clients are too few to sample), the noise multiplier for each epsilon comes from
-   ``noise_for_epsilon`` (dp-accounting's calibration, RDP accountant: PLD's calibration at q = 1 takes minutes) and updates are clipped to ``--clip``. Only this arm
-   runs with ``--loss``; it writes benchmarks/results/privacy_loss.json.
+4. ``--loss``: final held-out eval loss at epsilon 1, 4 and 8 (delta 1e-5) against no DP, central DP, noise
+   multiplier for each epsilon from ``noise_for_epsilon`` (dp-accounting's calibration, RDP accountant: PLD's
+   calibration at q = 1 takes minutes), updates clipped to ``--clip``, ``--rounds`` x ``--steps`` (SmolLM2-135M,
+   fedavg, the quality benchmark's model settings). By default on the quality benchmark's federation
+   (``benchmarks/quality.py``: 8 clients by ChatterBot category), every client every round
+   (``privacy.sample_rate = 1``, no sampling amplification: 8 clients are too few to sample). With
+   ``--loss-clients N --sample-rate q``: N simulated clients on an iid split of the same data, Poisson-sampled
+   with probability q under DP (the accountant charges that amplification), the no-DP arm sampling
+   ``round(q N)`` clients a round. Only this arm runs with ``--loss``; it writes
+   benchmarks/results/privacy_loss.json (privacy_loss_N.json).
 5. ``--e2e``: whole rounds through the round driver (``run_rounds``), the client phase handlers and the wire
    sizes, secure aggregation against plain fedavg, for each of ``--clients`` (comma-separated, default 100)
    and ``--dropout`` (fractions dropping out in the last phase: the upload after sharing keys; plain: the
-   training reply; default 0.3), on the SmolLM2-135M adapter size. Local training is a fixed update (no
-   model): the ratio is the protocol's cost over plain's bookkeeping, the worst case (real training adds the
-   same seconds to both). The arms take turns round by round; each round's CPU seconds of this process (all
-   clients and the server run in it) and wall seconds, median of ``--rounds``. Writes privacy_e2e.json.
+   training reply; default 0.3), on the SmolLM2-135M adapter size. ``--train fixed`` (default): local
+   training is a fixed update (no model), so the ratio is the protocol's cost over plain's bookkeeping, the
+   worst case. ``--train smollm2``: the clients of both arms really train SmolLM2-135M NF4 (r = 8 on q and v,
+   ``--train-steps`` steps of ``--train-batch`` examples of ``--seq-len`` tokens, an iid split), one shared
+   model in this process. The arms take turns round by round; each round's CPU seconds of this process (all
+   clients and the server run in it) and wall seconds, median of ``--rounds``; each client's handler CPU
+   seconds, its training apart, give the per-client critical path and the server's side. Writes
+   privacy_e2e.json.
 
 Prints tables and writes benchmarks/results/privacy.json (privacy_quick.json with --quick: 10 and 50 clients,
 1M words for the masks).
@@ -490,7 +498,8 @@ def main() -> None:
                         "update, the protocol-only worst case), smollm2 (the clients really train SmolLM2 NF4)")
     parser.add_argument("--train-steps", type=int, default=1, help="--e2e smollm2: local steps per round")
     parser.add_argument("--train-batch", type=int, default=1, help="--e2e smollm2: examples per step")
-    parser.add_argument("--seq-len", type=int, default=32, help="--e2e smollm2: tokens per example")
+    parser.add_argument("--seq-len", type=int, default=64, help="--e2e smollm2: tokens per example (32 leaves "
+                        "no answer token after the chat template)")
     args = parser.parse_args()
     if args.e2e:
         e2e(args)
