@@ -436,6 +436,45 @@ def e2e_rounds(n: int, dropout: float, rounds: int, threshold_fraction: float,
     return rows
 
 
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
+def e2e_tables(rows: list[dict[str, Any]]) -> None:
+    """The ``--e2e`` tables from its rows (plain, secagg pairs), as run or read back with ``--report``.
+
+    Besides the measured ratio of the median rounds, each arm's CPU seconds outside local training (the round
+    minus its clients' training, median over rounds) give the protocol's own extra; "x plain, same training"
+    adds that to plain's median round, so the training seconds, which vary from round to round on a busy
+    machine, count once. The critical path: one client's training (plain's median client) with its arm's
+    extra, and the server's side."""
+    pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
+    for r in rows:
+        r["outside_training_s"] = _median([lap - sp["train_s"] for lap, sp in zip(r["all_cpu_s"], r["splits"],
+                                                                                   strict=True)])
+    print_table(f"whole rounds through the driver, SmolLM2-135M adapter size ({SMOLLM2_ADAPTER:,} values), "
+                f"CPU s of the round (median of {len(rows[0]['all_cpu_s'])} rounds per arm, the arms taking turns)",
+                ["local training", "clients", "dropout", "plain CPU s", "secagg CPU s", "x plain (CPU)",
+                 "x plain (wall)", "outside training s (plain / secagg)", "x plain, same training", "clients ok",
+                 "up KiB per survivor (plain)"],
+                [[s["training"], s["clients"], f"{s['dropout']:.0%}", f"{p['cpu_s']:.2f}", f"{s['cpu_s']:.2f}",
+                  f"{s['cpu_s'] / p['cpu_s']:.2f}", f"{s['round_s'] / p['round_s']:.2f}",
+                  f"{p['outside_training_s']:.2f} / {s['outside_training_s']:.2f}",
+                  f"{(p['cpu_s'] + s['outside_training_s'] - p['outside_training_s']) / p['cpu_s']:.2f}",
+                  s["clients_ok"], f"{s['bytes_up_per_survivor'] / 1024:.0f} ({p['bytes_up_per_survivor'] / 1024:.0f})"]
+                 for p, s in pairs])
+    print_table("the critical path: one client's training (plain's median client) and each arm's extra CPU s "
+                "in the client's handlers (median client; secagg's slowest), and the server's side (the round's "
+                "CPU s outside the clients' handlers), median round",
+                ["local training", "clients", "dropout", "client train s", "client extra s (plain)",
+                 "client extra s (secagg)", "secagg client extra max s", "client x plain", "server s (plain)",
+                 "server s (secagg)"],
+                [[s["training"], s["clients"], f"{s['dropout']:.0%}", f"{p['client_train_s']:.3f}",
+                  f"{p['client_extra_s']:.3f}", f"{s['client_extra_s']:.3f}", f"{s['client_extra_max_s']:.3f}",
+                  f"{(p['client_train_s'] + s['client_extra_s']) / (p['client_train_s'] + p['client_extra_s']):.2f}",
+                  f"{p['server_s']:.2f}", f"{s['server_s']:.2f}"] for p, s in pairs])
+
+
 def e2e(args: argparse.Namespace) -> None:
     """The ``--e2e`` tables: whole rounds, secure aggregation against plain, per training arm, size, dropout."""
     rows = []
@@ -450,24 +489,7 @@ def e2e(args: argparse.Namespace) -> None:
                 print(f"{plain['training']}: {n} clients, {d:.0%} dropout: CPU s {plain['cpu_s']:.2f} -> "
                       f"{secagg['cpu_s']:.2f} ({secagg['cpu_s'] / plain['cpu_s']:.2f}x), wall s "
                       f"{plain['round_s']:.2f} -> {secagg['round_s']:.2f}", flush=True)
-    pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
-    print_table(f"whole rounds through the driver, SmolLM2-135M adapter size ({SMOLLM2_ADAPTER:,} values), "
-                f"CPU s of the round (median of {args.rounds} rounds per arm, the arms taking turns)",
-                ["local training", "clients", "dropout", "plain CPU s", "secagg CPU s", "x plain (CPU)",
-                 "x plain (wall)", "clients ok", "up KiB per survivor (plain)"],
-                [[s["training"], s["clients"], f"{s['dropout']:.0%}", f"{p['cpu_s']:.2f}", f"{s['cpu_s']:.2f}",
-                  f"{s['cpu_s'] / p['cpu_s']:.2f}", f"{s['round_s'] / p['round_s']:.2f}", s["clients_ok"],
-                  f"{s['bytes_up_per_survivor'] / 1024:.0f} ({p['bytes_up_per_survivor'] / 1024:.0f})"]
-                 for p, s in pairs])
-    print_table("the critical path: one client's training and its extra CPU s (median client; max), and the "
-                "server's side (the round's CPU s outside the clients' handlers), median round",
-                ["local training", "clients", "dropout", "client train s", "client extra s (plain)",
-                 "client extra s (secagg)", "secagg client extra max s", "client x plain", "server s (plain)",
-                 "server s (secagg)"],
-                [[s["training"], s["clients"], f"{s['dropout']:.0%}", f"{s['client_train_s']:.3f}",
-                  f"{p['client_extra_s']:.3f}", f"{s['client_extra_s']:.3f}", f"{s['client_extra_max_s']:.3f}",
-                  f"{(s['client_train_s'] + s['client_extra_s']) / (p['client_train_s'] + p['client_extra_s']):.2f}",
-                  f"{p['server_s']:.2f}", f"{s['server_s']:.2f}"] for p, s in pairs])
+    e2e_tables(rows)
     path = write_json("privacy_e2e.json", {"machine": machine_info(), "rows": rows, "argv": sys.argv[1:],
                                            "loadavg": list(os.getloadavg())})
     print(f"wrote {path}")
@@ -494,6 +516,7 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="only whole rounds through the driver: secagg vs plain")
     parser.add_argument("--clients", default="100", help="--e2e: clients (comma-separated: one row set each)")
     parser.add_argument("--dropout", default="0.3", help="--e2e: fractions dropping out (comma-separated)")
+    parser.add_argument("--report", default="", help="print the --e2e tables of an earlier run's JSON (its rows)")
     parser.add_argument("--train", default="fixed", help="--e2e: local training, comma-separated arms: fixed (a fixed "
                         "update, the protocol-only worst case), smollm2 (the clients really train SmolLM2 NF4)")
     parser.add_argument("--train-steps", type=int, default=1, help="--e2e smollm2: local steps per round")
@@ -501,6 +524,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="--e2e smollm2: tokens per example (32 leaves "
                         "no answer token after the chat template)")
     args = parser.parse_args()
+    if args.report:
+        e2e_tables(json.loads(Path(args.report).read_text())["rows"])
+        return
     if args.e2e:
         e2e(args)
         return
