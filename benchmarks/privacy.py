@@ -16,19 +16,27 @@
    Local training is not included: both rounds add the same training time on top.
 3. Upload bytes per client: plain float32 vector against secure aggregation's four messages (the JSON
    adverts, shares and unmask answers, and the uint32 masked vector).
-4. ``--loss``: final held-out eval loss at epsilon 1, 4 and 8 (delta 1e-5) against no DP, on the quality
-   benchmark's federation (``benchmarks/quality.py``: SmolLM2-135M, 8 clients by ChatterBot category, fedavg;
-   ``--rounds`` x ``--steps``). Every client joins every round (``privacy.sample_rate = 1``, no sampling
-   amplification: 8 clients are too few to sample), the noise multiplier for each epsilon comes from
-   ``noise_for_epsilon`` (dp-accounting's calibration, RDP accountant: PLD's calibration at q = 1 takes minutes) and updates are clipped to ``--clip``. Only this arm
-   runs with ``--loss``; it writes benchmarks/results/privacy_loss.json.
+4. ``--loss``: final held-out eval loss at epsilon 1, 4 and 8 (delta 1e-5) against no DP, central DP, noise
+   multiplier for each epsilon from ``noise_for_epsilon`` (dp-accounting's calibration, RDP accountant: PLD's
+   calibration at q = 1 takes minutes), updates clipped to ``--clip``, ``--rounds`` x ``--steps`` (SmolLM2-135M,
+   fedavg, the quality benchmark's model settings). By default on the quality benchmark's federation
+   (``benchmarks/quality.py``: 8 clients by ChatterBot category), every client every round
+   (``privacy.sample_rate = 1``, no sampling amplification: 8 clients are too few to sample). With
+   ``--loss-clients N --sample-rate q``: N simulated clients on an iid split of the same data, Poisson-sampled
+   with probability q under DP (the accountant charges that amplification), the no-DP arm sampling
+   ``round(q N)`` clients a round. Only this arm runs with ``--loss``; it writes
+   benchmarks/results/privacy_loss.json (privacy_loss_N.json).
 5. ``--e2e``: whole rounds through the round driver (``run_rounds``), the client phase handlers and the wire
    sizes, secure aggregation against plain fedavg, for each of ``--clients`` (comma-separated, default 100)
    and ``--dropout`` (fractions dropping out in the last phase: the upload after sharing keys; plain: the
-   training reply; default 0.3), on the SmolLM2-135M adapter size. Local training is a fixed update (no
-   model): the ratio is the protocol's cost over plain's bookkeeping, the worst case (real training adds the
-   same seconds to both). The arms take turns round by round; each round's CPU seconds of this process (all
-   clients and the server run in it) and wall seconds, median of ``--rounds``. Writes privacy_e2e.json.
+   training reply; default 0.3), on the SmolLM2-135M adapter size. ``--train fixed`` (default): local
+   training is a fixed update (no model), so the ratio is the protocol's cost over plain's bookkeeping, the
+   worst case. ``--train smollm2``: the clients of both arms really train SmolLM2-135M NF4 (r = 8 on q and v,
+   ``--train-steps`` steps of ``--train-batch`` examples of ``--seq-len`` tokens, an iid split), one shared
+   model in this process. The arms take turns round by round; each round's CPU seconds of this process (all
+   clients and the server run in it) and wall seconds, median of ``--rounds``; each client's handler CPU
+   seconds, its training apart, give the per-client critical path and the server's side. Writes
+   privacy_e2e.json.
 
 Prints tables and writes benchmarks/results/privacy.json (privacy_quick.json with --quick: 10 and 50 clients,
 1M words for the masks).
@@ -38,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -176,25 +186,35 @@ def secagg_round(n: int, dropout: float, words: int, fraction: float, seed: int 
             "bytes_up_per_client": sum(up[c] for c in srv.uploaded) / survivors, "plain_bytes_up": 4 * words}
 
 
-def loss_arms(rounds: int, steps: int, clip: float, eval_batches: int, quant: str) -> list[dict[str, Any]]:
-    """Final eval loss of fedavg without DP and with central DP at epsilon 8, 4, 1 (delta 1e-5, q = 1)."""
+def loss_arms(rounds: int, steps: int, clip: float, eval_batches: int, quant: str, clients: int = 8,
+              rate: float = 1.0) -> list[dict[str, Any]]:
+    """Final eval loss of fedavg without DP and with central DP at epsilon 8, 4, 1 (delta 1e-5).
+
+    ``clients = 8, rate = 1``: the quality benchmark's federation (8 clients by ChatterBot category), every
+    client every round. Otherwise ``clients`` simulated clients holding an iid split of the same data, each
+    round Poisson-sampled with probability ``rate`` under DP (the accountant charges that sampling); the
+    no-DP arm samples the same expected number of clients, ``round(rate * clients)``, uniformly."""
     from quality import QUANT, base
     from sim_vs_flower import run_child
 
-    common = [*base(rounds, steps, 8, eval_batches), *QUANT[quant], "strategy.name=fedavg", "sim.clients_per_round=0"]
+    common = [*base(rounds, steps, clients, eval_batches), *QUANT[quant], "strategy.name=fedavg"]
+    if clients != 8:
+        common.append("sim.partitioner=iid")
+    expected = rate * clients
     rows = []
     for target in (None, 8.0, 4.0, 1.0):
-        extra: list[str] = []
+        extra = [f"sim.clients_per_round={round(expected) if rate < 1 else 0}"]
         z = 0.0
         if target is not None:
-            z = noise_for_epsilon(1.0, rounds, 1e-5, target, "rdp")
-            extra = ["privacy.dp=central", "client.pipeline=[dp_clip]", f"privacy.clip_norm={clip}",
-                     "privacy.sample_rate=1.0", f"privacy.noise_multiplier={z}", "privacy.delta=1e-5",
-                     "privacy.accountant=rdp"]
-        res = run_child({"kind": "inproc", "threads": 1, "overrides": [*common, *extra]})
+            z = noise_for_epsilon(rate, rounds, 1e-5, target, "rdp")
+            extra = ["sim.clients_per_round=0", "privacy.dp=central", "client.pipeline=[dp_clip]",
+                     f"privacy.clip_norm={clip}", f"privacy.sample_rate={rate}", f"privacy.noise_multiplier={z}",
+                     "privacy.delta=1e-5", "privacy.accountant=rdp"]
+        res = run_child({"kind": "inproc", "threads": 1, "overrides": [*common, *extra]}, timeout=7200)
         row = {"target_epsilon": target, "noise_multiplier": z, "clip_norm": clip if target else None,
-               "epsilon": epsilon(1.0, z, rounds, 1e-5, "rdp") if target else None,
-               "noise_std_of_mean": z * clip / 8, "before": res["before"]["eval_loss"],
+               "clients": clients, "sample_rate": rate, "expected_per_round": expected,
+               "epsilon": epsilon(rate, z, rounds, 1e-5, "rdp") if target else None,
+               "noise_std_of_mean": z * clip / expected, "before": res["before"]["eval_loss"],
                "after": res["after"]["eval_loss"], "wall_s": res["wall_s"]}
         print(f"epsilon {target}: z {z:.3f}, loss {row['before']:.4f} -> {row['after']:.4f} "
               f"({row['wall_s']:.0f} s)", flush=True)
@@ -246,13 +266,15 @@ class _StateModel:
 
 class _Dispatcher:
     """Clients answered in this process by their phase handlers, reply sizes from the wire codec; the clients
-    in ``drop`` fail the phase ``last``."""
+    in ``drop`` fail the phase ``last``. Each handler call's CPU seconds are added to ``client_s[cid]``."""
 
     def __init__(self, handle: Any, ids: list[str], drop: set[str], last: str, clock: _Clock) -> None:
         self.handle, self.ids, self.drop, self.last, self.clock = handle, ids, drop, last, clock
+        self.client_s: dict[str, float] = {}
 
     def available(self, round: int) -> list[str]:
         self.clock.start()
+        self.client_s = {}
         return list(self.ids)
 
     def client_index(self, client_id: str) -> int:
@@ -267,7 +289,9 @@ class _Dispatcher:
             if phase == self.last and cid in self.drop:
                 reply = failed_reply(cid, round, "dropped out")
             else:
+                t0 = time.process_time()
                 reply, up = send_reply(self.handle(cid, ins), phase, "dense")
+                self.client_s[cid] = self.client_s.get(cid, 0.0) + time.process_time() - t0
                 reply.bytes_up = up
             reply.bytes_down = down
             yield reply
@@ -285,9 +309,37 @@ class _Dispatcher:
         pass
 
 
-def e2e_rounds(n: int, dropout: float, rounds: int, threshold_fraction: float) -> list[dict[str, Any]]:
+SMOLLM2_TRAIN = ["model.name=smollm2-135m", "quant.mode=nf4", "quant.compute_dtype=bf16", "adapter.r=8",
+                 "adapter.alpha=16", "adapter.target_modules=[q_proj,v_proj]", "train.lr=5e-3", "sim.partitioner=iid",
+                 "eval.samples=0"]
+"""The training arm's model and adapter: the quality benchmark's (SmolLM2-135M NF4, r = 8 on q and v), iid split."""
+
+
+def train_setup(n: int, steps: int, batch: int, seq_len: int) -> tuple[list[str], Any, dict[str, list[Any]]]:
+    """SmolLM2 loaded once and ``n`` clients' encoded examples (an iid split of the default data), for the arm
+    whose clients really train: the overrides, the loaded model and each client's examples."""
+    from fedtune.config import load_config
+    from fedtune.data.partition import partition_clients
+    from fedtune.models import load_model
+    from fedtune.pipeline import encode, load_dataset
+
+    overrides = [*SMOLLM2_TRAIN, f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.seq_len={seq_len}",
+                 f"sim.num_clients={n}"]
+    cfg = load_config(None, overrides)
+    data = load_dataset(cfg)
+    lm = load_model(cfg)
+    parts = partition_clients(cfg, data.train_records)
+    examples = {f"site-{i:03d}": encode([data.train_records[j] for j in p], lm.tokenizer, cfg)
+                for i, p in enumerate(parts)}
+    return overrides, lm, examples
+
+
+def e2e_rounds(n: int, dropout: float, rounds: int, threshold_fraction: float,
+               setup: tuple[list[str], Any, dict[str, list[Any]]] | None = None) -> list[dict[str, Any]]:
     """Seconds per round (wall and this process's CPU, median of ``rounds``) of plain fedavg and of secure
-    aggregation, the two arms taking turns round by round."""
+    aggregation, the two arms taking turns round by round. ``setup`` (``train_setup``): the clients really
+    train SmolLM2 in both arms; without it local training is a fixed update. Each round also splits the CPU
+    seconds into every client's handlers (its training apart) and the rest (the server's side)."""
     import io
     import tempfile
 
@@ -295,59 +347,152 @@ def e2e_rounds(n: int, dropout: float, rounds: int, threshold_fraction: float) -
     from rich.console import Console
 
     import fedtune.privacy.client as sa_client
+    from fedtune.adapters import get_state
+    from fedtune.client import phases
     from fedtune.client.phases import ClientContext, run_phase
-    from fedtune.config import TrainConfig, load_config
+    from fedtune.config import load_config
     from fedtune.privacy.wrap import with_privacy
     from fedtune.rounds import RoundPlan, run_rounds
     from fedtune.runs import RunDir
     from fedtune.strategies import StrategyConfig, make_strategy
     from fedtune.types import ClientReply
 
-    layers = [(f"l{i}.{m}.lora_{ab}.weight", shape) for i in range(30) for m, out in (("q", 576), ("v", 192))
-              for ab, shape in (("A", (8, 576)), ("B", (out, 8)))]
-    start = {k: torch.zeros(shape) for k, shape in layers}
-    assert sum(v.numel() for v in start.values()) == SMOLLM2_ADAPTER
+    train_s: dict[str, float] = {}
 
-    def train(ctx: Any, ins: Any) -> ClientReply:  # a fixed small update (norm 0.5: under the clip bound)
-        return ClientReply(ins.client_id, ins.round, {k: v + 7e-4 for k, v in ins.state.items()}, 10)
+    def timed(fn: Any) -> Any:
+        def run(ctx: Any, ins: Any) -> ClientReply:
+            t0 = time.process_time()
+            reply: ClientReply = fn(ctx, ins)
+            train_s[ins.client_id] = train_s.get(ins.client_id, 0.0) + time.process_time() - t0
+            return reply
+        return run
+
+    if setup is None:
+        layers = [(f"l{i}.{m}.lora_{ab}.weight", shape) for i in range(30) for m, out in (("q", 576), ("v", 192))
+                  for ab, shape in (("A", (8, 576)), ("B", (out, 8)))]
+        start = {k: torch.zeros(shape) for k, shape in layers}
+        overrides: list[str] = []
+        lm, examples = None, {}
+
+        def fixed(ctx: Any, ins: Any) -> ClientReply:  # a fixed small update (norm 0.5: under the clip bound)
+            return ClientReply(ins.client_id, ins.round, {k: v + 7e-4 for k, v in ins.state.items()}, 10)
+
+        train = timed(fixed)
+    else:
+        overrides, lm, examples = setup
+        start = get_state(lm.model, trainable_only=True)
+        train = timed(phases.train_phase)
+    assert sum(v.numel() for v in start.values()) == SMOLLM2_ADAPTER
 
     ids = [f"site-{i:03d}" for i in range(n)]
     drop = set(np.random.default_rng(0).choice(ids, size=round(dropout * n), replace=False).tolist())
     arms = {}
     for secagg in (False, True):
-        cfg = load_config(None, [f"privacy.secagg={str(secagg).lower()}", "privacy.clip_norm=10.0",
+        cfg = load_config(None, [*overrides, f"privacy.secagg={str(secagg).lower()}", "privacy.clip_norm=10.0",
                                  f"privacy.secagg_threshold={threshold_fraction}", "sim.clients_per_round=0"])
         # no agg_error diagnostics in either arm: plain is then just the running weighted sum
         strategy = with_privacy(make_strategy("fedavg", StrategyConfig(r=8, lora_alpha=16.0, compute_error=False)),
                                 cfg)
-        ctxs = {c: ClientContext(cfg, None, [], pipeline=[]) for c in ids}  # type: ignore[arg-type]
+        ctxs = {c: ClientContext(cfg, lm, examples.get(c, []), pipeline=[]) for c in ids}
 
         def handle(cid: str, ins: Any, ctxs: dict[str, Any] = ctxs) -> ClientReply:
             return train(ctxs[cid], ins) if ins.phase == "train" else run_phase(ctxs[cid], ins)
 
-        arms[secagg] = (strategy, handle, "secagg_upload" if secagg else "train", _Clock(), [])
+        clock = _Clock()
+        arms[secagg] = (cfg, strategy, _Dispatcher(handle, ids, drop, "secagg_upload" if secagg else "train", clock),
+                        clock, [], [])
     original = sa_client.train_phase
     sa_client.train_phase = train
     try:
         for _ in range(rounds):  # the arms take turns, one round each: load on the shared machine hits both
-            for strategy, handle, last, clock, records in arms.values():
+            for cfg, strategy, dispatcher, clock, records, splits in arms.values():
+                train_s.clear()
                 with tempfile.TemporaryDirectory() as tmp:
                     run = RunDir(Path(tmp))
-                    run_rounds(RoundPlan(rounds=1, seed=1, train=TrainConfig()), run, _StateModel(start, clock),
-                               strategy, _Dispatcher(handle, ids, drop, last, clock), Console(file=io.StringIO()))
+                    run_rounds(RoundPlan(rounds=1, seed=1, train=cfg.train), run, _StateModel(start, clock),
+                               strategy, dispatcher, Console(file=io.StringIO()))
                     records += [r for r in run.read_metrics() if r.get("round", 0) >= 1]
+                served = dispatcher.client_s
+                splits.append({"clients_s": sum(served.values()), "train_s": sum(train_s.values()),
+                               "client_train_s": float(np.median([train_s.get(c, 0.0) for c in served])),
+                               "client_extra_s": float(np.median([s - train_s.get(c, 0.0) for c, s in served.items()])),
+                               "client_extra_max_s": max(s - train_s.get(c, 0.0) for c, s in served.items())})
     finally:
         sa_client.train_phase = original
     rows = []
-    for secagg, (_, _, _, clock, records) in arms.items():
+    for secagg, (_, _, _, clock, records, splits) in arms.items():
         assert all(r["applied"] for r in records), [r.get("failures") for r in records]
         wall = sorted(r["seconds"] for r in records)
+        mid = sorted(range(len(clock.laps)), key=lambda i: clock.laps[i])[len(clock.laps) // 2]  # the median round
+        split = splits[mid]
         rows.append({"secagg": secagg, "clients": n, "dropout": dropout, "rounds": rounds,
+                     "training": "fixed update" if setup is None else "SmolLM2 " + " ".join(
+                         o for o in overrides if o.startswith("train.")),
                      "round_s": wall[len(wall) // 2], "all_round_s": wall,
-                     "cpu_s": sorted(clock.laps)[len(clock.laps) // 2], "all_cpu_s": clock.laps,
+                     "cpu_s": clock.laps[mid], "all_cpu_s": clock.laps, **split,
+                     "server_s": clock.laps[mid] - split["clients_s"], "splits": splits,
                      "clients_ok": records[-1]["clients_ok"],
                      "bytes_up_per_survivor": records[-1]["bytes_up"] / records[-1]["clients_ok"]})
     return rows
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
+def e2e_tables(rows: list[dict[str, Any]]) -> None:
+    """The ``--e2e`` tables from its rows (plain, secagg pairs), as run or read back with ``--report``.
+
+    Besides the measured ratio of the median rounds, each arm's CPU seconds outside local training (the round
+    minus its clients' training, median over rounds) give the protocol's own extra; "x plain, same training"
+    adds that to plain's median round, so the training seconds, which vary from round to round on a busy
+    machine, count once. The critical path: one client's training (plain's median client) with its arm's
+    extra, and the server's side."""
+    pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
+    for r in rows:
+        r["outside_training_s"] = _median([lap - sp["train_s"] for lap, sp in zip(r["all_cpu_s"], r["splits"],
+                                                                                   strict=True)])
+    print_table(f"whole rounds through the driver, SmolLM2-135M adapter size ({SMOLLM2_ADAPTER:,} values), "
+                f"CPU s of the round (median of {len(rows[0]['all_cpu_s'])} rounds per arm, the arms taking turns)",
+                ["local training", "clients", "dropout", "plain CPU s", "secagg CPU s", "x plain (CPU)",
+                 "x plain (wall)", "outside training s (plain / secagg)", "x plain, same training", "clients ok",
+                 "up KiB per survivor (plain)"],
+                [[s["training"], s["clients"], f"{s['dropout']:.0%}", f"{p['cpu_s']:.2f}", f"{s['cpu_s']:.2f}",
+                  f"{s['cpu_s'] / p['cpu_s']:.2f}", f"{s['round_s'] / p['round_s']:.2f}",
+                  f"{p['outside_training_s']:.2f} / {s['outside_training_s']:.2f}",
+                  f"{(p['cpu_s'] + s['outside_training_s'] - p['outside_training_s']) / p['cpu_s']:.2f}",
+                  s["clients_ok"], f"{s['bytes_up_per_survivor'] / 1024:.0f} ({p['bytes_up_per_survivor'] / 1024:.0f})"]
+                 for p, s in pairs])
+    print_table("the critical path: one client's training (plain's median client) and each arm's extra CPU s "
+                "in the client's handlers (median client; secagg's slowest), and the server's side (the round's "
+                "CPU s outside the clients' handlers), median round",
+                ["local training", "clients", "dropout", "client train s", "client extra s (plain)",
+                 "client extra s (secagg)", "secagg client extra max s", "client x plain", "server s (plain)",
+                 "server s (secagg)"],
+                [[s["training"], s["clients"], f"{s['dropout']:.0%}", f"{p['client_train_s']:.3f}",
+                  f"{p['client_extra_s']:.3f}", f"{s['client_extra_s']:.3f}", f"{s['client_extra_max_s']:.3f}",
+                  f"{(p['client_train_s'] + s['client_extra_s']) / (p['client_train_s'] + p['client_extra_s']):.2f}",
+                  f"{p['server_s']:.2f}", f"{s['server_s']:.2f}"] for p, s in pairs])
+
+
+def e2e(args: argparse.Namespace) -> None:
+    """The ``--e2e`` tables: whole rounds, secure aggregation against plain, per training arm, size, dropout."""
+    rows = []
+    for arm in args.train.split(","):
+        if arm not in ("fixed", "smollm2"):
+            raise SystemExit(f"--train: unknown arm {arm!r} (fixed, smollm2)")
+        for n in (int(c) for c in args.clients.split(",")):
+            setup = train_setup(n, args.train_steps, args.train_batch, args.seq_len) if arm == "smollm2" else None
+            for d in (float(x) for x in args.dropout.split(",")):
+                plain, secagg = e2e_rounds(n, d, args.rounds, args.threshold, setup)
+                rows += [plain, secagg]
+                print(f"{plain['training']}: {n} clients, {d:.0%} dropout: CPU s {plain['cpu_s']:.2f} -> "
+                      f"{secagg['cpu_s']:.2f} ({secagg['cpu_s'] / plain['cpu_s']:.2f}x), wall s "
+                      f"{plain['round_s']:.2f} -> {secagg['round_s']:.2f}", flush=True)
+    e2e_tables(rows)
+    path = write_json("privacy_e2e.json", {"machine": machine_info(), "rows": rows, "argv": sys.argv[1:],
+                                           "loadavg": list(os.getloadavg())})
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -364,41 +509,43 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0, help="--loss: privacy.clip_norm")
     parser.add_argument("--eval-batches", type=int, default=4, help="--loss: held-out batches of 8 scored")
     parser.add_argument("--quant", choices=["nf4", "bf16"], default="nf4", help="--loss: quantization")
+    parser.add_argument("--loss-clients", type=int, default=8, help="--loss: simulated clients (8: the quality "
+                        "benchmark's federation by category; otherwise an iid split of the same data)")
+    parser.add_argument("--sample-rate", type=float, default=1.0, help="--loss: Poisson sampling rate q under DP "
+                        "(the no-DP arm samples round(q x clients) each round)")
     parser.add_argument("--e2e", action="store_true", help="only whole rounds through the driver: secagg vs plain")
     parser.add_argument("--clients", default="100", help="--e2e: clients (comma-separated: one row set each)")
     parser.add_argument("--dropout", default="0.3", help="--e2e: fractions dropping out (comma-separated)")
+    parser.add_argument("--report", default="", help="print the --e2e tables of an earlier run's JSON (its rows)")
+    parser.add_argument("--train", default="fixed", help="--e2e: local training, comma-separated arms: fixed (a fixed "
+                        "update, the protocol-only worst case), smollm2 (the clients really train SmolLM2 NF4)")
+    parser.add_argument("--train-steps", type=int, default=1, help="--e2e smollm2: local steps per round")
+    parser.add_argument("--train-batch", type=int, default=1, help="--e2e smollm2: examples per step")
+    parser.add_argument("--seq-len", type=int, default=64, help="--e2e smollm2: tokens per example (32 leaves "
+                        "no answer token after the chat template)")
     args = parser.parse_args()
+    if args.report:
+        e2e_tables(json.loads(Path(args.report).read_text())["rows"])
+        return
     if args.e2e:
-        rows = []
-        for n in (int(c) for c in args.clients.split(",")):
-            for d in (float(x) for x in args.dropout.split(",")):
-                plain, secagg = e2e_rounds(n, d, args.rounds, args.threshold)
-                rows += [plain, secagg]
-                print(f"{n} clients, {d:.0%} dropout: CPU s {plain['cpu_s']:.2f} -> {secagg['cpu_s']:.2f} "
-                      f"({secagg['cpu_s'] / plain['cpu_s']:.2f}x), wall s {plain['round_s']:.2f} -> "
-                      f"{secagg['round_s']:.2f}", flush=True)
-        print_table(f"whole rounds through the driver, SmolLM2-135M adapter size, fixed local update "
-                    f"(median of {args.rounds} rounds per arm, the arms taking turns)",
-                    ["clients", "dropout", "aggregation", "CPU s", "x plain (CPU)", "wall s", "x plain (wall)",
-                     "clients ok", "up KiB per survivor"],
-                    [[r["clients"], f"{r['dropout']:.0%}", "secagg" if r["secagg"] else "plain", f"{r['cpu_s']:.2f}",
-                      f"{r['cpu_s'] / p['cpu_s']:.2f}", f"{r['round_s']:.2f}", f"{r['round_s'] / p['round_s']:.2f}",
-                      r["clients_ok"], f"{r['bytes_up_per_survivor'] / 1024:.0f}"]
-                     for p, r in ((rows[i - i % 2], rows[i]) for i in range(len(rows)))])
-        path = write_json("privacy_e2e.json", {"machine": machine_info(), "rows": rows,
-                                               "loadavg": list(__import__("os").getloadavg())})
-        print(f"wrote {path}")
+        e2e(args)
         return
     if args.loss:
-        rows = loss_arms(args.rounds, args.steps, args.clip, args.eval_batches, args.quant)
-        print_table(f"final eval loss against epsilon (delta 1e-5): SmolLM2-135M {args.quant}, 8 clients, fedavg, "
-                    f"{args.rounds} rounds x {args.steps} steps, clip {args.clip:g}, every client every round",
+        rows = loss_arms(args.rounds, args.steps, args.clip, args.eval_batches, args.quant, args.loss_clients,
+                         args.sample_rate)
+        who = ("8 clients by category, every client every round" if args.loss_clients == 8 and args.sample_rate == 1
+               else f"{args.loss_clients} clients (iid split), Poisson sampling q = {args.sample_rate:g} "
+                    f"({args.sample_rate * args.loss_clients:g} expected a round)")
+        print_table(f"final eval loss against epsilon (delta 1e-5): SmolLM2-135M {args.quant}, {who}, fedavg, "
+                    f"{args.rounds} rounds x {args.steps} steps, clip {args.clip:g}",
                     ["epsilon", "noise multiplier", "noise std on the mean", "loss before", "loss after", "wall s"],
                     [["no DP" if r["target_epsilon"] is None else f"{r['epsilon']:.2f}", f"{r['noise_multiplier']:.3f}",
                       f"{r['noise_std_of_mean']:.4f}", f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['wall_s']:.0f}"]
                      for r in rows])
-        path = write_json("privacy_loss.json", {"machine": machine_info(), "rounds": args.rounds, "steps": args.steps,
-                                                "clip": args.clip, "quant": args.quant, "arms": rows})
+        name = "privacy_loss.json" if args.loss_clients == 8 else f"privacy_loss_{args.loss_clients}.json"
+        path = write_json(name, {"machine": machine_info(), "rounds": args.rounds, "steps": args.steps,
+                                 "clip": args.clip, "quant": args.quant, "clients": args.loss_clients,
+                                 "sample_rate": args.sample_rate, "arms": rows, "argv": sys.argv[1:]})
         print(f"wrote {path}")
         return
     words = args.words or (1_000_000 if args.quick else 10_000_000)

@@ -63,13 +63,17 @@ def fixed_point_scale(bound: float, clients: float) -> float:
     return (2 ** (MODULUS_BITS - 1) - 1) / (bound * max(clients, 1))
 
 
-def quantize(x: np.ndarray, scale: float) -> np.ndarray:
-    """``round(x * scale)`` as uint32 (two's complement of negative values).
+def quantize(x: np.ndarray, scale: float, *, overwrite: bool = False) -> np.ndarray:
+    """``round(x * scale)`` as uint32 (two's complement of negative values). ``overwrite``: ``x`` (float64)
+    may be used as the scratch space (its values are lost), saving a vector-sized array.
 
     Raises:
         ValueError: a value outside the signed 32-bit range (or not finite): ``scale`` does not fit ``x``.
     """
-    v = np.multiply(x, scale, dtype=np.float64)
+    if overwrite and x.dtype == np.float64:
+        v = np.multiply(x, scale, out=x)
+    else:
+        v = np.multiply(x, scale, dtype=np.float64)
     np.rint(v, out=v)
     if v.size and not (-(2**31) <= v.min() and v.max() < 2**31):  # NaN fails both comparisons
         raise ValueError(f"fixed point: values outside the 32-bit range at scale {scale:g} (or not finite)")
@@ -261,6 +265,9 @@ class SecAggClient:
     held: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """Shares other clients gave this one: ``{from: {"b": [x, y], "s": [x, y]}}``."""
     revealed: set[str] = field(default_factory=set)
+    share_keys_by_peer: dict[str, bytes] = field(default_factory=dict)
+    """The ChaCha20-Poly1305 key of each neighbour's shares (HKDF of the ``c`` agreement, the same both ways),
+    derived when sharing and kept for decrypting the shares received in the upload phase."""
     participants: int = 0
     """How many clients the server named in the share phase (the Shamir x of each): the most that can share
     distributed DP's noise, so what a client checks the noise the server asks of it against."""
@@ -303,9 +310,12 @@ class SecAggClient:
         return out
 
     def _aead(self, peer: str) -> ChaCha20Poly1305:
-        lo, hi = sorted((self.cid, peer))
-        shared = self.c_sk.exchange(X25519PublicKey.from_public_bytes(self.adverts[peer].c_pk))
-        return ChaCha20Poly1305(_kdf(shared, f"share|{self.round}|{lo}|{hi}"))
+        key = self.share_keys_by_peer.get(peer)
+        if key is None:
+            lo, hi = sorted((self.cid, peer))
+            shared = self.c_sk.exchange(X25519PublicKey.from_public_bytes(self.adverts[peer].c_pk))
+            key = self.share_keys_by_peer[peer] = _kdf(shared, f"share|{self.round}|{lo}|{hi}")
+        return ChaCha20Poly1305(key)
 
     def _ad(self, sender: str, to: str) -> bytes:
         return f"{self.round}|{sender}|{to}".encode()
@@ -361,7 +371,8 @@ class SecAggClient:
                 "s_sk": self.s_sk.private_bytes(*raw).hex(), "b": self.b.hex(),
                 "adverts": {c: a.to_plain() for c, a in self.adverts.items()},
                 "held": {c: {k: [v[0], hex(v[1])] for k, v in h.items()} for c, h in self.held.items()},
-                "revealed": sorted(self.revealed), "participants": self.participants}
+                "revealed": sorted(self.revealed), "participants": self.participants,
+                "share_keys": {c: k.hex() for c, k in self.share_keys_by_peer.items()}}
 
     @classmethod
     def from_plain(cls, d: Mapping[str, object], identity: Ed25519PrivateKey) -> SecAggClient:
@@ -369,7 +380,9 @@ class SecAggClient:
             return str(d[key])
 
         adverts, held, revealed = d.get("adverts") or {}, d.get("held") or {}, d.get("revealed") or []
-        if not (isinstance(adverts, dict) and isinstance(held, dict) and isinstance(revealed, list)):
+        keys = d.get("share_keys") or {}
+        if not (isinstance(adverts, dict) and isinstance(held, dict) and isinstance(revealed, list)
+                and isinstance(keys, dict)):
             raise ValueError("damaged secure-aggregation state")  # noqa: TRY004 (a failed reply)
         return cls(cid=text("cid"), round=int(text("round")), identity=identity,
                    c_sk=X25519PrivateKey.from_private_bytes(bytes.fromhex(text("c_sk"))),
@@ -377,7 +390,8 @@ class SecAggClient:
                    b=bytes.fromhex(text("b")),
                    adverts={c: Advert.from_plain(a) for c, a in adverts.items()},
                    held={c: {k: [int(v[0]), int(v[1], 16)] for k, v in h.items()} for c, h in held.items()},
-                   revealed={str(r) for r in revealed}, participants=int(str(d.get("participants", 0))))
+                   revealed={str(r) for r in revealed}, participants=int(str(d.get("participants", 0))),
+                   share_keys_by_peer={str(c): bytes.fromhex(str(k)) for c, k in keys.items()})
 
 
 # ------------------------------------------------------------------ server

@@ -224,3 +224,38 @@ def test_client_state_survives_plain_round_trip() -> None:
     c.held = {"c1": {"b": [2, 2**300], "s": [2, 7]}}
     back = SecAggClient.from_plain(c.to_plain(), key)
     assert back.to_plain() == c.to_plain() and back.advertise().s_pk == c.advertise().s_pk
+
+
+def test_clients_restored_between_phases_mask_and_unmask_exactly() -> None:
+    """As the phase handlers do: each client is saved to plain values after sharing keys and restored before
+    it masks (its neighbours' share keys travel in that state); the sum is still exact."""
+    n = 6
+    ids = [f"c{i}" for i in range(n)]
+    idents = {c: Ed25519PrivateKey.generate() for c in ids}
+    trusted = {c: identity_public(k) for c, k in idents.items()}
+    xs_plain = {c: np.random.default_rng(i).integers(0, 2**32, WORDS, dtype=np.uint32) for i, c in enumerate(ids)}
+    srv = SecAggServer(round=2, t=3, k=4, seed=0)
+    clients = {c: SecAggClient(c, 2, idents[c]) for c in ids}
+    srv.take_adverts([clients[c].advertise() for c in ids])
+    srv.take_shares({c: clients[c].share_keys(srv.neighbour_adverts(c), trusted, srv.xs(), srv.t) for c in ids})
+    saved = {c: clients[c].to_plain() for c in ids}
+    assert all(len(saved[c]["share_keys"]) == 4 for c in ids)  # type: ignore[arg-type]
+    for c in ids[:-1]:  # the last one drops out after sharing keys
+        restored = SecAggClient.from_plain(saved[c], idents[c])
+        srv.add(c, restored.masked(xs_plain[c], srv.inbox(c), srv.senders(c)))
+        saved[c] = restored.to_plain()
+    answers = {c: SecAggClient.from_plain(saved[c], idents[c]).unmask(srv.uploaded, srv.dropped()) for c in ids[:-1]}
+    assert np.array_equal(srv.unmask(answers), sum((xs_plain[c] for c in ids[:-1]), np.zeros(WORDS, np.uint32)))
+    tampered = dict(saved["c0"], share_keys={p: "00" * 32 for p in saved["c0"]["share_keys"]})  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="does not decrypt"):
+        SecAggClient.from_plain(tampered, idents["c0"]).masked(xs_plain["c0"], srv.inbox("c0"), srv.senders("c0"))
+
+
+def test_fixed_point_in_place_gives_the_same_words() -> None:
+    x = np.random.default_rng(3).normal(0, 0.1, 10_001)
+    scale = secagg.fixed_point_scale(1.0, 20)
+    expected = quantize(x, scale)
+    scratch = x.copy()
+    assert np.array_equal(quantize(scratch, scale, overwrite=True), expected)
+    with pytest.raises(ValueError, match="32-bit range"):
+        quantize(np.array([1e10]), scale, overwrite=True)

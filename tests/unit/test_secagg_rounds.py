@@ -8,6 +8,7 @@ import dataclasses
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -168,3 +169,19 @@ def test_a_client_does_not_upload_a_non_finite_update(tmp_path: Path, monkeypatc
     assert "the update is not finite" in rows[0]["failures"]["c1"]
     want = sum(step(c) for c in ("c0", "c2", "c3", "c4")) / 4
     assert all(torch.allclose(model.current[k], start()[k] + want, atol=1e-6) for k in KEYS)
+
+
+def test_the_clipped_update_is_the_exact_float64_difference_scaled_to_the_bound() -> None:
+    """``clipped_delta``: every tensor's difference widened to float64 (bf16 and float32 alike), in key order,
+    scaled to the bound only when longer; the norm before clipping is returned."""
+    g = torch.Generator().manual_seed(0)
+    ref = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16)}
+    values = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in ref.items()}
+    keys = ["b", "a"]
+    exact = torch.cat([(values[k].double() - ref[k].double()).reshape(-1) for k in keys]).numpy()
+    norm = float(np.linalg.norm(exact))
+    delta, got = sa_client.clipped_delta(values, ref, keys, bound=10.0)
+    assert delta.dtype == np.float64 and np.array_equal(delta, exact) and got == pytest.approx(norm, rel=1e-12)
+    delta, got = sa_client.clipped_delta(values, ref, keys, bound=norm / 2)
+    assert np.allclose(delta, exact / 2, rtol=1e-12) and np.linalg.norm(delta) == pytest.approx(norm / 2)
+    assert sa_client.clipped_delta(values, ref, [], bound=1.0)[0].size == 0
