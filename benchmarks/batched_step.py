@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,29 @@ def batched(cfg: Any, lm: Any, data: list[list[dict[str, Any]]], start_state: di
     return out
 
 
+def largest_k(fits: Callable[[int], None], known: int, release: Callable[[], None] = lambda: None,
+              limit: int = 1 << 16) -> tuple[int, int]:
+    """The largest K (doubling from ``known``, which fits) for which ``fits(K)`` runs without running out of
+    memory, and the first K that did not; memory is released (``gc`` and ``release``) after every try.
+
+    Raises:
+        RuntimeError: K reached ``limit`` without running out of memory.
+    """
+    largest, k = known, known
+    while True:
+        k *= 2
+        if k > limit:
+            raise RuntimeError(f"K={largest} still fits: stopped at the limit of {limit} clients")
+        try:
+            fits(k)
+        except torch.OutOfMemoryError:
+            return largest, k
+        finally:
+            gc.collect()
+            release()
+        largest = k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -190,19 +214,11 @@ def main() -> None:
                      f"+{b['peak_extra_bytes'] / 2**20:.0f}", f"{run['memory_vs_one_client']:.2f}x"])
     largest = None
     if cuda and not args.no_max_k:
-        k = max(ks)
-        while True:
-            k *= 2
-            try:
-                more = [synthetic_examples(per_client, args.seq, vocab, seed=i) for i in range(k)]
-                batched(cfg, lm, more, start_state)
-                largest = k
-            except torch.OutOfMemoryError:
-                break
-            finally:
-                gc.collect()
-                torch.cuda.empty_cache()
-        print(f"largest K that fits: {largest or max(ks)} (K={k} ran out of memory)")
+        def fits(k: int) -> None:
+            batched(cfg, lm, [synthetic_examples(per_client, args.seq, vocab, seed=i) for i in range(k)], start_state)
+
+        largest, failed = largest_k(fits, max(ks), release=torch.cuda.empty_cache)
+        print(f"largest K that fits: {largest} (K={failed} ran out of memory)")
     what = (f"{args.shape or args.model} {args.quant}, LoRA r={args.rank} {args.targets}, "
             f"{args.steps} steps x batch {args.batch} x seq {args.seq}, {args.device}")
     print_table(f"batched_step: {what}", ["K clients", "sequential tok/s", "batched tok/s", "speed-up",

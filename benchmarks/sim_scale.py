@@ -9,7 +9,7 @@ process tree, sampled every 0.1 s, and the kernel's VmHWM). Memory should grow o
 trained one client at a time (``sim.batch_clients=1``) and in batches (``sim.batch_clients=auto``: all 32 in
 one pass when memory allows). ChatterBot's 1,056 training records leave most of the 1,024 clients one example.
 
-    .venv/bin/python benchmarks/sim_scale.py [--quick] [--many] [--models tiny-llama]
+    .venv/bin/python benchmarks/sim_scale.py [--quick] [--many] [--models tiny-llama] [--sizes 32,1024] [--arms batched]
 """
 
 from __future__ import annotations
@@ -41,10 +41,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny-llama only, 8 and 32 clients (--many: 32 and 1,024)")
     ap.add_argument("--many", action="store_true", help="32 and 1,024 clients, 32 sampled, one by one and batched")
     ap.add_argument("--models", help=f"comma-separated, of {', '.join(MODELS)} (default: all; --quick: tiny-llama)")
+    ap.add_argument("--sizes", help="comma-separated numbers of virtual clients (default 8,32,128; --quick 8,32; "
+                                    "--many 32,1024)")
+    ap.add_argument("--arms", help="--many: comma-separated, of one-by-one, batched (default: both)")
     args = ap.parse_args()
     sizes = [32, 1024] if args.many else [8, 32] if args.quick else [8, 32, 128]
+    if args.sizes:
+        sizes = [int(n) for n in args.sizes.split(",")]
     sampled = 32 if args.many else 4
+    if min(sizes) < sampled:
+        ap.error(f"--sizes: every size needs at least the {sampled} clients sampled per round")
     arms = {"one by one": ["sim.batch_clients=1"], "batched": ["sim.batch_clients=auto"]} if args.many else {"": []}
+    if args.arms:
+        if not args.many:
+            ap.error("--arms needs --many (the default runs have one arm)")
+        wanted = [a.strip().replace("-", " ") for a in args.arms.split(",")]
+        if unknown := [a for a in wanted if a not in arms]:
+            ap.error(f"--arms: unknown {', '.join(unknown)} (choose from one-by-one, batched)")
+        arms = {a: arms[a] for a in wanted}
     models = args.models.split(",") if args.models else ["tiny-llama"] if args.quick else list(MODELS)
     load_before = os.getloadavg()
     runs = []
@@ -73,8 +87,9 @@ def main() -> None:
                              f"{r['peak_tree_bytes'] / 2**20:.0f}", f"{r['vmhwm_bytes'] / 2**20:.0f}",
                              f"{per / 2**10:.1f}" if extra else "-"])
             last = mine[-1]
-            growth[f"{model} {arm}".rstrip()] = ((last["vmhwm_bytes"] - base["vmhwm_bytes"])
-                                                 / (last["num_clients"] - base["num_clients"]))
+            if last["num_clients"] != base["num_clients"]:
+                growth[f"{model} {arm}".rstrip()] = ((last["vmhwm_bytes"] - base["vmhwm_bytes"])
+                                                     / (last["num_clients"] - base["num_clients"]))
     load = os.getloadavg()
     print_table(f"sim_scale: {sampled} clients sampled per round, 2 rounds x 2 steps (load avg {load[0]:.1f})",
                 ["run", "mean s/round", "last round s", "peak tree MiB", "VmHWM MiB", "KiB per extra client"], rows)
