@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 WireEncoding = Literal["dense", "fp32", "bf16", "fp16", "int8", "sparse_coo", "sparse_bitmap", "fixed_u32", "sign",
-                       "int8_pow2", "int4_pow2", "bitmap"]
+                       "sign_b32", "sign_b64", "sign_b128", "sign_b512", "sign_b1024", "int8_pow2", "int4_pow2",
+                       "bitmap"]
 """The encodings of ``fedtune.transport.encodings`` (a test checks the two lists agree)."""
 
 
@@ -230,7 +231,7 @@ class ClientConfig:
                                          "null: always gRPC")
     encoding: WireEncoding = opt("dense", "wire encoding of updates and of the server's instructions: dense "
                                  "(lossless), fp32 / bf16 / fp16, int8 (blocks with a scale each), sparse_coo, "
-                                 "sparse_bitmap, fixed_u32, sign / int8_pow2 / int4_pow2 (what the compress "
+                                 "sparse_bitmap, fixed_u32, sign / sign_b<n> / int8_pow2 / int4_pow2 (what the compress "
                                  "transform sends; it picks them itself); the simulator encodes and decodes the same way. "
                                  "Server and nodes must agree")
     pipeline: list[str] = opt([], "update transforms applied after local training, in order, before the wire "
