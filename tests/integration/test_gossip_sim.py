@@ -106,3 +106,24 @@ def test_a_resumed_run_ends_with_the_nodes_of_an_uninterrupted_one_and_gone_node
     last = straight.rounds[-1]
     assert "gossip.gone" in last["failures"]["client-2"] and last["clients"]["client-2"]["bytes_up"] == 0
     assert [r["round"] for r in resumed.rounds] == [0, 1, 2]
+
+
+@pytest.mark.slow  # two simulations (about 10 s)
+@pytest.mark.parametrize("topology", ["one_peer_exp", "ring"])
+def test_after_one_round_the_gossip_average_is_a_server_s_fedavg_with_equal_weights(tmp_path: Path,
+                                                                                     topology: str) -> None:
+    """Nodes train as a server's clients do (same seeds, same start) and a doubly stochastic mix keeps the mean
+    of the factors, so the benchmark's fedavg and gossip arms differ after round 1 only by fedavg's weights."""
+    common = [*TINY, "sim.num_clients=4", "sim.rounds=1", "train.lr=5e-2", "data.max_records=120"]
+    gossip = run_simulation(load_config(None, [*common, "sim.mode=gossip", "gossip.mix=factors",
+                                               f"gossip.topology={topology}", f"out={tmp_path / 'gossip'}"]), QUIET)
+    server = run_simulation(load_config(None, [*common, "strategy.name=fedavg", "federation.weighting=equal",
+                                               f"out={tmp_path / 'server'}"]), QUIET)
+    average, fedavg = _load(tmp_path / "gossip" / "adapter"), _load(tmp_path / "server" / "adapter")
+    assert average.keys() == fedavg.keys()
+    moved = max(float(v.abs().max()) for k, v in fedavg.items() if "lora_B" in k)
+    assert moved > 1e-3, "one round must move B away from zero"
+    for k in fedavg:
+        assert torch.allclose(average[k], fedavg[k], atol=1e-6), k
+    assert gossip.rounds[-1]["eval_loss"] == pytest.approx(server.rounds[-1]["eval_loss"], abs=1e-5)
+    assert gossip.rounds[-1]["consensus_distance"] > 0  # the nodes themselves still differ
