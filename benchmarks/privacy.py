@@ -475,9 +475,52 @@ def e2e_tables(rows: list[dict[str, Any]]) -> None:
                   f"{p['server_s']:.2f}", f"{s['server_s']:.2f}"] for p, s in pairs])
 
 
+def timed_steps() -> tuple[dict[str, list[float]], Any]:
+    """Wrap the secure-aggregation steps (client and server) with CPU timers, in place; returns the
+    ``{step: [seconds, calls]}`` they fill and a function that takes the wrappers off again."""
+    import fedtune.privacy.client as sa_client
+    import fedtune.privacy.secagg as sa
+
+    spent: dict[str, list[float]] = {}
+    steps = [(sa_client, "clipped_delta", "client: clip"), (sa_client, "quantize", "client: fixed point"),
+             (sa.SecAggClient, "advertise", "client: advertise (X25519 keys, Ed25519 signature)"),
+             (sa.SecAggClient, "share_keys", "client: share keys (verify, agree, Shamir, encrypt)"),
+             (sa.Advert, "verify", "  of which Ed25519 verifies"),
+             (sa.SecAggClient, "masked", "client: decrypt shares and add the masks"),
+             (sa, "pair_mask_key", "  pair mask keys (X25519 + HKDF; server too)"),
+             (sa.SecAggClient, "unmask", "client: unmask answer"),
+             (sa.SecAggClient, "from_plain", "client: state restored between phases"),
+             (sa.SecAggServer, "add", "server: add a masked vector"),
+             (sa.SecAggServer, "unmask", "server: unmask (rebuild secrets, remove masks)")]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in steps]  # as defined (a classmethod stays one)
+
+    def wrap(fn: Any, label: str) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            t0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                cell = spent.setdefault(label, [0.0, 0])
+                cell[0] += time.process_time() - t0
+                cell[1] += 1
+        return run
+
+    for owner, name, label in steps:  # bound as the callers find it: a classmethod is called on the class
+        fn = getattr(owner, name)
+        setattr(owner, name, staticmethod(wrap(fn, label)) if isinstance(vars(owner)[name], classmethod)
+                else wrap(fn, label))
+
+    def restore() -> None:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+    return spent, restore
+
+
 def e2e(args: argparse.Namespace) -> None:
     """The ``--e2e`` tables: whole rounds, secure aggregation against plain, per training arm, size, dropout."""
     rows = []
+    spent, restore = timed_steps() if args.breakdown else ({}, None)
     for arm in args.train.split(","):
         if arm not in ("fixed", "smollm2"):
             raise SystemExit(f"--train: unknown arm {arm!r} (fixed, smollm2)")
@@ -490,7 +533,15 @@ def e2e(args: argparse.Namespace) -> None:
                       f"{secagg['cpu_s']:.2f} ({secagg['cpu_s'] / plain['cpu_s']:.2f}x), wall s "
                       f"{plain['round_s']:.2f} -> {secagg['round_s']:.2f}", flush=True)
     e2e_tables(rows)
+    if restore is not None:
+        restore()
+        rounds = len(rows) // 2 * args.rounds
+        print_table(f"secure aggregation's steps, CPU s per secagg round (averaged over all {rounds} secagg rounds run; "
+                    "the timers add a little)", ["step", "s per round", "calls per round", "ms per call"],
+                    [[label, f"{t / rounds:.3f}", f"{c / rounds:.0f}", f"{1e3 * t / c:.3f}"]
+                     for label, (t, c) in spent.items()])
     path = write_json("privacy_e2e.json", {"machine": machine_info(), "rows": rows, "argv": sys.argv[1:],
+                                           "steps": {k: {"cpu_s": t, "calls": c} for k, (t, c) in spent.items()},
                                            "loadavg": list(os.getloadavg())})
     print(f"wrote {path}")
 
@@ -516,6 +567,7 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="only whole rounds through the driver: secagg vs plain")
     parser.add_argument("--clients", default="100", help="--e2e: clients (comma-separated: one row set each)")
     parser.add_argument("--dropout", default="0.3", help="--e2e: fractions dropping out (comma-separated)")
+    parser.add_argument("--breakdown", action="store_true", help="--e2e: time each secure-aggregation step")
     parser.add_argument("--report", default="", help="print the --e2e tables of an earlier run's JSON (its rows)")
     parser.add_argument("--train", default="fixed", help="--e2e: local training, comma-separated arms: fixed (a fixed "
                         "update, the protocol-only worst case), smollm2 (the clients really train SmolLM2 NF4)")
