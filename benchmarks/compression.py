@@ -156,6 +156,37 @@ def encoder_cost(mib: int = 4, repeats: int = 3) -> dict[str, dict[str, float]]:
     return out
 
 
+def upload_sizes() -> list[list[str]]:
+    """One client's upload of SmolLM2-135M's r=8 q,v adapter (120 tensors, its PEFT names and shapes, random
+    values) in each sign setting, as ``reply_wire_size`` counts it (what ``metrics.jsonl`` adds up), against the
+    same reply in dense fp32: the bytes of ``compress.pack`` and ``compress.block`` without a training run."""
+    import torch
+
+    from fedtune.compression.config import CompressConfig, wire_encoding
+    from fedtune.compression.feedback import CompressTransform
+    from fedtune.transport.messages import reply_wire_size
+    from fedtune.types import ClientReply, Instructions
+
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(30):
+        for module, out in (("q_proj", 576), ("v_proj", 192)):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{module}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(8, 576, generator=gen) * 0.01
+            state[f"{prefix}.lora_B.weight"] = torch.randn(out, 8, generator=gen) * 0.01
+    trained = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+    ins = Instructions(round=1, client_id="c", state=state, extra={"seed": 1})
+    dense = reply_wire_size(ClientReply("c", 1, trained, 5), "train", "fp32")
+    rows = [["dense fp32", f"{dense:,}", "1.0x"]]
+    for name, c in [("sign", CompressConfig(method="sign")), ("sign packed", CompressConfig(method="sign", pack=True)),
+                    ("sign/128 packed", CompressConfig(method="sign", pack=True, block=128)),
+                    ("sign/64 packed", CompressConfig(method="sign", pack=True, block=64))]:
+        sent, _ = CompressTransform(c).apply(ClientReply("c", 1, trained, 5), ins, {})
+        n = reply_wire_size(sent, "train", wire_encoding(c))
+        rows.append([name, f"{n:,}", f"{dense / n:.1f}x"])
+    return rows
+
+
 def grpc_run(overrides: list[str], tmp: Path, rounds: int) -> dict[str, Any]:
     """``overrides`` over real processes on loopback: one ``fedtune server`` and a ``fedtune client`` per
     simulated client, each node on exactly the records the simulator gives the virtual client of its name.
@@ -293,6 +324,8 @@ def main() -> None:
                     "simulated and over real `fedtune server` / `fedtune client` processes on loopback (one node "
                     "per client: use --clients 3 --rounds 2 --steps 1)")
     ap.add_argument("--codecs", action="store_true", help="only the encode / decode CPU cost table")
+    ap.add_argument("--uploads", action="store_true", help="only the bytes of one SmolLM2 upload in each sign "
+                    "setting (compress.pack, compress.block), no training")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -301,6 +334,10 @@ def main() -> None:
         return
     if args.grpc:
         grpc_compare(args)
+        return
+    if args.uploads:
+        print_table("one client's upload, SmolLM2-135M r=8 q,v (120 tensors, 460,800 values)",
+                    ["setting", "bytes", "fewer than dense fp32"], upload_sizes())
         return
     load_before, t0 = os.getloadavg(), time.perf_counter()
     cost = encoder_cost()
